@@ -1,0 +1,227 @@
+//! Generates `src/fhir/r4.rs`, the compiled-in FHIR R4 element table, from the pristine
+//! R4 tables in `fhir-r4/fhirpath-r4-model/` (see `fhir-r4/README.md` for why those and not the
+//! Medplum bundles).
+//!
+//! Usage: `cargo run --bin codegen -- fhir-r4 src/fhir/r4.rs`
+//!
+//! The table lists, for every resource type, datatype and backbone element, each of its
+//! elements with its kind: primitive, complex (a datatype or a backbone path), Reference (with
+//! the allowed targets), choice (`value[x]`, with the allowed type codes), contained resource, or
+//! contentReference. `src/fhir/meta.rs` defines the types the table is written in.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt::Write as _;
+use std::path::Path;
+
+use anyhow::{bail, Context, Result};
+use serde_json::Value;
+
+fn main() -> Result<()> {
+    let args: Vec<String> = std::env::args().collect();
+    let [_, input, output] = args.as_slice() else {
+        bail!("usage: codegen <fhir-r4 dir> <output .rs file>");
+    };
+    let model = Model::read(&Path::new(input).join("fhirpath-r4-model"))?;
+    let source = render(&model)?;
+    std::fs::write(output, source).with_context(|| format!("writing {output}"))?;
+    eprintln!("wrote {output}");
+    Ok(())
+}
+
+/// The four pristine tables, as read from disk.
+struct Model {
+    type_to_parent: BTreeMap<String, String>,
+    path_to_type: BTreeMap<String, Value>,
+    choice_paths: BTreeMap<String, Vec<String>>,
+    repeating: BTreeSet<String>,
+    defined_elsewhere: BTreeMap<String, String>,
+}
+
+impl Model {
+    fn read(dir: &Path) -> Result<Model> {
+        let load = |name: &str| -> Result<Value> {
+            let path = dir.join(name);
+            let text = std::fs::read_to_string(&path)
+                .with_context(|| format!("reading {}", path.display()))?;
+            serde_json::from_str(&text).with_context(|| format!("parsing {}", path.display()))
+        };
+        Ok(Model {
+            type_to_parent: serde_json::from_value(load("type2Parent.json")?)?,
+            path_to_type: serde_json::from_value(load("path2Type.json")?)?,
+            choice_paths: serde_json::from_value(load("choiceTypePaths.json")?)?,
+            repeating: serde_json::from_value(load("path2Repeating.json")?)?,
+            defined_elsewhere: serde_json::from_value(load("pathsDefinedElsewhere.json")?)?,
+        })
+    }
+
+    fn ancestors(&self, name: &str) -> Vec<&str> {
+        let mut out = Vec::new();
+        let mut current = name;
+        while let Some(parent) = self.type_to_parent.get(current) {
+            out.push(parent.as_str());
+            current = parent;
+        }
+        out
+    }
+
+    /// Concrete resource types: everything that descends from `Resource`, minus the abstract
+    /// `DomainResource`.
+    fn resource_types(&self) -> Vec<&str> {
+        self.type_to_parent
+            .keys()
+            .map(String::as_str)
+            .filter(|name| *name != "DomainResource" && self.ancestors(name).contains(&"Resource"))
+            .collect()
+    }
+
+    /// Maps a choice suffix as written in element names (`DateTime`, `Quantity`) to the FHIR
+    /// type code (`dateTime`, `Quantity`): the type whose name matches case-insensitively.
+    fn type_code(&self, suffix: &str) -> Result<String> {
+        let mut matches = self
+            .type_to_parent
+            .keys()
+            .filter(|name| name.eq_ignore_ascii_case(suffix));
+        match (matches.next(), matches.next()) {
+            (Some(name), None) => Ok(name.clone()),
+            _ => bail!("choice suffix {suffix} names no single FHIR type"),
+        }
+    }
+}
+
+/// One element as it will be written into the table.
+struct Element {
+    name: String,
+    kind: String,
+    array: bool,
+}
+
+fn render(model: &Model) -> Result<String> {
+    let mut contexts: BTreeMap<String, Vec<Element>> = BTreeMap::new();
+    // Concrete choice expansions (`Observation.valueQuantity`) are listed in path2Type next to
+    // their choice (`Observation.value`); the choice entry describes them all.
+    let is_choice_expansion = |path: &str| {
+        model.choice_paths.keys().any(|choice| {
+            path.strip_prefix(choice.as_str())
+                .is_some_and(|rest| rest.starts_with(|c: char| c.is_ascii_uppercase()))
+        })
+    };
+    let mut all_paths: BTreeSet<&str> = model.path_to_type.keys().map(String::as_str).collect();
+    all_paths.extend(model.choice_paths.keys().map(String::as_str));
+    all_paths.extend(model.defined_elsewhere.keys().map(String::as_str));
+
+    for path in all_paths {
+        let Some((parent, name)) = path.rsplit_once('.') else {
+            continue;
+        };
+        if is_choice_expansion(path) {
+            continue;
+        }
+        let kind = if let Some(suffixes) = model.choice_paths.get(path) {
+            let codes = suffixes
+                .iter()
+                .map(|s| model.type_code(s))
+                .collect::<Result<Vec<_>>>()?;
+            format!("Kind::Choice(&[{}])", quoted_list(&codes))
+        } else if let Some(target) = model.defined_elsewhere.get(path) {
+            format!("Kind::ContentRef({target:?})")
+        } else {
+            element_kind(path, &model.path_to_type[path])?
+        };
+        contexts
+            .entry(parent.to_string())
+            .or_default()
+            .push(Element {
+                name: name.to_string(),
+                kind,
+                array: model.repeating.contains(path),
+            });
+    }
+
+    let mut out = String::new();
+    writeln!(
+        out,
+        "//! FHIR R4 (4.0.1) element table. @generated by src/bin/codegen.rs: do not edit."
+    )?;
+    writeln!(
+        out,
+        "//! Regenerate with: cargo run --bin codegen -- fhir-r4 src/fhir/r4.rs"
+    )?;
+    writeln!(
+        out,
+        "//! Source: fhir-r4/fhirpath-r4-model/ (pristine R4 tables; see fhir-r4/README.md)."
+    )?;
+    writeln!(out)?;
+    writeln!(out, "use super::meta::{{Element, Kind, TypeDef}};")?;
+    writeln!(out)?;
+    let resources = model.resource_types();
+    writeln!(out, "/// Every concrete FHIR R4 resource type, sorted.")?;
+    writeln!(out, "pub static RESOURCE_TYPES: &[&str] = &[")?;
+    for name in &resources {
+        writeln!(out, "    {name:?},")?;
+    }
+    writeln!(out, "];")?;
+    writeln!(out)?;
+    writeln!(out, "/// Every resource type, datatype and backbone element path with its elements, sorted by name.")?;
+    writeln!(out, "pub static TYPES: &[TypeDef] = &[")?;
+    for (context, elements) in &contexts {
+        writeln!(out, "    TypeDef {{ name: {context:?}, elements: &[")?;
+        for e in elements {
+            writeln!(
+                out,
+                "        Element {{ name: {:?}, kind: {}, array: {} }},",
+                e.name, e.kind, e.array
+            )?;
+        }
+        writeln!(out, "    ] }},")?;
+    }
+    writeln!(out, "];")?;
+    Ok(out)
+}
+
+/// The kind of a non-choice element, from its path2Type entry.
+fn element_kind(path: &str, entry: &Value) -> Result<String> {
+    if let Some(object) = entry.as_object() {
+        let code = object
+            .get("code")
+            .and_then(Value::as_str)
+            .unwrap_or_default();
+        match code {
+            "Reference" => {}
+            // A canonical carries its target profiles too, but it is a plain URI string.
+            "canonical" => return Ok("Kind::Primitive(\"canonical\")".to_string()),
+            _ => bail!("{path}: unexpected object entry with code {code:?}"),
+        }
+        let targets: Vec<String> = object
+            .get("refType")
+            .and_then(Value::as_array)
+            .map(|list| {
+                list.iter()
+                    .filter_map(|t| t.as_str().map(str::to_string))
+                    .collect()
+            })
+            .unwrap_or_default();
+        return Ok(format!("Kind::Reference(&[{}])", quoted_list(&targets)));
+    }
+    let Some(type_name) = entry.as_str() else {
+        bail!("{path}: path2Type entry is neither a string nor an object");
+    };
+    Ok(match type_name {
+        // Backbone and anonymous elements are described by their own path.
+        "BackboneElement" | "Element" => format!("Kind::Complex({path:?})"),
+        "Resource" => "Kind::Resource".to_string(),
+        "Reference" => "Kind::Reference(&[])".to_string(),
+        system if system.starts_with("System.") => format!("Kind::Primitive({system:?})"),
+        name if name.starts_with(|c: char| c.is_ascii_lowercase()) => {
+            format!("Kind::Primitive({name:?})")
+        }
+        name => format!("Kind::Complex({name:?})"),
+    })
+}
+
+fn quoted_list(items: &[String]) -> String {
+    items
+        .iter()
+        .map(|s| format!("{s:?}"))
+        .collect::<Vec<_>>()
+        .join(", ")
+}

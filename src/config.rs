@@ -1,0 +1,59 @@
+//! The command line: one clap struct per subcommand. Each field's doc comment is the
+//! documentation of its flag and environment variable (`fhirbox serve --help` prints them).
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "fhirbox",
+    version,
+    about = "A FHIR server on PostgreSQL with a fast bulk API"
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Start the HTTP server (and, without a database URL, its own local PostgreSQL).
+    Serve(ServeArgs),
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct ServeArgs {
+    /// Address and port to listen on (port 0 picks a free port; the chosen one is printed).
+    #[arg(long, env = "FHIRBOX_LISTEN", default_value = "127.0.0.1:8080")]
+    pub listen: SocketAddr,
+
+    /// Directory for fhirbox's state: the managed PostgreSQL cluster (when no database URL is
+    /// given) and the root password hash.
+    #[arg(long, env = "FHIRBOX_DATA_DIR", default_value = "./fhirbox-data")]
+    pub data_dir: PathBuf,
+
+    /// PostgreSQL to use instead of the managed local cluster, as a URL
+    /// (`postgresql://user:pass@host/db`) or key-value string (`host=/run/pg dbname=fhirbox`).
+    #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
+    pub database_url: Option<String>,
+
+    /// The root admin's password. Without it, one is generated on first start, printed once,
+    /// and only its argon2 hash is kept (in DATA_DIR/root-password.argon2).
+    #[arg(long, env = "FHIRBOX_ADMIN_PASSWORD", hide_env_values = true)]
+    pub admin_password: Option<String>,
+
+    /// Largest request body accepted, in bytes (larger -> 413).
+    #[arg(long, env = "FHIRBOX_MAX_BODY_BYTES", default_value_t = 64 * 1024 * 1024)]
+    pub max_body_bytes: usize,
+
+    /// Database connections in the pool.
+    #[arg(long, env = "FHIRBOX_DB_POOL_SIZE", default_value_t = 16)]
+    pub db_pool_size: usize,
+
+    /// Public base URL used in links (`next` pages, `Location` headers); by default built from
+    /// the request's `Host` header.
+    #[arg(long, env = "FHIRBOX_BASE_URL")]
+    pub base_url: Option<String>,
+}

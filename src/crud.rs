@@ -1,0 +1,304 @@
+//! Create, read, update, delete and history of single resources, in the native format.
+//!
+//! Callers (the HTTP handlers and bundle processing) hand in native documents; the checks a
+//! document must pass against its URL live here, once, for both. Each `*_in` function runs in a
+//! caller's transaction; the others open one of their own.
+
+use serde_json::{Map, Value};
+
+use crate::format::FormatError;
+use crate::resource::{body_for_storage, is_valid_id, new_id, StoredResource};
+use crate::resource_type::ResourceType;
+use crate::store::resources::{self, Lookup};
+use crate::store::{Store, StoreError, Transaction};
+
+#[derive(Debug, thiserror::Error)]
+pub enum CrudError {
+    #[error("unknown resource type '{0}'")]
+    UnknownType(String),
+    #[error("{resource_type}/{id} not found")]
+    NotFound { resource_type: String, id: String },
+    #[error("{resource_type}/{id} was deleted")]
+    Gone { resource_type: String, id: String },
+    #[error("{message}")]
+    Invalid {
+        message: String,
+        /// The offending element, e.g. `Patient.id`.
+        expression: Option<String>,
+    },
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Format(#[from] FormatError),
+}
+
+impl CrudError {
+    pub fn invalid(message: impl Into<String>) -> CrudError {
+        CrudError::Invalid {
+            message: message.into(),
+            expression: None,
+        }
+    }
+
+    fn invalid_at(expression: impl Into<String>, message: impl Into<String>) -> CrudError {
+        CrudError::Invalid {
+            message: message.into(),
+            expression: Some(expression.into()),
+        }
+    }
+
+    fn not_found(rt: ResourceType, id: &str) -> CrudError {
+        CrudError::NotFound {
+            resource_type: rt.name().to_string(),
+            id: id.to_string(),
+        }
+    }
+}
+
+/// Resolves a type name from a URL.
+pub fn resource_type(name: &str) -> Result<ResourceType, CrudError> {
+    ResourceType::parse(name).ok_or_else(|| CrudError::UnknownType(name.to_string()))
+}
+
+/// A native document checked against where it is being written.
+#[derive(Debug)]
+pub struct Checked {
+    pub resource_type: ResourceType,
+    /// The id in the body, if any (already checked against the URL's).
+    pub id: Option<String>,
+    /// The body to store.
+    pub body: Map<String, Value>,
+}
+
+/// Checks a document written to `url_type` (and `url_id` for PUT): it must be an object, its
+/// `resourceType` (optional when the URL names the type) and `id` must agree with the URL,
+/// and the id must be a valid FHIR id.
+pub fn check(
+    doc: Value,
+    url_type: Option<ResourceType>,
+    url_id: Option<&str>,
+) -> Result<Checked, CrudError> {
+    let Value::Object(doc) = doc else {
+        return Err(CrudError::invalid(
+            "the body must be a JSON object (a resource)",
+        ));
+    };
+    let resource_type = match (doc.get("resourceType"), url_type) {
+        (None, Some(rt)) => rt,
+        (None, None) => {
+            return Err(CrudError::invalid_at(
+                "resourceType",
+                "the resource has no resourceType",
+            ))
+        }
+        (Some(Value::String(name)), url_type) => {
+            let named = ResourceType::parse(name).ok_or_else(|| {
+                CrudError::invalid_at("resourceType", format!("unknown resourceType '{name}'"))
+            })?;
+            match url_type {
+                Some(rt) if rt != named => {
+                    return Err(CrudError::invalid_at(
+                        "resourceType",
+                        format!("the body's resourceType '{name}' does not match the URL's '{rt}'"),
+                    ))
+                }
+                _ => named,
+            }
+        }
+        (Some(_), _) => {
+            return Err(CrudError::invalid_at(
+                "resourceType",
+                "resourceType must be a string",
+            ))
+        }
+    };
+    let id = match doc.get("id") {
+        None => None,
+        Some(Value::String(id)) => Some(id.clone()),
+        Some(_) => {
+            return Err(CrudError::invalid_at(
+                format!("{resource_type}.id"),
+                "id must be a string",
+            ))
+        }
+    };
+    if let (Some(body_id), Some(url_id)) = (&id, url_id) {
+        if body_id != url_id {
+            return Err(CrudError::invalid_at(
+                format!("{resource_type}.id"),
+                format!("the body's id '{body_id}' does not match the URL's '{url_id}'"),
+            ));
+        }
+    }
+    if let Some(id) = id.as_deref().or(url_id) {
+        check_id(resource_type, id)?;
+    }
+    Ok(Checked {
+        resource_type,
+        id,
+        body: body_for_storage(doc),
+    })
+}
+
+/// Checks an id from a URL or a body.
+pub fn check_id(rt: ResourceType, id: &str) -> Result<(), CrudError> {
+    if is_valid_id(id) {
+        return Ok(());
+    }
+    Err(CrudError::invalid_at(
+        format!("{rt}.id"),
+        format!("'{id}' is not a valid id (1-64 of A-Z, a-z, 0-9, '-', '.')"),
+    ))
+}
+
+/// Creates a resource. `keep_id`: use the body's id if it has one (native API) instead of
+/// assigning a new one (FHIR API, which ignores ids in POST bodies).
+pub async fn create_in(
+    tx: &Transaction<'_>,
+    checked: Checked,
+    keep_id: bool,
+) -> Result<StoredResource, CrudError> {
+    let id = match checked.id {
+        Some(id) if keep_id => id,
+        _ => new_id(),
+    };
+    Ok(resources::create(tx, checked.resource_type, &id, &checked.body).await?)
+}
+
+/// Creates or replaces the resource at `id`. Returns the version and whether it was created.
+pub async fn update_in(
+    tx: &Transaction<'_>,
+    checked: Checked,
+    id: &str,
+) -> Result<(StoredResource, bool), CrudError> {
+    Ok(resources::upsert(tx, checked.resource_type, id, &checked.body).await?)
+}
+
+/// What a delete did.
+#[derive(Debug)]
+pub enum Deleted {
+    /// The current version was deleted; this is the `deleted` version.
+    Now(StoredResource),
+    /// It was already deleted.
+    Already,
+}
+
+pub async fn delete_in(
+    tx: &Transaction<'_>,
+    rt: ResourceType,
+    id: &str,
+) -> Result<Deleted, CrudError> {
+    if let Some(version) = resources::delete(tx, rt, id).await? {
+        return Ok(Deleted::Now(version));
+    }
+    match resources::read(tx, rt, id).await? {
+        Lookup::Deleted => Ok(Deleted::Already),
+        _ => Err(CrudError::not_found(rt, id)),
+    }
+}
+
+pub async fn create(
+    store: &Store,
+    checked: Checked,
+    keep_id: bool,
+) -> Result<StoredResource, CrudError> {
+    let mut conn = store.connection().await?;
+    let tx = conn.transaction().await.map_err(StoreError::from)?;
+    let created = create_in(&tx, checked, keep_id).await?;
+    tx.commit().await.map_err(StoreError::from)?;
+    Ok(created)
+}
+
+pub async fn update(
+    store: &Store,
+    checked: Checked,
+    id: &str,
+) -> Result<(StoredResource, bool), CrudError> {
+    let mut conn = store.connection().await?;
+    let tx = conn.transaction().await.map_err(StoreError::from)?;
+    let result = update_in(&tx, checked, id).await?;
+    tx.commit().await.map_err(StoreError::from)?;
+    Ok(result)
+}
+
+pub async fn delete(store: &Store, rt: ResourceType, id: &str) -> Result<Deleted, CrudError> {
+    let mut conn = store.connection().await?;
+    let tx = conn.transaction().await.map_err(StoreError::from)?;
+    let result = delete_in(&tx, rt, id).await?;
+    tx.commit().await.map_err(StoreError::from)?;
+    Ok(result)
+}
+
+/// The current version; 404 if it never existed, 410 if it was deleted.
+pub async fn read(store: &Store, rt: ResourceType, id: &str) -> Result<StoredResource, CrudError> {
+    let conn = store.connection().await?;
+    read_with(&conn, rt, id).await
+}
+
+/// [`read`] on a given client (a bundle's transaction).
+pub async fn read_with(
+    client: &impl crate::store::GenericClient,
+    rt: ResourceType,
+    id: &str,
+) -> Result<StoredResource, CrudError> {
+    match resources::read(client, rt, id).await? {
+        Lookup::Found(found) => Ok(found),
+        Lookup::Deleted => Err(CrudError::Gone {
+            resource_type: rt.name().to_string(),
+            id: id.to_string(),
+        }),
+        Lookup::Missing => Err(CrudError::not_found(rt, id)),
+    }
+}
+
+/// Every version, newest first (at most `limit`); 404 if the resource never existed.
+pub async fn history(
+    store: &Store,
+    rt: ResourceType,
+    id: &str,
+    limit: i64,
+) -> Result<Vec<StoredResource>, CrudError> {
+    let conn = store.connection().await?;
+    let versions = resources::history(&conn, rt, id, limit).await?;
+    if versions.is_empty() {
+        return Err(CrudError::not_found(rt, id));
+    }
+    Ok(versions)
+}
+
+/// One version; 404 if there is no such version, 410 if that version is a deletion.
+pub async fn vread(
+    store: &Store,
+    rt: ResourceType,
+    id: &str,
+    version_id: &str,
+) -> Result<StoredResource, CrudError> {
+    let not_found = || CrudError::NotFound {
+        resource_type: rt.name().to_string(),
+        id: format!("{id}/_history/{version_id}"),
+    };
+    let txid: i64 = version_id.parse().map_err(|_| not_found())?;
+    let conn = store.connection().await?;
+    match resources::version(&conn, rt, id, txid).await? {
+        Some(version) if version.is_deleted() => Err(CrudError::Gone {
+            resource_type: rt.name().to_string(),
+            id: format!("{id}/_history/{version_id}"),
+        }),
+        Some(version) => Ok(version),
+        None => Err(not_found()),
+    }
+}
+
+/// A page of current resources after the id `after`: up to `count`, and whether more follow.
+pub async fn page(
+    store: &Store,
+    rt: ResourceType,
+    after: Option<&str>,
+    count: i64,
+) -> Result<(Vec<StoredResource>, bool), CrudError> {
+    let conn = store.connection().await?;
+    let mut rows = resources::page(&conn, rt, after, count + 1).await?;
+    let more = rows.len() as i64 > count;
+    rows.truncate(count as usize);
+    Ok((rows, more))
+}

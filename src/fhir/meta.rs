@@ -1,0 +1,64 @@
+//! The shape of the generated FHIR R4 element table (`r4.rs`) and lookups into it.
+
+use std::collections::HashMap;
+use std::sync::LazyLock;
+
+use super::r4;
+
+/// One resource type, datatype or backbone element (named by its path, e.g.
+/// `Observation.component`) and its elements.
+#[derive(Debug)]
+pub struct TypeDef {
+    pub name: &'static str,
+    pub elements: &'static [Element],
+}
+
+/// One element of a [`TypeDef`].
+#[derive(Debug)]
+pub struct Element {
+    /// The element name as in JSON; for a choice element, the name without `[x]` (`value`).
+    pub name: &'static str,
+    pub kind: Kind,
+    /// Whether the element is an array in FHIR JSON.
+    pub array: bool,
+}
+
+/// What an element holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    /// A primitive (`string`, `dateTime`, or a `System.*` type for `id`/`extension.url`).
+    Primitive(&'static str),
+    /// A complex datatype (`Quantity`) or a backbone element described by its path.
+    Complex(&'static str),
+    /// A Reference, with the resource types it may target (empty: any).
+    Reference(&'static [&'static str]),
+    /// A choice element `name[x]`, with the allowed FHIR type codes (`Quantity`, `dateTime`).
+    Choice(&'static [&'static str]),
+    /// A whole resource (`contained`, `Bundle.entry.resource`).
+    Resource,
+    /// An element defined elsewhere (`Questionnaire.item.item` -> `Questionnaire.item`).
+    ContentRef(&'static str),
+}
+
+static BY_NAME: LazyLock<HashMap<&'static str, &'static TypeDef>> =
+    LazyLock::new(|| r4::TYPES.iter().map(|t| (t.name, t)).collect());
+
+/// Looks up a resource type, datatype or backbone path.
+pub fn type_def(name: &str) -> Option<&'static TypeDef> {
+    BY_NAME.get(name).copied()
+}
+
+impl TypeDef {
+    /// The element with that exact JSON name (choice elements by their base name).
+    pub fn element(&self, name: &str) -> Option<&'static Element> {
+        self.elements
+            .binary_search_by(|e| e.name.cmp(name))
+            .ok()
+            .map(|i| &self.elements[i])
+    }
+}
+
+/// Whether `name` is a concrete FHIR R4 resource type.
+pub fn is_r4_resource_type(name: &str) -> bool {
+    r4::RESOURCE_TYPES.binary_search(&name).is_ok()
+}

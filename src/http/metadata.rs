@@ -1,0 +1,67 @@
+//! `GET /fhir/metadata` (and `/metadata`): the CapabilityStatement. Generic FHIR clients read
+//! it first to learn what the server does, so it lists exactly what fhirbox supports.
+
+use axum::http::StatusCode;
+use axum::response::Response;
+use serde_json::{json, Value};
+
+use super::context::ApiContext;
+use crate::resource_type::ResourceType;
+
+/// The interactions every resource type supports.
+const TYPE_INTERACTIONS: &[&str] = &[
+    "read",
+    "vread",
+    "update",
+    "delete",
+    "history-instance",
+    "create",
+    "search-type",
+];
+
+pub async fn capability_statement(ctx: ApiContext) -> Response {
+    ctx.reply(StatusCode::OK, &statement(&ctx))
+}
+
+fn statement(ctx: &ApiContext) -> Value {
+    let interactions: Vec<Value> = TYPE_INTERACTIONS
+        .iter()
+        .map(|code| json!({"code": code}))
+        .collect();
+    let resources: Vec<Value> = ResourceType::all()
+        .filter(|rt| rt.is_fhir())
+        .map(|rt| {
+            json!({
+                "type": rt.name(),
+                "interaction": interactions,
+                "versioning": "versioned",
+                "readHistory": true,
+                "updateCreate": true,
+                "searchParam": [{"name": "_count", "type": "number",
+                                 "documentation": "page size (default 100, at most 1000)"}],
+            })
+        })
+        .collect();
+    json!({
+        "resourceType": "CapabilityStatement",
+        "status": "active",
+        "date": chrono::Utc::now().format("%Y-%m-%d").to_string(),
+        "kind": "instance",
+        "software": {"name": "fhirbox", "version": env!("CARGO_PKG_VERSION")},
+        "implementation": {"description": "fhirbox", "url": ctx.url("")},
+        "fhirVersion": "4.0.1",
+        "format": ["application/fhir+json", "json", "application/yaml"],
+        "rest": [{
+            "mode": "server",
+            "security": {
+                "service": [{"coding": [{
+                    "system": "http://terminology.hl7.org/CodeSystem/restful-security-service",
+                    "code": "Basic"
+                }]}],
+                "description": "HTTP basic authentication; AccessPolicy resources decide what each client may call"
+            },
+            "resource": resources,
+            "interaction": [{"code": "transaction"}, {"code": "batch"}],
+        }],
+    })
+}

@@ -1,0 +1,145 @@
+//! HTTP: the route table, shared state and the layers every request passes.
+//!
+//! A request goes through, in order:
+//! 1. [`normalize::normalize_path`]: the path is percent-decoded once and put in one canonical
+//!    form before routing, so `/Patient/%24dump` and `/Patient/$dump` are the same request for
+//!    the router and for access control, and `.`/`..` tricks are refused.
+//! 2. [`require_auth`]: credentials (all routes but `GET /health`).
+//! 3. The router below, whose handlers are thin: they parse, call an operation module
+//!    (`crud`, `bundle`, ...), and answer.
+//!
+//! Routes under `/fhir` are the same handlers with [`Api::Fhir`] in the request extensions:
+//! they convert bodies between FHIR and native at the edges (see [`context::ApiContext`]).
+
+pub mod body;
+pub mod context;
+mod crud;
+pub mod error;
+mod health;
+mod metadata;
+pub mod normalize;
+mod search;
+mod transaction;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use axum::extract::{Request, State};
+use axum::http::header;
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Extension, Router};
+
+use crate::auth::Authenticator;
+use crate::format::{Api, Formats};
+use crate::store::Store;
+use error::ApiError;
+
+/// Everything a handler may need, cheap to clone.
+#[derive(Clone)]
+pub struct AppState {
+    pub store: Store,
+    pub auth: Arc<Authenticator>,
+    pub formats: Formats,
+    pub settings: Arc<Settings>,
+}
+
+/// HTTP settings from the configuration.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub max_body_bytes: usize,
+    /// Public base URL for links; `None`: from the request's `Host`.
+    pub base_url: Option<String>,
+}
+
+/// The application: router, auth and path normalization, ready to serve.
+pub fn app(state: AppState) -> Router {
+    let router = routes()
+        .layer(middleware::from_fn_with_state(state.clone(), require_auth))
+        .with_state(state);
+    // A layer on a router runs after that router has routed; the outer router has no routes of
+    // its own, so its layer runs first and the inner router routes the normalized path.
+    Router::new()
+        .fallback_service(router)
+        .layer(middleware::from_fn(normalize::normalize_path))
+}
+
+/// Serves the application on a bound listener until `shutdown` completes.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    state: AppState,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    let service = app(state).into_make_service_with_connect_info::<SocketAddr>();
+    axum::serve(listener, service)
+        .with_graceful_shutdown(shutdown)
+        .await
+}
+
+/// The route table: every endpoint fhirbox serves, in one place.
+fn routes() -> Router<AppState> {
+    let resources = || {
+        Router::new()
+            .route("/{type}", get(search::search).post(crud::create))
+            .route(
+                "/{type}/{id}",
+                get(crud::read).put(crud::update).delete(crud::delete),
+            )
+            .route("/{type}/{id}/_history", get(crud::history))
+            .route("/{type}/{id}/_history/{vid}", get(crud::vread))
+    };
+    let native = resources()
+        .route(
+            "/",
+            post(transaction::post_bundle).put(transaction::put_list),
+        )
+        .layer(Extension(Api::Native));
+    let fhir = resources()
+        .route("/", post(transaction::post_bundle))
+        .route("/metadata", get(metadata::capability_statement))
+        .layer(Extension(Api::Fhir));
+    Router::new()
+        .route("/health", get(health::health))
+        .route("/metadata", get(metadata::capability_statement))
+        .nest("/fhir", fhir)
+        .merge(native)
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+}
+
+async fn not_found(request: Request) -> ApiError {
+    ApiError::not_found(format!(
+        "no route for {} {}",
+        request.method(),
+        request.uri().path()
+    ))
+}
+
+async fn method_not_allowed(request: Request) -> ApiError {
+    ApiError::new(
+        axum::http::StatusCode::METHOD_NOT_ALLOWED,
+        "not-supported",
+        format!(
+            "{} is not allowed on {}",
+            request.method(),
+            request.uri().path()
+        ),
+    )
+}
+
+/// Authenticates every request but `GET /health`; puts the [`crate::auth::Subject`] into the
+/// request's extensions.
+async fn require_auth(State(state): State<AppState>, mut request: Request, next: Next) -> Response {
+    if request.uri().path() == "/health" {
+        return next.run(request).await;
+    }
+    let header = request.headers().get(header::AUTHORIZATION);
+    match state.auth.authenticate(header).await {
+        Ok(subject) => {
+            request.extensions_mut().insert(subject);
+            next.run(request).await
+        }
+        Err(error) => ApiError::from(error).into_response(),
+    }
+}

@@ -1,0 +1,27 @@
+//! fhirbox: a FHIR server on PostgreSQL built around a fast, streaming bulk API.
+//!
+//! A request flows top-down through the modules:
+//!
+//! - [`http`]: the route table, path normalization, body parsing (JSON/YAML), responses and
+//!   the one error type rendered as an OperationOutcome.
+//! - [`auth`]: basic authentication of every request.
+//! - operations: [`crud`] (single resources) and [`bundle`] (`PUT /`, transactions, batches).
+//! - [`store`]: every SQL statement (one table per resource type, history, the version
+//!   sequence, migrations); [`format`]: native <-> FHIR conversion, driven by [`fhir`], the
+//!   R4 element table generated from the official definitions.
+//!
+//! Around them: [`config`] (the command line), [`server`] (start-up and shutdown) and
+//! [`cluster`] (the managed local PostgreSQL).
+
+pub mod auth;
+pub mod bundle;
+pub mod cluster;
+pub mod config;
+pub mod crud;
+pub mod fhir;
+pub mod format;
+pub mod http;
+pub mod resource;
+pub mod resource_type;
+pub mod server;
+pub mod store;

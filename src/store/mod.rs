@@ -1,0 +1,89 @@
+//! Storage: every SQL statement fhirbox runs lives under this module.
+//!
+//! Layout (compatible with the reference product, see `docs/design.md`): one table per resource
+//! type named after the type in lower case, with `id, txid, cts, ts, resource_type, status,
+//! resource`, a `<table>_history` twin for replaced and deleted versions, and one global
+//! version sequence `transaction_id_seq`.
+
+pub mod resources;
+pub mod schema;
+
+use std::time::Duration;
+
+use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
+
+pub use deadpool_postgres::{GenericClient, Object as Connection, Transaction};
+
+/// Errors from the database layer. Domain outcomes (not found, deleted) are return values,
+/// not errors; these are the failures.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("no database connection available: {0}")]
+    Pool(#[from] deadpool_postgres::PoolError),
+    #[error("could not set up the connection pool: {0}")]
+    PoolBuild(#[from] deadpool_postgres::BuildError),
+    #[error("database error: {0}")]
+    Db(#[from] tokio_postgres::Error),
+    #[error("{resource_type}/{id} already exists")]
+    AlreadyExists { resource_type: String, id: String },
+}
+
+impl StoreError {
+    /// Whether the database is unreachable (as opposed to having rejected a statement).
+    pub fn is_unavailable(&self) -> bool {
+        match self {
+            StoreError::Pool(_) | StoreError::PoolBuild(_) => true,
+            StoreError::Db(error) => error.is_closed() || error.as_db_error().is_none(),
+            StoreError::AlreadyExists { .. } => false,
+        }
+    }
+}
+
+/// The connection pool and the entry point to every store operation.
+#[derive(Clone)]
+pub struct Store {
+    pool: Pool,
+}
+
+impl Store {
+    /// A pool of `size` connections; connections are opened lazily.
+    pub fn new(config: tokio_postgres::Config, size: usize) -> Result<Store, StoreError> {
+        let manager = Manager::from_config(
+            config,
+            tokio_postgres::NoTls,
+            ManagerConfig {
+                recycling_method: RecyclingMethod::Fast,
+            },
+        );
+        let pool = Pool::builder(manager)
+            .max_size(size)
+            .wait_timeout(Some(Duration::from_secs(30)))
+            .create_timeout(Some(Duration::from_secs(10)))
+            .runtime(deadpool_postgres::Runtime::Tokio1)
+            .build()?;
+        Ok(Store { pool })
+    }
+
+    /// A connection from the pool.
+    pub async fn connection(&self) -> Result<Connection, StoreError> {
+        Ok(self.pool.get().await?)
+    }
+
+    /// Whether the database answers a trivial query.
+    pub async fn ping(&self) -> bool {
+        match self.pool.get().await {
+            Ok(conn) => conn.simple_query("SELECT 1").await.is_ok(),
+            Err(_) => false,
+        }
+    }
+
+    /// Closes the pool: idle connections are dropped, waiters get an error.
+    pub fn close(&self) {
+        self.pool.close();
+    }
+
+    /// Pool occupancy, for tests that check a connection came back.
+    pub fn status(&self) -> deadpool_postgres::Status {
+        self.pool.status()
+    }
+}
