@@ -40,15 +40,10 @@ impl StoredResource {
         meta.insert("versionId".into(), self.txid.into());
         meta.insert("lastUpdated".into(), format_instant(&self.ts).into());
         meta.insert("createdAt".into(), format_instant(&self.cts).into());
-        for (key, value) in &self.body {
-            match (key.as_str(), value) {
-                ("meta", Value::Object(stored_meta)) => {
-                    for (meta_key, meta_value) in stored_meta {
-                        meta.entry(meta_key.clone())
-                            .or_insert_with(|| meta_value.clone());
-                    }
-                }
-                _ => {}
+        if let Some(Value::Object(stored_meta)) = self.body.get("meta") {
+            for (meta_key, meta_value) in stored_meta {
+                meta.entry(meta_key.clone())
+                    .or_insert_with(|| meta_value.clone());
             }
         }
         doc.insert("meta".into(), Value::Object(meta));

@@ -8,7 +8,7 @@
 pub mod cache;
 pub mod root;
 
-use axum::http::{header, HeaderValue, StatusCode};
+use axum::http::{HeaderValue, StatusCode};
 use base64::Engine as _;
 
 use crate::http::error::ApiError;
@@ -53,10 +53,7 @@ impl From<AuthError> for ApiError {
             );
         }
         let mut api = ApiError::new(StatusCode::UNAUTHORIZED, "login", error.to_string());
-        api.header = Some((
-            header::WWW_AUTHENTICATE,
-            HeaderValue::from_static("Basic realm=\"fhirbox\", charset=\"UTF-8\""),
-        ));
+        api.challenge = true;
         api
     }
 }

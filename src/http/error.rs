@@ -24,8 +24,8 @@ pub struct ApiError {
     pub message: String,
     /// The element the issue is about, as a FHIRPath-like expression, when there is one.
     pub expression: Option<String>,
-    /// An extra header (`WWW-Authenticate` on 401).
-    pub header: Option<(header::HeaderName, HeaderValue)>,
+    /// Whether to ask for basic credentials (`WWW-Authenticate`, on 401).
+    pub challenge: bool,
 }
 
 impl ApiError {
@@ -35,7 +35,7 @@ impl ApiError {
             code,
             message: message.into(),
             expression: None,
-            header: None,
+            challenge: false,
         }
     }
 
@@ -85,8 +85,11 @@ impl IntoResponse for ApiError {
             body,
         )
             .into_response();
-        if let Some((name, value)) = self.header {
-            response.headers_mut().insert(name, value);
+        if self.challenge {
+            response.headers_mut().insert(
+                header::WWW_AUTHENTICATE,
+                HeaderValue::from_static("Basic realm=\"fhirbox\", charset=\"UTF-8\""),
+            );
         }
         response
     }

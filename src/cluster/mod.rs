@@ -13,7 +13,7 @@
 //!   an interrupted first start never leaves a half-made cluster behind.
 //!
 //! The same pieces ([`PgBinaries`], [`RunAs`], [`init_cluster`]) serve the test and benchmark
-//! harnesses, which run a throwaway cluster in the foreground instead.
+//! harnesses, which run a [`throwaway::ThrowawayCluster`] in the foreground instead.
 
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::os::unix::process::CommandExt;
@@ -22,6 +22,8 @@ use std::process::{Command, Output};
 use std::time::Duration;
 
 use sha2::{Digest, Sha256};
+
+pub mod throwaway;
 
 /// Where PostgreSQL binaries are searched after `PATH`.
 const DEBIAN_PG_ROOT: &str = "/usr/lib/postgresql";
@@ -76,18 +78,25 @@ impl PgBinaries {
     /// Finds `initdb`, `pg_ctl` and `postgres` side by side: first on `PATH`, then the newest
     /// version under `/usr/lib/postgresql/*/bin`.
     pub fn find() -> Result<PgBinaries, ClusterError> {
+        PgBinaries::find_in(std::env::var_os("PATH"), Path::new(DEBIAN_PG_ROOT))
+    }
+
+    fn find_in(
+        path_var: Option<std::ffi::OsString>,
+        versions_root: &Path,
+    ) -> Result<PgBinaries, ClusterError> {
         let complete = |dir: &Path| {
             ["initdb", "pg_ctl", "postgres"]
                 .iter()
                 .all(|tool| dir.join(tool).is_file())
         };
-        let on_path = std::env::var_os("PATH")
+        let on_path = path_var
             .map(|paths| std::env::split_paths(&paths).collect::<Vec<_>>())
             .unwrap_or_default();
         if let Some(dir) = on_path.into_iter().find(|dir| complete(dir)) {
             return Ok(PgBinaries { bindir: dir });
         }
-        let mut versions: Vec<(u32, PathBuf)> = std::fs::read_dir(DEBIAN_PG_ROOT)
+        let mut versions: Vec<(u32, PathBuf)> = std::fs::read_dir(versions_root)
             .into_iter()
             .flatten()
             .flatten()
@@ -319,11 +328,26 @@ impl ManagedCluster {
         })
     }
 
-    /// Whether a postmaster is running on this cluster (`pg_ctl status`).
+    /// Whether a live postmaster runs this cluster. Its pid file must name a process that is
+    /// alive (not a zombie) and is a postgres, and `pg_ctl status` must agree.
     pub fn is_running(&self) -> bool {
+        if self.postmaster().is_none_or(|pid| !is_live_postgres(pid)) {
+            return false;
+        }
         let mut status = self.run_as.command(self.bins.tool("pg_ctl"));
         status.arg("status").arg("-D").arg(&self.pgdata);
         status.output().is_ok_and(|out| out.status.success())
+    }
+
+    /// The pid in `postmaster.pid`, if there is one.
+    fn postmaster(&self) -> Option<i32> {
+        std::fs::read_to_string(self.pgdata.join("postmaster.pid"))
+            .ok()?
+            .lines()
+            .next()?
+            .trim()
+            .parse()
+            .ok()
     }
 
     /// Starts the cluster, or adopts the one a previous fhirbox left running.
@@ -331,6 +355,48 @@ impl ManagedCluster {
         if self.is_running() {
             return Ok(StartOutcome::AlreadyRunning);
         }
+        self.remove_stale_pid_file()?;
+        let mut attempt = 0;
+        loop {
+            match self.pg_ctl_start() {
+                Ok(()) => return Ok(StartOutcome::Started),
+                // After a crash, the dead postmaster's children may still hold its shared
+                // memory for a moment; PostgreSQL refuses to start until they are gone.
+                Err(error) if attempt < 20 && error.to_string().contains("still in use") => {
+                    attempt += 1;
+                    std::thread::sleep(Duration::from_millis(500));
+                }
+                Err(error) => return Err(error),
+            }
+        }
+    }
+
+    /// A pid file whose process is gone is normally cleaned up by PostgreSQL itself. But it
+    /// treats any pid that `kill(pid, 0)` finds as a live postmaster, and that includes a
+    /// zombie (the killed postmaster, when nothing reaps orphans: a container without an
+    /// init) and an unrelated process that reused the pid. Neither can be ours: remove the
+    /// data directory's and the socket's lock files (and the dead socket).
+    fn remove_stale_pid_file(&self) -> Result<(), ClusterError> {
+        let Some(pid) = self.postmaster() else {
+            return Ok(());
+        };
+        if is_live_postgres(pid) {
+            return Ok(());
+        }
+        tracing::warn!(pid, "removing the lock files of a PostgreSQL that is gone");
+        let socket = self.socket_dir.join(SOCKET_FILE);
+        let socket_lock = self.socket_dir.join(format!("{SOCKET_FILE}.lock"));
+        for file in [self.pgdata.join("postmaster.pid"), socket_lock, socket] {
+            match std::fs::remove_file(&file) {
+                Ok(()) => {}
+                Err(error) if error.kind() == std::io::ErrorKind::NotFound => {}
+                Err(error) => return Err(io_error(format!("removing {}", file.display()))(error)),
+            }
+        }
+        Ok(())
+    }
+
+    fn pg_ctl_start(&self) -> Result<(), ClusterError> {
         let mut start = self.run_as.command(self.bins.tool("pg_ctl"));
         start
             .arg("start")
@@ -348,7 +414,7 @@ impl ManagedCluster {
             });
         }
         run(start, "pg_ctl start").map_err(|error| self.with_log_tail(error))?;
-        Ok(StartOutcome::Started)
+        Ok(())
     }
 
     /// Stops the cluster with a fast shutdown (open transactions roll back, data is flushed).
@@ -402,6 +468,23 @@ impl ManagedCluster {
     }
 }
 
+/// Whether `pid` is a running (not zombie) postgres process, from `/proc`.
+fn is_live_postgres(pid: i32) -> bool {
+    let proc_dir = Path::new("/proc").join(pid.to_string());
+    let Ok(stat) = std::fs::read_to_string(proc_dir.join("stat")) else {
+        return false;
+    };
+    // `pid (comm) state ...`: the state follows the last ')'.
+    let state = stat
+        .rsplit_once(')')
+        .and_then(|(_, rest)| rest.trim_start().chars().next());
+    if matches!(state, None | Some('Z') | Some('X')) {
+        return false;
+    }
+    std::fs::read(proc_dir.join("cmdline"))
+        .is_ok_and(|cmdline| String::from_utf8_lossy(&cmdline).contains("postgres"))
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum StartOutcome {
     Started,
@@ -431,4 +514,33 @@ fn cluster_root(run_as: &RunAs, data_dir: &Path) -> Result<PathBuf, ClusterError
         "the postgres user cannot reach the data directory; the cluster lives elsewhere"
     );
     Ok(root)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn missing_binaries_give_a_one_line_error_that_says_how_to_install() {
+        let empty = tempfile::tempdir().expect("temp dir");
+        let error = PgBinaries::find_in(Some(empty.path().into()), empty.path())
+            .expect_err("nothing to find");
+        let message = error.to_string();
+        assert!(!message.contains('\n'), "{message}");
+        assert!(message.contains("apt-get install postgresql"), "{message}");
+    }
+
+    #[test]
+    fn the_newest_installed_version_wins() {
+        let root = tempfile::tempdir().expect("temp dir");
+        for version in ["9", "15", "13"] {
+            let bin = root.path().join(version).join("bin");
+            std::fs::create_dir_all(&bin).expect("mkdir");
+            for tool in ["initdb", "pg_ctl", "postgres"] {
+                std::fs::write(bin.join(tool), "").expect("touch");
+            }
+        }
+        let found = PgBinaries::find_in(None, root.path()).expect("found");
+        assert_eq!(found.tool("initdb"), root.path().join("15/bin/initdb"));
+    }
 }

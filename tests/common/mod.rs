@@ -1,0 +1,281 @@
+//! The test harness: one throwaway PostgreSQL per test binary, a migrated template database,
+//! a fresh database per test (`CREATE DATABASE ... TEMPLATE`, so tests run in parallel), and the
+//! real HTTP server on `127.0.0.1:0` in front of it.
+#![allow(dead_code)] // each test binary uses its own subset of these helpers
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+use fhirbox::auth::{Authenticator, RootPassword};
+use fhirbox::cluster::throwaway::ThrowawayCluster;
+use fhirbox::format::Formats;
+use fhirbox::http::{AppState, Settings};
+use fhirbox::store::{schema, Store};
+use reqwest::{Method, StatusCode};
+use serde_json::Value;
+
+pub const ROOT_PASSWORD: &str = "test-root-password";
+const TEMPLATE: &str = "fhirbox_template";
+
+/// Durability is not the point of a throwaway cluster: trade it for speed.
+const TEST_SETTINGS: &[(&str, &str)] = &[
+    ("fsync", "off"),
+    ("synchronous_commit", "off"),
+    ("full_page_writes", "off"),
+    ("max_connections", "300"),
+    ("shared_buffers", "128MB"),
+];
+
+/// What tests need to know about the binary's cluster.
+pub struct Cluster {
+    /// Connection settings to the `postgres` database; change `dbname` for others.
+    base: tokio_postgres::Config,
+    /// `host=... user=postgres` without a database name.
+    url_prefix: String,
+}
+
+impl Cluster {
+    pub fn config(&self, dbname: &str) -> tokio_postgres::Config {
+        let mut config = self.base.clone();
+        config.dbname(dbname);
+        config
+    }
+
+    /// A key-value connection string for `--database-url`.
+    pub fn url(&self, dbname: &str) -> String {
+        format!("{} dbname={dbname}", self.url_prefix)
+    }
+}
+
+static CLUSTER: OnceLock<Cluster> = OnceLock::new();
+
+/// The binary's cluster, started on first use by a thread that lives as long as the process:
+/// the postmaster dies with the thread that spawned it.
+pub fn cluster() -> &'static Cluster {
+    CLUSTER.get_or_init(|| {
+        let (sender, receiver) = std::sync::mpsc::channel();
+        std::thread::Builder::new()
+            .name("postgres-keeper".into())
+            .spawn(move || {
+                let started = ThrowawayCluster::start(TEST_SETTINGS)
+                    .map_err(|e| e.to_string())
+                    .and_then(|cluster| make_template(&cluster).map(|()| cluster));
+                match started {
+                    Ok(cluster) => {
+                        let socket = cluster.socket_dir().display().to_string();
+                        let _ = sender.send(Ok(Cluster {
+                            base: cluster.config("postgres"),
+                            url_prefix: format!("host={socket} user=postgres"),
+                        }));
+                        loop {
+                            std::thread::park();
+                        }
+                    }
+                    Err(error) => {
+                        let _ = sender.send(Err(error));
+                    }
+                }
+            })
+            .expect("spawn the postgres keeper thread");
+        match receiver.recv() {
+            Ok(Ok(cluster)) => cluster,
+            Ok(Err(error)) => panic!("test PostgreSQL failed to start: {error}"),
+            Err(_) => panic!("test PostgreSQL keeper thread died"),
+        }
+    })
+}
+
+/// Creates the template database and migrates it, once per test binary.
+fn make_template(cluster: &ThrowawayCluster) -> Result<(), String> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| e.to_string())?;
+    runtime.block_on(async {
+        let admin = connect(cluster.config("postgres")).await;
+        admin
+            .batch_execute(&format!("CREATE DATABASE {TEMPLATE}"))
+            .await
+            .map_err(|e| e.to_string())?;
+        let store = Store::new(cluster.config(TEMPLATE), 1).map_err(|e| e.to_string())?;
+        let mut conn = store.connection().await.map_err(|e| e.to_string())?;
+        schema::migrate(&mut conn)
+            .await
+            .map_err(|e| e.to_string())?;
+        drop(conn);
+        store.close();
+        Ok(())
+    })
+}
+
+/// A plain connection whose driver runs on the current runtime.
+pub async fn connect(config: tokio_postgres::Config) -> tokio_postgres::Client {
+    let (client, connection) = config
+        .connect(tokio_postgres::NoTls)
+        .await
+        .expect("connect to the test cluster");
+    tokio::spawn(connection);
+    client
+}
+
+static DATABASES: AtomicUsize = AtomicUsize::new(0);
+
+/// A fresh database, a copy of the migrated template. Returns its name.
+pub async fn fresh_database() -> String {
+    let name = format!("test_{}", DATABASES.fetch_add(1, Ordering::SeqCst));
+    let admin = connect(cluster().config("postgres")).await;
+    let sql = format!("CREATE DATABASE {name} TEMPLATE {TEMPLATE} STRATEGY FILE_COPY");
+    // Two copies of one template at the same instant can collide ("source database is being
+    // accessed by other users"): retry briefly.
+    for attempt in 0.. {
+        match admin.batch_execute(&sql).await {
+            Ok(()) => break,
+            Err(error)
+                if attempt < 50
+                    && error.code() == Some(&tokio_postgres::error::SqlState::OBJECT_IN_USE) =>
+            {
+                tokio::time::sleep(Duration::from_millis(20 + attempt * 10)).await;
+            }
+            Err(error) => panic!("CREATE DATABASE {name}: {error}"),
+        }
+    }
+    name
+}
+
+/// A running fhirbox on its own database.
+pub struct TestServer {
+    pub base: String,
+    pub client: reqwest::Client,
+    pub database: String,
+    pub store: Store,
+}
+
+impl TestServer {
+    pub async fn start() -> TestServer {
+        let database = fresh_database().await;
+        let store = Store::new(cluster().config(&database), 8).expect("pool");
+        let root = RootPassword::from_password(ROOT_PASSWORD).expect("hash");
+        let state = AppState {
+            formats: Formats::new(store.clone()),
+            store: store.clone(),
+            auth: Arc::new(Authenticator::new(root)),
+            settings: Arc::new(Settings {
+                max_body_bytes: 1024 * 1024,
+                base_url: None,
+            }),
+        };
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let base = format!("http://{}", listener.local_addr().expect("local addr"));
+        tokio::spawn(fhirbox::http::serve(
+            listener,
+            state,
+            std::future::pending(),
+        ));
+        TestServer {
+            base,
+            client: reqwest::Client::new(),
+            database,
+            store,
+        }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.base)
+    }
+
+    /// A request as root.
+    pub fn request(&self, method: Method, path: &str) -> reqwest::RequestBuilder {
+        self.client
+            .request(method, self.url(path))
+            .basic_auth("root", Some(ROOT_PASSWORD))
+    }
+
+    /// Sends a request and returns the status and the body parsed as JSON (Null if empty).
+    pub async fn send(&self, request: reqwest::RequestBuilder) -> (StatusCode, Value) {
+        let response = request.send().await.expect("request sent");
+        let status = response.status();
+        let text = response.text().await.expect("body read");
+        let body = if text.is_empty() {
+            Value::Null
+        } else {
+            serde_json::from_str(&text).unwrap_or(Value::String(text))
+        };
+        (status, body)
+    }
+
+    pub async fn get(&self, path: &str) -> (StatusCode, Value) {
+        self.send(self.request(Method::GET, path)).await
+    }
+
+    pub async fn delete(&self, path: &str) -> (StatusCode, Value) {
+        self.send(self.request(Method::DELETE, path)).await
+    }
+
+    pub async fn json(&self, method: Method, path: &str, body: &Value) -> (StatusCode, Value) {
+        self.send(self.request(method, path).json(body)).await
+    }
+
+    pub async fn yaml(&self, method: Method, path: &str, body: &str) -> (StatusCode, Value) {
+        let request = self
+            .request(method, path)
+            .header("content-type", "application/yaml")
+            .body(body.to_string());
+        self.send(request).await
+    }
+
+    /// Sends `GET <path>` as root over a raw socket, byte for byte (HTTP clients resolve `..`
+    /// and `%2e` themselves, so they cannot test the server's own path handling). Returns the
+    /// status code.
+    pub async fn raw_get(&self, path: &str) -> u16 {
+        use base64::Engine as _;
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let address = self.base.trim_start_matches("http://");
+        let mut stream = tokio::net::TcpStream::connect(address)
+            .await
+            .expect("connect");
+        let credentials =
+            base64::engine::general_purpose::STANDARD.encode(format!("root:{ROOT_PASSWORD}"));
+        let request = format!(
+            "GET {path} HTTP/1.1\r\nHost: {address}\r\nAuthorization: Basic {credentials}\r\nConnection: close\r\n\r\n"
+        );
+        stream.write_all(request.as_bytes()).await.expect("write");
+        let mut response = Vec::new();
+        stream.read_to_end(&mut response).await.expect("read");
+        let text = String::from_utf8_lossy(&response);
+        text.split(' ')
+            .nth(1)
+            .and_then(|code| code.parse().ok())
+            .unwrap_or(0)
+    }
+
+    /// A direct database connection, for checking what was (not) written.
+    pub async fn db(&self) -> tokio_postgres::Client {
+        connect(cluster().config(&self.database)).await
+    }
+
+    /// `SELECT count(*) FROM <table>`.
+    pub async fn count(&self, table: &str) -> i64 {
+        self.db()
+            .await
+            .query_one(&format!("SELECT count(*) FROM \"{table}\""), &[])
+            .await
+            .expect("count")
+            .get(0)
+    }
+}
+
+/// The first issue's diagnostics of an OperationOutcome.
+pub fn diagnostics(outcome: &Value) -> &str {
+    outcome["issue"][0]["diagnostics"]
+        .as_str()
+        .unwrap_or_default()
+}
+
+/// A seed fixture (tests/fixtures/seeds/), byte for byte as in the seed document.
+pub fn seed(name: &str) -> String {
+    let path = format!("{}/tests/fixtures/seeds/{name}", env!("CARGO_MANIFEST_DIR"));
+    std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{path}: {e}"))
+}
