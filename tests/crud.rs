@@ -15,6 +15,22 @@ async fn health_needs_no_credentials() {
 }
 
 #[tokio::test]
+async fn health_is_503_while_the_database_is_unreachable() {
+    let mut config = tokio_postgres::Config::new();
+    config
+        .host_path("/nonexistent-fhirbox-socket-dir")
+        .user("postgres")
+        .connect_timeout(std::time::Duration::from_millis(200));
+    let store = fhirbox::store::Store::new(config, 1).expect("pool");
+    let server = TestServer::start_with(store, "none".into()).await;
+    let response = reqwest::get(server.url("/health")).await.expect("health");
+    assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
+    let (status, outcome) = server.get("/Patient/x").await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{outcome}");
+    assert_eq!(outcome["issue"][0]["code"], "transient");
+}
+
+#[tokio::test]
 async fn every_other_request_needs_root_credentials() {
     let server = TestServer::start().await;
     for (path, user, password) in [

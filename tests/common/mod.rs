@@ -155,6 +155,11 @@ impl TestServer {
     pub async fn start() -> TestServer {
         let database = fresh_database().await;
         let store = Store::new(cluster().config(&database), 8).expect("pool");
+        TestServer::start_with(store, database).await
+    }
+
+    /// A server on a given store (one that cannot reach its database, say).
+    pub async fn start_with(store: Store, database: String) -> TestServer {
         let root = RootPassword::from_password(ROOT_PASSWORD).expect("hash");
         let state = AppState {
             formats: Formats::new(store.clone()),
