@@ -1,6 +1,9 @@
 //! Generates `src/fhir/r4.rs`, the compiled-in FHIR R4 element table, from the pristine
 //! R4 tables in `fhir-r4/fhirpath-r4-model/` (see `fhir-r4/README.md` for why those and not the
-//! Medplum bundles).
+//! Medplum bundles). One fact the pristine tables lack, whether a contentReference element
+//! (`Questionnaire.item.item`) repeats, comes from the StructureDefinitions in
+//! `fhir-r4/profiles-resources.json.gz`, which the README says match R4 outside the
+//! deviations it lists (none of which is a contentReference).
 //!
 //! Usage: `cargo run --bin codegen -- fhir-r4 src/fhir/r4.rs`
 //!
@@ -21,7 +24,9 @@ fn main() -> Result<()> {
     let [_, input, output] = args.as_slice() else {
         bail!("usage: codegen <fhir-r4 dir> <output .rs file>");
     };
-    let model = Model::read(&Path::new(input).join("fhirpath-r4-model"))?;
+    let mut model = Model::read(&Path::new(input).join("fhirpath-r4-model"))?;
+    model
+        .add_content_reference_cardinality(&Path::new(input).join("profiles-resources.json.gz"))?;
     let source = render(&model)?;
     std::fs::write(output, source).with_context(|| format!("writing {output}"))?;
     eprintln!("wrote {output}");
@@ -52,6 +57,37 @@ impl Model {
             repeating: serde_json::from_value(load("path2Repeating.json")?)?,
             defined_elsewhere: serde_json::from_value(load("pathsDefinedElsewhere.json")?)?,
         })
+    }
+
+    /// Marks the contentReference elements that repeat (`max: "*"` in the snapshots).
+    fn add_content_reference_cardinality(&mut self, bundle_path: &Path) -> Result<()> {
+        use std::io::Read as _;
+        let file = std::fs::File::open(bundle_path)
+            .with_context(|| format!("opening {}", bundle_path.display()))?;
+        let mut text = String::new();
+        flate2::read::GzDecoder::new(file)
+            .read_to_string(&mut text)
+            .with_context(|| format!("reading {}", bundle_path.display()))?;
+        let bundle: Value = serde_json::from_str(&text)?;
+        let entries = bundle["entry"]
+            .as_array()
+            .map(Vec::as_slice)
+            .unwrap_or_default();
+        for entry in entries {
+            let elements = entry["resource"]["snapshot"]["element"].as_array();
+            for element in elements.map(Vec::as_slice).unwrap_or_default() {
+                let Some(path) = element["path"].as_str() else {
+                    continue;
+                };
+                if element.get("contentReference").is_some()
+                    && self.defined_elsewhere.contains_key(path)
+                    && element["max"] == "*"
+                {
+                    self.repeating.insert(path.to_string());
+                }
+            }
+        }
+        Ok(())
     }
 
     fn ancestors(&self, name: &str) -> Vec<&str> {
@@ -98,11 +134,13 @@ struct Element {
 fn render(model: &Model) -> Result<String> {
     let mut contexts: BTreeMap<String, Vec<Element>> = BTreeMap::new();
     // Concrete choice expansions (`Observation.valueQuantity`) are listed in path2Type next to
-    // their choice (`Observation.value`); the choice entry describes them all.
+    // their choice (`Observation.value`); the choice entry describes them all. Only a suffix
+    // that is one of the choice's types makes an expansion: `participantEffectiveDescription`
+    // is an element of its own beside `participantEffective[x]`.
     let is_choice_expansion = |path: &str| {
-        model.choice_paths.keys().any(|choice| {
+        model.choice_paths.iter().any(|(choice, suffixes)| {
             path.strip_prefix(choice.as_str())
-                .is_some_and(|rest| rest.starts_with(|c: char| c.is_ascii_uppercase()))
+                .is_some_and(|rest| suffixes.iter().any(|suffix| suffix == rest))
         })
     };
     let mut all_paths: BTreeSet<&str> = model.path_to_type.keys().map(String::as_str).collect();

@@ -40,12 +40,36 @@ pub enum Kind {
     ContentRef(&'static str),
 }
 
-static BY_NAME: LazyLock<HashMap<&'static str, &'static TypeDef>> =
-    LazyLock::new(|| r4::TYPES.iter().map(|t| (t.name, t)).collect());
+/// A [`TypeDef`] with what conversion needs precomputed: its choice elements, so that an
+/// element name that is not in the table (`valueQuantity`) is matched against few candidates.
+#[derive(Debug)]
+pub struct TypeIndex {
+    pub def: &'static TypeDef,
+    pub choices: Vec<&'static Element>,
+}
+
+static BY_NAME: LazyLock<HashMap<&'static str, TypeIndex>> = LazyLock::new(|| {
+    r4::TYPES
+        .iter()
+        .map(|def| {
+            let choices = def
+                .elements
+                .iter()
+                .filter(|e| matches!(e.kind, Kind::Choice(_)))
+                .collect();
+            (def.name, TypeIndex { def, choices })
+        })
+        .collect()
+});
 
 /// Looks up a resource type, datatype or backbone path.
 pub fn type_def(name: &str) -> Option<&'static TypeDef> {
-    BY_NAME.get(name).copied()
+    BY_NAME.get(name).map(|index| index.def)
+}
+
+/// Looks up a type with its precomputed index.
+pub fn type_index(name: &str) -> Option<&'static TypeIndex> {
+    BY_NAME.get(name)
 }
 
 impl TypeDef {

@@ -1,12 +1,25 @@
 //! Native <-> FHIR R4 conversion: the seam every `/fhir/` route and every `fhir=true` bulk
-//! operation goes through.
+//! operation goes through. The rules are in [`walk`] (choices, references, meta) and
+//! [`attributes`] (first-class extensions from `Attribute` resources).
 //!
 //! Handlers get a [`Converter`] for the request ([`Formats::converter`]) and call
 //! [`Converter::to_native`] on what comes in and [`Converter::to_fhir`] on what goes out.
+//! Attributes are read from the database and cached; each request checks a cheap stamp of the
+//! `attribute` table (its newest version ids and row count), so a created, changed or deleted
+//! Attribute takes effect on the next request, in every fhirbox process, without a restart.
+
+pub mod attributes;
+pub mod trail;
+pub mod walk;
+
+use std::sync::{Arc, Mutex};
 
 use serde_json::Value;
 
-use crate::store::Store;
+use crate::store::{self, Store, StoreError};
+use attributes::Rules;
+use trail::Trail;
+use walk::{ToFhir, ToNative};
 
 /// Which JSON dialect a route speaks.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -24,6 +37,13 @@ pub enum FormatError {
 }
 
 impl FormatError {
+    pub fn invalid(trail: &Trail<'_>, message: impl Into<String>) -> FormatError {
+        FormatError::Invalid {
+            path: trail.render(),
+            message: message.into(),
+        }
+    }
+
     /// The element path the error is about.
     pub fn expression(&self) -> Option<&str> {
         match self {
@@ -35,32 +55,79 @@ impl FormatError {
 /// The conversion service, shared by all requests.
 #[derive(Clone)]
 pub struct Formats {
-    _store: Store,
+    store: Store,
+    cache: Arc<Mutex<Option<CachedRules>>>,
 }
+
+/// The rules and the stamp of the `attribute` table they were built from.
+type CachedRules = (store::attributes::Stamp, Arc<Rules>);
 
 impl Formats {
     pub fn new(store: Store) -> Formats {
-        Formats { _store: store }
+        Formats {
+            store,
+            cache: Arc::new(Mutex::new(None)),
+        }
     }
 
-    /// The conversion rules in force for one request.
-    pub async fn converter(&self) -> Result<Converter, crate::store::StoreError> {
-        Ok(Converter {})
+    /// The conversion rules in force now.
+    pub async fn converter(&self) -> Result<Converter, StoreError> {
+        let conn = self.store.connection().await?;
+        let stamp = store::attributes::stamp(&conn).await?;
+        if let Some((cached, rules)) = self.lock().as_ref() {
+            if *cached == stamp {
+                return Ok(Converter {
+                    rules: rules.clone(),
+                });
+            }
+        }
+        let bodies = store::attributes::all(&conn).await?;
+        let rules = Arc::new(Rules::from_attributes(bodies.iter()));
+        *self.lock() = Some((stamp, rules.clone()));
+        Ok(Converter { rules })
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Option<CachedRules>> {
+        self.cache
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 }
 
-/// The rules in force for one request.
-#[derive(Debug, Clone)]
-pub struct Converter {}
+/// The rules in force for one request (or one bulk operation). Cheap to clone and `Send`, so
+/// bulk operations can convert on several threads.
+#[derive(Debug, Clone, Default)]
+pub struct Converter {
+    rules: Arc<Rules>,
+}
 
 impl Converter {
-    /// FHIR JSON -> native document.
-    pub fn to_native(&self, doc: Value) -> Result<Value, FormatError> {
+    /// A converter with the given rules (tests and benchmarks).
+    pub fn with_rules(rules: Rules) -> Converter {
+        Converter {
+            rules: Arc::new(rules),
+        }
+    }
+
+    /// FHIR JSON -> native document. Fails on a reference that cannot be parsed or a choice
+    /// type the definition does not allow, naming the element.
+    pub fn to_native(&self, mut doc: Value) -> Result<Value, FormatError> {
+        if let Value::Object(map) = &mut doc {
+            let name = map
+                .get("resourceType")
+                .and_then(Value::as_str)
+                .unwrap_or("Resource")
+                .to_string();
+            ToNative { rules: &self.rules }.resource(map, &Trail::root(&name))?;
+        }
         Ok(doc)
     }
 
     /// Native document -> FHIR JSON.
-    pub fn to_fhir(&self, doc: Value) -> Value {
+    pub fn to_fhir(&self, mut doc: Value) -> Value {
+        if let Value::Object(map) = &mut doc {
+            ToFhir { rules: &self.rules }.resource(map);
+        }
         doc
     }
 }

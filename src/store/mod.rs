@@ -5,6 +5,7 @@
 //! resource`, a `<table>_history` twin for replaced and deleted versions, and one global
 //! version sequence `transaction_id_seq`.
 
+pub mod attributes;
 pub mod resources;
 pub mod schema;
 
