@@ -14,6 +14,7 @@
 //! [`cluster`] (the managed local PostgreSQL).
 
 pub mod auth;
+pub mod bulk;
 pub mod bundle;
 pub mod cluster;
 pub mod config;

@@ -14,6 +14,7 @@
 pub mod body;
 pub mod context;
 mod crud;
+mod dump;
 pub mod error;
 mod health;
 mod metadata;
@@ -86,6 +87,7 @@ fn routes() -> Router<AppState> {
                 "/{type}/{id}",
                 get(crud::read).put(crud::update).delete(crud::delete),
             )
+            .route("/{type}/$dump", get(dump::dump))
             .route("/{type}/{id}/_history", get(crud::history))
             .route("/{type}/{id}/_history/{vid}", get(crud::vread))
     };

@@ -6,6 +6,9 @@
 //! version sequence `transaction_id_seq`.
 
 pub mod attributes;
+pub mod copy;
+pub mod copy_out;
+pub mod dump;
 pub mod resources;
 pub mod schema;
 

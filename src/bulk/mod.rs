@@ -1,0 +1,7 @@
+//! The bulk API's operations: streaming exports and imports at the speed of PostgreSQL's own
+//! COPY, in bounded memory.
+
+pub mod dump;
+pub mod gzip;
+pub mod native_line;
+pub mod params;
