@@ -93,6 +93,14 @@ fn main() {
         converter.to_fhir(doc).to_string()
     });
 
+    let (to_fhir_text, _) = measure(&native_lines, |line| {
+        let mut out = Vec::with_capacity(line.len());
+        converter
+            .to_fhir_text(line.as_bytes(), &mut out)
+            .expect("converts");
+        String::from_utf8(out).expect("utf-8")
+    });
+
     let rate = |mb: f64, d: Duration| mb / d.as_secs_f64();
     println!("format conversion, one core, {} resources ({fhir_mb:.1} MB FHIR, {native_mb:.1} MB native), best of {ROUNDS}", fhir_lines.len());
     println!(
@@ -129,6 +137,12 @@ fn main() {
         "native -> FHIR (parse+convert+write)",
         native_mb,
         to_fhir,
+        baseline_native,
+    );
+    row(
+        "native -> FHIR, text path (bulk exports)",
+        native_mb,
+        to_fhir_text,
         baseline_native,
     );
 }

@@ -22,6 +22,7 @@ pub mod crud;
 pub mod fhir;
 pub mod format;
 pub mod http;
+pub mod json_text;
 pub mod resource;
 pub mod resource_type;
 pub mod server;

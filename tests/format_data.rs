@@ -153,8 +153,18 @@ fn every_resource_round_trips_and_its_native_form_is_native() {
                 check.resource(doc, &format!("{where_}: "));
                 types.insert(doc["resourceType"].as_str().unwrap_or_default().to_string());
             }
+            // The bulk exports' text path gives byte for byte the tree path's output.
+            let mut text = Vec::new();
+            converter
+                .to_fhir_text(native.to_string().as_bytes(), &mut text)
+                .expect("text path");
             let back = converter.to_fhir(native);
             assert_eq!(back, fhir, "{where_}: the round trip changed the resource");
+            assert_eq!(
+                String::from_utf8(text).expect("utf-8"),
+                serde_json::to_string(&back).expect("json"),
+                "{where_}: the text conversion differs from the tree conversion"
+            );
             resources += 1;
         }
     }

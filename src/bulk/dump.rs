@@ -170,8 +170,9 @@ fn to_fhir_in_parallel(
 pub fn convert_batch(batch: &[u8], converter: &Converter) -> Result<Bytes, io::Error> {
     let mut out = Vec::with_capacity(batch.len());
     for line in batch.split(|b| *b == b'\n').filter(|line| !line.is_empty()) {
-        let doc: serde_json::Value = serde_json::from_slice(line).map_err(io::Error::other)?;
-        serde_json::to_writer(&mut out, &converter.to_fhir(doc)).map_err(io::Error::other)?;
+        converter
+            .to_fhir_text(line, &mut out)
+            .map_err(io::Error::other)?;
         out.push(b'\n');
     }
     Ok(out.into())

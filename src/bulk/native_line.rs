@@ -15,6 +15,7 @@
 use std::cmp::Ordering;
 use std::io::Write as _;
 
+use crate::json_text;
 use crate::store::copy::PG_EPOCH_MICROS;
 
 /// A stored row, borrowed from a COPY tuple.
@@ -146,107 +147,22 @@ fn build<'r>(
 
 /// The value part of a member's text (`"key": value` -> `value`).
 fn member_value(member: &[u8]) -> Option<&[u8]> {
-    let end_of_key = end_of_string(member, 0)?;
+    let end_of_key = json_text::end_of_string(member, 0)?;
     let colon = end_of_key + member[end_of_key..].iter().position(|b| *b == b':')?;
-    let start = skip_whitespace(member, colon + 1);
+    let start = json_text::skip_whitespace(member, colon + 1);
     Some(&member[start..])
 }
 
-/// Splits a JSON object's text into its members. False if it is not an object.
+/// The object's members as (key, whole member text) pieces. False if it is not an object.
 fn scan_members<'a>(object: &'a [u8], out: &mut Vec<Member<'a>>) -> bool {
-    out.clear();
-    let mut i = skip_whitespace(object, 0);
-    if object.get(i) != Some(&b'{') {
+    let mut found = Vec::new();
+    if json_text::members(object, &mut found).is_none() {
+        out.clear();
         return false;
     }
-    i = skip_whitespace(object, i + 1);
-    if object.get(i) == Some(&b'}') {
-        return true;
-    }
-    loop {
-        let key_start = i;
-        let Some(key_end) = end_of_string(object, i) else {
-            return false;
-        };
-        i = skip_whitespace(object, key_end);
-        if object.get(i) != Some(&b':') {
-            return false;
-        }
-        i = skip_whitespace(object, i + 1);
-        let Some(value_end) = end_of_value(object, i) else {
-            return false;
-        };
-        out.push((
-            &object[key_start + 1..key_end - 1],
-            Piece::Text(&object[key_start..value_end]),
-        ));
-        i = skip_whitespace(object, value_end);
-        match object.get(i) {
-            Some(b',') => i = skip_whitespace(object, i + 1),
-            Some(b'}') => return true,
-            _ => return false,
-        }
-    }
-}
-
-fn skip_whitespace(text: &[u8], mut i: usize) -> usize {
-    while matches!(text.get(i), Some(b' ' | b'\n' | b'\r' | b'\t')) {
-        i += 1;
-    }
-    i
-}
-
-/// The index just past the string starting at `i` (which must be a `"`).
-fn end_of_string(text: &[u8], i: usize) -> Option<usize> {
-    if text.get(i) != Some(&b'"') {
-        return None;
-    }
-    let mut j = i + 1;
-    loop {
-        match text.get(j)? {
-            b'"' => return Some(j + 1),
-            b'\\' => j += 2,
-            _ => j += 1,
-        }
-    }
-}
-
-/// The index just past the value starting at `i`.
-fn end_of_value(text: &[u8], i: usize) -> Option<usize> {
-    match text.get(i)? {
-        b'"' => end_of_string(text, i),
-        b'{' | b'[' => {
-            let mut depth = 0usize;
-            let mut j = i;
-            loop {
-                match text.get(j)? {
-                    b'"' => {
-                        j = end_of_string(text, j)?;
-                        continue;
-                    }
-                    b'{' | b'[' => depth += 1,
-                    b'}' | b']' => {
-                        depth -= 1;
-                        if depth == 0 {
-                            return Some(j + 1);
-                        }
-                    }
-                    _ => {}
-                }
-                j += 1;
-            }
-        }
-        _ => {
-            let mut j = i;
-            while let Some(b) = text.get(j) {
-                if matches!(b, b',' | b'}' | b']' | b' ' | b'\n' | b'\r' | b'\t') {
-                    break;
-                }
-                j += 1;
-            }
-            (j > i).then_some(j)
-        }
-    }
+    out.clear();
+    out.extend(found.iter().map(|m| (m.key, Piece::Text(m.member))));
+    true
 }
 
 /// Writes `text` as a JSON string (escaping what JSON requires).
@@ -362,17 +278,6 @@ mod tests {
         assert!(text.starts_with("{\"id\": \"a\\\"b\", \"meta\": {\"tag\": [{\"code\": \"x\"}], \"security\": [], \"createdAt\": \"2000-01-01T00:00:00.000000Z\", \"versionId\": 7,"), "{text}");
         assert_eq!(line("Patient", "e", 1, "2000-01-01T00:00:00Z", "{}"),
             "{\"id\": \"e\", \"meta\": {\"createdAt\": \"2000-01-01T00:00:00.000000Z\", \"versionId\": 1, \"lastUpdated\": \"2000-01-01T00:00:00.000000Z\"}, \"resourceType\": \"Patient\"}\n");
-    }
-
-    #[test]
-    fn scanning_handles_nesting_escapes_and_scalars() {
-        let text = br#"{"a": "x\"}", "bb": [1, {"c": "]"}], "ccc": -1.50e3, "d": null, "e": {}}"#;
-        let mut members = Vec::new();
-        assert!(scan_members(text, &mut members));
-        let keys: Vec<&[u8]> = members.iter().map(|(k, _)| *k).collect();
-        assert_eq!(keys, [&b"a"[..], b"bb", b"ccc", b"d", b"e"]);
-        assert!(!scan_members(b"[1, 2]", &mut members));
-        assert!(!scan_members(b"{\"a\": ", &mut members));
     }
 
     #[test]

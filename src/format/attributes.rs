@@ -176,6 +176,24 @@ impl TypeAttributes {
         Ok(())
     }
 
+    /// Whether a root Attribute's native key is `key`.
+    pub fn describes(&self, key: &[u8]) -> bool {
+        self.roots.iter().any(|a| a.key.as_bytes() == key)
+    }
+
+    /// One native field -> its extensions, if an Attribute describes it and the value fits.
+    pub fn field_to_fhir(
+        &self,
+        key: &str,
+        value: &Value,
+        walker: &ToFhir<'_>,
+    ) -> Option<Vec<Value>> {
+        self.roots
+            .iter()
+            .find(|a| a.key == key)?
+            .to_fhir_all(value, walker)
+    }
+
     /// Moves native fields that Attributes describe into the resource's `extension` array.
     pub fn fields_to_fhir(&self, doc: &mut Map<String, Value>, walker: &ToFhir<'_>) {
         let mut extensions = Vec::new();

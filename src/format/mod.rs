@@ -9,6 +9,7 @@
 //! Attribute takes effect on the next request, in every fhirbox process, without a restart.
 
 pub mod attributes;
+pub mod text;
 pub mod trail;
 pub mod walk;
 
@@ -121,6 +122,19 @@ impl Converter {
             ToNative { rules: &self.rules }.resource(map, &Trail::root(&name))?;
         }
         Ok(doc)
+    }
+
+    /// Native JSON text -> compact FHIR JSON text, appended to `out` (the fast path of the
+    /// bulk exports; the same result as [`Converter::to_fhir`] and serializing).
+    pub fn to_fhir_text(&self, native: &[u8], out: &mut Vec<u8>) -> Result<(), serde_json::Error> {
+        let start = out.len();
+        if text::native_to_fhir(&self.rules, native, out).is_some() {
+            return Ok(());
+        }
+        // Not a JSON object after all: let the tree path say why (or convert what it can).
+        out.truncate(start);
+        let doc: Value = serde_json::from_slice(native)?;
+        serde_json::to_writer(out, &self.to_fhir(doc))
     }
 
     /// Native document -> FHIR JSON.

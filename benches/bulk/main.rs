@@ -1,0 +1,231 @@
+//! The bulk API benchmark (not a test: it prints numbers).
+//!
+//! `cargo bench --bench bulk [-- OPERATION...]` starts a throwaway PostgreSQL (in /dev/shm,
+//! or under `FHIRBOX_BENCH_DIR`), fills it from testdata/ replicated with fresh ids up to
+//! `FHIRBOX_BENCH_RESOURCES` resources (default 1,000,000), starts the fhirbox server as its
+//! own process, and times each bulk operation through real HTTP to a client that discards the
+//! bytes, beside raw PostgreSQL `COPY` of the same rows through `psql` in the same run. It
+//! samples the server's resident memory during each operation and prints one table.
+//!
+//! Operations: `dump` (default: all).
+
+mod server;
+mod setup;
+
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use futures_util::StreamExt;
+use server::{RssSampler, Server, PASSWORD};
+
+/// Runs per measurement; the fastest counts (the least disturbed by the rest of the machine).
+const ROUNDS: usize = 5;
+
+struct Measurement {
+    bytes: u64,
+    seconds: f64,
+    /// Peak resident memory of the server during the run, and its growth over the start.
+    peak_rss: Option<(u64, u64)>,
+    /// CPU seconds the server used during the run.
+    server_cpu: Option<f64>,
+}
+
+struct Row {
+    operation: String,
+    rows: usize,
+    measurement: Measurement,
+    baseline_seconds: f64,
+}
+
+/// Best of [`ROUNDS`].
+async fn best<F, Fut>(mut run: F) -> Measurement
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Measurement>,
+{
+    let mut best: Option<Measurement> = None;
+    for _ in 0..ROUNDS {
+        let m = run().await;
+        let peak = match (&best, m.peak_rss) {
+            (Some(b), Some(p)) => b
+                .peak_rss
+                .map(|q| if q.1 > p.1 { q } else { p })
+                .or(Some(p)),
+            (_, p) => p,
+        };
+        if best.as_ref().is_none_or(|b| m.seconds < b.seconds) {
+            best = Some(Measurement {
+                peak_rss: peak,
+                ..m
+            });
+        } else if let Some(b) = best.as_mut() {
+            b.peak_rss = peak;
+        }
+    }
+    best.expect("at least one round")
+}
+
+/// Raw `COPY (...) TO STDOUT` through psql, every byte read (and dropped) by this process.
+fn psql_copy(url: &str, sql: &str) -> Measurement {
+    let started = Instant::now();
+    let mut child = Command::new("psql")
+        .args(["-X", "-q", "-v", "ON_ERROR_STOP=1", "-d", url, "-c", sql])
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("psql");
+    let mut stdout = child.stdout.take().expect("stdout");
+    let bytes = std::io::copy(&mut stdout, &mut std::io::sink()).expect("read psql");
+    assert!(child.wait().expect("psql").success(), "psql failed: {sql}");
+    Measurement {
+        bytes,
+        seconds: started.elapsed().as_secs_f64(),
+        peak_rss: None,
+        server_cpu: None,
+    }
+}
+
+/// An HTTP request whose response body is read and dropped.
+async fn http(
+    server: &Server,
+    client: &reqwest::Client,
+    request: reqwest::RequestBuilder,
+) -> Measurement {
+    let _ = client;
+    let before = server.rss();
+    let cpu_before = server.cpu_seconds();
+    let sampler = RssSampler::start(server.pid());
+    let started = Instant::now();
+    let response = request
+        .basic_auth("root", Some(PASSWORD))
+        .send()
+        .await
+        .expect("request");
+    assert!(response.status().is_success(), "{}", response.status());
+    let mut body = response.bytes_stream();
+    let mut bytes = 0u64;
+    while let Some(chunk) = body.next().await {
+        bytes += chunk.expect("body").len() as u64;
+    }
+    let seconds = started.elapsed().as_secs_f64();
+    let peak = sampler.finish();
+    Measurement {
+        bytes,
+        seconds,
+        peak_rss: Some((peak, peak.saturating_sub(before))),
+        server_cpu: Some(server.cpu_seconds() - cpu_before),
+    }
+}
+
+fn print(rows: &[Row]) {
+    println!();
+    println!(
+        "{:<34} {:>9} {:>9} {:>8} {:>8} {:>12} {:>9} {:>10} {:>10}",
+        "operation",
+        "rows",
+        "MB",
+        "seconds",
+        "MB/s",
+        "ratio/COPY",
+        "peak RSS",
+        "RSS growth",
+        "server CPU"
+    );
+    for row in rows {
+        let m = &row.measurement;
+        let mb = m.bytes as f64 / 1e6;
+        let (peak, growth) = m
+            .peak_rss
+            .map(|(peak, growth)| {
+                (
+                    format!("{:.0} MB", peak as f64 / 1e6),
+                    format!("{:.0} MB", growth as f64 / 1e6),
+                )
+            })
+            .unwrap_or(("-".into(), "-".into()));
+        let cpu = m
+            .server_cpu
+            .map(|s| format!("{s:.2} s"))
+            .unwrap_or_else(|| "-".into());
+        println!(
+            "{:<34} {:>9} {:>9.1} {:>8.2} {:>8.1} {:>12.2} {:>9} {:>10} {:>10}",
+            row.operation,
+            row.rows,
+            mb,
+            m.seconds,
+            mb / m.seconds,
+            row.baseline_seconds / m.seconds,
+            peak,
+            growth,
+            cpu
+        );
+    }
+}
+
+#[tokio::main]
+async fn main() {
+    let wanted: Vec<String> = std::env::args()
+        .skip(1)
+        .filter(|a| !a.starts_with('-'))
+        .collect();
+    let selected = |name: &str| wanted.is_empty() || wanted.iter().any(|w| w == name);
+    let target: usize = std::env::var("FHIRBOX_BENCH_RESOURCES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1_000_000);
+
+    let cluster = setup::start_cluster();
+    let dataset = setup::Dataset::load();
+    let replicas = target.div_ceil(dataset.len()).max(1);
+    let counts = setup::fill(&cluster, &dataset, replicas).await;
+    let url = cluster.url(setup::DATABASE);
+    let server = Server::start(&url, &[]);
+    let client = reqwest::Client::new();
+    let (largest, largest_rows) = counts
+        .iter()
+        .max_by_key(|(_, rows)| **rows)
+        .map(|(name, rows)| (name.clone(), *rows))
+        .expect("some data");
+    let table = largest.to_ascii_lowercase();
+    eprintln!(
+        "largest type: {largest} ({largest_rows} rows); server at {}",
+        server.base
+    );
+    let mut rows = Vec::new();
+
+    if selected("dump") {
+        // Two baselines, the same rows and columns the dump reads: text COPY (what psql users
+        // run) and binary COPY (what $dump itself reads). Ratios are against the faster.
+        let select = format!("SELECT id, txid, cts, ts, resource FROM {table}");
+        let text = best(|| async { psql_copy(&url, &format!("COPY ({select}) TO STDOUT")) }).await;
+        let binary = best(|| async {
+            psql_copy(&url, &format!("COPY ({select}) TO STDOUT (FORMAT binary)"))
+        })
+        .await;
+        let baseline = text.seconds.min(binary.seconds);
+        for (name, measurement) in [("text", text), ("binary", binary)] {
+            rows.push(Row {
+                operation: format!("raw psql COPY {table} ({name})"),
+                rows: largest_rows,
+                measurement,
+                baseline_seconds: baseline,
+            });
+        }
+        for (name, query) in [
+            ("$dump", ""),
+            ("$dump?fhir=true", "?fhir=true"),
+            ("$dump?gzip=true", "?gzip=true"),
+        ] {
+            let path = format!("{}/{largest}/$dump{query}", server.base);
+            let m = best(|| http(&server, &client, client.get(&path))).await;
+            rows.push(Row {
+                operation: format!("GET /{largest}/{name}"),
+                rows: largest_rows,
+                measurement: m,
+                baseline_seconds: baseline,
+            });
+        }
+    }
+
+    print(&rows);
+    tokio::time::sleep(Duration::from_millis(10)).await;
+}
