@@ -52,6 +52,16 @@ pub struct ServeArgs {
     #[arg(long, env = "FHIRBOX_DB_POOL_SIZE", default_value_t = 16)]
     pub db_pool_size: usize,
 
+    /// `$load`/`$import` may read `file://` sources under this directory (and nowhere else);
+    /// without it, `file://` sources are refused.
+    #[arg(long, env = "FHIRBOX_SOURCE_DIR")]
+    pub source_dir: Option<PathBuf>,
+
+    /// Let `$load`/`$import` fetch from private, loopback and other non-public addresses
+    /// (link-local addresses, such as cloud metadata services, are refused regardless).
+    #[arg(long, env = "FHIRBOX_ALLOW_PRIVATE_SOURCES", default_value_t = false)]
+    pub allow_private_sources: bool,
+
     /// Public base URL used in links (`next` pages, `Location` headers); by default built from
     /// the request's `Host` header.
     #[arg(long, env = "FHIRBOX_BASE_URL")]

@@ -16,6 +16,7 @@ use tokio::net::TcpListener;
 
 use crate::auth::root::Origin;
 use crate::auth::{AuthError, Authenticator, RootPassword};
+use crate::bulk::source::{SourcePolicy, Sources};
 use crate::cluster::{ClusterError, ManagedCluster, StartOutcome};
 use crate::config::ServeArgs;
 use crate::format::Formats;
@@ -45,6 +46,8 @@ pub enum ServeError {
         addr: std::net::SocketAddr,
         source: std::io::Error,
     },
+    #[error("--source-dir {dir}: {reason}")]
+    SourceDir { dir: String, reason: String },
     #[error("server error: {0}")]
     Serve(std::io::Error),
 }
@@ -111,8 +114,26 @@ async fn serve_with_database(
     drop(conn);
 
     let root = load_root_password(args)?;
+    let source_dir = match &args.source_dir {
+        Some(dir) => Some(crate::bulk::source::canonical_source_dir(dir).map_err(|e| {
+            ServeError::SourceDir {
+                dir: dir.display().to_string(),
+                reason: e.to_string(),
+            }
+        })?),
+        None => None,
+    };
+    let sources = Sources::new(SourcePolicy {
+        source_dir,
+        allow_private: args.allow_private_sources,
+    })
+    .map_err(|e| ServeError::SourceDir {
+        dir: String::new(),
+        reason: e.to_string(),
+    })?;
     let state = AppState {
         formats: Formats::new(store.clone()),
+        sources,
         store: store.clone(),
         auth: Arc::new(Authenticator::new(root)),
         settings: Arc::new(Settings {

@@ -3,5 +3,9 @@
 
 pub mod dump;
 pub mod gzip;
+pub mod lines;
+pub mod load;
 pub mod native_line;
 pub mod params;
+pub mod prepare;
+pub mod source;

@@ -17,6 +17,7 @@ mod crud;
 mod dump;
 pub mod error;
 mod health;
+mod load;
 mod metadata;
 pub mod normalize;
 mod search;
@@ -33,6 +34,7 @@ use axum::routing::{get, post};
 use axum::{Extension, Router};
 
 use crate::auth::Authenticator;
+use crate::bulk::source::Sources;
 use crate::format::{Api, Formats};
 use crate::store::Store;
 use error::ApiError;
@@ -43,6 +45,8 @@ pub struct AppState {
     pub store: Store,
     pub auth: Arc<Authenticator>,
     pub formats: Formats,
+    /// Where `$load` and `$import` may read from.
+    pub sources: Sources,
     pub settings: Arc<Settings>,
 }
 
@@ -88,6 +92,7 @@ fn routes() -> Router<AppState> {
                 get(crud::read).put(crud::update).delete(crud::delete),
             )
             .route("/{type}/$dump", get(dump::dump))
+            .route("/{type}/$load", post(load::load_type))
             .route("/{type}/{id}/_history", get(crud::history))
             .route("/{type}/{id}/_history/{vid}", get(crud::vread))
     };
@@ -96,9 +101,11 @@ fn routes() -> Router<AppState> {
             "/",
             post(transaction::post_bundle).put(transaction::put_list),
         )
+        .route("/$load", post(load::load_mixed))
         .layer(Extension(Api::Native));
     let fhir = resources()
         .route("/", post(transaction::post_bundle))
+        .route("/$load", post(load::load_mixed))
         .route("/metadata", get(metadata::capability_statement))
         .layer(Extension(Api::Fhir));
     Router::new()

@@ -98,7 +98,7 @@ fn table_ddl(rt: ResourceType) -> String {
     format!(
         "CREATE TABLE IF NOT EXISTS {table} (
              id            text PRIMARY KEY,
-             txid          bigint NOT NULL,
+             txid          bigint NOT NULL DEFAULT nextval('transaction_id_seq'),
              cts           timestamptz NOT NULL DEFAULT now(),
              ts            timestamptz NOT NULL DEFAULT now(),
              resource_type text NOT NULL DEFAULT '{name}',

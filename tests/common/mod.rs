@@ -3,11 +3,14 @@
 //! real HTTP server on `127.0.0.1:0` in front of it.
 #![allow(dead_code)] // each test binary uses its own subset of these helpers
 
+pub mod fixtures;
+
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use fhirbox::auth::{Authenticator, RootPassword};
+pub use fhirbox::bulk::source::SourcePolicy;
 use fhirbox::cluster::throwaway::ThrowawayCluster;
 use fhirbox::format::Formats;
 use fhirbox::http::{AppState, Settings};
@@ -160,8 +163,30 @@ impl TestServer {
 
     /// A server on a given store (one that cannot reach its database, say).
     pub async fn start_with(store: Store, database: String) -> TestServer {
+        TestServer::start_with_policy(
+            store,
+            database,
+            SourcePolicy {
+                source_dir: Some(std::fs::canonicalize(fixtures_dir()).expect("fixtures dir")),
+                allow_private: true,
+            },
+        )
+        .await
+    }
+
+    /// A fresh server whose `$load` sources follow `policy` (tests otherwise allow loopback
+    /// sources and files under tests/fixtures/).
+    pub async fn start_with_sources(policy: SourcePolicy) -> TestServer {
+        let database = fresh_database().await;
+        let store = Store::new(cluster().config(&database), 8).expect("pool");
+        TestServer::start_with_policy(store, database, policy).await
+    }
+
+    async fn start_with_policy(store: Store, database: String, policy: SourcePolicy) -> TestServer {
         let root = RootPassword::from_password(ROOT_PASSWORD).expect("hash");
+        let sources = fhirbox::bulk::source::Sources::new(policy).expect("sources");
         let state = AppState {
+            sources,
             formats: Formats::new(store.clone()),
             store: store.clone(),
             auth: Arc::new(Authenticator::new(root)),
@@ -270,6 +295,11 @@ impl TestServer {
             .expect("count")
             .get(0)
     }
+}
+
+/// tests/fixtures/: the one directory `file://` sources may read in tests.
+pub fn fixtures_dir() -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
 }
 
 /// The first issue's diagnostics of an OperationOutcome.

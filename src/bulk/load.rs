@@ -1,0 +1,398 @@
+//! `$load`: NDJSON(.gz) from a URL into the database, atomically, at COPY speed, in bounded
+//! memory.
+//!
+//! Pipeline: source ([`super::source`]) -> gunzip and line batches ([`super::lines`]) ->
+//! each batch prepared on a blocking thread, one per core, order kept ([`super::prepare`]) ->
+//! the [`Writer`], which routes each row:
+//!
+//! - a new id goes straight into its table by binary COPY (the fast path: no staging, no
+//!   conflict handling);
+//! - an id that already exists (looked up per batch, only for tables that had rows when the
+//!   load began) or that repeats within the load (a fixed-size Bloom filter; a false positive
+//!   just takes the slow path) goes to a staging table, applied at the end by an upsert in
+//!   which the last line wins.
+//!
+//! Rows are buffered per type and sent as one COPY statement per buffer, so a file that mixes
+//! types needs no connection per type, and the buffers bound the memory. Everything happens in
+//! one transaction: any error (a bad line, a broken download, a truncated gzip, a client that
+//! goes away) leaves the database as it was, because the connection is discarded and
+//! PostgreSQL rolls the transaction back.
+
+use std::collections::{BTreeMap, HashMap};
+use std::hash::{BuildHasher, Hash, Hasher};
+
+use bytes::Bytes;
+use futures_util::StreamExt;
+
+use super::lines::{LineBatch, LineReader, LinesError};
+use super::prepare::{LineRules, Prepared};
+use super::source::{SourceError, Sources};
+use crate::resource_type::ResourceType;
+use crate::store::copy::TupleWriter;
+use crate::store::{load as sql, Connection, Store, StoreError};
+
+/// Bytes of NDJSON per prepared batch.
+const BATCH_BYTES: usize = 1 << 20;
+
+/// Buffered COPY data, all types together, before it is sent.
+const FLUSH_BYTES: usize = 16 << 20;
+
+/// Ids per existing-id lookup.
+const LOOKUP_CHUNK: usize = 10_000;
+
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    #[error(transparent)]
+    Source(#[from] SourceError),
+    #[error("{0}")]
+    Read(String),
+    #[error("line {line}: {message}")]
+    Line { line: u64, message: String },
+    #[error("resources were written by someone else during the load: {0}")]
+    Conflict(String),
+    #[error("PostgreSQL refused the data: {0}")]
+    Rejected(String),
+    #[error(transparent)]
+    Store(StoreError),
+}
+
+impl From<LinesError> for LoadError {
+    fn from(error: LinesError) -> LoadError {
+        match error {
+            LinesError::Source(source) => LoadError::Source(source),
+            other => LoadError::Read(other.to_string()),
+        }
+    }
+}
+
+impl From<StoreError> for LoadError {
+    fn from(error: StoreError) -> LoadError {
+        let db = match &error {
+            StoreError::Db(db) => db.as_db_error(),
+            _ => None,
+        };
+        match db {
+            Some(db) if db.code() == &tokio_postgres::error::SqlState::UNIQUE_VIOLATION => {
+                LoadError::Conflict(db.detail().unwrap_or(db.message()).to_string())
+            }
+            Some(db) if db.code().code().starts_with("22") => {
+                LoadError::Rejected(db.message().to_string())
+            }
+            _ => LoadError::Store(error),
+        }
+    }
+}
+
+/// A load: where from, how to read the lines, whether to keep replaced versions.
+pub struct LoadRequest {
+    pub source: String,
+    pub rules: LineRules,
+    /// Keep each replaced version in history (`update: true`); off by default, for speed.
+    pub keep_history: bool,
+}
+
+/// Rows loaded per type.
+pub type LoadCounts = BTreeMap<&'static str, u64>;
+
+/// Runs a load to the end. Nothing is written unless everything is.
+pub async fn load(
+    store: &Store,
+    sources: &Sources,
+    request: LoadRequest,
+) -> Result<LoadCounts, LoadError> {
+    load_with_progress(store, sources, request, |_| {}).await
+}
+
+/// [`load`], calling `progress` with the rows read so far after each batch.
+pub async fn load_with_progress(
+    store: &Store,
+    sources: &Sources,
+    request: LoadRequest,
+    mut progress: impl FnMut(u64),
+) -> Result<LoadCounts, LoadError> {
+    let source = sources.open(&request.source).await?;
+    let reader = LineReader::new(source, BATCH_BYTES).await?;
+    let mut writer = Writer::begin(store.clone(), request.keep_history).await?;
+    let workers = std::thread::available_parallelism().map_or(2, |n| n.get());
+    let rules = request.rules;
+    let batches = futures_util::stream::unfold(Some(reader), |reader| async move {
+        let mut reader = reader?;
+        match reader.next_batch().await {
+            Ok(Some(batch)) => Some((Ok(batch), Some(reader))),
+            Ok(None) => None,
+            Err(error) => Some((Err(LoadError::from(error)), None)),
+        }
+    });
+    let mut prepared = std::pin::pin!(batches
+        .map(|batch: Result<LineBatch, LoadError>| {
+            let rules = rules.clone();
+            async move {
+                let batch = batch?;
+                tokio::task::spawn_blocking(move || prepare_batch(&batch, &rules))
+                    .await
+                    .map_err(|e| LoadError::Read(e.to_string()))?
+            }
+        })
+        .buffered(workers));
+    let mut rows = 0;
+    while let Some(batch) = prepared.next().await {
+        let batch = batch?;
+        rows += batch.len() as u64;
+        writer.add(batch).await?;
+        progress(rows);
+    }
+    writer.finish().await
+}
+
+fn prepare_batch(batch: &LineBatch, rules: &LineRules) -> Result<Vec<(u64, Prepared)>, LoadError> {
+    batch
+        .lines()
+        .map(|(line, text)| {
+            rules
+                .prepare(text)
+                .map(|prepared| (line, prepared))
+                .map_err(|e| LoadError::Line { line, message: e.0 })
+        })
+        .collect()
+}
+
+/// The COPY data waiting for one type.
+struct TypeBuffers {
+    direct: TupleWriter,
+    direct_rows: u64,
+    stage: TupleWriter,
+    stage_rows: u64,
+    /// The table had rows when the load began: ids must be looked up.
+    had_rows: bool,
+    /// A staging table exists for it in this transaction.
+    staging: bool,
+}
+
+/// Writes prepared rows in one transaction.
+struct Writer {
+    store: Store,
+    /// The transaction's connection; discarded (so rolled back) unless the load commits.
+    conn: Option<Connection>,
+    /// A second connection for existing-id lookups, opened when first needed.
+    lookups: Option<Connection>,
+    keep_history: bool,
+    buffers: HashMap<ResourceType, TypeBuffers>,
+    buffered: usize,
+    seen: IdFilter,
+    counts: LoadCounts,
+}
+
+impl Writer {
+    async fn begin(store: Store, keep_history: bool) -> Result<Writer, LoadError> {
+        let conn = store.connection().await?;
+        conn.batch_execute("BEGIN")
+            .await
+            .map_err(StoreError::from)?;
+        Ok(Writer {
+            store,
+            conn: Some(conn),
+            lookups: None,
+            keep_history,
+            buffers: HashMap::new(),
+            buffered: 0,
+            seen: IdFilter::new(),
+            counts: LoadCounts::new(),
+        })
+    }
+
+    fn conn(&self) -> &Connection {
+        // Present from `begin` until `finish` consumes the writer.
+        self.conn.as_ref().expect("the writer's connection")
+    }
+
+    async fn lookups(&mut self) -> Result<&Connection, LoadError> {
+        if self.lookups.is_none() {
+            self.lookups = Some(self.store.connection().await?);
+        }
+        Ok(self.lookups.as_ref().expect("just opened"))
+    }
+
+    async fn add(&mut self, rows: Vec<(u64, Prepared)>) -> Result<(), LoadError> {
+        // Existing ids, per type, for the types whose tables had rows.
+        let mut existing: HashMap<ResourceType, std::collections::HashSet<String>> = HashMap::new();
+        let mut by_type: HashMap<ResourceType, Vec<&str>> = HashMap::new();
+        for (_, row) in &rows {
+            by_type.entry(row.resource_type).or_default().push(&row.id);
+        }
+        for (rt, ids) in by_type {
+            if !self.buffers.contains_key(&rt) {
+                let had_rows = !sql::is_empty(self.lookups().await?, rt).await?;
+                self.buffers.insert(
+                    rt,
+                    TypeBuffers {
+                        direct: TupleWriter::new(),
+                        direct_rows: 0,
+                        stage: TupleWriter::new(),
+                        stage_rows: 0,
+                        had_rows,
+                        staging: false,
+                    },
+                );
+            }
+            if self.buffers[&rt].had_rows {
+                let mut found = std::collections::HashSet::new();
+                for chunk in ids.chunks(LOOKUP_CHUNK) {
+                    found.extend(sql::existing_ids(self.lookups().await?, rt, chunk).await?);
+                }
+                existing.insert(rt, found);
+            }
+        }
+        for (line, row) in rows {
+            let rt = row.resource_type;
+            let repeated = self.seen.check_and_insert(rt.name(), &row.id);
+            let exists = existing.get(&rt).is_some_and(|ids| ids.contains(&row.id));
+            let buffers = self.buffers.get_mut(&rt).expect("created above");
+            let before = buffers.direct.len() + buffers.stage.len();
+            if repeated || exists {
+                buffers.stage.start_tuple(3);
+                buffers.stage.text(row.id.as_bytes());
+                buffers.stage.i64(line as i64);
+                buffers.stage.jsonb(&row.body);
+                buffers.stage_rows += 1;
+            } else {
+                buffers.direct.start_tuple(4);
+                buffers.direct.text(row.id.as_bytes());
+                buffers.direct.text(rt.name().as_bytes());
+                buffers.direct.text(b"created");
+                buffers.direct.jsonb(&row.body);
+                buffers.direct_rows += 1;
+            }
+            self.buffered += buffers.direct.len() + buffers.stage.len() - before;
+            *self.counts.entry(rt.name()).or_default() += 1;
+        }
+        if self.buffered >= FLUSH_BYTES {
+            self.flush().await?;
+        }
+        Ok(())
+    }
+
+    /// Sends every buffer as COPY statements.
+    async fn flush(&mut self) -> Result<(), LoadError> {
+        let types: Vec<ResourceType> = self.buffers.keys().copied().collect();
+        for rt in types {
+            let (direct, stage, needs_stage) = {
+                let buffers = self.buffers.get_mut(&rt).expect("present");
+                let direct =
+                    (buffers.direct_rows > 0).then(|| std::mem::take(&mut buffers.direct).finish());
+                let stage =
+                    (buffers.stage_rows > 0).then(|| std::mem::take(&mut buffers.stage).finish());
+                buffers.direct_rows = 0;
+                buffers.stage_rows = 0;
+                let needs_stage = stage.is_some() && !buffers.staging;
+                if needs_stage {
+                    buffers.staging = true;
+                }
+                (direct, stage, needs_stage)
+            };
+            if let Some(data) = direct {
+                self.copy(&sql::copy_direct_sql(rt), data).await?;
+            }
+            if let Some(data) = stage {
+                if needs_stage {
+                    sql::create_stage(self.conn(), rt).await?;
+                }
+                self.copy(&sql::copy_stage_sql(rt), data).await?;
+            }
+        }
+        self.buffered = 0;
+        Ok(())
+    }
+
+    async fn copy(&self, statement: &str, data: Bytes) -> Result<(), LoadError> {
+        sql::copy_in(self.conn(), statement, data).await?;
+        Ok(())
+    }
+
+    /// Sends what is left, applies the staged rows and commits.
+    async fn finish(mut self) -> Result<LoadCounts, LoadError> {
+        self.flush().await?;
+        let staged: Vec<ResourceType> = self
+            .buffers
+            .iter()
+            .filter(|(_, b)| b.staging)
+            .map(|(rt, _)| *rt)
+            .collect();
+        for rt in staged {
+            sql::apply_stage(self.conn(), rt, self.keep_history).await?;
+        }
+        self.conn()
+            .batch_execute("COMMIT")
+            .await
+            .map_err(StoreError::from)?;
+        // Committed: the connection may go back to the pool.
+        self.conn.take();
+        Ok(std::mem::take(&mut self.counts))
+    }
+}
+
+impl Drop for Writer {
+    fn drop(&mut self) {
+        // Not committed (an error, or the request went away): discard the connection rather
+        // than return it mid-transaction or mid-COPY; PostgreSQL rolls the transaction back.
+        if let Some(conn) = self.conn.take() {
+            drop(deadpool_postgres::Object::take(conn));
+        }
+    }
+}
+
+/// A Bloom filter over (type, id): has this id been loaded before in this load? Fixed size,
+/// so memory stays bounded whatever the file size; a false "yes" only sends a row the slow
+/// (staging) way, never loses it. 2^26 bits (8 MiB), three hashes: about 1 false positive in
+/// 10,000 rows at a million ids.
+struct IdFilter {
+    bits: Vec<u64>,
+    hasher: std::collections::hash_map::RandomState,
+}
+
+impl IdFilter {
+    const BITS: u64 = 1 << 26;
+
+    fn new() -> IdFilter {
+        IdFilter {
+            bits: vec![0; (Self::BITS / 64) as usize],
+            hasher: std::collections::hash_map::RandomState::new(),
+        }
+    }
+
+    /// Whether (type, id) may have been inserted before; inserts it.
+    fn check_and_insert(&mut self, resource_type: &str, id: &str) -> bool {
+        let mut hasher = self.hasher.build_hasher();
+        (resource_type, id).hash(&mut hasher);
+        let hash = hasher.finish();
+        let (h1, h2) = (hash & 0xffff_ffff, hash >> 32);
+        let mut present = true;
+        for i in 0..3u64 {
+            let bit = h1.wrapping_add(i.wrapping_mul(h2)) % Self::BITS;
+            let (word, mask) = ((bit / 64) as usize, 1u64 << (bit % 64));
+            present &= self.bits[word] & mask != 0;
+            self.bits[word] |= mask;
+        }
+        present
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_filter_never_forgets_and_rarely_imagines() {
+        let mut filter = IdFilter::new();
+        let mut false_positives = 0;
+        for i in 0..200_000 {
+            if filter.check_and_insert("Patient", &format!("id-{i}")) {
+                false_positives += 1;
+            }
+        }
+        assert!(false_positives < 20, "{false_positives}");
+        for i in (0..200_000).step_by(997) {
+            assert!(filter.check_and_insert("Patient", &format!("id-{i}")));
+        }
+        assert!(!filter.check_and_insert("Observation", "id-0") || false_positives > 0);
+    }
+}

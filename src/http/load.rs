@@ -1,0 +1,178 @@
+//! `POST /$load`, `/fhir/$load` (any types, each line names its own), `/[type]/$load`,
+//! `/fhir/[type]/$load` (one type: the fastest path). The body (JSON or YAML):
+//!
+//! ```yaml
+//! source: https://example.org/Patient.ndjson.gz   # http(s), or file:// under --source-dir
+//! update: false        # true: keep replaced versions in history (slower)
+//! strip-nulls: false   # true: remove null members
+//! merge: {active: true}  # shallow-merged into every resource
+//! ```
+//!
+//! Answers `{"total": N}` for a one-type load, `{"Patient": N, ...}` for a mixed one.
+
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use axum::response::Response;
+use axum::Extension;
+use serde_json::{json, Map, Value};
+
+use super::body::{reply, Document, Negotiated};
+use super::error::ApiError;
+use super::AppState;
+use crate::bulk::load::{load, LoadError, LoadRequest};
+use crate::bulk::prepare::LineRules;
+use crate::bulk::source::SourceError;
+use crate::crud;
+use crate::format::Api;
+use crate::resource_type::ResourceType;
+
+pub async fn load_mixed(
+    State(state): State<AppState>,
+    Extension(api): Extension<Api>,
+    negotiated: Negotiated,
+    Document(body): Document,
+) -> Result<Response, ApiError> {
+    let counts = run(&state, api, None, body).await?;
+    let body: Map<String, Value> = counts
+        .into_iter()
+        .map(|(rt, n)| (rt.to_string(), json!(n)))
+        .collect();
+    Ok(reply(negotiated, api, StatusCode::OK, &Value::Object(body)))
+}
+
+pub async fn load_type(
+    State(state): State<AppState>,
+    Path(type_name): Path<String>,
+    Extension(api): Extension<Api>,
+    negotiated: Negotiated,
+    Document(body): Document,
+) -> Result<Response, ApiError> {
+    let rt = crud::resource_type(&type_name)?;
+    let counts = run(&state, api, Some(rt), body).await?;
+    let total: u64 = counts.values().sum();
+    Ok(reply(
+        negotiated,
+        api,
+        StatusCode::OK,
+        &json!({"total": total}),
+    ))
+}
+
+async fn run(
+    state: &AppState,
+    api: Api,
+    only_type: Option<ResourceType>,
+    body: Value,
+) -> Result<crate::bulk::load::LoadCounts, ApiError> {
+    let options = LoadOptions::parse(body)?;
+    let fhir = match api {
+        Api::Fhir => Some(state.formats.converter().await?),
+        Api::Native => None,
+    };
+    let request = LoadRequest {
+        source: options.source,
+        rules: LineRules {
+            fhir,
+            only_type,
+            strip_nulls: options.strip_nulls,
+            merge: options.merge.as_ref().and_then(LineRules::merge_members),
+        },
+        keep_history: options.update,
+    };
+    Ok(load(&state.store, &state.sources, request).await?)
+}
+
+/// The body of a `$load` request.
+struct LoadOptions {
+    source: String,
+    update: bool,
+    strip_nulls: bool,
+    merge: Option<Map<String, Value>>,
+}
+
+impl LoadOptions {
+    fn parse(body: Value) -> Result<LoadOptions, ApiError> {
+        let Value::Object(body) = body else {
+            return Err(ApiError::bad_request(
+                "the $load body must be an object with a 'source' URL",
+            ));
+        };
+        let mut options = LoadOptions {
+            source: String::new(),
+            update: false,
+            strip_nulls: false,
+            merge: None,
+        };
+        let flag = |name: &str, value: &Value| {
+            value.as_bool().ok_or_else(|| {
+                ApiError::bad_request(format!("'{name}' must be true or false"))
+                    .with_expression(name)
+            })
+        };
+        for (name, value) in body {
+            match name.as_str() {
+                "source" => {
+                    options.source = value
+                        .as_str()
+                        .ok_or_else(|| {
+                            ApiError::bad_request("'source' must be a URL string")
+                                .with_expression("source")
+                        })?
+                        .to_string()
+                }
+                "update" => options.update = flag(&name, &value)?,
+                "strip-nulls" => options.strip_nulls = flag(&name, &value)?,
+                "merge" => match value {
+                    Value::Object(merge) => options.merge = Some(merge),
+                    _ => {
+                        return Err(ApiError::bad_request("'merge' must be an object")
+                            .with_expression("merge"))
+                    }
+                },
+                _ => {
+                    return Err(ApiError::bad_request(format!(
+                        "unknown option '{name}' (supported: source, update, strip-nulls, merge)"
+                    ))
+                    .with_expression(name))
+                }
+            }
+        }
+        if options.source.is_empty() {
+            return Err(
+                ApiError::bad_request("the body needs 'source': the URL to load from")
+                    .with_expression("source"),
+            );
+        }
+        Ok(options)
+    }
+}
+
+impl From<LoadError> for ApiError {
+    fn from(error: LoadError) -> ApiError {
+        let message = error.to_string();
+        match error {
+            LoadError::Source(SourceError::Status { .. } | SourceError::Http(_)) => ApiError::new(
+                StatusCode::BAD_GATEWAY,
+                "exception",
+                format!("the load failed, nothing was written: {message}"),
+            ),
+            LoadError::Source(
+                SourceError::Forbidden(_)
+                | SourceError::OutsideSourceDir(_)
+                | SourceError::FilesDisabled,
+            ) => ApiError::new(StatusCode::FORBIDDEN, "forbidden", message),
+            LoadError::Source(_)
+            | LoadError::Read(_)
+            | LoadError::Line { .. }
+            | LoadError::Rejected(_) => {
+                ApiError::bad_request(format!("the load failed, nothing was written: {message}"))
+            }
+            LoadError::Conflict(_) => ApiError::new(
+                StatusCode::CONFLICT,
+                "conflict",
+                format!("{message}; nothing was written, try again"),
+            ),
+            LoadError::Store(store) => store.into(),
+        }
+    }
+}
