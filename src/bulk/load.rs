@@ -19,7 +19,7 @@
 //! PostgreSQL rolls the transaction back.
 
 use std::collections::{BTreeMap, HashMap};
-use std::hash::{BuildHasher, Hash, Hasher};
+use std::hash::BuildHasher;
 
 use bytes::Bytes;
 use futures_util::StreamExt;
@@ -361,9 +361,7 @@ impl IdFilter {
 
     /// Whether (type, id) may have been inserted before; inserts it.
     fn check_and_insert(&mut self, resource_type: &str, id: &str) -> bool {
-        let mut hasher = self.hasher.build_hasher();
-        (resource_type, id).hash(&mut hasher);
-        let hash = hasher.finish();
+        let hash = self.hasher.hash_one((resource_type, id));
         let (h1, h2) = (hash & 0xffff_ffff, hash >> 32);
         let mut present = true;
         for i in 0..3u64 {
