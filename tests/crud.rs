@@ -10,7 +10,11 @@ use serde_json::{json, Value};
 #[tokio::test]
 async fn health_needs_no_credentials() {
     let server = TestServer::start().await;
-    let response = reqwest::get(server.url("/health")).await.expect("health");
+    let response = common::http_client()
+        .get(server.url("/health"))
+        .send()
+        .await
+        .expect("health");
     assert_eq!(response.status(), StatusCode::OK);
 }
 
@@ -23,7 +27,11 @@ async fn health_is_503_while_the_database_is_unreachable() {
         .connect_timeout(std::time::Duration::from_millis(200));
     let store = fhirbox::store::Store::new(config, 1).expect("pool");
     let server = TestServer::start_with(store, "none".into()).await;
-    let response = reqwest::get(server.url("/health")).await.expect("health");
+    let response = common::http_client()
+        .get(server.url("/health"))
+        .send()
+        .await
+        .expect("health");
     assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
     let (status, outcome) = server.get("/Patient/x").await;
     assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{outcome}");

@@ -119,7 +119,7 @@ impl Drop for Serve {
 }
 
 async fn get_patient(base: &str, password: &str) -> (StatusCode, serde_json::Value) {
-    let response = reqwest::Client::new()
+    let response = common::http_client()
         .get(format!("{base}/Patient/kept"))
         .basic_auth("root", Some(password))
         .send()
@@ -156,11 +156,13 @@ async fn managed_cluster_starts_stops_restarts_and_recovers_from_sigkill() {
         .generated_password()
         .expect("a generated password is printed");
     assert!(data.join("postgres/PG_VERSION").is_file());
-    let health = reqwest::get(format!("{}/health", first.base))
+    let health = common::http_client()
+        .get(format!("{}/health", first.base))
+        .send()
         .await
         .expect("health");
     assert_eq!(health.status(), StatusCode::OK);
-    let created = reqwest::Client::new()
+    let created = common::http_client()
         .put(format!("{}/Patient/kept", first.base))
         .basic_auth("root", Some(&password))
         .json(&json!({"resourceType": "Patient", "id": "kept"}))

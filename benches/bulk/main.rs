@@ -65,6 +65,143 @@ where
     best.expect("at least one round")
 }
 
+/// Where big temporary files go: beside the cluster (memory when /dev/shm is used).
+fn cluster_parent() -> std::path::PathBuf {
+    std::env::var_os("FHIRBOX_BENCH_DIR")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(fhirbox::cluster::throwaway::default_parent)
+}
+
+/// Runs one psql command, failing loudly.
+fn psql(url: &str, command: &str) {
+    let status = Command::new("psql")
+        .args([
+            "-X",
+            "-q",
+            "-v",
+            "ON_ERROR_STOP=1",
+            "-d",
+            url,
+            "-c",
+            command,
+        ])
+        .status()
+        .expect("psql");
+    assert!(status.success(), "psql failed: {command}");
+}
+
+/// Saves a response body to a file.
+async fn save(server: &Server, client: &reqwest::Client, path: &str, file: &std::path::Path) {
+    let response = client
+        .get(format!("{}{path}", server.base))
+        .basic_auth("root", Some(PASSWORD))
+        .send()
+        .await
+        .expect("request");
+    let bytes = response.bytes().await.expect("body");
+    std::fs::write(file, &bytes).expect("write");
+}
+
+/// `$load` of the largest type: native into an empty table, the same again (every id
+/// replaced), FHIR with conversion; against `psql \copy` of the same rows into an empty table
+/// of the same shape.
+async fn load_benchmarks(
+    server: &Server,
+    client: &reqwest::Client,
+    url: &str,
+    largest: &str,
+    rows: usize,
+    dir: &std::path::Path,
+) -> Vec<Row> {
+    let table = largest.to_ascii_lowercase();
+    let native = dir.join("native.ndjson");
+    let fhir = dir.join("fhir.ndjson");
+    let copy_file = dir.join("rows.copy");
+    save(server, client, &format!("/{largest}/$dump"), &native).await;
+    save(
+        server,
+        client,
+        &format!("/{largest}/$dump?fhir=true"),
+        &fhir,
+    )
+    .await;
+    psql(url, &format!("\\copy (SELECT id, txid, cts, ts, resource_type, status, resource FROM {table}) TO '{}'", copy_file.display()));
+    psql(
+        url,
+        &format!(
+            "DROP TABLE IF EXISTS bench_copy; CREATE TABLE bench_copy (LIKE {table} INCLUDING ALL)"
+        ),
+    );
+
+    let raw = best(|| async {
+        psql(url, "TRUNCATE bench_copy");
+        let started = Instant::now();
+        psql(
+            url,
+            &format!("\\copy bench_copy FROM '{}'", copy_file.display()),
+        );
+        let seconds = started.elapsed().as_secs_f64();
+        let bytes = std::fs::metadata(&copy_file).map(|m| m.len()).unwrap_or(0);
+        Measurement {
+            bytes,
+            seconds,
+            peak_rss: None,
+            server_cpu: None,
+        }
+    })
+    .await;
+    let baseline = raw.seconds;
+    let mut out = vec![Row {
+        operation: format!("raw psql \\copy into empty {table}"),
+        rows,
+        measurement: raw,
+        baseline_seconds: baseline,
+    }];
+
+    let load = |path: String, file: std::path::PathBuf, truncate: bool| {
+        let url = url.to_string();
+        let table = table.clone();
+        async move {
+            if truncate {
+                psql(&url, &format!("TRUNCATE {table}, {table}_history"));
+            }
+            let source = format!("file://{}", file.display());
+            let mut m = http(
+                server,
+                client,
+                client
+                    .post(format!("{}{path}", server.base))
+                    .json(&serde_json::json!({"source": source})),
+            )
+            .await;
+            m.bytes = std::fs::metadata(&file).map(|m| m.len()).unwrap_or(0);
+            m
+        }
+    };
+    let empty = best(|| load(format!("/{largest}/$load"), native.clone(), true)).await;
+    out.push(Row {
+        operation: format!("POST /{largest}/$load (empty)"),
+        rows,
+        measurement: empty,
+        baseline_seconds: baseline,
+    });
+    let again = best(|| load(format!("/{largest}/$load"), native.clone(), false)).await;
+    out.push(Row {
+        operation: format!("POST /{largest}/$load (replace all)"),
+        rows,
+        measurement: again,
+        baseline_seconds: baseline,
+    });
+    let converted = best(|| load("/fhir/$load".to_string(), fhir.clone(), true)).await;
+    out.push(Row {
+        operation: "POST /fhir/$load (empty, FHIR)".to_string(),
+        rows,
+        measurement: converted,
+        baseline_seconds: baseline,
+    });
+    out
+}
+
 /// Raw `COPY (...) TO STDOUT` through psql, every byte read (and dropped) by this process.
 fn psql_copy(url: &str, sql: &str) -> Measurement {
     let started = Instant::now();
@@ -178,7 +315,14 @@ async fn main() {
     let replicas = target.div_ceil(dataset.len()).max(1);
     let counts = setup::fill(&cluster, &dataset, replicas).await;
     let url = cluster.url(setup::DATABASE);
-    let server = Server::start(&url, &[]);
+    // Files for the loads (and the raw COPY baseline) live here; the server may read them.
+    let files = tempfile::Builder::new()
+        .prefix("fhirbox-bench-")
+        .tempdir_in(cluster_parent())
+        .expect("files dir");
+    let files_dir = files.path().to_str().expect("utf-8 path").to_string();
+    let server = Server::start(&url, &["--source-dir", &files_dir]);
+    fhirbox::bulk::source::install_crypto_provider();
     let client = reqwest::Client::new();
     let (largest, largest_rows) = counts
         .iter()
@@ -224,6 +368,12 @@ async fn main() {
                 baseline_seconds: baseline,
             });
         }
+    }
+
+    if selected("load") {
+        rows.extend(
+            load_benchmarks(&server, &client, &url, &largest, largest_rows, files.path()).await,
+        );
     }
 
     print(&rows);

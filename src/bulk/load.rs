@@ -5,12 +5,13 @@
 //! each batch prepared on a blocking thread, one per core, order kept ([`super::prepare`]) ->
 //! the [`Writer`], which routes each row:
 //!
-//! - a new id goes straight into its table by binary COPY (the fast path: no staging, no
-//!   conflict handling);
-//! - an id that already exists (looked up per batch, only for tables that had rows when the
-//!   load began) or that repeats within the load (a fixed-size Bloom filter; a false positive
-//!   just takes the slow path) goes to a staging table, applied at the end by an upsert in
-//!   which the last line wins.
+//! - every row goes straight into its table by binary COPY. For tables that had rows when the
+//!   load began, each batch first deletes the current versions of its ids (moving them to
+//!   history with `update: true`) in the load's own transaction, keeping their creation time
+//!   for the new versions: replacing costs a delete, not a staging table and an upsert;
+//! - an id that repeats within the load (a fixed-size Bloom filter; a false positive just
+//!   takes the slow path) goes to a staging table, applied at the end by an upsert in which
+//!   the last line wins.
 //!
 //! Rows are buffered per type and sent as one COPY statement per buffer, so a file that mixes
 //! types needs no connection per type, and the buffers bound the memory. Everything happens in
@@ -28,17 +29,21 @@ use super::lines::{LineBatch, LineReader, LinesError};
 use super::prepare::{LineRules, Prepared};
 use super::source::{SourceError, Sources};
 use crate::resource_type::ResourceType;
-use crate::store::copy::TupleWriter;
+use crate::store::copy::{TupleWriter, PG_EPOCH_MICROS};
 use crate::store::{load as sql, Connection, Store, StoreError};
 
 /// Bytes of NDJSON per prepared batch.
 const BATCH_BYTES: usize = 1 << 20;
 
-/// Buffered COPY data, all types together, before it is sent.
-const FLUSH_BYTES: usize = 16 << 20;
+/// Buffered COPY data, all types together, before it is sent: enough to make each COPY
+/// statement's overhead vanish, small enough to keep the server's memory flat.
+const FLUSH_BYTES: usize = 4 << 20;
 
-/// Ids per existing-id lookup.
-const LOOKUP_CHUNK: usize = 10_000;
+/// Prepared batches that may wait for the writer (each about [`BATCH_BYTES`] of input).
+const PREPARED_AHEAD: usize = 8;
+
+/// Ids per delete of replaced versions.
+const DELETE_CHUNK: usize = 10_000;
 
 #[derive(Debug, thiserror::Error)]
 pub enum LoadError {
@@ -123,8 +128,8 @@ pub async fn load_with_progress(
             Err(error) => Some((Err(LoadError::from(error)), None)),
         }
     });
-    let mut prepared = std::pin::pin!(batches
-        .map(|batch: Result<LineBatch, LoadError>| {
+    let prepared = batches
+        .map(move |batch: Result<LineBatch, LoadError>| {
             let rules = rules.clone();
             async move {
                 let batch = batch?;
@@ -133,9 +138,22 @@ pub async fn load_with_progress(
                     .map_err(|e| LoadError::Read(e.to_string()))?
             }
         })
-        .buffered(workers));
+        .buffered(workers);
+    // Reading and preparing run in a task of their own, so they go on while the writer waits
+    // for PostgreSQL to take a COPY; the channel bounds how far ahead they get. The task ends
+    // when the stream does, or when the writer is gone (its sends fail).
+    let (sender, mut receiver) = tokio::sync::mpsc::channel(PREPARED_AHEAD);
+    tokio::spawn(async move {
+        let mut prepared = std::pin::pin!(prepared);
+        while let Some(batch) = prepared.next().await {
+            let failed = batch.is_err();
+            if sender.send(batch).await.is_err() || failed {
+                break;
+            }
+        }
+    });
     let mut rows = 0;
-    while let Some(batch) = prepared.next().await {
+    while let Some(batch) = receiver.recv().await {
         let batch = batch?;
         rows += batch.len() as u64;
         writer.add(batch).await?;
@@ -162,7 +180,7 @@ struct TypeBuffers {
     direct_rows: u64,
     stage: TupleWriter,
     stage_rows: u64,
-    /// The table had rows when the load began: ids must be looked up.
+    /// The table had rows when the load began: the versions a batch replaces must go first.
     had_rows: bool,
     /// A staging table exists for it in this transaction.
     staging: bool,
@@ -170,12 +188,12 @@ struct TypeBuffers {
 
 /// Writes prepared rows in one transaction.
 struct Writer {
-    store: Store,
     /// The transaction's connection; discarded (so rolled back) unless the load commits.
     conn: Option<Connection>,
-    /// A second connection for existing-id lookups, opened when first needed.
-    lookups: Option<Connection>,
     keep_history: bool,
+    /// The transaction's start (`now()`), in PostgreSQL's microseconds: every row's `ts`, and
+    /// the `cts` of new ones.
+    now: i64,
     buffers: HashMap<ResourceType, TypeBuffers>,
     buffered: usize,
     seen: IdFilter,
@@ -188,11 +206,11 @@ impl Writer {
         conn.batch_execute("BEGIN")
             .await
             .map_err(StoreError::from)?;
+        let now = sql::now(&conn).await?.timestamp_micros() - PG_EPOCH_MICROS;
         Ok(Writer {
-            store,
             conn: Some(conn),
-            lookups: None,
             keep_history,
+            now,
             buffers: HashMap::new(),
             buffered: 0,
             seen: IdFilter::new(),
@@ -205,60 +223,67 @@ impl Writer {
         self.conn.as_ref().expect("the writer's connection")
     }
 
-    async fn lookups(&mut self) -> Result<&Connection, LoadError> {
-        if self.lookups.is_none() {
-            self.lookups = Some(self.store.connection().await?);
-        }
-        Ok(self.lookups.as_ref().expect("just opened"))
-    }
-
     async fn add(&mut self, rows: Vec<(u64, Prepared)>) -> Result<(), LoadError> {
-        // Existing ids, per type, for the types whose tables had rows.
-        let mut existing: HashMap<ResourceType, std::collections::HashSet<String>> = HashMap::new();
+        // Repeats within the load go to staging; the others are copied. Decide first, so the
+        // versions the copied rows replace can be deleted before they are sent.
+        let mut repeated = Vec::with_capacity(rows.len());
         let mut by_type: HashMap<ResourceType, Vec<&str>> = HashMap::new();
         for (_, row) in &rows {
-            by_type.entry(row.resource_type).or_default().push(&row.id);
+            let repeat = self
+                .seen
+                .check_and_insert(row.resource_type.name(), &row.id);
+            repeated.push(repeat);
+            if !repeat {
+                by_type.entry(row.resource_type).or_default().push(&row.id);
+            }
         }
+        let mut replaced: HashMap<ResourceType, HashMap<String, chrono::DateTime<chrono::Utc>>> =
+            HashMap::new();
         for (rt, ids) in by_type {
             if !self.buffers.contains_key(&rt) {
-                let had_rows = !sql::is_empty(self.lookups().await?, rt).await?;
-                self.buffers.insert(
-                    rt,
-                    TypeBuffers {
-                        direct: TupleWriter::new(),
-                        direct_rows: 0,
-                        stage: TupleWriter::new(),
-                        stage_rows: 0,
-                        had_rows,
-                        staging: false,
-                    },
-                );
+                let had_rows = !sql::is_empty(self.conn(), rt).await?;
+                let buffers = TypeBuffers {
+                    direct: TupleWriter::new(),
+                    direct_rows: 0,
+                    stage: TupleWriter::new(),
+                    stage_rows: 0,
+                    had_rows,
+                    staging: false,
+                };
+                self.buffers.insert(rt, buffers);
             }
             if self.buffers[&rt].had_rows {
-                let mut found = std::collections::HashSet::new();
-                for chunk in ids.chunks(LOOKUP_CHUNK) {
-                    found.extend(sql::existing_ids(self.lookups().await?, rt, chunk).await?);
+                let mut found = HashMap::new();
+                for chunk in ids.chunks(DELETE_CHUNK) {
+                    found.extend(
+                        sql::take_existing(self.conn(), rt, chunk, self.keep_history).await?,
+                    );
                 }
-                existing.insert(rt, found);
+                replaced.insert(rt, found);
             }
         }
-        for (line, row) in rows {
+        for ((line, row), repeat) in rows.into_iter().zip(repeated) {
             let rt = row.resource_type;
-            let repeated = self.seen.check_and_insert(rt.name(), &row.id);
-            let exists = existing.get(&rt).is_some_and(|ids| ids.contains(&row.id));
+            let created_at = replaced.get(&rt).and_then(|found| found.get(&row.id));
             let buffers = self.buffers.get_mut(&rt).expect("created above");
             let before = buffers.direct.len() + buffers.stage.len();
-            if repeated || exists {
+            if repeat {
                 buffers.stage.start_tuple(3);
                 buffers.stage.text(row.id.as_bytes());
                 buffers.stage.i64(line as i64);
                 buffers.stage.jsonb(&row.body);
                 buffers.stage_rows += 1;
             } else {
-                buffers.direct.start_tuple(4);
+                let (cts, status): (i64, &[u8]) = match created_at {
+                    Some(at) => (at.timestamp_micros() - PG_EPOCH_MICROS, b"updated"),
+                    None => (self.now, b"created"),
+                };
+                buffers.direct.start_tuple(6);
                 buffers.direct.text(row.id.as_bytes());
+                buffers.direct.i64(cts);
+                buffers.direct.i64(self.now);
                 buffers.direct.text(rt.name().as_bytes());
-                buffers.direct.text(b"created");
+                buffers.direct.text(status);
                 buffers.direct.jsonb(&row.body);
                 buffers.direct_rows += 1;
             }
@@ -277,10 +302,8 @@ impl Writer {
         for rt in types {
             let (direct, stage, needs_stage) = {
                 let buffers = self.buffers.get_mut(&rt).expect("present");
-                let direct =
-                    (buffers.direct_rows > 0).then(|| std::mem::take(&mut buffers.direct).finish());
-                let stage =
-                    (buffers.stage_rows > 0).then(|| std::mem::take(&mut buffers.stage).finish());
+                let direct = (buffers.direct_rows > 0).then(|| buffers.direct.finish_and_restart());
+                let stage = (buffers.stage_rows > 0).then(|| buffers.stage.finish_and_restart());
                 buffers.direct_rows = 0;
                 buffers.stage_rows = 0;
                 let needs_stage = stage.is_some() && !buffers.staging;

@@ -63,8 +63,7 @@ pub struct Sources {
 impl Sources {
     pub fn new(policy: SourcePolicy) -> Result<Sources, SourceError> {
         let policy = Arc::new(policy);
-        // reqwest is built without a TLS crypto provider of its own: use ring's, once.
-        let _ = rustls::crypto::ring::default_provider().install_default();
+        install_crypto_provider();
         let redirect_policy = policy.clone();
         let client = reqwest::Client::builder()
             .dns_resolver(Arc::new(CheckedResolver {
@@ -260,6 +259,12 @@ impl reqwest::dns::Resolve for CheckedResolver {
             Ok(Box::new(allowed_addresses.into_iter()) as reqwest::dns::Addrs)
         })
     }
+}
+
+/// reqwest is built without a TLS crypto provider of its own: this installs ring's for the
+/// process (once; later calls do nothing). Any code that builds an HTTP client calls it first.
+pub fn install_crypto_provider() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
 }
 
 /// The canonical form of a configured source directory.

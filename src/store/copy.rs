@@ -238,6 +238,17 @@ impl TupleWriter {
         self.buffer.put_i16(-1);
         self.buffer.freeze()
     }
+
+    /// Appends the trailer, takes everything written, and starts a new stream (header again)
+    /// in the same allocation once the taken bytes are dropped.
+    pub fn finish_and_restart(&mut self) -> Bytes {
+        self.buffer.put_i16(-1);
+        let done = self.buffer.split().freeze();
+        self.buffer.put_slice(SIGNATURE);
+        self.buffer.put_u32(0);
+        self.buffer.put_u32(0);
+        done
+    }
 }
 
 impl Default for TupleWriter {

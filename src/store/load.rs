@@ -1,10 +1,13 @@
-//! The SQL of `$load`: COPY straight into a type's table for new ids, a temporary staging
-//! table and an upsert for ids that already exist (or repeat within the load).
+//! The SQL of `$load`: COPY straight into a type's table, after deleting the versions that
+//! the load replaces; a temporary staging table and an upsert only for ids that repeat within
+//! the load.
 //!
-//! Direct rows take `txid` (a `nextval` of the global sequence), `cts` and `ts` (`now()`)
-//! from the columns' defaults. Everything runs in the caller's transaction.
+//! Copied rows take `txid` (a `nextval` of the global sequence) from the column's default.
+//! Everything runs in the caller's transaction.
 
-use std::collections::HashSet;
+use std::collections::HashMap;
+
+use chrono::{DateTime, Utc};
 
 use bytes::Bytes;
 use futures_util::SinkExt;
@@ -19,22 +22,41 @@ pub async fn is_empty(client: &impl GenericClient, rt: ResourceType) -> Result<b
     Ok(client.query_one(&statement, &[]).await?.get(0))
 }
 
-/// Which of `ids` exist in `rt`'s table (committed rows).
-pub async fn existing_ids(
+/// Deletes the current versions of `ids` that exist (moving them to history with
+/// `keep_history`) and returns their creation times: the load writes their new versions.
+pub async fn take_existing(
     client: &impl GenericClient,
     rt: ResourceType,
     ids: &[&str],
-) -> Result<HashSet<String>, StoreError> {
-    let sql = format!("SELECT id FROM {} WHERE id = ANY($1)", rt.table());
+    keep_history: bool,
+) -> Result<HashMap<String, DateTime<Utc>>, StoreError> {
+    let (table, history) = (rt.table(), rt.history_table());
+    let sql = if keep_history {
+        format!(
+            "WITH gone AS (DELETE FROM {table} WHERE id = ANY($1) RETURNING *),
+                  kept AS (INSERT INTO {history} SELECT * FROM gone)
+             SELECT id, cts FROM gone"
+        )
+    } else {
+        format!("DELETE FROM {table} WHERE id = ANY($1) RETURNING id, cts")
+    };
     let statement = client.prepare_cached(&sql).await?;
     let rows = client.query(&statement, &[&ids]).await?;
-    Ok(rows.into_iter().map(|row| row.get(0)).collect())
+    Ok(rows
+        .into_iter()
+        .map(|row| (row.get(0), row.get(1)))
+        .collect())
 }
 
-/// The COPY of new rows: fields `id`, `resource_type`, `status`, `resource`.
+/// The transaction's start time: `now()`, as every row it writes carries it.
+pub async fn now(client: &impl GenericClient) -> Result<DateTime<Utc>, StoreError> {
+    Ok(client.query_one("SELECT now()", &[]).await?.get(0))
+}
+
+/// The COPY into the table: fields `id`, `cts`, `ts`, `resource_type`, `status`, `resource`.
 pub fn copy_direct_sql(rt: ResourceType) -> String {
     format!(
-        "COPY {} (id, resource_type, status, resource) FROM STDIN (FORMAT binary)",
+        "COPY {} (id, cts, ts, resource_type, status, resource) FROM STDIN (FORMAT binary)",
         rt.table()
     )
 }
@@ -62,16 +84,25 @@ pub fn copy_stage_sql(rt: ResourceType) -> String {
     )
 }
 
+/// Pieces a COPY stream is sent in: small enough that the driver's buffers stay small.
+const SEND_PIECE: usize = 256 * 1024;
+
 /// Sends one complete binary COPY stream (header, tuples, trailer) with `sql`.
 pub async fn copy_in(client: &Connection, sql: &str, data: Bytes) -> Result<u64, StoreError> {
     let sink = client.copy_in(sql).await?;
     let mut sink = std::pin::pin!(sink);
-    sink.send(data).await?;
+    let mut rest = data;
+    while !rest.is_empty() {
+        let piece = rest.split_to(rest.len().min(SEND_PIECE));
+        sink.feed(piece).await?;
+    }
+    sink.flush().await?;
     Ok(sink.as_mut().finish().await?)
 }
 
-/// Applies the staged rows of `rt`: for each id, the last staged line wins; an existing
-/// resource is replaced (and, with `keep_history`, its replaced version kept in history).
+/// Applies the staged rows of `rt` (lines whose id repeats within the load): for each id the
+/// last staged line wins and replaces what the load wrote before (with `keep_history`, that
+/// version is kept in history).
 pub async fn apply_stage(
     client: &impl GenericClient,
     rt: ResourceType,

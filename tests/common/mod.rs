@@ -206,7 +206,7 @@ impl TestServer {
         ));
         TestServer {
             base,
-            client: reqwest::Client::new(),
+            client: http_client(),
             database,
             store,
         }
@@ -295,6 +295,12 @@ impl TestServer {
             .expect("count")
             .get(0)
     }
+}
+
+/// An HTTP client for tests (with the TLS provider reqwest needs installed).
+pub fn http_client() -> reqwest::Client {
+    fhirbox::bulk::source::install_crypto_provider();
+    reqwest::Client::new()
 }
 
 /// tests/fixtures/: the one directory `file://` sources may read in tests.
