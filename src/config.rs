@@ -62,6 +62,26 @@ pub struct ServeArgs {
     #[arg(long, env = "FHIRBOX_ALLOW_PRIVATE_SOURCES", default_value_t = false)]
     pub allow_private_sources: bool,
 
+    /// How `$dump-sql` connects: by default the server and database of fhirbox's own
+    /// connection, as the role fhirbox creates for it (`fhirbox_sql_reader`, which may only read
+    /// resource tables; no password: for socket trust or peer authentication). Give a full URL
+    /// when that role needs a password or another route.
+    #[arg(long, env = "FHIRBOX_SQL_READER_URL", hide_env_values = true)]
+    pub sql_reader_url: Option<String>,
+
+    /// `$dump-sql` statement timeout, in seconds.
+    #[arg(long, env = "FHIRBOX_SQL_TIMEOUT", default_value_t = 600)]
+    pub sql_timeout: u64,
+
+    /// Most rows a `$dump-sql` result may have (none by default); more ends the transfer
+    /// with an error.
+    #[arg(long, env = "FHIRBOX_SQL_MAX_ROWS")]
+    pub sql_max_rows: Option<u64>,
+
+    /// Most bytes a `$dump-sql` result may have (none by default).
+    #[arg(long, env = "FHIRBOX_SQL_MAX_BYTES")]
+    pub sql_max_bytes: Option<u64>,
+
     /// Public base URL used in links (`next` pages, `Location` headers); by default built from
     /// the request's `Host` header.
     #[arg(long, env = "FHIRBOX_BASE_URL")]

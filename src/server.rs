@@ -16,6 +16,7 @@ use tokio::net::TcpListener;
 
 use crate::auth::root::Origin;
 use crate::auth::{AuthError, Authenticator, RootPassword};
+use crate::bulk::dump_sql::SqlLimits;
 use crate::bulk::source::{SourcePolicy, Sources};
 use crate::cluster::{ClusterError, ManagedCluster, StartOutcome};
 use crate::config::ServeArgs;
@@ -25,6 +26,9 @@ use crate::store::{schema, Store, StoreError};
 
 /// How long requests in flight (a long `$dump`) may run on after a shutdown signal.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Concurrent `$dump-sql` queries (each holds a reader connection while it streams).
+const SQL_READER_POOL: usize = 8;
 
 /// The database the managed cluster keeps fhirbox's tables in.
 const MANAGED_DATABASE: &str = "fhirbox";
@@ -108,7 +112,12 @@ async fn serve_with_database(
         }
         (None, None) => unreachable!("run() starts a cluster when there is no URL"),
     };
+    let reader_config = match &args.sql_reader_url {
+        Some(url) => tokio_postgres::Config::from_str(url).map_err(ServeError::DatabaseUrl)?,
+        None => Store::config_as(&config, crate::store::schema::SQL_READER_ROLE),
+    };
     let store = Store::new(config, args.db_pool_size)?;
+    let sql_reader = Store::new(reader_config, SQL_READER_POOL)?;
     let mut conn = store.connection().await.map_err(ServeError::Unreachable)?;
     schema::migrate(&mut conn).await?;
     drop(conn);
@@ -134,10 +143,16 @@ async fn serve_with_database(
     let state = AppState {
         formats: Formats::new(store.clone()),
         sources,
+        sql_reader,
         store: store.clone(),
         auth: Arc::new(Authenticator::new(root)),
         settings: Arc::new(Settings {
             max_body_bytes: args.max_body_bytes,
+            sql_limits: SqlLimits {
+                timeout: Duration::from_secs(args.sql_timeout),
+                max_rows: args.sql_max_rows,
+                max_bytes: args.sql_max_bytes,
+            },
             base_url: args.base_url.clone(),
         }),
     };

@@ -15,6 +15,7 @@ pub mod body;
 pub mod context;
 mod crud;
 mod dump;
+mod dump_sql;
 pub mod error;
 mod health;
 mod load;
@@ -47,6 +48,8 @@ pub struct AppState {
     pub formats: Formats,
     /// Where `$load` and `$import` may read from.
     pub sources: Sources,
+    /// Connections as the SQL reader role, for `$dump-sql` only.
+    pub sql_reader: Store,
     pub settings: Arc<Settings>,
 }
 
@@ -54,6 +57,7 @@ pub struct AppState {
 #[derive(Debug, Clone)]
 pub struct Settings {
     pub max_body_bytes: usize,
+    pub sql_limits: crate::bulk::dump_sql::SqlLimits,
     /// Public base URL for links; `None`: from the request's `Host`.
     pub base_url: Option<String>,
 }
@@ -102,6 +106,7 @@ fn routes() -> Router<AppState> {
             post(transaction::post_bundle).put(transaction::put_list),
         )
         .route("/$load", post(load::load_mixed))
+        .route("/$dump-sql", post(dump_sql::dump_sql))
         .layer(Extension(Api::Native));
     let fhir = resources()
         .route("/", post(transaction::post_bundle))

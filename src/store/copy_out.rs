@@ -1,32 +1,40 @@
-//! Streaming `COPY (...) TO STDOUT` out of the database, for every export.
+//! Streaming query results out of the database, for every export: `COPY (...) TO STDOUT`
+//! ([`copy_out`]) and row streams of a portal ([`OwnedStream`] over a `RowStream`).
 //!
-//! A [`CopyOut`] owns its pooled connection for as long as it streams. Back-pressure is end to
-//! end: tokio-postgres hands each batch of COPY data to us through a channel of one slot, so
+//! An [`OwnedStream`] owns its pooled connection for as long as it streams. Back-pressure is
+//! end to end: tokio-postgres hands each batch of data to us through a channel of one slot, so
 //! while we do not poll (the HTTP client reads slowly), its connection task stops reading the
 //! socket and PostgreSQL waits on TCP. No part of the result is buffered beyond that.
 //!
-//! If a `CopyOut` is dropped before the end (the client went away), tokio-postgres would keep
-//! reading the rest of the COPY and throw it away, holding the backend busy. So the drop sends
-//! a cancel request for the query and detaches the connection from the pool (it is closed, not
-//! reused: it may still be mid-COPY). The pool then opens a fresh one when it needs it.
+//! If the stream is dropped before the end (the client went away), tokio-postgres would keep
+//! reading the rest of the result and throw it away, holding the backend busy. So the drop
+//! sends a cancel request for the query and detaches the connection from the pool (it is
+//! closed, not reused: it may still be mid-result). The pool then opens a fresh one when it
+//! needs it. A stream that ends normally gives its connection back, unless it was opened
+//! with [`OwnedStream::discard_after`] (its connection holds a transaction of its own).
 
 use std::pin::Pin;
 use std::task::{Context, Poll};
 
-use bytes::Bytes;
 use futures_util::Stream;
 use tokio_postgres::CancelToken;
 
 use super::{Connection, Store, StoreError};
 
-pub struct CopyOut {
-    /// The connection the COPY runs on; `None` once given back or detached.
+/// A result stream that owns its connection.
+pub struct OwnedStream<S> {
+    /// The connection the query runs on; `None` once given back or detached.
     conn: Option<Connection>,
-    stream: Pin<Box<tokio_postgres::CopyOutStream>>,
+    stream: Pin<Box<S>>,
     cancel: CancelToken,
     /// Whether the stream ended (completely or with an error): nothing to cancel then.
     done: bool,
+    /// Close the connection at the end instead of giving it back to the pool.
+    discard: bool,
 }
+
+/// A `COPY ... TO STDOUT` stream.
+pub type CopyOut = OwnedStream<tokio_postgres::CopyOutStream>;
 
 /// Starts `sql` (a `COPY (...) TO STDOUT` statement built by the store) on a pooled
 /// connection. Errors the server reports before the first row (bad SQL, a missing table)
@@ -38,37 +46,65 @@ pub async fn copy_out(store: &Store, sql: &str) -> Result<CopyOut, StoreError> {
 
 /// [`copy_out`] on a given connection (one prepared with session settings).
 pub async fn copy_out_on(conn: Connection, sql: &str) -> Result<CopyOut, StoreError> {
-    let cancel = conn.cancel_token();
-    let stream = conn.copy_out(sql).await?;
-    Ok(CopyOut {
-        conn: Some(conn),
-        stream: Box::pin(stream),
-        cancel,
-        done: false,
-    })
+    match conn.copy_out(sql).await {
+        Ok(stream) => Ok(OwnedStream::new(conn, stream)),
+        Err(error) => {
+            // It may have been inside a transaction that the error aborted: do not reuse it.
+            drop(deadpool_postgres::Object::take(conn));
+            Err(error.into())
+        }
+    }
 }
 
-impl Stream for CopyOut {
-    type Item = Result<Bytes, StoreError>;
+impl<S> OwnedStream<S> {
+    /// Wraps a stream running on `conn`.
+    pub fn new(conn: Connection, stream: S) -> OwnedStream<S> {
+        OwnedStream {
+            cancel: conn.cancel_token(),
+            conn: Some(conn),
+            stream: Box::pin(stream),
+            done: false,
+            discard: false,
+        }
+    }
+
+    /// Closes the connection at the end rather than giving it back (it holds an open
+    /// transaction, or session state that must not leak to the next user).
+    pub fn discard_after(mut self) -> OwnedStream<S> {
+        self.discard = true;
+        self
+    }
+
+    fn release(&mut self, reuse: bool) {
+        if let Some(conn) = self.conn.take() {
+            if !reuse || self.discard {
+                drop(deadpool_postgres::Object::take(conn));
+            }
+        }
+    }
+}
+
+impl<S, T> Stream for OwnedStream<S>
+where
+    S: Stream<Item = Result<T, tokio_postgres::Error>>,
+{
+    type Item = Result<T, StoreError>;
 
     fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
         if self.done {
             return Poll::Ready(None);
         }
         match self.stream.as_mut().poll_next(cx) {
-            Poll::Ready(Some(Ok(chunk))) => Poll::Ready(Some(Ok(chunk))),
+            Poll::Ready(Some(Ok(item))) => Poll::Ready(Some(Ok(item))),
             Poll::Ready(Some(Err(error))) => {
                 self.done = true;
-                // The connection's state is unknown after an error mid-COPY: do not reuse it.
-                if let Some(conn) = self.conn.take() {
-                    drop(deadpool_postgres::Object::take(conn));
-                }
+                // The connection's state is unknown after an error mid-result: do not reuse it.
+                self.release(false);
                 Poll::Ready(Some(Err(error.into())))
             }
             Poll::Ready(None) => {
                 self.done = true;
-                // Complete: the connection goes back to the pool.
-                self.conn.take();
+                self.release(true);
                 Poll::Ready(None)
             }
             Poll::Pending => Poll::Pending,
@@ -76,7 +112,7 @@ impl Stream for CopyOut {
     }
 }
 
-impl Drop for CopyOut {
+impl<S> Drop for OwnedStream<S> {
     fn drop(&mut self) {
         if self.done {
             return;
@@ -85,12 +121,10 @@ impl Drop for CopyOut {
         if let Ok(runtime) = tokio::runtime::Handle::try_current() {
             runtime.spawn(async move {
                 if let Err(error) = cancel.cancel_query(tokio_postgres::NoTls).await {
-                    tracing::warn!(%error, "could not cancel an abandoned COPY");
+                    tracing::warn!(%error, "could not cancel an abandoned query");
                 }
             });
         }
-        if let Some(conn) = self.conn.take() {
-            drop(deadpool_postgres::Object::take(conn));
-        }
+        self.release(false);
     }
 }

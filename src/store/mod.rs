@@ -12,6 +12,7 @@ pub mod dump;
 pub mod load;
 pub mod resources;
 pub mod schema;
+pub mod sql_dump;
 
 use std::time::Duration;
 
@@ -85,6 +86,29 @@ impl Store {
     /// Closes the pool: idle connections are dropped, waiters get an error.
     pub fn close(&self) {
         self.pool.close();
+    }
+
+    /// The connection settings for another role on the same server and database (no
+    /// password: for trust or peer authentication on a local socket).
+    pub fn config_as(config: &tokio_postgres::Config, user: &str) -> tokio_postgres::Config {
+        let mut other = tokio_postgres::Config::new();
+        for host in config.get_hosts() {
+            match host {
+                tokio_postgres::config::Host::Tcp(name) => other.host(name),
+                tokio_postgres::config::Host::Unix(path) => other.host_path(path),
+            };
+        }
+        for port in config.get_ports() {
+            other.port(*port);
+        }
+        if let Some(dbname) = config.get_dbname() {
+            other.dbname(dbname);
+        }
+        if let Some(timeout) = config.get_connect_timeout() {
+            other.connect_timeout(*timeout);
+        }
+        other.user(user).application_name("fhirbox $dump-sql");
+        other
     }
 
     /// Pool occupancy, for tests that check a connection came back.

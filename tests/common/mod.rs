@@ -163,15 +163,7 @@ impl TestServer {
 
     /// A server on a given store (one that cannot reach its database, say).
     pub async fn start_with(store: Store, database: String) -> TestServer {
-        TestServer::start_with_policy(
-            store,
-            database,
-            SourcePolicy {
-                source_dir: Some(std::fs::canonicalize(fixtures_dir()).expect("fixtures dir")),
-                allow_private: true,
-            },
-        )
-        .await
+        TestServer::start_with_policy(store, database, test_policy(), default_sql_limits()).await
     }
 
     /// A fresh server whose `$load` sources follow `policy` (tests otherwise allow loopback
@@ -179,19 +171,37 @@ impl TestServer {
     pub async fn start_with_sources(policy: SourcePolicy) -> TestServer {
         let database = fresh_database().await;
         let store = Store::new(cluster().config(&database), 8).expect("pool");
-        TestServer::start_with_policy(store, database, policy).await
+        TestServer::start_with_policy(store, database, policy, default_sql_limits()).await
     }
 
-    async fn start_with_policy(store: Store, database: String, policy: SourcePolicy) -> TestServer {
+    /// A fresh server with other `$dump-sql` limits.
+    pub async fn start_with_sql_limits(limits: fhirbox::bulk::dump_sql::SqlLimits) -> TestServer {
+        let database = fresh_database().await;
+        let store = Store::new(cluster().config(&database), 8).expect("pool");
+        TestServer::start_with_policy(store, database, test_policy(), limits).await
+    }
+
+    async fn start_with_policy(
+        store: Store,
+        database: String,
+        policy: SourcePolicy,
+        sql_limits: fhirbox::bulk::dump_sql::SqlLimits,
+    ) -> TestServer {
         let root = RootPassword::from_password(ROOT_PASSWORD).expect("hash");
         let sources = fhirbox::bulk::source::Sources::new(policy).expect("sources");
+        let reader = Store::config_as(
+            &cluster().config(&database),
+            fhirbox::store::schema::SQL_READER_ROLE,
+        );
         let state = AppState {
             sources,
+            sql_reader: Store::new(reader, 4).expect("reader pool"),
             formats: Formats::new(store.clone()),
             store: store.clone(),
             auth: Arc::new(Authenticator::new(root)),
             settings: Arc::new(Settings {
                 max_body_bytes: 1024 * 1024,
+                sql_limits,
                 base_url: None,
             }),
         };
@@ -294,6 +304,23 @@ impl TestServer {
             .await
             .expect("count")
             .get(0)
+    }
+}
+
+/// Tests allow loopback sources and files under tests/fixtures/.
+fn test_policy() -> SourcePolicy {
+    SourcePolicy {
+        source_dir: Some(std::fs::canonicalize(fixtures_dir()).expect("fixtures dir")),
+        allow_private: true,
+    }
+}
+
+/// `$dump-sql` limits of test servers: the default (none).
+pub fn default_sql_limits() -> fhirbox::bulk::dump_sql::SqlLimits {
+    fhirbox::bulk::dump_sql::SqlLimits {
+        timeout: Duration::from_secs(600),
+        max_rows: None,
+        max_bytes: None,
     }
 }
 

@@ -1,0 +1,151 @@
+//! `POST /$dump-sql`: a SQL query's result, streamed. The body (JSON or YAML) holds `query`
+//! and optionally `params` (bound as `$1..$n`). Query parameters: `_format=ndjson` (or
+//! `json`) for NDJSON, TSV otherwise; `_header=true` for a TSV header row; `gzip=true`.
+
+use axum::body::Body;
+use axum::extract::{RawQuery, State};
+use axum::http::{header, HeaderValue, StatusCode};
+use axum::response::Response;
+use serde_json::Value;
+
+use super::body::{form_urlencoded_pairs, Document};
+use super::error::ApiError;
+use super::AppState;
+use crate::bulk::dump_sql::{dump_sql as start, SqlDumpError, SqlDumpRequest, SqlFormat};
+use crate::bulk::params::parse_bool;
+
+pub async fn dump_sql(
+    State(state): State<AppState>,
+    RawQuery(query_string): RawQuery,
+    Document(body): Document,
+) -> Result<Response, ApiError> {
+    let mut format = SqlFormat::Tsv;
+    let mut header = false;
+    let mut gzip = false;
+    for (name, value) in form_urlencoded_pairs(query_string.as_deref().unwrap_or_default()) {
+        let invalid = |what: &str| {
+            ApiError::bad_request(format!("invalid {name} '{value}': {what}"))
+                .with_expression(name.clone())
+        };
+        match name.as_str() {
+            "_format" => {
+                format = match value.as_str() {
+                    "json" | "ndjson" => SqlFormat::Ndjson,
+                    "tsv" => SqlFormat::Tsv,
+                    _ => return Err(invalid("expected ndjson, json or tsv")),
+                }
+            }
+            "_header" => {
+                header = parse_bool(&value).ok_or_else(|| invalid("expected true or false"))?
+            }
+            "gzip" => gzip = parse_bool(&value).ok_or_else(|| invalid("expected true or false"))?,
+            _ => {
+                return Err(ApiError::bad_request(format!(
+                    "unknown parameter '{name}' (supported: _format, _header, gzip)"
+                ))
+                .with_expression(name))
+            }
+        }
+    }
+    let request = parse_body(body, format, header)?;
+    let body = start(&state.sql_reader, request, &state.settings.sql_limits).await?;
+    let body = if gzip {
+        crate::bulk::gzip::gzip(body)
+    } else {
+        body
+    };
+    let mut response = Response::new(Body::from_stream(body));
+    *response.status_mut() = StatusCode::OK;
+    let content_type = match format {
+        SqlFormat::Tsv => "text/tab-separated-values",
+        SqlFormat::Ndjson => "application/ndjson",
+    };
+    let headers = response.headers_mut();
+    headers.insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
+    if gzip {
+        headers.insert(header::CONTENT_ENCODING, HeaderValue::from_static("gzip"));
+    }
+    Ok(response)
+}
+
+fn parse_body(body: Value, format: SqlFormat, header: bool) -> Result<SqlDumpRequest, ApiError> {
+    let Value::Object(body) = body else {
+        return Err(ApiError::bad_request(
+            "the body must be an object with a 'query'",
+        ));
+    };
+    let mut query = None;
+    let mut params = Vec::new();
+    for (name, value) in body {
+        match (name.as_str(), value) {
+            ("query", Value::String(text)) => query = Some(text),
+            ("query", _) => {
+                return Err(
+                    ApiError::bad_request("'query' must be a string").with_expression("query")
+                )
+            }
+            ("params", Value::Array(values)) => {
+                params = values
+                    .into_iter()
+                    .map(|value| match value {
+                        Value::Null => None,
+                        Value::String(text) => Some(text),
+                        other => Some(other.to_string()),
+                    })
+                    .collect()
+            }
+            ("params", _) => {
+                return Err(
+                    ApiError::bad_request("'params' must be a list").with_expression("params")
+                )
+            }
+            (other, _) => {
+                return Err(ApiError::bad_request(format!(
+                    "unknown field '{other}' (supported: query, params)"
+                ))
+                .with_expression(other.to_string()))
+            }
+        }
+    }
+    let query = query.ok_or_else(|| {
+        ApiError::bad_request("the body needs 'query': the SQL to run").with_expression("query")
+    })?;
+    Ok(SqlDumpRequest {
+        query,
+        params,
+        format,
+        header,
+    })
+}
+
+impl From<SqlDumpError> for ApiError {
+    fn from(error: SqlDumpError) -> ApiError {
+        match error {
+            SqlDumpError::Unavailable(message) => {
+                ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "not-supported", message)
+            }
+            SqlDumpError::Invalid(message) => ApiError::bad_request(message),
+            SqlDumpError::Query {
+                code,
+                message,
+                position,
+            } => {
+                let (status, issue) = match code.as_str() {
+                    // query_canceled: the statement timeout.
+                    "57014" => (StatusCode::REQUEST_TIMEOUT, "timeout"),
+                    "42501" => (StatusCode::FORBIDDEN, "forbidden"),
+                    _ => (StatusCode::BAD_REQUEST, "invalid"),
+                };
+                let at = position
+                    .map(|p| format!(" (at character {p} of the query)"))
+                    .unwrap_or_default();
+                ApiError::new(
+                    status,
+                    issue,
+                    format!("PostgreSQL: {message}{at} [SQLSTATE {code}]"),
+                )
+            }
+            SqlDumpError::Store(store) => store.into(),
+        }
+    }
+}
