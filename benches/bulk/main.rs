@@ -7,7 +7,7 @@
 //! bytes, beside raw PostgreSQL `COPY` of the same rows through `psql` in the same run. It
 //! samples the server's resident memory during each operation and prints one table.
 //!
-//! Operations: `dump` (default: all).
+//! Operations: `dump`, `dump-sql`, `load` (default: all).
 
 mod server;
 mod setup;
@@ -364,6 +364,38 @@ async fn main() {
             rows.push(Row {
                 operation: format!("GET /{largest}/{name}"),
                 rows: largest_rows,
+                measurement: m,
+                baseline_seconds: baseline,
+            });
+        }
+    }
+
+    if selected("dump-sql") {
+        let query = "select id, resource from patient";
+        let patients = counts.get("Patient").copied().unwrap_or_default();
+        let copy = best(|| async { psql_copy(&url, &format!("COPY ({query}) TO STDOUT")) }).await;
+        let baseline = copy.seconds;
+        rows.push(Row {
+            operation: format!("raw psql COPY ({query})"),
+            rows: patients,
+            measurement: copy,
+            baseline_seconds: baseline,
+        });
+        for (name, format) in [("TSV", ""), ("NDJSON", "?_format=ndjson")] {
+            let path = format!("{}/$dump-sql{format}", server.base);
+            let m = best(|| {
+                http(
+                    &server,
+                    &client,
+                    client
+                        .post(&path)
+                        .json(&serde_json::json!({"query": query})),
+                )
+            })
+            .await;
+            rows.push(Row {
+                operation: format!("POST /$dump-sql ({name})"),
+                rows: patients,
                 measurement: m,
                 baseline_seconds: baseline,
             });

@@ -107,6 +107,7 @@ fn routes() -> Router<AppState> {
         )
         .route("/$load", post(load::load_mixed))
         .route("/$dump-sql", post(dump_sql::dump_sql))
+        .route("/{type}/$dump-csv", get(dump::dump_csv))
         .layer(Extension(Api::Native));
     let fhir = resources()
         .route("/", post(transaction::post_bundle))

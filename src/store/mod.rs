@@ -9,6 +9,7 @@ pub mod attributes;
 pub mod copy;
 pub mod copy_out;
 pub mod dump;
+pub mod dump_csv;
 pub mod load;
 pub mod resources;
 pub mod schema;
