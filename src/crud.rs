@@ -9,6 +9,7 @@ use serde_json::{Map, Value};
 use crate::format::FormatError;
 use crate::resource::{body_for_storage, is_valid_id, new_id, StoredResource};
 use crate::resource_type::ResourceType;
+use crate::store::clients as resources_clients;
 use crate::store::resources::{self, Lookup};
 use crate::store::{Store, StoreError, Transaction};
 
@@ -68,6 +69,8 @@ pub struct Checked {
     pub id: Option<String>,
     /// The body to store.
     pub body: Map<String, Value>,
+    /// A Client's new secret, taken out of the body: only its hash is stored, elsewhere.
+    pub secret: Option<String>,
 }
 
 /// Checks a document written to `url_type` (and `url_id` for PUT): it must be an object, its
@@ -133,11 +136,51 @@ pub fn check(
     if let Some(id) = id.as_deref().or(url_id) {
         check_id(resource_type, id)?;
     }
+    let mut body = body_for_storage(doc);
+    let secret = match resource_type.name() {
+        "Client" => take_secret(&mut body)?,
+        _ => None,
+    };
+    if resource_type.name() == "AccessPolicy" {
+        crate::auth::policy::Policy::compile(&Value::Object(body.clone())).map_err(|error| {
+            CrudError::invalid_at(format!("AccessPolicy.{}", error.path), error.message)
+        })?;
+    }
     Ok(Checked {
         resource_type,
         id,
-        body: body_for_storage(doc),
+        body,
+        secret,
     })
+}
+
+/// A Client's `secret`, taken out of its body (a string, or absent).
+fn take_secret(body: &mut Map<String, Value>) -> Result<Option<String>, CrudError> {
+    match body.shift_remove("secret") {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::String(secret)) if !secret.is_empty() => Ok(Some(secret)),
+        Some(_) => Err(CrudError::invalid_at(
+            "Client.secret",
+            "secret must be a non-empty string",
+        )),
+    }
+}
+
+/// Stores the hash of a Client's new secret (a Client written without one keeps its old one,
+/// so reading a Client and writing it back does not lose its secret).
+async fn store_secret(
+    tx: &Transaction<'_>,
+    id: &str,
+    secret: Option<String>,
+) -> Result<(), CrudError> {
+    let Some(secret) = secret else {
+        return Ok(());
+    };
+    let hash = crate::auth::secret::hash_secret_blocking(secret)
+        .await
+        .map_err(|e| CrudError::invalid(e.to_string()))?;
+    resources_clients::set_secret(tx, id, &hash).await?;
+    Ok(())
 }
 
 /// Checks an id from a URL or a body.
@@ -162,7 +205,9 @@ pub async fn create_in(
         Some(id) if keep_id => id,
         _ => new_id(),
     };
-    Ok(resources::create(tx, checked.resource_type, &id, &checked.body).await?)
+    let created = resources::create(tx, checked.resource_type, &id, &checked.body).await?;
+    store_secret(tx, &id, checked.secret).await?;
+    Ok(created)
 }
 
 /// Creates or replaces the resource at `id`. Returns the version and whether it was created.
@@ -171,7 +216,9 @@ pub async fn update_in(
     checked: Checked,
     id: &str,
 ) -> Result<(StoredResource, bool), CrudError> {
-    Ok(resources::upsert(tx, checked.resource_type, id, &checked.body).await?)
+    let written = resources::upsert(tx, checked.resource_type, id, &checked.body).await?;
+    store_secret(tx, id, checked.secret).await?;
+    Ok(written)
 }
 
 /// What a delete did.
@@ -189,6 +236,9 @@ pub async fn delete_in(
     id: &str,
 ) -> Result<Deleted, CrudError> {
     if let Some(version) = resources::delete(tx, rt, id).await? {
+        if rt.name() == "Client" {
+            resources_clients::delete_secret(tx, id).await?;
+        }
         return Ok(Deleted::Now(version));
     }
     match resources::read(tx, rt, id).await? {

@@ -1,31 +1,46 @@
-//! Authentication: every request except `GET /health` carries HTTP basic credentials.
+//! Authentication and authorization: every request except `GET /health` carries HTTP basic
+//! credentials.
 //!
-//! The root admin is `root`. Its password comes from configuration or is generated on first
-//! start; either way only an argon2 hash is kept (on disk, mode 0600, for a generated one).
+//! - The root admin is `root`. Its password comes from configuration or is generated on first
+//!   start; either way only an argon2 hash is kept (on disk, mode 0600, for a generated one).
+//!   Root may do anything.
+//! - A Client authenticates as `id:secret` when `basic` is among its `grant_types`; its
+//!   secret's hash lives apart from the resource ([`crate::store::clients`]). What it may do
+//!   is decided by AccessPolicies ([`policy`]): nothing, unless one allows it.
+//!
 //! Verifying argon2 costs tens of milliseconds, so verified credentials are remembered in a
-//! bounded cache keyed by a keyed hash of the credentials (see [`cache`]).
+//! bounded cache keyed by a keyed hash of the credentials and the version of the Client (see
+//! [`cache`]): a changed Client is verified again.
 
 pub mod cache;
+pub mod policy;
 pub mod root;
+pub mod secret;
 
 use axum::http::{HeaderValue, StatusCode};
 use base64::Engine as _;
 
 use crate::http::error::ApiError;
+use crate::store::clients::{self, ClientRecord};
+use crate::store::{Store, StoreError};
 
 pub use root::RootPassword;
 
 /// Who a request comes from.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 pub enum Subject {
     /// The root admin: always allowed.
     Root,
+    /// A Client, allowed what its AccessPolicies allow.
+    Client(ClientRecord),
 }
 
 impl Subject {
-    pub fn name(&self) -> &str {
+    /// `root`, or `Client/<id>`.
+    pub fn name(&self) -> String {
         match self {
-            Subject::Root => "root",
+            Subject::Root => "root".to_string(),
+            Subject::Client(client) => format!("Client/{}", client.id),
         }
     }
 }
@@ -40,10 +55,15 @@ pub enum AuthError {
     Rejected,
     #[error("password hashing failed: {0}")]
     Hashing(String),
+    #[error(transparent)]
+    Store(#[from] StoreError),
 }
 
 impl From<AuthError> for ApiError {
     fn from(error: AuthError) -> ApiError {
+        if let AuthError::Store(store) = error {
+            return store.into();
+        }
         if let AuthError::Hashing(_) = error {
             tracing::error!(%error, "authentication failed internally");
             return ApiError::new(
@@ -89,6 +109,8 @@ impl BasicCredentials {
 pub struct Authenticator {
     root: RootPassword,
     verified: cache::VerifiedCache,
+    /// The AccessPolicies in force, compiled.
+    pub policies: policy::PolicyCache,
 }
 
 impl Authenticator {
@@ -96,14 +118,19 @@ impl Authenticator {
         Authenticator {
             root,
             verified: cache::VerifiedCache::new(),
+            policies: policy::PolicyCache::default(),
         }
     }
 
-    /// Checks the request's credentials.
-    pub async fn authenticate(&self, header: Option<&HeaderValue>) -> Result<Subject, AuthError> {
+    /// Checks the request's credentials: root's, or a Client's.
+    pub async fn authenticate(
+        &self,
+        header: Option<&HeaderValue>,
+        store: &Store,
+    ) -> Result<Subject, AuthError> {
         let credentials = BasicCredentials::from_header(header)?;
         if credentials.user != "root" {
-            return Err(AuthError::Rejected);
+            return self.authenticate_client(credentials, store).await;
         }
         // Root's hash never changes while the process runs: its cache entries stay valid.
         const ROOT_GENERATION: i64 = 0;
@@ -113,6 +140,34 @@ impl Authenticator {
         if self.root.verify(&credentials.password).await? {
             self.verified.insert(&credentials, ROOT_GENERATION);
             return Ok(Subject::Root);
+        }
+        Err(AuthError::Rejected)
+    }
+
+    async fn authenticate_client(
+        &self,
+        credentials: BasicCredentials,
+        store: &Store,
+    ) -> Result<Subject, AuthError> {
+        let conn = store.connection().await?;
+        let Some(client) = clients::find(&conn, &credentials.user).await? else {
+            return Err(AuthError::Rejected);
+        };
+        drop(conn);
+        let basic = client
+            .resource
+            .get("grant_types")
+            .and_then(|g| g.as_array())
+            .is_some_and(|grants| grants.iter().any(|g| g == "basic"));
+        let Some(hash) = client.hash.clone().filter(|_| basic) else {
+            return Err(AuthError::Rejected);
+        };
+        if self.verified.contains(&credentials, client.txid) {
+            return Ok(Subject::Client(client));
+        }
+        if secret::verify_secret(hash, credentials.password.clone()).await? {
+            self.verified.insert(&credentials, client.txid);
+            return Ok(Subject::Client(client));
         }
         Err(AuthError::Rejected)
     }

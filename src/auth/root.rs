@@ -4,10 +4,10 @@ use std::io::Write as _;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
-use argon2::password_hash::{PasswordHashString, SaltString};
-use argon2::{Argon2, PasswordHash, PasswordHasher, PasswordVerifier};
+use argon2::password_hash::PasswordHashString;
 use rand::distr::{Alphanumeric, SampleString};
 
+use super::secret::{hash_secret, verify_secret};
 use super::AuthError;
 
 /// The file, inside the data directory, holding the generated password's argon2 hash.
@@ -78,30 +78,8 @@ impl RootPassword {
 
     /// Verifies a password against the hash, on a blocking thread (argon2 is slow on purpose).
     pub async fn verify(&self, password: &str) -> Result<bool, AuthError> {
-        verify_secret(self.hash.clone(), password.to_string()).await
+        verify_secret(self.hash.as_str().to_string(), password.to_string()).await
     }
-}
-
-/// An argon2id hash (PHC string) of a secret with a fresh salt.
-pub fn hash_secret(secret: &str) -> Result<PasswordHashString, AuthError> {
-    let salt = SaltString::encode_b64(&rand::random::<[u8; 16]>())
-        .map_err(|e| AuthError::Hashing(e.to_string()))?;
-    Argon2::default()
-        .hash_password(secret.as_bytes(), &salt)
-        .map(|hash| hash.serialize())
-        .map_err(|e| AuthError::Hashing(e.to_string()))
-}
-
-/// Verifies a secret against a PHC hash on a blocking thread.
-pub async fn verify_secret(hash: PasswordHashString, secret: String) -> Result<bool, AuthError> {
-    tokio::task::spawn_blocking(move || {
-        let parsed: PasswordHash<'_> = hash.password_hash();
-        Argon2::default()
-            .verify_password(secret.as_bytes(), &parsed)
-            .is_ok()
-    })
-    .await
-    .map_err(|e| AuthError::Hashing(e.to_string()))
 }
 
 #[cfg(test)]

@@ -188,6 +188,18 @@ impl LineRules {
         &self,
         named: Option<Result<&[u8], &[u8]>>,
     ) -> Result<ResourceType, LineError> {
+        let rt = self.named_type(named)?;
+        if matches!(rt.name(), "Client" | "AccessPolicy") {
+            // A bulk load copies bodies as they are: a secret would be stored in clear, a
+            // policy without being checked.
+            return Err(error(format!(
+                "{rt} resources cannot be bulk loaded: write them with PUT"
+            )));
+        }
+        Ok(rt)
+    }
+
+    fn named_type(&self, named: Option<Result<&[u8], &[u8]>>) -> Result<ResourceType, LineError> {
         match (named, self.only_type) {
             (None, Some(rt)) => Ok(rt),
             (None, None) => Err(error("no resourceType")),
@@ -330,6 +342,10 @@ mod tests {
                 "unknown resourceType 'Nope'",
             ),
             (br#"{"resourceType": "Patient"}"#, "no id"),
+            (
+                br#"{"resourceType": "Client", "id": "c", "secret": "s"}"#,
+                "cannot be bulk loaded",
+            ),
             (
                 br#"{"resourceType": "Patient", "id": 5}"#,
                 "id must be a string",

@@ -4,13 +4,14 @@
 //! 1. [`normalize::normalize_path`]: the path is percent-decoded once and put in one canonical
 //!    form before routing, so `/Patient/%24dump` and `/Patient/$dump` are the same request for
 //!    the router and for access control, and `.`/`..` tricks are refused.
-//! 2. [`require_auth`]: credentials (all routes but `GET /health`).
+//! 2. [`access::require_auth`]: credentials and access policies (all routes but `GET /health`).
 //! 3. The router below, whose handlers are thin: they parse, call an operation module
 //!    (`crud`, `bundle`, ...), and answer.
 //!
 //! Routes under `/fhir` are the same handlers with [`Api::Fhir`] in the request extensions:
 //! they convert bodies between FHIR and native at the edges (see [`context::ApiContext`]).
 
+mod access;
 pub mod body;
 pub mod context;
 mod crud;
@@ -27,10 +28,8 @@ mod transaction;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use axum::extract::{Request, State};
-use axum::http::header;
-use axum::middleware::{self, Next};
-use axum::response::{IntoResponse, Response};
+use axum::extract::Request;
+use axum::middleware;
 use axum::routing::{get, post};
 use axum::{Extension, Router};
 
@@ -65,7 +64,10 @@ pub struct Settings {
 /// The application: router, auth and path normalization, ready to serve.
 pub fn app(state: AppState) -> Router {
     let router = routes()
-        .layer(middleware::from_fn_with_state(state.clone(), require_auth))
+        .layer(middleware::from_fn_with_state(
+            state.clone(),
+            access::require_auth,
+        ))
         .with_state(state);
     // A layer on a router runs after that router has routed; the outer router has no routes of
     // its own, so its layer runs first and the inner router routes the normalized path.
@@ -141,20 +143,4 @@ async fn method_not_allowed(request: Request) -> ApiError {
             request.uri().path()
         ),
     )
-}
-
-/// Authenticates every request but `GET /health`; puts the [`crate::auth::Subject`] into the
-/// request's extensions.
-async fn require_auth(State(state): State<AppState>, mut request: Request, next: Next) -> Response {
-    if request.uri().path() == "/health" {
-        return next.run(request).await;
-    }
-    let header = request.headers().get(header::AUTHORIZATION);
-    match state.auth.authenticate(header).await {
-        Ok(subject) => {
-            request.extensions_mut().insert(subject);
-            next.run(request).await
-        }
-        Err(error) => ApiError::from(error).into_response(),
-    }
 }

@@ -6,6 +6,7 @@
 //! version sequence `transaction_id_seq`.
 
 pub mod attributes;
+pub mod clients;
 pub mod copy;
 pub mod copy_out;
 pub mod dump;

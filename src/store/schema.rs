@@ -13,11 +13,21 @@ use super::{Connection, StoreError};
 const MIGRATION_LOCK_KEY: i64 = 0x6668_6972_626f_7801;
 
 /// Versioned steps: (version, description, SQL). Append only; never edit a released step.
-const MIGRATIONS: &[(i32, &str, &str)] = &[(
-    1,
-    "global version sequence",
-    "CREATE SEQUENCE IF NOT EXISTS transaction_id_seq",
-)];
+const MIGRATIONS: &[(i32, &str, &str)] = &[
+    (
+        1,
+        "global version sequence",
+        "CREATE SEQUENCE IF NOT EXISTS transaction_id_seq",
+    ),
+    (
+        2,
+        "client secret hashes, apart from the Client resources",
+        "CREATE TABLE IF NOT EXISTS fhirbox_client_secret (
+             id   text PRIMARY KEY,
+             hash text NOT NULL
+         )",
+    ),
+];
 
 /// The highest migration version this build knows.
 pub fn latest_version() -> i32 {
@@ -131,7 +141,7 @@ async fn grant_sql_reader(tx: &deadpool_postgres::Transaction<'_>) -> Result<(),
         ));
     }
     grants.push_str(&format!(
-        "REVOKE ALL ON fhirbox_migrations FROM {SQL_READER_ROLE};\n"
+        "REVOKE ALL ON fhirbox_migrations, fhirbox_client_secret FROM {SQL_READER_ROLE};\n"
     ));
     tx.batch_execute(&grants).await?;
     Ok(())

@@ -1,0 +1,179 @@
+//! Authentication and access control of every request (but `GET /health`), after routing:
+//! root passes; a Client passes if an AccessPolicy allows the request; anything else is 401
+//! (no or bad credentials, with `WWW-Authenticate: Basic`) or 403 (saying which subject was
+//! denied which method and path, and nothing else).
+//!
+//! The request object the policies see, as the reference product defines it:
+//! `request-method` (lower case), `uri` (the normalized path, no query string),
+//! `query-string`, `params` (the query parameters, plus the route's `resource/type` and
+//! `resource/id`), `headers` (lower-case names; `authorization` left out: a policy has no
+//! business with credentials), `body` (parsed, when a policy looks at it and the body is
+//! JSON or YAML and not too large), `client` (the Client, never with a secret), `user` (null),
+//! `remote-addr`, `scheme`.
+
+use std::net::SocketAddr;
+
+use axum::body::Body;
+use axum::extract::{ConnectInfo, FromRequestParts, RawPathParams, Request, State};
+use axum::http::{header, request::Parts, StatusCode};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use http_body_util::BodyExt;
+use serde_json::{json, Map, Value};
+
+use super::body::{form_urlencoded_pairs, parse, Syntax};
+use super::error::ApiError;
+use super::AppState;
+use crate::auth::Subject;
+
+/// Bodies larger than this are not read for policies (they see `body: null`).
+const POLICY_BODY_LIMIT: usize = 1024 * 1024;
+
+/// The middleware.
+pub async fn require_auth(State(state): State<AppState>, request: Request, next: Next) -> Response {
+    if request.uri().path() == "/health" {
+        return next.run(request).await;
+    }
+    let header = request.headers().get(header::AUTHORIZATION);
+    let subject = match state.auth.authenticate(header, &state.store).await {
+        Ok(subject) => subject,
+        Err(error) => return ApiError::from(error).into_response(),
+    };
+    let request = match &subject {
+        Subject::Root => request,
+        Subject::Client(client) => {
+            let policies = match state.auth.policies.current(&state.store).await {
+                Ok(policies) => policies,
+                Err(error) => return ApiError::from(error).into_response(),
+            };
+            let (request, object) =
+                match request_object(request, client, policies.uses_body()).await {
+                    Ok(pair) => pair,
+                    Err(response) => return response,
+                };
+            if !policies.allows(client, &object, &state.store).await {
+                return ApiError::new(
+                    StatusCode::FORBIDDEN,
+                    "forbidden",
+                    format!(
+                        "{} is not allowed to {} {}",
+                        subject.name(),
+                        request.method(),
+                        request.uri().path()
+                    ),
+                )
+                .into_response();
+            }
+            request
+        }
+    };
+    let mut request = request;
+    request.extensions_mut().insert(subject);
+    next.run(request).await
+}
+
+/// Builds the request object (reading the body when asked) and gives the request back.
+async fn request_object(
+    request: Request,
+    client: &crate::store::clients::ClientRecord,
+    with_body: bool,
+) -> Result<(Request, Value), Response> {
+    let (mut parts, body) = request.into_parts();
+    let (body, parsed) = if with_body {
+        read_body(&parts, body).await?
+    } else {
+        (body, Value::Null)
+    };
+    let object = build(&mut parts, client, parsed).await;
+    Ok((Request::from_parts(parts, body), object))
+}
+
+/// Reads a small JSON/YAML body for the policies, and a copy of it for the handler.
+async fn read_body(parts: &Parts, body: Body) -> Result<(Body, Value), Response> {
+    let length = parts
+        .headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<usize>().ok());
+    let syntax = match parts
+        .headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+    {
+        Some(t) if t.contains("json") => Some(Syntax::Json),
+        Some(t) if t.contains("yaml") => Some(Syntax::Yaml),
+        _ => None,
+    };
+    let (Some(length), Some(syntax)) = (length, syntax) else {
+        return Ok((body, Value::Null));
+    };
+    if length > POLICY_BODY_LIMIT {
+        return Ok((body, Value::Null));
+    }
+    let bytes = match http_body_util::Limited::new(body, POLICY_BODY_LIMIT)
+        .collect()
+        .await
+    {
+        Ok(collected) => collected.to_bytes(),
+        Err(_) => {
+            return Err(ApiError::bad_request("could not read the request body").into_response())
+        }
+    };
+    let parsed = parse(&bytes, syntax).unwrap_or(Value::Null);
+    Ok((Body::from(bytes), parsed))
+}
+
+async fn build(
+    parts: &mut Parts,
+    client: &crate::store::clients::ClientRecord,
+    body: Value,
+) -> Value {
+    let query = parts.uri.query().unwrap_or_default().to_string();
+    let mut params: Map<String, Value> = form_urlencoded_pairs(&query)
+        .into_iter()
+        .map(|(k, v)| (k, Value::String(v)))
+        .collect();
+    if let Ok(route) = RawPathParams::from_request_parts(parts, &()).await {
+        for (name, value) in route.iter() {
+            let key = match name {
+                "type" => "resource/type".to_string(),
+                "id" => "resource/id".to_string(),
+                other => other.to_string(),
+            };
+            params.insert(key, Value::String(value.to_string()));
+        }
+    }
+    let headers: Map<String, Value> = parts
+        .headers
+        .iter()
+        .filter(|(name, _)| *name != header::AUTHORIZATION)
+        .filter_map(|(name, value)| {
+            Some((
+                name.as_str().to_string(),
+                Value::String(value.to_str().ok()?.to_string()),
+            ))
+        })
+        .collect();
+    let remote = parts
+        .extensions
+        .get::<ConnectInfo<SocketAddr>>()
+        .map(|ConnectInfo(addr)| addr.ip().to_string());
+    let mut client_doc = client.resource.clone();
+    if let Value::Object(doc) = &mut client_doc {
+        doc.insert("id".into(), Value::String(client.id.clone()));
+        doc.insert("resourceType".into(), Value::String("Client".into()));
+        doc.remove("secret");
+    }
+    json!({
+        "request-method": parts.method.as_str().to_ascii_lowercase(),
+        "scheme": "http",
+        "uri": parts.uri.path(),
+        "query-string": query,
+        "params": params,
+        "headers": headers,
+        "body": body,
+        "client": client_doc,
+        "user": null,
+        "remote-addr": remote,
+    })
+}
