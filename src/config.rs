@@ -82,6 +82,15 @@ pub struct ServeArgs {
     #[arg(long, env = "FHIRBOX_SQL_MAX_BYTES")]
     pub sql_max_bytes: Option<u64>,
 
+    /// `$import` inputs this process loads at once.
+    #[arg(long, env = "FHIRBOX_IMPORT_WORKERS", default_value_t = 2)]
+    pub import_workers: usize,
+
+    /// Seconds an `$import` worker's claim on an input lasts without renewal: after a crash,
+    /// how long until another worker (here or in another process) takes the input over.
+    #[arg(long, env = "FHIRBOX_IMPORT_LEASE", default_value_t = 30)]
+    pub import_lease: u64,
+
     /// Public base URL used in links (`next` pages, `Location` headers); by default built from
     /// the request's `Host` header.
     #[arg(long, env = "FHIRBOX_BASE_URL")]

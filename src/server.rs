@@ -17,6 +17,7 @@ use tokio::net::TcpListener;
 use crate::auth::root::Origin;
 use crate::auth::{AuthError, Authenticator, RootPassword};
 use crate::bulk::dump_sql::SqlLimits;
+use crate::bulk::import::{ImportSettings, Imports};
 use crate::bulk::source::{SourcePolicy, Sources};
 use crate::cluster::{ClusterError, ManagedCluster, StartOutcome};
 use crate::config::ServeArgs;
@@ -140,8 +141,20 @@ async fn serve_with_database(
         dir: String::new(),
         reason: e.to_string(),
     })?;
+    let formats = Formats::new(store.clone());
+    let imports = Imports::new(
+        store.clone(),
+        sources.clone(),
+        formats.clone(),
+        ImportSettings {
+            workers: args.import_workers,
+            lease: Duration::from_secs(args.import_lease.max(1)),
+        },
+    );
+    imports.spawn_workers();
     let state = AppState {
-        formats: Formats::new(store.clone()),
+        formats,
+        imports: imports.clone(),
         sources,
         sql_reader,
         store: store.clone(),
@@ -179,6 +192,7 @@ async fn serve_with_database(
         Ok(Err(join)) => return Err(ServeError::Serve(std::io::Error::other(join))),
         Err(_) => tracing::warn!("requests still running after {DRAIN_TIMEOUT:?}; closing them"),
     }
+    imports.release_claims().await;
     store.close();
     Ok(())
 }

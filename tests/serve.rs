@@ -4,119 +4,16 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader};
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
-use std::sync::mpsc::{Receiver, RecvTimeoutError};
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+use common::process::ServerProcess;
 
 use fhirbox::cluster::ManagedCluster;
 use nix::sys::signal::Signal;
 use reqwest::StatusCode;
 use serde_json::json;
-
-/// A `fhirbox serve` child process and the lines it printed.
-struct Serve {
-    child: Child,
-    lines: Receiver<String>,
-    printed: Vec<String>,
-    base: String,
-}
-
-impl Serve {
-    fn start(args: &[&str]) -> Serve {
-        let mut command = Command::new(env!("CARGO_BIN_EXE_fhirbox"));
-        command
-            .arg("serve")
-            .args(["--listen", "127.0.0.1:0"])
-            .args(args)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit());
-        for var in [
-            "FHIRBOX_ADMIN_PASSWORD",
-            "DATABASE_URL",
-            "FHIRBOX_DATA_DIR",
-            "FHIRBOX_LISTEN",
-        ] {
-            command.env_remove(var);
-        }
-        let mut child = command.spawn().expect("start fhirbox");
-        let stdout = child.stdout.take().expect("stdout");
-        let (sender, lines) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                if sender.send(line).is_err() {
-                    break;
-                }
-            }
-        });
-        let mut serve = Serve {
-            child,
-            lines,
-            printed: Vec::new(),
-            base: String::new(),
-        };
-        let deadline = Instant::now() + Duration::from_secs(120);
-        while serve.base.is_empty() {
-            let wait = deadline.saturating_duration_since(Instant::now());
-            match serve.lines.recv_timeout(wait) {
-                Ok(line) => {
-                    if let Some(url) = line.strip_prefix("fhirbox listening on ") {
-                        serve.base = url.to_string();
-                    }
-                    serve.printed.push(line);
-                }
-                Err(RecvTimeoutError::Timeout) => {
-                    panic!("fhirbox did not start: {:?}", serve.printed)
-                }
-                Err(RecvTimeoutError::Disconnected) => {
-                    panic!(
-                        "fhirbox exited during start-up: {:?} {:?}",
-                        serve.printed,
-                        serve.child.wait()
-                    )
-                }
-            }
-        }
-        serve
-    }
-
-    /// The generated root password, if this start printed one.
-    fn generated_password(&self) -> Option<String> {
-        let announced = self
-            .printed
-            .iter()
-            .position(|l| l.starts_with("Generated a password"))?;
-        self.printed[announced + 1..]
-            .iter()
-            .find(|l| l.starts_with("    "))
-            .map(|l| l.trim().to_string())
-    }
-
-    fn signal(&mut self, signal: Signal) -> std::process::ExitStatus {
-        let pid = nix::unistd::Pid::from_raw(self.child.id() as i32);
-        nix::sys::signal::kill(pid, signal).expect("signal");
-        let deadline = Instant::now() + Duration::from_secs(60);
-        loop {
-            if let Some(status) = self.child.try_wait().expect("wait") {
-                return status;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "fhirbox did not exit after {signal}"
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    }
-}
-
-impl Drop for Serve {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
 
 async fn get_patient(base: &str, password: &str) -> (StatusCode, serde_json::Value) {
     let response = common::http_client()
@@ -151,7 +48,7 @@ async fn managed_cluster_starts_stops_restarts_and_recovers_from_sigkill() {
     let data_arg = data.to_str().expect("utf-8 path");
 
     // First start: creates the cluster and a root password, printed once.
-    let mut first = Serve::start(&["--data-dir", data_arg]);
+    let mut first = ServerProcess::start(&["--data-dir", data_arg]);
     let password = first
         .generated_password()
         .expect("a generated password is printed");
@@ -180,7 +77,7 @@ async fn managed_cluster_starts_stops_restarts_and_recovers_from_sigkill() {
     );
 
     // Second start: the same cluster and password, no new password printed.
-    let mut second = Serve::start(&["--data-dir", data_arg]);
+    let mut second = ServerProcess::start(&["--data-dir", data_arg]);
     assert_eq!(second.generated_password(), None);
     let (status, patient) = get_patient(&second.base, &password).await;
     assert_eq!((status, &patient["id"]), (StatusCode::OK, &json!("kept")));
@@ -191,7 +88,7 @@ async fn managed_cluster_starts_stops_restarts_and_recovers_from_sigkill() {
         cluster_running(&data),
         "PostgreSQL outlives a killed fhirbox"
     );
-    let mut third = Serve::start(&["--data-dir", data_arg]);
+    let mut third = ServerProcess::start(&["--data-dir", data_arg]);
     let (status, _) = get_patient(&third.base, &password).await;
     assert_eq!(status, StatusCode::OK, "no data lost, no manual clean-up");
     let status = third.signal(Signal::SIGTERM);
@@ -199,7 +96,7 @@ async fn managed_cluster_starts_stops_restarts_and_recovers_from_sigkill() {
     assert!(!cluster_running(&data));
 
     // PostgreSQL itself killed (stale postmaster.pid): the next start recovers.
-    let mut fourth = Serve::start(&["--data-dir", data_arg]);
+    let mut fourth = ServerProcess::start(&["--data-dir", data_arg]);
     fourth.signal(Signal::SIGKILL);
     let pid_file = std::fs::read_to_string(data.join("postgres/postmaster.pid")).expect("pid file");
     let postmaster: i32 = pid_file
@@ -214,7 +111,7 @@ async fn managed_cluster_starts_stops_restarts_and_recovers_from_sigkill() {
         data.join("postgres/postmaster.pid").exists(),
         "a stale pid file is left behind"
     );
-    let mut fifth = Serve::start(&["--data-dir", data_arg]);
+    let mut fifth = ServerProcess::start(&["--data-dir", data_arg]);
     let (status, _) = get_patient(&fifth.base, &password).await;
     assert_eq!(status, StatusCode::OK);
     assert!(fifth.signal(Signal::SIGTERM).success());
@@ -226,7 +123,7 @@ async fn with_a_database_url_nothing_is_managed() {
     let url = common::cluster().url(&database);
     let dir = data_dir();
     let data = dir.path().join("data");
-    let mut serve = Serve::start(&[
+    let mut serve = ServerProcess::start(&[
         "--data-dir",
         data.to_str().expect("utf-8"),
         "--database-url",

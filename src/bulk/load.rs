@@ -21,8 +21,11 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::hash::BuildHasher;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 
 use bytes::Bytes;
+use futures_util::future::BoxFuture;
 use futures_util::StreamExt;
 
 use super::lines::{LineBatch, LineReader, LinesError};
@@ -57,6 +60,8 @@ pub enum LoadError {
     Conflict(String),
     #[error("PostgreSQL refused the data: {0}")]
     Rejected(String),
+    #[error("the load was abandoned (its job was cancelled or taken over)")]
+    Abandoned,
     #[error(transparent)]
     Store(StoreError),
 }
@@ -105,17 +110,40 @@ pub async fn load(
     sources: &Sources,
     request: LoadRequest,
 ) -> Result<LoadCounts, LoadError> {
-    load_with_progress(store, sources, request, |_| {}).await
+    load_tracked(store, sources, request, Arc::default(), None).await
 }
 
-/// [`load`], calling `progress` with the rows read so far after each batch.
-pub async fn load_with_progress(
+/// How far a load got: rows written so far, bytes read from the source so far.
+#[derive(Debug, Default)]
+pub struct Progress {
+    pub rows: AtomicU64,
+    pub bytes: AtomicU64,
+}
+
+/// Runs in the load's transaction just before it commits, with the load's counts; `Ok(false)`
+/// rolls the load back instead (the `$import` worker lost its claim on the input).
+pub type BeforeCommit = Box<
+    dyn for<'c> FnOnce(&'c Connection, &'c LoadCounts) -> BoxFuture<'c, Result<bool, StoreError>>
+        + Send,
+>;
+
+/// [`load`], counting into `progress` as it goes, and running `before_commit` last.
+pub async fn load_tracked(
     store: &Store,
     sources: &Sources,
     request: LoadRequest,
-    mut progress: impl FnMut(u64),
+    progress: Arc<Progress>,
+    before_commit: Option<BeforeCommit>,
 ) -> Result<LoadCounts, LoadError> {
-    let source = sources.open(&request.source).await?;
+    let counted = progress.clone();
+    let source = sources.open(&request.source).await?.inspect(move |chunk| {
+        if let Ok(bytes) = chunk {
+            counted
+                .bytes
+                .fetch_add(bytes.len() as u64, Ordering::Relaxed);
+        }
+    });
+    let source: super::source::SourceStream = Box::pin(source);
     let reader = LineReader::new(source, BATCH_BYTES).await?;
     let mut writer = Writer::begin(store.clone(), request.keep_history).await?;
     let workers = std::thread::available_parallelism().map_or(2, |n| n.get());
@@ -152,14 +180,13 @@ pub async fn load_with_progress(
             }
         }
     });
-    let mut rows = 0;
     while let Some(batch) = receiver.recv().await {
         let batch = batch?;
-        rows += batch.len() as u64;
+        let rows = batch.len() as u64;
         writer.add(batch).await?;
-        progress(rows);
+        progress.rows.fetch_add(rows, Ordering::Relaxed);
     }
-    writer.finish().await
+    writer.finish(before_commit).await
 }
 
 fn prepare_batch(batch: &LineBatch, rules: &LineRules) -> Result<Vec<(u64, Prepared)>, LoadError> {
@@ -332,7 +359,10 @@ impl Writer {
     }
 
     /// Sends what is left, applies the staged rows and commits.
-    async fn finish(mut self) -> Result<LoadCounts, LoadError> {
+    async fn finish(
+        mut self,
+        before_commit: Option<BeforeCommit>,
+    ) -> Result<LoadCounts, LoadError> {
         self.flush().await?;
         let staged: Vec<ResourceType> = self
             .buffers
@@ -342,6 +372,12 @@ impl Writer {
             .collect();
         for rt in staged {
             sql::apply_stage(self.conn(), rt, self.keep_history).await?;
+        }
+        if let Some(check) = before_commit {
+            if !check(self.conn(), &self.counts).await? {
+                // Dropping the writer discards the connection: the load rolls back.
+                return Err(LoadError::Abandoned);
+            }
         }
         self.conn()
             .batch_execute("COMMIT")

@@ -5,6 +5,7 @@ pub mod dump;
 pub mod dump_csv;
 pub mod dump_sql;
 pub mod gzip;
+pub mod import;
 pub mod lines;
 pub mod load;
 pub mod native_line;

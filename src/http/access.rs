@@ -1,5 +1,6 @@
 //! Authentication and access control of every request (but `GET /health`), after routing:
-//! root passes; a Client passes if an AccessPolicy allows the request; anything else is 401
+//! root passes; a Client passes if an AccessPolicy allows the request (or if it asks for the
+//! status of an import it started); anything else is 401
 //! (no or bad credentials, with `WWW-Authenticate: Basic`) or 403 (saying which subject was
 //! denied which method and path, and nothing else).
 //!
@@ -51,7 +52,12 @@ pub async fn require_auth(State(state): State<AppState>, request: Request, next:
                     Ok(pair) => pair,
                     Err(response) => return response,
                 };
-            if !policies.allows(client, &object, &state.store).await {
+            let (method, path) = (request.method().clone(), request.uri().path().to_string());
+            let owner = match owns_import_status(&state, &method, &path, &subject).await {
+                Ok(owner) => owner,
+                Err(response) => return response,
+            };
+            if !owner && !policies.allows(client, &object, &state.store).await {
                 return ApiError::new(
                     StatusCode::FORBIDDEN,
                     "forbidden",
@@ -70,6 +76,29 @@ pub async fn require_auth(State(state): State<AppState>, request: Request, next:
     let mut request = request;
     request.extensions_mut().insert(subject);
     next.run(request).await
+}
+
+/// The subject that started an import may read and cancel its status without a policy for it
+/// (`GET`/`DELETE /BulkImportStatus/<id>`); nobody else may, unless a policy allows it.
+async fn owns_import_status(
+    state: &AppState,
+    method: &axum::http::Method,
+    path: &str,
+    subject: &Subject,
+) -> Result<bool, Response> {
+    if method != axum::http::Method::GET && method != axum::http::Method::DELETE {
+        return Ok(false);
+    }
+    let Some(id) = path.strip_prefix("/BulkImportStatus/") else {
+        return Ok(false);
+    };
+    if id.is_empty() || id.contains('/') {
+        return Ok(false);
+    }
+    match state.imports.subject(id).await {
+        Ok(owner) => Ok(owner.as_deref() == Some(subject.name().as_str())),
+        Err(error) => Err(ApiError::from(error).into_response()),
+    }
 }
 
 /// Builds the request object (reading the body when asked) and gives the request back.

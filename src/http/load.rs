@@ -167,7 +167,7 @@ impl From<LoadError> for ApiError {
             | LoadError::Rejected(_) => {
                 ApiError::bad_request(format!("the load failed, nothing was written: {message}"))
             }
-            LoadError::Conflict(_) => ApiError::new(
+            LoadError::Conflict(_) | LoadError::Abandoned => ApiError::new(
                 StatusCode::CONFLICT,
                 "conflict",
                 format!("{message}; nothing was written, try again"),

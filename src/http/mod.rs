@@ -19,6 +19,7 @@ mod dump;
 mod dump_sql;
 pub mod error;
 mod health;
+mod import;
 mod load;
 mod metadata;
 pub mod normalize;
@@ -49,6 +50,8 @@ pub struct AppState {
     pub sources: Sources,
     /// Connections as the SQL reader role, for `$dump-sql` only.
     pub sql_reader: Store,
+    /// `$import` jobs and this process's workers.
+    pub imports: crate::bulk::import::Imports,
     pub settings: Arc<Settings>,
 }
 
@@ -109,10 +112,16 @@ fn routes() -> Router<AppState> {
         )
         .route("/$load", post(load::load_mixed))
         .route("/$dump-sql", post(dump_sql::dump_sql))
+        .route("/$import", post(import::start))
+        .route(
+            "/BulkImportStatus/{id}",
+            get(import::status).delete(import::cancel),
+        )
         .route("/{type}/$dump-csv", get(dump::dump_csv))
         .layer(Extension(Api::Native));
     let fhir = resources()
         .route("/", post(transaction::post_bundle))
+        .route("/$import", post(import::start))
         .route("/$load", post(load::load_mixed))
         .route("/metadata", get(metadata::capability_statement))
         .layer(Extension(Api::Fhir));

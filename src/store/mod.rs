@@ -11,6 +11,7 @@ pub mod copy;
 pub mod copy_out;
 pub mod dump;
 pub mod dump_csv;
+pub mod import;
 pub mod load;
 pub mod resources;
 pub mod schema;

@@ -237,3 +237,22 @@ pub async fn page(
     let rows = client.query(&statement, &[&after, &limit]).await?;
     Ok(rows.iter().map(|row| from_row(rt, row)).collect())
 }
+
+/// Creates or replaces a resource without keeping the replaced version: for server-managed
+/// documents rewritten often (an import's status while it runs), where history would be noise.
+pub async fn replace_in_place(
+    client: &impl GenericClient,
+    rt: ResourceType,
+    id: &str,
+    body: &Value,
+) -> Result<(), StoreError> {
+    let sql = format!(
+        "INSERT INTO {} (id, resource_type, status, resource) VALUES ($1, $2, 'created', $3)
+         ON CONFLICT (id) DO UPDATE
+            SET txid = nextval('transaction_id_seq'), ts = now(), status = 'updated', resource = excluded.resource",
+        rt.table()
+    );
+    let statement = client.prepare_cached(&sql).await?;
+    client.execute(&statement, &[&id, &rt.name(), body]).await?;
+    Ok(())
+}

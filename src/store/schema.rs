@@ -27,6 +27,37 @@ const MIGRATIONS: &[(i32, &str, &str)] = &[
              hash text NOT NULL
          )",
     ),
+    (
+        3,
+        "import jobs and their inputs, claimed by workers",
+        "CREATE TABLE IF NOT EXISTS fhirbox_import_job (
+             id         text PRIMARY KEY,
+             subject    text NOT NULL,
+             fhir       boolean NOT NULL,
+             keep_history boolean NOT NULL,
+             cancelled  boolean NOT NULL DEFAULT false,
+             created_at timestamptz NOT NULL DEFAULT now(),
+             document   jsonb NOT NULL
+         );
+         CREATE TABLE IF NOT EXISTS fhirbox_import_input (
+             job_id        text NOT NULL REFERENCES fhirbox_import_job (id) ON DELETE CASCADE,
+             position      integer NOT NULL,
+             resource_type text NOT NULL,
+             url           text NOT NULL,
+             status        text NOT NULL DEFAULT 'waiting',
+             worker        text,
+             lease_until   timestamptz,
+             attempts      integer NOT NULL DEFAULT 0,
+             total         bigint,
+             bytes         bigint,
+             started_at    timestamptz,
+             finished_at   timestamptz,
+             error         text,
+             PRIMARY KEY (job_id, position)
+         );
+         CREATE INDEX IF NOT EXISTS fhirbox_import_input_claimable
+             ON fhirbox_import_input (status, lease_until)",
+    ),
 ];
 
 /// The highest migration version this build knows.
@@ -141,7 +172,7 @@ async fn grant_sql_reader(tx: &deadpool_postgres::Transaction<'_>) -> Result<(),
         ));
     }
     grants.push_str(&format!(
-        "REVOKE ALL ON fhirbox_migrations, fhirbox_client_secret FROM {SQL_READER_ROLE};\n"
+        "REVOKE ALL ON fhirbox_migrations, fhirbox_client_secret, fhirbox_import_job, fhirbox_import_input FROM {SQL_READER_ROLE};\n"
     ));
     tx.batch_execute(&grants).await?;
     Ok(())

@@ -4,6 +4,7 @@
 #![allow(dead_code)] // each test binary uses its own subset of these helpers
 
 pub mod fixtures;
+pub mod process;
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
@@ -193,10 +194,22 @@ impl TestServer {
             &cluster().config(&database),
             fhirbox::store::schema::SQL_READER_ROLE,
         );
+        let formats = Formats::new(store.clone());
+        let imports = fhirbox::bulk::import::Imports::new(
+            store.clone(),
+            sources.clone(),
+            formats.clone(),
+            fhirbox::bulk::import::ImportSettings {
+                workers: 2,
+                lease: Duration::from_secs(5),
+            },
+        );
+        imports.spawn_workers();
         let state = AppState {
+            imports,
             sources,
             sql_reader: Store::new(reader, 4).expect("reader pool"),
-            formats: Formats::new(store.clone()),
+            formats,
             store: store.clone(),
             auth: Arc::new(Authenticator::new(root)),
             settings: Arc::new(Settings {

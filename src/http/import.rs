@@ -1,0 +1,177 @@
+//! `POST /$import` and `POST /fhir/$import` (the reference product's body: `id`, `inputFormat`,
+//! `contentEncoding`, `mode`, `update`, `inputs: [{resourceType, url}]`): 202 Accepted with
+//! `Content-Location: /BulkImportStatus/<id>` and the status. `GET /BulkImportStatus/<id>` reads
+//! the status; `DELETE` cancels the job.
+
+use axum::extract::{Path, State};
+use axum::http::{header, HeaderValue, StatusCode};
+use axum::response::Response;
+use axum::Extension;
+use serde_json::{Map, Value};
+
+use super::body::{reply, Document, Negotiated};
+use super::context::ApiContext;
+use super::error::ApiError;
+use super::AppState;
+use crate::auth::Subject;
+use crate::bulk::import::{ImportError, ImportRequest};
+use crate::crud;
+use crate::format::Api;
+use crate::resource_type::ResourceType;
+
+pub async fn start(
+    State(state): State<AppState>,
+    Extension(api): Extension<Api>,
+    Extension(subject): Extension<Subject>,
+    negotiated: Negotiated,
+    Document(body): Document,
+) -> Result<Response, ApiError> {
+    let request = parse(body, api == Api::Fhir)?;
+    let (id, status) = state.imports.start(request, &subject.name()).await?;
+    let mut response = reply(
+        negotiated,
+        Api::Native,
+        StatusCode::ACCEPTED,
+        &status_with_id(status, &id),
+    );
+    if let Ok(location) = HeaderValue::from_str(&format!("/BulkImportStatus/{id}")) {
+        response
+            .headers_mut()
+            .insert(header::CONTENT_LOCATION, location);
+    }
+    Ok(response)
+}
+
+/// The stored status is the resource; answer it in its native form.
+pub async fn status(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+    ctx: ApiContext,
+) -> Result<Response, ApiError> {
+    let rt = status_type();
+    let found = crud::read(&state.store, rt, &id).await?;
+    Ok(ctx.resource_reply(StatusCode::OK, &found))
+}
+
+pub async fn cancel(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+    negotiated: Negotiated,
+) -> Result<Response, ApiError> {
+    match state.imports.cancel(&id).await? {
+        Some(status) => Ok(reply(
+            negotiated,
+            Api::Native,
+            StatusCode::OK,
+            &status_with_id(status, &id),
+        )),
+        None => Err(ApiError::not_found(format!(
+            "BulkImportStatus/{id} not found"
+        ))),
+    }
+}
+
+fn status_type() -> ResourceType {
+    ResourceType::parse("BulkImportStatus").expect("a fhirbox type")
+}
+
+fn status_with_id(status: Value, id: &str) -> Value {
+    let mut document = Map::new();
+    document.insert("resourceType".into(), "BulkImportStatus".into());
+    document.insert("id".into(), id.into());
+    if let Value::Object(rest) = status {
+        document.extend(rest);
+    }
+    Value::Object(document)
+}
+
+/// Checks the body: what the reference product takes, and nothing else.
+fn parse(body: Value, fhir: bool) -> Result<ImportRequest, ApiError> {
+    let Value::Object(body) = body else {
+        return Err(ApiError::bad_request(
+            "the $import body must be an object with inputs",
+        ));
+    };
+    let invalid =
+        |field: &str, message: String| ApiError::bad_request(message).with_expression(field);
+    let mut request = ImportRequest {
+        id: None,
+        fhir,
+        keep_history: false,
+        inputs: Vec::new(),
+        echo: Map::new(),
+    };
+    for (name, value) in body {
+        match name.as_str() {
+            "id" => match value {
+                Value::String(id) => request.id = Some(id),
+                _ => return Err(invalid("id", "id must be a string".into())),
+            },
+            "inputFormat" => match value.as_str() {
+                Some("application/fhir+ndjson" | "application/ndjson" | "ndjson") => {
+                    request.echo.insert(name, value);
+                }
+                _ => return Err(invalid("inputFormat", format!("unsupported inputFormat {value}: use application/fhir+ndjson"))),
+            },
+            "contentEncoding" => match value.as_str() {
+                // gzip is detected from the content either way; the field is kept for the status.
+                Some("gzip" | "plain") => {
+                    request.echo.insert(name, value);
+                }
+                _ => return Err(invalid("contentEncoding", format!("contentEncoding must be gzip or plain, not {value}"))),
+            },
+            "mode" => match value.as_str() {
+                Some("bulk") => {
+                    request.echo.insert(name, value);
+                }
+                _ => return Err(invalid("mode", format!("mode must be bulk (each input loaded on its own), not {value}"))),
+            },
+            "update" => match value {
+                Value::Bool(update) => request.keep_history = update,
+                _ => return Err(invalid("update", "update must be true or false".into())),
+            },
+            "inputs" => {
+                let Value::Array(inputs) = value else {
+                    return Err(invalid("inputs", "inputs must be a list of {resourceType, url}".into()));
+                };
+                for (index, input) in inputs.into_iter().enumerate() {
+                    let field = |key: &str| input.get(key).and_then(Value::as_str).map(str::to_string);
+                    let (Some(rt), Some(url)) = (field("resourceType"), field("url")) else {
+                        return Err(invalid(&format!("inputs[{index}]"), format!("inputs[{index}] needs resourceType and url")));
+                    };
+                    let resource_type = ResourceType::parse(&rt)
+                        .ok_or_else(|| invalid(&format!("inputs[{index}].resourceType"), format!("unknown resourceType '{rt}'")))?;
+                    if matches!(rt.as_str(), "Client" | "AccessPolicy") {
+                        return Err(invalid(&format!("inputs[{index}].resourceType"), format!("{rt} resources cannot be bulk imported")));
+                    }
+                    request.inputs.push((resource_type, url));
+                }
+            }
+            other => {
+                return Err(invalid(
+                    other,
+                    format!("unknown field '{other}' (supported: id, inputFormat, contentEncoding, mode, update, inputs)"),
+                ))
+            }
+        }
+    }
+    if request.inputs.is_empty() {
+        return Err(invalid(
+            "inputs",
+            "an import needs at least one input".into(),
+        ));
+    }
+    Ok(request)
+}
+
+impl From<ImportError> for ApiError {
+    fn from(error: ImportError) -> ApiError {
+        match error {
+            ImportError::Invalid(message) => ApiError::bad_request(message),
+            ImportError::Exists(_) => {
+                ApiError::new(StatusCode::CONFLICT, "duplicate", error.to_string())
+            }
+            ImportError::Store(store) => store.into(),
+        }
+    }
+}

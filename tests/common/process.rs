@@ -1,0 +1,113 @@
+//! `fhirbox serve` as a child process, for tests of the binary itself (start-up, signals,
+//! crashes, several processes on one database).
+
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc::{Receiver, RecvTimeoutError};
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::Signal;
+
+/// A running `fhirbox serve` and the lines it printed.
+pub struct ServerProcess {
+    child: Child,
+    lines: Receiver<String>,
+    pub printed: Vec<String>,
+    pub base: String,
+}
+
+impl ServerProcess {
+    /// Starts `fhirbox serve --listen 127.0.0.1:0 ARGS` and waits until it listens.
+    pub fn start(args: &[&str]) -> ServerProcess {
+        let mut command = Command::new(env!("CARGO_BIN_EXE_fhirbox"));
+        command
+            .arg("serve")
+            .args(["--listen", "127.0.0.1:0"])
+            .args(args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit());
+        for var in [
+            "FHIRBOX_ADMIN_PASSWORD",
+            "DATABASE_URL",
+            "FHIRBOX_DATA_DIR",
+            "FHIRBOX_LISTEN",
+        ] {
+            command.env_remove(var);
+        }
+        let mut child = command.spawn().expect("start fhirbox");
+        let stdout = child.stdout.take().expect("stdout");
+        let (sender, lines) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if sender.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        let mut server = ServerProcess {
+            child,
+            lines,
+            printed: Vec::new(),
+            base: String::new(),
+        };
+        let deadline = Instant::now() + Duration::from_secs(120);
+        while server.base.is_empty() {
+            let wait = deadline.saturating_duration_since(Instant::now());
+            match server.lines.recv_timeout(wait) {
+                Ok(line) => {
+                    if let Some(url) = line.strip_prefix("fhirbox listening on ") {
+                        server.base = url.to_string();
+                    }
+                    server.printed.push(line);
+                }
+                Err(RecvTimeoutError::Timeout) => {
+                    panic!("fhirbox did not start: {:?}", server.printed)
+                }
+                Err(RecvTimeoutError::Disconnected) => {
+                    panic!(
+                        "fhirbox exited during start-up: {:?} {:?}",
+                        server.printed,
+                        server.child.wait()
+                    )
+                }
+            }
+        }
+        server
+    }
+
+    /// The generated root password, if this start printed one.
+    pub fn generated_password(&self) -> Option<String> {
+        let announced = self
+            .printed
+            .iter()
+            .position(|l| l.starts_with("Generated a password"))?;
+        self.printed[announced + 1..]
+            .iter()
+            .find(|l| l.starts_with("    "))
+            .map(|l| l.trim().to_string())
+    }
+
+    /// Sends a signal and waits for the process to exit.
+    pub fn signal(&mut self, signal: Signal) -> std::process::ExitStatus {
+        let pid = nix::unistd::Pid::from_raw(self.child.id() as i32);
+        nix::sys::signal::kill(pid, signal).expect("signal");
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            if let Some(status) = self.child.try_wait().expect("wait") {
+                return status;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "fhirbox did not exit after {signal}"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+impl Drop for ServerProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
