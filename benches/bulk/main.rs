@@ -7,7 +7,8 @@
 //! bytes, beside raw PostgreSQL `COPY` of the same rows through `psql` in the same run. It
 //! samples the server's resident memory during each operation and prints one table.
 //!
-//! Operations: `dump`, `dump-sql`, `load` (default: all).
+//! Operations: `dump`, `dump-sql`, `import`, `load` (default: all; `import` and `load` run
+//! last, as they empty tables).
 
 mod server;
 mod setup;
@@ -200,6 +201,136 @@ async fn load_benchmarks(
         baseline_seconds: baseline,
     });
     out
+}
+
+/// `$import` of every type (FHIR NDJSON files of the whole database) against the same files
+/// loaded one by one with `$load`, each into empty tables. Prints how the status progressed.
+async fn import_benchmark(
+    server: &Server,
+    client: &reqwest::Client,
+    url: &str,
+    counts: &std::collections::BTreeMap<String, usize>,
+    dir: &std::path::Path,
+) -> Vec<Row> {
+    let total_rows: usize = counts.values().sum();
+    let mut files = Vec::new();
+    for name in counts.keys() {
+        let file = dir.join(format!("{name}.ndjson"));
+        save(server, client, &format!("/{name}/$dump?fhir=true"), &file).await;
+        files.push((name.clone(), file));
+    }
+    let bytes: u64 = files
+        .iter()
+        .map(|(_, f)| std::fs::metadata(f).map(|m| m.len()).unwrap_or(0))
+        .sum();
+    let tables: Vec<String> = counts.keys().map(|n| n.to_ascii_lowercase()).collect();
+    let truncate = || {
+        psql(
+            url,
+            &format!(
+                "TRUNCATE {}",
+                tables
+                    .iter()
+                    .map(|t| format!("\"{t}\", \"{t}_history\""))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+        )
+    };
+
+    truncate();
+    let started = Instant::now();
+    for (name, file) in &files {
+        let source = format!("file://{}", file.display());
+        let response = client
+            .post(format!("{}/fhir/{name}/$load", server.base))
+            .basic_auth("root", Some(PASSWORD))
+            .json(&serde_json::json!({"source": source}))
+            .send()
+            .await
+            .expect("load");
+        assert!(
+            response.status().is_success(),
+            "{name}: {}",
+            response.status()
+        );
+    }
+    let sequential = started.elapsed().as_secs_f64();
+
+    truncate();
+    let inputs: Vec<serde_json::Value> = files
+        .iter()
+        .map(|(name, file)| serde_json::json!({"resourceType": name, "url": format!("file://{}", file.display())}))
+        .collect();
+    let before = server.rss();
+    let cpu_before = server.cpu_seconds();
+    let sampler = RssSampler::start(server.pid());
+    let started = Instant::now();
+    let response = client
+        .post(format!("{}/fhir/$import", server.base))
+        .basic_auth("root", Some(PASSWORD))
+        .json(&serde_json::json!({"id": "bench", "inputs": inputs}))
+        .send()
+        .await
+        .expect("import");
+    assert_eq!(response.status().as_u16(), 202);
+    let mut progress = Vec::new();
+    loop {
+        let status: serde_json::Value = client
+            .get(format!("{}/BulkImportStatus/bench", server.base))
+            .basic_auth("root", Some(PASSWORD))
+            .send()
+            .await
+            .expect("status")
+            .json()
+            .await
+            .expect("json");
+        let loaded: i64 = status["inputs"]
+            .as_array()
+            .map(|i| i.iter().filter_map(|i| i["total"].as_i64()).sum())
+            .unwrap_or(0);
+        if status["status"] != "in-progress" {
+            assert_eq!(status["status"], "finished", "{status}");
+            break;
+        }
+        progress.push((started.elapsed().as_secs_f64(), loaded));
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    let seconds = started.elapsed().as_secs_f64();
+    let peak = sampler.finish();
+    let shown: Vec<String> = progress
+        .iter()
+        .step_by((progress.len() / 8).max(1))
+        .map(|(t, n)| format!("{t:.0}s:{n}"))
+        .collect();
+    eprintln!(
+        "$import progress (seconds: resources loaded, as the status showed it): {}",
+        shown.join(" ")
+    );
+    vec![
+        Row {
+            operation: "sum of POST /fhir/[type]/$load".into(),
+            rows: total_rows,
+            measurement: Measurement {
+                bytes,
+                seconds: sequential,
+                peak_rss: None,
+                server_cpu: None,
+            },
+            baseline_seconds: sequential,
+        },
+        Row {
+            operation: "POST /fhir/$import (vs the sum)".into(),
+            rows: total_rows,
+            measurement: Measurement {
+                bytes,
+                seconds,
+                peak_rss: Some((peak, peak.saturating_sub(before))),
+                server_cpu: Some(server.cpu_seconds() - cpu_before),
+            },
+            baseline_seconds: sequential,
+        },
+    ]
 }
 
 /// Raw `COPY (...) TO STDOUT` through psql, every byte read (and dropped) by this process.
@@ -400,6 +531,10 @@ async fn main() {
                 baseline_seconds: baseline,
             });
         }
+    }
+
+    if selected("import") {
+        rows.extend(import_benchmark(&server, &client, &url, &counts, files.path()).await);
     }
 
     if selected("load") {
