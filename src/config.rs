@@ -82,7 +82,7 @@ pub struct ServeArgs {
     #[arg(long, env = "FHIRBOX_SQL_MAX_BYTES")]
     pub sql_max_bytes: Option<u64>,
 
-    /// `$import` inputs this process loads at once.
+    /// Background tasks (`$import` inputs, `$export` resource types) this process runs at once.
     #[arg(long, env = "FHIRBOX_IMPORT_WORKERS", default_value_t = 2)]
     pub import_workers: usize,
 
@@ -90,6 +90,19 @@ pub struct ServeArgs {
     /// how long until another worker (here or in another process) takes the input over.
     #[arg(long, env = "FHIRBOX_IMPORT_LEASE", default_value_t = 30)]
     pub import_lease: u64,
+
+    /// Where `$export` writes its files (default: `exports` in the data directory). Every
+    /// fhirbox process serving the same database must see the same directory.
+    #[arg(long, env = "FHIRBOX_EXPORT_DIR")]
+    pub export_dir: Option<PathBuf>,
+
+    /// `$export` splits a type's output into files of about this many bytes.
+    #[arg(long, env = "FHIRBOX_EXPORT_FILE_SIZE", default_value_t = 256 * 1024 * 1024)]
+    pub export_file_size: u64,
+
+    /// Seconds the files of a finished `$export` are kept before they are deleted.
+    #[arg(long, env = "FHIRBOX_EXPORT_EXPIRY", default_value_t = 24 * 60 * 60)]
+    pub export_expiry: u64,
 
     /// Public base URL used in links (`next` pages, `Location` headers); by default built from
     /// the request's `Host` header.

@@ -17,8 +17,10 @@ use tokio::net::TcpListener;
 use crate::auth::root::Origin;
 use crate::auth::{AuthError, Authenticator, RootPassword};
 use crate::bulk::dump_sql::SqlLimits;
-use crate::bulk::import::{ImportSettings, Imports};
+use crate::bulk::export::ExportSettings;
+use crate::bulk::jobs::JobSettings;
 use crate::bulk::source::{SourcePolicy, Sources};
+use crate::bulk::Background;
 use crate::cluster::{ClusterError, ManagedCluster, StartOutcome};
 use crate::config::ServeArgs;
 use crate::format::Formats;
@@ -142,19 +144,26 @@ async fn serve_with_database(
         reason: e.to_string(),
     })?;
     let formats = Formats::new(store.clone());
-    let imports = Imports::new(
+    let background = Background::start(
         store.clone(),
         sources.clone(),
         formats.clone(),
-        ImportSettings {
+        JobSettings {
             workers: args.import_workers,
             lease: Duration::from_secs(args.import_lease.max(1)),
         },
+        ExportSettings {
+            dir: args
+                .export_dir
+                .clone()
+                .unwrap_or_else(|| crate::bulk::export::default_dir(&args.data_dir)),
+            file_size: args.export_file_size,
+            expiry: Duration::from_secs(args.export_expiry),
+        },
     );
-    imports.spawn_workers();
     let state = AppState {
         formats,
-        imports: imports.clone(),
+        background: background.clone(),
         sources,
         sql_reader,
         store: store.clone(),
@@ -192,7 +201,7 @@ async fn serve_with_database(
         Ok(Err(join)) => return Err(ServeError::Serve(std::io::Error::other(join))),
         Err(_) => tracing::warn!("requests still running after {DRAIN_TIMEOUT:?}; closing them"),
     }
-    imports.release_claims().await;
+    background.jobs.release_claims().await;
     store.close();
     Ok(())
 }

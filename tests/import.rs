@@ -456,10 +456,7 @@ async fn a_killed_server_leaves_nothing_half_done() {
         "every resource once: none missing, none duplicated"
     );
     let attempts: i64 = db
-        .query_one(
-            "SELECT max(attempts)::bigint FROM fhirbox_import_input",
-            &[],
-        )
+        .query_one("SELECT max(attempts)::bigint FROM fhirbox_task", &[])
         .await
         .expect("attempts")
         .get(0);
@@ -520,7 +517,7 @@ async fn two_processes_share_one_job() {
     assert_eq!(rows, 12_000);
     let processes: i64 = db
         .query_one(
-            "SELECT count(DISTINCT split_part(worker, '-', 1)) FROM fhirbox_import_input",
+            "SELECT count(DISTINCT split_part(worker, '-', 1)) FROM fhirbox_task",
             &[],
         )
         .await

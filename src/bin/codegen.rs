@@ -11,6 +11,11 @@
 //! elements with its kind: primitive, complex (a datatype or a backbone path), Reference (with
 //! the allowed targets), choice (`value[x]`, with the allowed type codes), contained resource, or
 //! contentReference. `src/fhir/meta.rs` defines the types the table is written in.
+//!
+//! It also lists, from `fhir-r4/compartmentdefinition-patient.json` and the pristine R4
+//! SearchParameters, the element paths that put a resource in a patient's compartment, and
+//! the token search parameters whose expression is a plain element path (what `$export`'s
+//! `_typeFilter` evaluates in SQL).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Write as _;
@@ -27,7 +32,9 @@ fn main() -> Result<()> {
     let mut model = Model::read(&Path::new(input).join("fhirpath-r4-model"))?;
     model
         .add_content_reference_cardinality(&Path::new(input).join("profiles-resources.json.gz"))?;
-    let source = render(&model)?;
+    let mut source = render(&model)?;
+    let search = SearchModel::read(Path::new(input))?;
+    source.push_str(&search.render(&model)?);
     std::fs::write(output, source).with_context(|| format!("writing {output}"))?;
     eprintln!("wrote {output}");
     Ok(())
@@ -189,7 +196,10 @@ fn render(model: &Model) -> Result<String> {
         "//! Source: fhir-r4/fhirpath-r4-model/ (pristine R4 tables; see fhir-r4/README.md)."
     )?;
     writeln!(out)?;
-    writeln!(out, "use super::meta::{{Element, Kind, TypeDef}};")?;
+    writeln!(
+        out,
+        "use super::meta::{{Element, Kind, TokenParam, TypeDef}};"
+    )?;
     writeln!(out)?;
     let resources = model.resource_types();
     writeln!(out, "/// Every concrete FHIR R4 resource type, sorted.")?;
@@ -262,4 +272,203 @@ fn quoted_list(items: &[String]) -> String {
         .map(|s| format!("{s:?}"))
         .collect::<Vec<_>>()
         .join(", ")
+}
+
+/// The Patient CompartmentDefinition and the SearchParameters, as read from disk.
+struct SearchModel {
+    /// Compartment member type -> the search parameter codes that link it to a patient.
+    compartment: BTreeMap<String, Vec<String>>,
+    /// (base type, code) -> (search type, expression).
+    params: BTreeMap<(String, String), (String, String)>,
+}
+
+impl SearchModel {
+    fn read(dir: &Path) -> Result<SearchModel> {
+        use std::io::Read as _;
+        let path = dir.join("compartmentdefinition-patient.json");
+        let text = std::fs::read_to_string(&path)
+            .with_context(|| format!("reading {}", path.display()))?;
+        let definition: Value = serde_json::from_str(&text)?;
+        let mut compartment = BTreeMap::new();
+        for entry in definition["resource"].as_array().into_iter().flatten() {
+            let params: Vec<String> = entry["param"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(|p| p.as_str().map(str::to_string))
+                .collect();
+            if let (Some(code), false) = (entry["code"].as_str(), params.is_empty()) {
+                compartment.insert(code.to_string(), params);
+            }
+        }
+        let path = dir.join("search-parameters.pristine-4.0.1.json.gz");
+        let mut text = String::new();
+        flate2::read::GzDecoder::new(
+            std::fs::File::open(&path).with_context(|| format!("opening {}", path.display()))?,
+        )
+        .read_to_string(&mut text)?;
+        let bundle: Value = serde_json::from_str(&text)?;
+        let mut params = BTreeMap::new();
+        for entry in bundle["entry"].as_array().into_iter().flatten() {
+            let resource = &entry["resource"];
+            let (Some(code), Some(kind)) = (resource["code"].as_str(), resource["type"].as_str())
+            else {
+                continue;
+            };
+            let expression = resource["expression"].as_str().unwrap_or_default();
+            for base in resource["base"].as_array().into_iter().flatten() {
+                if let Some(base) = base.as_str() {
+                    params.insert(
+                        (base.to_string(), code.to_string()),
+                        (kind.to_string(), expression.to_string()),
+                    );
+                }
+            }
+        }
+        Ok(SearchModel {
+            compartment,
+            params,
+        })
+    }
+
+    /// The parts of an expression that apply to `base` (`Observation.subject` out of
+    /// `Observation.subject | Condition.subject`), as element paths without the type, or `None`
+    /// if a part is more than a plain path (a `where` other than `resolve() is Patient`, an
+    /// `as`, a function).
+    fn plain_paths(base: &str, expression: &str) -> Option<Vec<String>> {
+        let mut paths = Vec::new();
+        for part in expression.split('|').map(str::trim) {
+            let Some(rest) = part.strip_prefix(base).and_then(|r| r.strip_prefix('.')) else {
+                continue;
+            };
+            // The compartment only follows references to Patients anyway.
+            let rest = rest.replace(".where(resolve() is Patient)", "");
+            if !rest
+                .split('.')
+                .all(|s| !s.is_empty() && s.chars().all(|c| c.is_ascii_alphanumeric()))
+            {
+                return None;
+            }
+            paths.push(rest);
+        }
+        Some(paths)
+    }
+
+    fn render(&self, model: &Model) -> Result<String> {
+        let mut out = String::new();
+        writeln!(out)?;
+        writeln!(out, "/// The Patient compartment (CompartmentDefinition `patient`): each member type with the")?;
+        writeln!(out, "/// element paths (from the resource root) whose Patient references put a resource in a")?;
+        writeln!(
+            out,
+            "/// patient's compartment. `Patient` itself is in its own compartment by id too."
+        )?;
+        writeln!(
+            out,
+            "pub static PATIENT_COMPARTMENT: &[(&str, &[&str])] = &["
+        )?;
+        for (base, codes) in &self.compartment {
+            let mut paths = BTreeSet::new();
+            for code in codes {
+                // `{def}` is the CompartmentDefinition's "the resource itself" (Patient).
+                if code == "{def}" {
+                    continue;
+                }
+                let Some((_, expression)) = self.params.get(&(base.clone(), code.clone())) else {
+                    bail!("compartment parameter {base}.{code} has no SearchParameter");
+                };
+                let Some(found) = Self::plain_paths(base, expression) else {
+                    bail!(
+                        "compartment parameter {base}.{code}: {expression:?} is not a plain path"
+                    );
+                };
+                for path in found {
+                    let leaf = model.resolve(base, &path)?;
+                    if leaf != "Reference" {
+                        bail!("compartment parameter {base}.{code}: {path} is a {leaf}, not a Reference");
+                    }
+                    paths.insert(path);
+                }
+            }
+            let paths: Vec<String> = paths.into_iter().collect();
+            writeln!(out, "    ({base:?}, &[{}]),", quoted_list(&paths))?;
+        }
+        writeln!(out, "];")?;
+        writeln!(out)?;
+        writeln!(out, "/// Token search parameters whose expression is a plain element path to a code, Coding,")?;
+        writeln!(
+            out,
+            "/// CodeableConcept or Identifier: (type, code, [(path, element type)]), sorted."
+        )?;
+        writeln!(out, "pub static TOKEN_PARAMS: &[TokenParam] = &[")?;
+        let resources: BTreeSet<&str> = model.resource_types().into_iter().collect();
+        for ((base, code), (kind, expression)) in &self.params {
+            if kind != "token" || !resources.contains(base.as_str()) {
+                continue;
+            }
+            let Some(paths) = Self::plain_paths(base, expression) else {
+                continue;
+            };
+            let mut typed = Vec::new();
+            for path in &paths {
+                let Ok(leaf) = model.resolve(base, path) else {
+                    typed.clear();
+                    break;
+                };
+                match leaf.as_str() {
+                    "code" | "Coding" | "CodeableConcept" | "Identifier" => {
+                        typed.push(format!("({path:?}, {leaf:?})"))
+                    }
+                    _ => {
+                        typed.clear();
+                        break;
+                    }
+                }
+            }
+            if !typed.is_empty() {
+                writeln!(out, "    ({base:?}, {code:?}, &[{}]),", typed.join(", "))?;
+            }
+        }
+        writeln!(out, "];")?;
+        Ok(out)
+    }
+}
+
+impl Model {
+    /// The FHIR type of an element path below a resource type (`Observation`,
+    /// `category.coding` -> `Coding`), following backbone elements, datatypes and
+    /// contentReferences.
+    fn resolve(&self, root: &str, path: &str) -> Result<String> {
+        let mut context = root.to_string();
+        let mut leaf = root.to_string();
+        for segment in path.split('.') {
+            let mut full = format!("{context}.{segment}");
+            if let Some(target) = self.defined_elsewhere.get(&full) {
+                full = target.clone();
+            }
+            let Some(entry) = self.path_to_type.get(&full) else {
+                bail!("{root}.{path}: no element {full}");
+            };
+            leaf = match entry {
+                Value::String(name) if name == "BackboneElement" || name == "Element" => {
+                    context = full.clone();
+                    name.clone()
+                }
+                Value::String(name) => {
+                    context = name.clone();
+                    name.clone()
+                }
+                Value::Object(object) => {
+                    let code = object
+                        .get("code")
+                        .and_then(Value::as_str)
+                        .unwrap_or_default();
+                    context = code.to_string();
+                    code.to_string()
+                }
+                _ => bail!("{full}: unexpected path2Type entry"),
+            };
+        }
+        Ok(leaf)
+    }
 }

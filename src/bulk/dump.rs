@@ -63,6 +63,12 @@ pub async fn dump(
     })
 }
 
+/// The FHIR NDJSON lines of a COPY of tuples in the dump's shape ([`fields`]), in batches of
+/// whole lines: `$export` writes its files from this.
+pub fn fhir_lines(copy: CopyOut, rt: ResourceType, converter: Converter) -> ByteStream {
+    Box::pin(to_fhir_in_parallel(native_batches(copy, rt), converter))
+}
+
 /// Stage 1: native lines, in batches.
 fn native_batches(
     copy: CopyOut,

@@ -1,47 +1,32 @@
 //! `$import`: asynchronous bulk import that survives crashes and scales across processes.
 //!
-//! A job and its inputs are stored in PostgreSQL ([`crate::store::import`]). Every fhirbox
-//! process runs [`Imports::spawn_workers`] workers; each claims one input at a time and loads
-//! it with the `$load` machinery ([`super::load`]): one transaction per input, in which the
-//! input is also marked finished, if the worker still holds it. A worker renews its claim
-//! (and records progress) every couple of seconds; if it dies, the claim expires and another
-//! worker, here or in another process, loads the input again from the start. Loading is an
-//! upsert, so a retried input gives the same rows, never duplicates.
+//! A job and its inputs (its tasks) are stored in PostgreSQL and run by the workers of the
+//! job machinery ([`super::jobs`]); each input is loaded with the `$load` machinery
+//! ([`super::load`]): one transaction per input, in which the input is also marked finished,
+//! if the worker still holds it. If a worker dies, its claim expires and another worker, here
+//! or in another process, loads the input again from the start. Loading is an upsert, so a
+//! retried input gives the same rows, never duplicates.
 //!
 //! The job's status is a `BulkImportStatus` resource in the reference product's shape,
 //! rewritten from the job's rows whenever an input starts, makes progress or ends.
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::Duration;
 
 use chrono::{DateTime, Utc};
+use futures_util::future::BoxFuture;
 use serde_json::{json, Map, Value};
-use tokio::sync::Notify;
 
-use super::load::{load_tracked, BeforeCommit, LoadError, LoadRequest, Progress};
+use super::jobs::{Jobs, Progress, Runner, TaskFailure};
+use super::load::{load_tracked, BeforeCommit, LoadError, LoadRequest};
 use super::prepare::LineRules;
 use super::source::Sources;
 use crate::format::Formats;
 use crate::resource::format_instant;
 use crate::resource_type::ResourceType;
-use crate::store::import::{self as sql, InputRow, JobRow};
+use crate::store::jobs::{self as sql, Finished, JobKind, JobRow, NewTask, TaskRow};
 use crate::store::resources::replace_in_place;
-use crate::store::{Store, StoreError};
-
-/// How often a worker with nothing to do looks for work (a job created in this process
-/// wakes its workers at once).
-const IDLE_POLL: Duration = Duration::from_secs(1);
-
-/// Worker settings.
-#[derive(Debug, Clone)]
-pub struct ImportSettings {
-    /// Inputs this process loads at once.
-    pub workers: usize,
-    /// How long a claim lasts without renewal: after a crash, the time before another worker
-    /// takes the input over.
-    pub lease: Duration,
-}
+use crate::store::StoreError;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ImportError {
@@ -64,33 +49,21 @@ pub struct ImportRequest {
     pub echo: Map<String, Value>,
 }
 
-/// The import service of a process: starts jobs, runs workers, reports status.
+/// The import service: starts jobs, runs their inputs (as the job machinery's import
+/// [`Runner`]), reports status.
 #[derive(Clone)]
 pub struct Imports {
-    store: Store,
+    jobs: Jobs,
     sources: Sources,
     formats: Formats,
-    settings: ImportSettings,
-    /// Wakes this process's idle workers when a job is created here.
-    wake: Arc<Notify>,
-    /// This process's worker names start with this (unique per process start).
-    prefix: String,
 }
 
 impl Imports {
-    pub fn new(
-        store: Store,
-        sources: Sources,
-        formats: Formats,
-        settings: ImportSettings,
-    ) -> Imports {
+    pub fn new(jobs: Jobs, sources: Sources, formats: Formats) -> Imports {
         Imports {
-            store,
+            jobs,
             sources,
             formats,
-            settings,
-            wake: Arc::new(Notify::new()),
-            prefix: format!("{}-{:08x}", std::process::id(), rand::random::<u32>()),
         }
     }
 
@@ -106,6 +79,7 @@ impl Imports {
         }
         let job = JobRow {
             id: id.clone(),
+            kind: JobKind::Import,
             subject: subject.to_string(),
             fhir: request.fhir,
             keep_history: request.keep_history,
@@ -113,27 +87,30 @@ impl Imports {
             created_at: Utc::now(),
             document: Value::Object(request.echo),
         };
-        let inputs: Vec<(String, String)> = request
+        let tasks: Vec<NewTask> = request
             .inputs
             .iter()
-            .map(|(rt, url)| (rt.name().to_string(), url.clone()))
+            .map(|(rt, url)| NewTask {
+                resource_type: rt.name().to_string(),
+                url: Some(url.clone()),
+            })
             .collect();
-        let mut conn = self.store.connection().await?;
+        let mut conn = self.jobs.store().connection().await?;
         let tx = conn.transaction().await.map_err(StoreError::from)?;
-        if !sql::create_job(&tx, &job, &inputs).await? {
+        if !sql::create_job(&tx, &job, &tasks).await? {
             return Err(ImportError::Exists(id));
         }
         let document = self.write_status(&tx, &id).await?;
         tx.commit().await.map_err(StoreError::from)?;
-        self.wake.notify_waiters();
+        self.jobs.wake();
         Ok((id, document))
     }
 
     /// Cancels a job: inputs not finished are stopped and their loads rolled back. Returns the
     /// status, or `None` if there is no such job.
     pub async fn cancel(&self, id: &str) -> Result<Option<Value>, ImportError> {
-        let conn = self.store.connection().await?;
-        if !sql::cancel(&conn, id).await? {
+        let conn = self.jobs.store().connection().await?;
+        if !sql::cancel(&conn, JobKind::Import, id).await? {
             return Ok(None);
         }
         Ok(Some(self.write_status(&conn, id).await?))
@@ -141,8 +118,10 @@ impl Imports {
 
     /// Who started a job (`root`, `Client/<id>`), if it exists.
     pub async fn subject(&self, id: &str) -> Result<Option<String>, StoreError> {
-        let conn = self.store.connection().await?;
-        Ok(sql::job(&conn, id).await?.map(|job| job.subject))
+        let conn = self.jobs.store().connection().await?;
+        Ok(sql::job(&conn, JobKind::Import, id)
+            .await?
+            .map(|job| job.subject))
     }
 
     /// Rewrites the job's BulkImportStatus from its rows.
@@ -151,8 +130,8 @@ impl Imports {
         client: &impl crate::store::GenericClient,
         id: &str,
     ) -> Result<Value, StoreError> {
-        let job = sql::job(client, id).await?;
-        let inputs = sql::inputs(client, id).await?;
+        let job = sql::job(client, JobKind::Import, id).await?;
+        let inputs = sql::tasks(client, id).await?;
         let Some(job) = job else {
             return Ok(Value::Null);
         };
@@ -164,7 +143,7 @@ impl Imports {
 
     async fn refresh_status(&self, id: &str) {
         let result = async {
-            let conn = self.store.connection().await?;
+            let conn = self.jobs.store().connection().await?;
             self.write_status(&conn, id).await
         }
         .await;
@@ -173,80 +152,16 @@ impl Imports {
         }
     }
 
-    /// Starts this process's workers.
-    pub fn spawn_workers(&self) {
-        for n in 0..self.settings.workers {
-            let imports = self.clone();
-            let name = format!("{}-{n}", self.prefix);
-            tokio::spawn(async move { imports.work(name).await });
-        }
-    }
-
-    /// Gives back the inputs this process's workers hold (a clean shutdown), so another
-    /// process, or the next start, takes them over at once instead of after the lease.
-    pub async fn release_claims(&self) {
-        let result = async {
-            let conn = self.store.connection().await?;
-            conn.execute(
-                "UPDATE fhirbox_import_input SET status = 'waiting', worker = NULL, lease_until = NULL
-                  WHERE status = 'in-progress' AND worker LIKE $1",
-                &[&format!("{}-%", self.prefix)],
-            )
-            .await
-            .map_err(StoreError::from)
-        }
-        .await;
-        if let Err(error) = result {
-            tracing::warn!(%error, "could not give back the imports in progress");
-        }
-    }
-
-    async fn work(self, name: String) {
-        loop {
-            let claimed = async {
-                let conn = self.store.connection().await?;
-                sql::claim(&conn, &name, self.settings.lease).await
-            }
-            .await;
-            match claimed {
-                Ok(Some(input)) => self.run(input, &name).await,
-                Ok(None) => {
-                    let _ = tokio::time::timeout(IDLE_POLL, self.wake.notified()).await;
-                }
-                Err(error) => {
-                    tracing::warn!(%error, "an import worker could not look for work");
-                    tokio::time::sleep(IDLE_POLL).await;
-                }
-            }
-        }
-    }
-
-    /// Loads one claimed input, renewing the claim while it runs.
-    async fn run(&self, input: InputRow, worker: &str) {
-        self.refresh_status(&input.job_id).await;
-        let outcome = self.load_input(&input, worker).await;
-        match outcome {
-            Ok(()) | Err(LoadError::Abandoned) => {}
-            Err(error) => {
-                let message = error.to_string();
-                tracing::info!(job = %input.job_id, input = input.position, %message, "an import input failed");
-                let result = async {
-                    let conn = self.store.connection().await?;
-                    sql::fail(&conn, &input, worker, &message).await
-                }
-                .await;
-                if let Err(error) = result {
-                    tracing::warn!(%error, "could not record an import input's failure");
-                }
-            }
-        }
-        self.refresh_status(&input.job_id).await;
-    }
-
-    async fn load_input(&self, input: &InputRow, worker: &str) -> Result<(), LoadError> {
+    /// Loads one claimed input: one transaction, in which the input is also marked finished.
+    async fn load_input(
+        &self,
+        input: &TaskRow,
+        worker: &str,
+        progress: Arc<Progress>,
+    ) -> Result<(), LoadError> {
         let job = {
-            let conn = self.store.connection().await?;
-            sql::job(&conn, &input.job_id).await?
+            let conn = self.jobs.store().connection().await?;
+            sql::job(&conn, JobKind::Import, &input.job_id).await?
         };
         let Some(job) = job else {
             return Err(LoadError::Abandoned);
@@ -259,7 +174,7 @@ impl Imports {
             false => None,
         };
         let request = LoadRequest {
-            source: input.url.clone(),
+            source: input.url.clone().unwrap_or_default(),
             rules: LineRules {
                 fhir,
                 only_type: Some(rt),
@@ -268,58 +183,57 @@ impl Imports {
             },
             keep_history: job.keep_history,
         };
-        let progress = Arc::new(Progress::default());
         let before_commit: BeforeCommit = {
             let (input, worker, progress) = (input.clone(), worker.to_string(), progress.clone());
             Box::new(move |conn, counts| {
                 Box::pin(async move {
                     let total: u64 = counts.values().sum();
                     let bytes = progress.bytes.load(Ordering::Relaxed);
-                    sql::finish(conn, &input, &worker, total as i64, bytes as i64).await
+                    let finished = Finished {
+                        total: total as i64,
+                        bytes: bytes as i64,
+                        result: None,
+                    };
+                    sql::finish(conn, &input, &worker, finished).await
                 })
             })
         };
-        let load = load_tracked(
-            &self.store,
+        load_tracked(
+            self.jobs.store(),
             &self.sources,
             request,
-            progress.clone(),
+            progress,
             Some(before_commit),
-        );
-        let renew = self.keep_claim(input, worker, &progress);
-        tokio::select! {
-            result = load => result.map(|_| ()),
-            // The claim was lost (cancelled, or taken over after a stall): drop the load,
-            // which rolls it back.
-            () = renew => Err(LoadError::Abandoned),
-        }
+        )
+        .await
+        .map(|_| ())
+    }
+}
+
+impl Runner for Imports {
+    fn run<'a>(
+        &'a self,
+        task: &'a TaskRow,
+        worker: &'a str,
+        progress: Arc<Progress>,
+    ) -> BoxFuture<'a, Result<(), TaskFailure>> {
+        Box::pin(async move {
+            match self.load_input(task, worker, progress).await {
+                Ok(()) => Ok(()),
+                Err(LoadError::Abandoned) => Err(TaskFailure::Abandoned),
+                Err(error) => Err(TaskFailure::Failed(error.to_string())),
+            }
+        })
     }
 
-    /// Renews the claim with the progress so far until it is lost (then returns).
-    async fn keep_claim(&self, input: &InputRow, worker: &str, progress: &Progress) {
-        let every = (self.settings.lease / 3).max(Duration::from_millis(200));
-        loop {
-            tokio::time::sleep(every).await;
-            let rows = progress.rows.load(Ordering::Relaxed) as i64;
-            let bytes = progress.bytes.load(Ordering::Relaxed) as i64;
-            let renewed = async {
-                let conn = self.store.connection().await?;
-                sql::renew(&conn, input, worker, self.settings.lease, rows, bytes).await
-            }
-            .await;
-            match renewed {
-                Ok(true) => self.refresh_status(&input.job_id).await,
-                Ok(false) => return,
-                // The database is away for a moment: keep going; the lease says how long.
-                Err(error) => tracing::warn!(%error, "could not renew an import claim"),
-            }
-        }
+    fn changed<'a>(&'a self, job_id: &'a str) -> BoxFuture<'a, ()> {
+        Box::pin(self.refresh_status(job_id))
     }
 }
 
 /// The BulkImportStatus document, in the reference product's shape.
-pub fn status_document(job: &JobRow, inputs: &[InputRow]) -> Value {
-    let ended = |i: &InputRow| matches!(i.status.as_str(), "finished" | "failed" | "cancelled");
+pub fn status_document(job: &JobRow, inputs: &[TaskRow]) -> Value {
+    let ended = |i: &TaskRow| matches!(i.status.as_str(), "finished" | "failed" | "cancelled");
     let status = if job.cancelled {
         "cancelled"
     } else if inputs.iter().all(|i| i.status == "finished") {

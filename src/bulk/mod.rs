@@ -4,11 +4,49 @@
 pub mod dump;
 pub mod dump_csv;
 pub mod dump_sql;
+pub mod export;
 pub mod gzip;
 pub mod import;
+pub mod jobs;
 pub mod lines;
 pub mod load;
 pub mod native_line;
 pub mod params;
 pub mod prepare;
 pub mod source;
+
+use std::sync::Arc;
+
+use crate::format::Formats;
+use crate::store::Store;
+
+/// The background work of a process: the job machinery's workers running imports and
+/// exports, and the janitor that deletes expired export files.
+#[derive(Clone)]
+pub struct Background {
+    pub jobs: jobs::Jobs,
+    pub imports: import::Imports,
+    pub exports: export::Exports,
+}
+
+impl Background {
+    /// Builds the services and starts the workers and the janitor.
+    pub fn start(
+        store: Store,
+        sources: source::Sources,
+        formats: Formats,
+        job_settings: jobs::JobSettings,
+        export_settings: export::ExportSettings,
+    ) -> Background {
+        let jobs = jobs::Jobs::new(store, job_settings);
+        let imports = import::Imports::new(jobs.clone(), sources, formats.clone());
+        let exports = export::Exports::new(jobs.clone(), formats, export_settings);
+        jobs.spawn_workers(Arc::new(imports.clone()), Arc::new(exports.clone()));
+        exports.spawn_janitor();
+        Background {
+            jobs,
+            imports,
+            exports,
+        }
+    }
+}

@@ -13,6 +13,14 @@ pub struct TypeDef {
     pub elements: &'static [Element],
 }
 
+/// A token search parameter the generated table lists: (resource type, code, its element
+/// paths with their FHIR types).
+pub type TokenParam = (
+    &'static str,
+    &'static str,
+    &'static [(&'static str, &'static str)],
+);
+
 /// One element of a [`TypeDef`].
 #[derive(Debug)]
 pub struct Element {

@@ -1,6 +1,6 @@
 //! Authentication and access control of every request (but `GET /health`), after routing:
 //! root passes; a Client passes if an AccessPolicy allows the request (or if it asks for the
-//! status of an import it started); anything else is 401
+//! status of an import or export it started, and an export's files); anything else is 401
 //! (no or bad credentials, with `WWW-Authenticate: Basic`) or 403 (saying which subject was
 //! denied which method and path, and nothing else).
 //!
@@ -53,7 +53,7 @@ pub async fn require_auth(State(state): State<AppState>, request: Request, next:
                     Err(response) => return response,
                 };
             let (method, path) = (request.method().clone(), request.uri().path().to_string());
-            let owner = match owns_import_status(&state, &method, &path, &subject).await {
+            let owner = match owns_job(&state, &method, &path, &subject).await {
                 Ok(owner) => owner,
                 Err(response) => return response,
             };
@@ -78,24 +78,44 @@ pub async fn require_auth(State(state): State<AppState>, request: Request, next:
     next.run(request).await
 }
 
-/// The subject that started an import may read and cancel its status without a policy for it
-/// (`GET`/`DELETE /BulkImportStatus/<id>`); nobody else may, unless a policy allows it.
-async fn owns_import_status(
+/// The subject that started a job may follow it without a policy for it: an import's status
+/// (`GET`/`DELETE /BulkImportStatus/<id>`), an export's status (`GET`/`DELETE
+/// /fhir/$export-status/<id>`) and files (`GET /fhir/$export-file/<id>/<name>`). Nobody else
+/// may, unless a policy allows it.
+async fn owns_job(
     state: &AppState,
     method: &axum::http::Method,
     path: &str,
     subject: &Subject,
 ) -> Result<bool, Response> {
-    if method != axum::http::Method::GET && method != axum::http::Method::DELETE {
-        return Ok(false);
-    }
-    let Some(id) = path.strip_prefix("/BulkImportStatus/") else {
+    use axum::http::Method;
+    let (is_get, is_delete) = (method == Method::GET, method == Method::DELETE);
+    let single = |rest: &str| (!rest.is_empty() && !rest.contains('/')).then(|| rest.to_string());
+    let owner = if let Some(id) = path.strip_prefix("/BulkImportStatus/").and_then(single) {
+        if !(is_get || is_delete) {
+            return Ok(false);
+        }
+        state.background.imports.subject(&id).await
+    } else if let Some(id) = path.strip_prefix("/fhir/$export-status/").and_then(single) {
+        if !(is_get || is_delete) {
+            return Ok(false);
+        }
+        state.background.exports.subject(&id).await
+    } else if let Some(rest) = path.strip_prefix("/fhir/$export-file/") {
+        let Some((id, _)) = rest
+            .split_once('/')
+            .filter(|(id, name)| !id.is_empty() && !name.is_empty() && !name.contains('/'))
+        else {
+            return Ok(false);
+        };
+        if !is_get {
+            return Ok(false);
+        }
+        state.background.exports.subject(id).await
+    } else {
         return Ok(false);
     };
-    if id.is_empty() || id.contains('/') {
-        return Ok(false);
-    }
-    match state.imports.subject(id).await {
+    match owner {
         Ok(owner) => Ok(owner.as_deref() == Some(subject.name().as_str())),
         Err(error) => Err(ApiError::from(error).into_response()),
     }

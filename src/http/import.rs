@@ -27,7 +27,11 @@ pub async fn start(
     Document(body): Document,
 ) -> Result<Response, ApiError> {
     let request = parse(body, api == Api::Fhir)?;
-    let (id, status) = state.imports.start(request, &subject.name()).await?;
+    let (id, status) = state
+        .background
+        .imports
+        .start(request, &subject.name())
+        .await?;
     let mut response = reply(
         negotiated,
         Api::Native,
@@ -58,7 +62,7 @@ pub async fn cancel(
     Path(id): Path<String>,
     negotiated: Negotiated,
 ) -> Result<Response, ApiError> {
-    match state.imports.cancel(&id).await? {
+    match state.background.imports.cancel(&id).await? {
         Some(status) => Ok(reply(
             negotiated,
             Api::Native,

@@ -18,6 +18,7 @@ mod crud;
 mod dump;
 mod dump_sql;
 pub mod error;
+mod export;
 mod health;
 mod import;
 mod load;
@@ -50,8 +51,8 @@ pub struct AppState {
     pub sources: Sources,
     /// Connections as the SQL reader role, for `$dump-sql` only.
     pub sql_reader: Store,
-    /// `$import` jobs and this process's workers.
-    pub imports: crate::bulk::import::Imports,
+    /// `$import` and `$export` jobs and this process's workers.
+    pub background: crate::bulk::Background,
     pub settings: Arc<Settings>,
 }
 
@@ -124,6 +125,20 @@ fn routes() -> Router<AppState> {
         .route("/$import", post(import::start))
         .route("/$load", post(load::load_mixed))
         .route("/metadata", get(metadata::capability_statement))
+        .route("/$export", get(export::system).post(export::system))
+        .route(
+            "/{type}/$export",
+            get(export::patient).post(export::patient),
+        )
+        .route(
+            "/{type}/{id}/$export",
+            get(export::group).post(export::group),
+        )
+        .route(
+            "/$export-status/{id}",
+            get(export::status).delete(export::cancel),
+        )
+        .route("/$export-file/{id}/{name}", get(export::file))
         .layer(Extension(Api::Fhir));
     Router::new()
         .route("/health", get(health::health))

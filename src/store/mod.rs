@@ -11,7 +11,8 @@ pub mod copy;
 pub mod copy_out;
 pub mod dump;
 pub mod dump_csv;
-pub mod import;
+pub mod export;
+pub mod jobs;
 pub mod load;
 pub mod resources;
 pub mod schema;
@@ -35,6 +36,9 @@ pub enum StoreError {
     Db(#[from] tokio_postgres::Error),
     #[error("{resource_type}/{id} already exists")]
     AlreadyExists { resource_type: String, id: String },
+    /// A request fhirbox should have refused earlier reached the database layer.
+    #[error("{0}")]
+    Invalid(String),
 }
 
 impl StoreError {
@@ -43,7 +47,7 @@ impl StoreError {
         match self {
             StoreError::Pool(_) | StoreError::PoolBuild(_) => true,
             StoreError::Db(error) => error.is_closed() || error.as_db_error().is_none(),
-            StoreError::AlreadyExists { .. } => false,
+            StoreError::AlreadyExists { .. } | StoreError::Invalid(_) => false,
         }
     }
 }

@@ -58,6 +58,16 @@ const MIGRATIONS: &[(i32, &str, &str)] = &[
          CREATE INDEX IF NOT EXISTS fhirbox_import_input_claimable
              ON fhirbox_import_input (status, lease_until)",
     ),
+    (
+        4,
+        "import jobs become generic jobs (imports and exports) and their tasks",
+        "ALTER TABLE fhirbox_import_job RENAME TO fhirbox_job;
+         ALTER TABLE fhirbox_job ADD COLUMN kind text NOT NULL DEFAULT 'import';
+         ALTER TABLE fhirbox_import_input RENAME TO fhirbox_task;
+         ALTER TABLE fhirbox_task ALTER COLUMN url DROP NOT NULL;
+         ALTER TABLE fhirbox_task ADD COLUMN result jsonb;
+         ALTER INDEX fhirbox_import_input_claimable RENAME TO fhirbox_task_claimable",
+    ),
 ];
 
 /// The highest migration version this build knows.
@@ -98,6 +108,7 @@ pub async fn migrate(conn: &mut Connection) -> Result<(), StoreError> {
         tracing::info!(version, description, "applied migration");
     }
     create_missing_resource_tables(&tx).await?;
+    tx.batch_execute(&super::export::compartment_ddl()).await?;
     grant_sql_reader(&tx).await?;
     tx.commit().await?;
     Ok(())
@@ -172,7 +183,7 @@ async fn grant_sql_reader(tx: &deadpool_postgres::Transaction<'_>) -> Result<(),
         ));
     }
     grants.push_str(&format!(
-        "REVOKE ALL ON fhirbox_migrations, fhirbox_client_secret, fhirbox_import_job, fhirbox_import_input FROM {SQL_READER_ROLE};\n"
+        "REVOKE ALL ON fhirbox_migrations, fhirbox_client_secret, fhirbox_job, fhirbox_task FROM {SQL_READER_ROLE};\n"
     ));
     tx.batch_execute(&grants).await?;
     Ok(())

@@ -6,6 +6,7 @@
 pub mod fixtures;
 pub mod process;
 
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
@@ -153,6 +154,32 @@ pub struct TestServer {
     pub client: reqwest::Client,
     pub database: String,
     pub store: Store,
+    /// Where this server's `$export` files go.
+    pub export_dir: PathBuf,
+}
+
+/// Test servers split `$export` output at this size unless a test says otherwise.
+pub const EXPORT_FILE_SIZE: u64 = 64 * 1024 * 1024;
+
+/// Background job settings of a test server.
+pub struct JobOptions {
+    /// Job workers (0: jobs wait).
+    pub workers: usize,
+    /// `$export` files; made up from the database name when `None`.
+    pub export_dir: Option<PathBuf>,
+    pub file_size: u64,
+    pub expiry: Duration,
+}
+
+impl Default for JobOptions {
+    fn default() -> JobOptions {
+        JobOptions {
+            workers: 2,
+            export_dir: None,
+            file_size: EXPORT_FILE_SIZE,
+            expiry: Duration::from_secs(3600),
+        }
+    }
 }
 
 impl TestServer {
@@ -165,6 +192,25 @@ impl TestServer {
     /// A server on a given store (one that cannot reach its database, say).
     pub async fn start_with(store: Store, database: String) -> TestServer {
         TestServer::start_with_policy(store, database, test_policy(), default_sql_limits()).await
+    }
+
+    /// A fresh server with these background job settings.
+    pub async fn start_with_jobs(options: JobOptions) -> TestServer {
+        let database = fresh_database().await;
+        TestServer::start_on(database, options).await
+    }
+
+    /// Another server on an existing database (a restart, or a second process).
+    pub async fn start_on(database: String, options: JobOptions) -> TestServer {
+        let store = Store::new(cluster().config(&database), 8).expect("pool");
+        TestServer::start_full(
+            store,
+            database,
+            test_policy(),
+            default_sql_limits(),
+            options,
+        )
+        .await
     }
 
     /// A fresh server whose `$load` sources follow `policy` (tests otherwise allow loopback
@@ -188,6 +234,16 @@ impl TestServer {
         policy: SourcePolicy,
         sql_limits: fhirbox::bulk::dump_sql::SqlLimits,
     ) -> TestServer {
+        TestServer::start_full(store, database, policy, sql_limits, JobOptions::default()).await
+    }
+
+    async fn start_full(
+        store: Store,
+        database: String,
+        policy: SourcePolicy,
+        sql_limits: fhirbox::bulk::dump_sql::SqlLimits,
+        exports: JobOptions,
+    ) -> TestServer {
         let root = RootPassword::from_password(ROOT_PASSWORD).expect("hash");
         let sources = fhirbox::bulk::source::Sources::new(policy).expect("sources");
         let reader = Store::config_as(
@@ -195,18 +251,28 @@ impl TestServer {
             fhirbox::store::schema::SQL_READER_ROLE,
         );
         let formats = Formats::new(store.clone());
-        let imports = fhirbox::bulk::import::Imports::new(
+        let export_dir = exports.export_dir.unwrap_or_else(|| {
+            std::env::temp_dir().join(format!(
+                "fhirbox-test-exports-{}-{database}",
+                std::process::id()
+            ))
+        });
+        let background = fhirbox::bulk::Background::start(
             store.clone(),
             sources.clone(),
             formats.clone(),
-            fhirbox::bulk::import::ImportSettings {
-                workers: 2,
+            fhirbox::bulk::jobs::JobSettings {
+                workers: exports.workers,
                 lease: Duration::from_secs(5),
             },
+            fhirbox::bulk::export::ExportSettings {
+                dir: export_dir.clone(),
+                file_size: exports.file_size,
+                expiry: exports.expiry,
+            },
         );
-        imports.spawn_workers();
         let state = AppState {
-            imports,
+            background,
             sources,
             sql_reader: Store::new(reader, 4).expect("reader pool"),
             formats,
@@ -232,6 +298,7 @@ impl TestServer {
             client: http_client(),
             database,
             store,
+            export_dir,
         }
     }
 

@@ -1,0 +1,439 @@
+//! `$export` (FHIR Bulk Data Access IG 2.0.0): asynchronous exports to NDJSON files.
+//!
+//! A kick-off ([`request`]) becomes a job of the job machinery ([`super::jobs`]) with one task
+//! per resource type. A task reads its type with one COPY ([`crate::store::export`]: the
+//! export's `transactionTime`, `_since`, patient compartment and `_typeFilter`s in SQL), turns
+//! the rows into FHIR lines with `$dump`'s pipeline ([`super::dump::fhir_lines`]), and writes
+//! them into size-limited files ([`output`]) in the job's directory under the export
+//! directory. Only then is the task marked finished, with its files and counts: a task that
+//! dies half-way is run again and rewrites its files from the start.
+//!
+//! The status URL answers from the job's rows: in progress, failed, or the manifest. Files of
+//! a job live until `expiry` after it ended; a cancelled job's files go at once. The export
+//! directory must be shared by every fhirbox process that serves the same database.
+
+pub mod output;
+pub mod request;
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use futures_util::future::BoxFuture;
+use futures_util::StreamExt;
+use serde_json::{json, Value};
+
+use self::output::{result_document, result_files, Output};
+use self::request::{ExportSpec, Level};
+use super::jobs::{Jobs, Progress, Runner, TaskFailure};
+use crate::format::Formats;
+use crate::resource::format_instant;
+use crate::resource_type::ResourceType;
+use crate::store::export::{ExportQuery, PatientSource, Patients};
+use crate::store::jobs::{self as sql, Finished, JobKind, JobRow, NewTask, TaskRow};
+use crate::store::StoreError;
+
+/// The file that carries an export's warnings (OperationOutcomes, one per line).
+const WARNINGS_FILE: &str = "OperationOutcome-1.ndjson";
+
+/// Export settings.
+#[derive(Debug, Clone)]
+pub struct ExportSettings {
+    /// Where jobs' files are written, one directory per job.
+    pub dir: PathBuf,
+    /// A type's output is split into files of about this many bytes.
+    pub file_size: u64,
+    /// How long the files of an ended job are kept.
+    pub expiry: Duration,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ExportError {
+    #[error("{0}")]
+    Invalid(String),
+    #[error("Group/{0} not found")]
+    NoGroup(String),
+    #[error("could not write the export's files: {0}")]
+    Io(#[from] std::io::Error),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// What the status URL says.
+pub enum ExportStatus {
+    InProgress {
+        progress: String,
+    },
+    /// The whole job failed: why.
+    Failed(Vec<String>),
+    /// The manifest, and when its files expire.
+    Complete {
+        manifest: Value,
+        expires: DateTime<Utc>,
+    },
+}
+
+/// The export service: starts jobs, runs their tasks (as the job machinery's export
+/// [`Runner`]), answers status and file requests, and deletes expired files.
+#[derive(Clone)]
+pub struct Exports {
+    jobs: Jobs,
+    formats: Formats,
+    settings: Arc<ExportSettings>,
+}
+
+impl Exports {
+    pub fn new(jobs: Jobs, formats: Formats, settings: ExportSettings) -> Exports {
+        Exports {
+            jobs,
+            formats,
+            settings: Arc::new(settings),
+        }
+    }
+
+    /// Creates a job and wakes the workers; returns its id.
+    pub async fn start(&self, spec: ExportSpec, subject: &str) -> Result<String, ExportError> {
+        let conn = self.jobs.store().connection().await?;
+        if let Level::Group { id } = &spec.level {
+            let group = ResourceType::parse("Group").expect("an R4 type");
+            let found = crate::store::resources::read(&conn, group, id).await?;
+            if !matches!(found, crate::store::resources::Lookup::Found(_)) {
+                return Err(ExportError::NoGroup(id.clone()));
+            }
+        }
+        let id = crate::resource::new_id();
+        let tasks: Vec<NewTask> = spec
+            .types
+            .iter()
+            .map(|name| NewTask {
+                resource_type: name.clone(),
+                url: None,
+            })
+            .collect();
+        let job = JobRow {
+            id: id.clone(),
+            kind: JobKind::Export,
+            subject: subject.to_string(),
+            fhir: true,
+            keep_history: false,
+            cancelled: false,
+            created_at: spec.transaction_time,
+            document: serde_json::to_value(&spec)
+                .map_err(|e| ExportError::Invalid(e.to_string()))?,
+        };
+        if !spec.warnings.is_empty() {
+            let dir = self.job_dir(&id);
+            tokio::fs::create_dir_all(&dir).await?;
+            tokio::fs::write(dir.join(WARNINGS_FILE), warnings_ndjson(&spec.warnings)).await?;
+        }
+        if !sql::create_job(&conn, &job, &tasks).await? {
+            return Err(ExportError::Invalid(format!("export id {id} is taken")));
+        }
+        self.jobs.wake();
+        Ok(id)
+    }
+
+    /// Who started a job (`root`, `Client/<id>`), if it exists.
+    pub async fn subject(&self, id: &str) -> Result<Option<String>, StoreError> {
+        let conn = self.jobs.store().connection().await?;
+        Ok(sql::job(&conn, JobKind::Export, id)
+            .await?
+            .filter(|job| !job.cancelled)
+            .map(|job| job.subject))
+    }
+
+    /// The status of a job (`None`: no such job, or cancelled, or expired). File URLs start
+    /// with `base` (`http://host/fhir`).
+    pub async fn status(&self, id: &str, base: &str) -> Result<Option<ExportStatus>, StoreError> {
+        let conn = self.jobs.store().connection().await?;
+        let Some(job) = sql::job(&conn, JobKind::Export, id).await? else {
+            return Ok(None);
+        };
+        if job.cancelled {
+            return Ok(None);
+        }
+        let tasks = sql::tasks(&conn, id).await?;
+        let Ok(spec) = serde_json::from_value::<ExportSpec>(job.document.clone()) else {
+            return Ok(Some(ExportStatus::Failed(vec![
+                "this export was started by another fhirbox version".into(),
+            ])));
+        };
+        let failed: Vec<String> = tasks
+            .iter()
+            .filter(|t| t.status == "failed")
+            .map(|t| {
+                format!(
+                    "{}: {}",
+                    t.resource_type,
+                    t.error.as_deref().unwrap_or("failed")
+                )
+            })
+            .collect();
+        if !failed.is_empty() {
+            return Ok(Some(ExportStatus::Failed(failed)));
+        }
+        let done = tasks.iter().filter(|t| t.status == "finished").count();
+        if done < tasks.len() {
+            let resources: i64 = tasks.iter().filter_map(|t| t.total).sum();
+            return Ok(Some(ExportStatus::InProgress {
+                progress: format!(
+                    "{done} of {} resource types done, {resources} resources written",
+                    tasks.len()
+                ),
+            }));
+        }
+        let ended = tasks
+            .iter()
+            .filter_map(|t| t.finished_at)
+            .max()
+            .unwrap_or(job.created_at);
+        let expires = ended
+            + chrono::Duration::from_std(self.settings.expiry).unwrap_or(chrono::Duration::MAX);
+        Ok(Some(ExportStatus::Complete {
+            manifest: manifest(&spec, &tasks, &format!("{base}/$export-file/{id}")),
+            expires,
+        }))
+    }
+
+    /// Cancels a job and deletes its files; `false` if there is no such job.
+    pub async fn cancel(&self, id: &str) -> Result<bool, ExportError> {
+        let conn = self.jobs.store().connection().await?;
+        let live = sql::job(&conn, JobKind::Export, id)
+            .await?
+            .is_some_and(|job| !job.cancelled);
+        if !live || !sql::cancel(&conn, JobKind::Export, id).await? {
+            return Ok(false);
+        }
+        self.remove_files(id).await;
+        Ok(true)
+    }
+
+    /// The path of a file of a completed job, if `name` is one of its files.
+    pub async fn file(&self, id: &str, name: &str) -> Result<Option<PathBuf>, StoreError> {
+        let conn = self.jobs.store().connection().await?;
+        let Some(job) = sql::job(&conn, JobKind::Export, id).await? else {
+            return Ok(None);
+        };
+        if job.cancelled {
+            return Ok(None);
+        }
+        let tasks = sql::tasks(&conn, id).await?;
+        let listed = tasks
+            .iter()
+            .filter(|t| t.status == "finished")
+            .flat_map(|t| result_files(t.result.as_ref()))
+            .any(|f| f.name == name);
+        let warnings = name == WARNINGS_FILE
+            && serde_json::from_value::<ExportSpec>(job.document)
+                .is_ok_and(|spec| !spec.warnings.is_empty());
+        Ok((listed || warnings).then(|| self.job_dir(id).join(name)))
+    }
+
+    /// Deletes, now and then, the jobs and files that are over: expired or cancelled.
+    pub fn spawn_janitor(&self) {
+        let exports = self.clone();
+        let every =
+            (self.settings.expiry / 4).clamp(Duration::from_secs(1), Duration::from_secs(60));
+        tokio::spawn(async move {
+            loop {
+                if let Err(error) = exports.sweep().await {
+                    tracing::warn!(%error, "could not delete expired exports");
+                }
+                tokio::time::sleep(every).await;
+            }
+        });
+    }
+
+    /// One janitor pass.
+    pub async fn sweep(&self) -> Result<(), StoreError> {
+        let conn = self.jobs.store().connection().await?;
+        for id in sql::ended_before(&conn, JobKind::Export, self.settings.expiry).await? {
+            self.remove_files(&id).await;
+            sql::delete(&conn, &id).await?;
+            tracing::info!(job = %id, "deleted an expired or cancelled export");
+        }
+        Ok(())
+    }
+
+    fn job_dir(&self, id: &str) -> PathBuf {
+        self.settings.dir.join(id)
+    }
+
+    async fn remove_files(&self, id: &str) {
+        let dir = self.job_dir(id);
+        match tokio::fs::remove_dir_all(&dir).await {
+            Ok(()) => {}
+            Err(error) if error.kind() == std::io::ErrorKind::NotFound => {}
+            Err(error) => {
+                tracing::warn!(%error, dir = %dir.display(), "could not delete export files")
+            }
+        }
+    }
+
+    /// Runs one type of an export.
+    async fn export_type(
+        &self,
+        task: &TaskRow,
+        worker: &str,
+        progress: &Progress,
+    ) -> Result<(), TaskFailure> {
+        let failed = |e: &dyn std::fmt::Display| TaskFailure::Failed(e.to_string());
+        let job = {
+            let conn = self
+                .jobs
+                .store()
+                .connection()
+                .await
+                .map_err(|e| failed(&e))?;
+            sql::job(&conn, JobKind::Export, &task.job_id)
+                .await
+                .map_err(|e| failed(&e))?
+        };
+        let Some(job) = job else {
+            return Err(TaskFailure::Abandoned);
+        };
+        let spec: ExportSpec = serde_json::from_value(job.document).map_err(|e| failed(&e))?;
+        let rt = ResourceType::parse(&task.resource_type)
+            .ok_or_else(|| TaskFailure::Failed(format!("unknown type {}", task.resource_type)))?;
+        let patients = match (&spec.level, &spec.patients) {
+            (Level::System, _) => Patients::Any,
+            (Level::Patient, None) => Patients::Every,
+            _ => Patients::Listed,
+        };
+        let group = match &spec.level {
+            Level::Group { id } => Some(id.as_str()),
+            _ => None,
+        };
+        let filters = spec
+            .filters
+            .get(rt.name())
+            .map(Vec::as_slice)
+            .unwrap_or(&[]);
+        let query = ExportQuery {
+            rt,
+            until: spec.transaction_time,
+            since: spec.since,
+            patients,
+            filters,
+        };
+        let source = PatientSource {
+            group,
+            ids: spec.patients.as_deref(),
+        };
+        let converter = self.formats.converter().await.map_err(|e| failed(&e))?;
+        let copy = crate::store::export::start(self.jobs.store(), &query, source)
+            .await
+            .map_err(|e| failed(&e))?;
+        let mut lines = super::dump::fhir_lines(copy, rt, converter);
+        let mut output = Output::create(
+            &self.job_dir(&task.job_id),
+            rt.name(),
+            self.settings.file_size,
+        )
+        .await
+        .map_err(|e| failed(&e))?;
+        let (mut total, mut bytes) = (0u64, 0u64);
+        while let Some(batch) = lines.next().await {
+            let batch = batch.map_err(|e| failed(&e))?;
+            total += output.write(&batch).await.map_err(|e| failed(&e))?;
+            bytes += batch.len() as u64;
+            progress
+                .rows
+                .store(total, std::sync::atomic::Ordering::Relaxed);
+            progress
+                .bytes
+                .store(bytes, std::sync::atomic::Ordering::Relaxed);
+        }
+        let files = output.finish().await.map_err(|e| failed(&e))?;
+        let result = result_document(&files);
+        let finished = Finished {
+            total: total as i64,
+            bytes: bytes as i64,
+            result: Some(&result),
+        };
+        match self.jobs.finish(task, worker, finished).await {
+            Ok(true) => Ok(()),
+            Ok(false) => Err(TaskFailure::Abandoned),
+            Err(error) => Err(failed(&error)),
+        }
+    }
+}
+
+impl Runner for Exports {
+    fn run<'a>(
+        &'a self,
+        task: &'a TaskRow,
+        worker: &'a str,
+        progress: Arc<Progress>,
+    ) -> BoxFuture<'a, Result<(), TaskFailure>> {
+        Box::pin(async move { self.export_type(task, worker, &progress).await })
+    }
+}
+
+/// The completion manifest (IG 2.0.0): every non-empty file, in type order.
+fn manifest(spec: &ExportSpec, tasks: &[TaskRow], files_base: &str) -> Value {
+    let output: Vec<Value> = tasks
+        .iter()
+        .flat_map(|task| {
+            result_files(task.result.as_ref())
+                .into_iter()
+                .filter(|f| f.count > 0)
+                .map(|f| {
+                    json!({
+                        "type": task.resource_type,
+                        "url": format!("{files_base}/{}", f.name),
+                        "count": f.count,
+                    })
+                })
+        })
+        .collect();
+    let error: Vec<Value> = if spec.warnings.is_empty() {
+        Vec::new()
+    } else {
+        vec![json!({
+            "type": "OperationOutcome",
+            "url": format!("{files_base}/{WARNINGS_FILE}"),
+            "count": spec.warnings.len(),
+        })]
+    };
+    json!({
+        "transactionTime": format_instant(&spec.transaction_time),
+        "request": spec.request,
+        "requiresAccessToken": true,
+        "output": output,
+        "error": error,
+    })
+}
+
+fn warnings_ndjson(warnings: &[String]) -> String {
+    warnings
+        .iter()
+        .map(|message| {
+            let outcome = json!({
+                "resourceType": "OperationOutcome",
+                "issue": [{"severity": "warning", "code": "not-supported", "diagnostics": message}],
+            });
+            format!("{outcome}\n")
+        })
+        .collect()
+}
+
+/// Whether `name` could be an export file's name (checked before any path is built from it).
+pub fn is_file_name(name: &str) -> bool {
+    let Some(stem) = name.strip_suffix(".ndjson") else {
+        return false;
+    };
+    let Some((type_name, number)) = stem.rsplit_once('-') else {
+        return false;
+    };
+    !type_name.is_empty()
+        && type_name.bytes().all(|b| b.is_ascii_alphabetic())
+        && !number.is_empty()
+        && number.bytes().all(|b| b.is_ascii_digit())
+}
+
+/// The default export directory for a data directory.
+pub fn default_dir(data_dir: &Path) -> PathBuf {
+    data_dir.join("exports")
+}

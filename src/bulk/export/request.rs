@@ -1,0 +1,523 @@
+//! The kick-off request of `$export`, checked and turned into the job's specification.
+//!
+//! Parameters come from the query string and, for `POST`, from a `Parameters` resource; both
+//! are read into one list of `(name, value)` first. What fhirbox cannot honour is an error
+//! (400), unless the client sent `Prefer: handling=lenient`: then it is left out and the
+//! manifest's `error` file says so (the IG's lenient handling).
+
+use std::collections::BTreeMap;
+
+use chrono::{DateTime, Days, Months, NaiveDate, TimeZone, Utc};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use crate::bulk::params::parse_instant;
+use crate::resource_type::ResourceType;
+use crate::store::export::{compartment_paths, token_param, Criterion, Token};
+
+/// The output formats the IG names for NDJSON; all mean the same file.
+const OUTPUT_FORMATS: &[&str] = &["application/fhir+ndjson", "application/ndjson", "ndjson"];
+
+/// Which resources an export covers.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", tag = "level")]
+pub enum Level {
+    /// `/$export`: everything.
+    System,
+    /// `/Patient/$export`: every patient's compartment.
+    Patient,
+    /// `/Group/<id>/$export`: the compartments of the Group's member Patients.
+    Group { id: String },
+}
+
+/// An export job's specification, stored with the job.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ExportSpec {
+    #[serde(flatten)]
+    pub level: Level,
+    /// The resource types to export, in order.
+    pub types: Vec<String>,
+    pub since: Option<DateTime<Utc>>,
+    /// Nothing changed after this instant is exported (the manifest's `transactionTime`).
+    pub transaction_time: DateTime<Utc>,
+    /// The kick-off URL, echoed in the manifest.
+    pub request: String,
+    /// `patient` parameters: only these patients' compartments.
+    pub patients: Option<Vec<String>>,
+    /// `_typeFilter`s by type: a resource is exported if any of its type's filters matches.
+    pub filters: BTreeMap<String, Vec<Vec<Criterion>>>,
+    /// What lenient handling left out, for the manifest's error file.
+    pub warnings: Vec<String>,
+}
+
+/// A kick-off as the HTTP layer received it.
+pub struct KickOff {
+    pub level: Level,
+    /// `(name, value)` from the query string and the `Parameters` body.
+    pub params: Vec<(String, String)>,
+    pub lenient: bool,
+    pub request: String,
+    pub now: DateTime<Utc>,
+}
+
+/// Reads a `Parameters` resource into `(name, value)` pairs (`patient` references as ids).
+pub fn parameters_body(body: &Value) -> Result<Vec<(String, String)>, String> {
+    if body.is_null() {
+        return Ok(Vec::new());
+    }
+    if body.get("resourceType").and_then(Value::as_str) != Some("Parameters") {
+        return Err("the body of a POST $export must be a Parameters resource".into());
+    }
+    let mut out = Vec::new();
+    for parameter in body["parameter"].as_array().into_iter().flatten() {
+        let Some(name) = parameter["name"].as_str() else {
+            return Err("a parameter has no name".into());
+        };
+        let value = parameter.as_object().and_then(|p| {
+            p.iter()
+                .find(|(key, _)| key.starts_with("value"))
+                .map(|(_, v)| v)
+        });
+        let text = match (name, value) {
+            ("patient", Some(Value::Object(reference))) => {
+                let Some(target) = reference.get("reference").and_then(Value::as_str) else {
+                    return Err("a patient parameter needs valueReference.reference".into());
+                };
+                let Some(id) = target
+                    .strip_prefix("Patient/")
+                    .filter(|id| !id.contains('/'))
+                else {
+                    return Err(format!(
+                        "patient parameter '{target}' is not a Patient/<id> reference"
+                    ));
+                };
+                id.to_string()
+            }
+            (_, Some(Value::String(text))) => text.clone(),
+            (_, Some(Value::Bool(flag))) => flag.to_string(),
+            _ => return Err(format!("parameter '{name}' has no usable value")),
+        };
+        out.push((name.to_string(), text));
+    }
+    Ok(out)
+}
+
+/// Checks a kick-off and builds the specification.
+pub fn specify(kick_off: KickOff) -> Result<ExportSpec, String> {
+    let KickOff {
+        level,
+        params,
+        lenient,
+        request,
+        now,
+    } = kick_off;
+    let mut warnings = Vec::new();
+    // Unsupported things: an error, or with lenient handling a warning.
+    let mut refuse = |message: String| -> Result<(), String> {
+        if lenient {
+            warnings.push(message);
+            Ok(())
+        } else {
+            Err(format!(
+                "{message} (send 'Prefer: handling=lenient' to ignore it)"
+            ))
+        }
+    };
+    let mut since = None;
+    let mut type_lists = Vec::new();
+    let mut filter_texts = Vec::new();
+    let mut patients: Option<Vec<String>> = None;
+    let mut associated_data = false;
+    for (name, value) in &params {
+        match name.as_str() {
+            "_outputFormat" => {
+                if !OUTPUT_FORMATS.contains(&value.as_str()) {
+                    return Err(format!(
+                        "_outputFormat '{value}' is not supported; use one of: {}",
+                        OUTPUT_FORMATS.join(", ")
+                    ));
+                }
+            }
+            "_since" => {
+                since = Some(parse_instant(value).ok_or_else(|| {
+                    format!("_since '{value}' is not a FHIR instant (like 2024-01-31T12:00:00Z)")
+                })?);
+            }
+            "_type" => type_lists.push(value.clone()),
+            "_typeFilter" => filter_texts.push(value.clone()),
+            "patient" => {
+                if level == Level::System {
+                    return Err(
+                        "the patient parameter applies to Patient and Group exports only".into(),
+                    );
+                }
+                patients.get_or_insert_with(Vec::new).push(value.clone());
+            }
+            "includeAssociatedData" => associated_data = true,
+            other => refuse(format!("the parameter '{other}' is not supported"))?,
+        }
+    }
+
+    let in_scope = |name: &str| match level {
+        Level::System => true,
+        _ => compartment_paths(name).is_some() || name == "Patient",
+    };
+    let mut types: Vec<String> = Vec::new();
+    if type_lists.is_empty() {
+        types.extend(
+            ResourceType::all()
+                .filter(|rt| rt.is_fhir() && in_scope(rt.name()))
+                .map(|rt| rt.name().to_string()),
+        );
+    } else {
+        for name in type_lists
+            .iter()
+            .flat_map(|list| list.split(','))
+            .map(str::trim)
+        {
+            if name.is_empty() || types.iter().any(|t| t == name) {
+                continue;
+            }
+            match ResourceType::parse(name).filter(|rt| rt.is_fhir()) {
+                None => refuse(format!("_type '{name}' is not a FHIR R4 resource type"))?,
+                Some(_) if !in_scope(name) => {
+                    refuse(format!("_type '{name}' is not in the Patient compartment"))?
+                }
+                Some(_) => types.push(name.to_string()),
+            }
+        }
+        if types.is_empty() {
+            return Err("_type names no resource type to export".into());
+        }
+    }
+
+    let mut filters: BTreeMap<String, Vec<Vec<Criterion>>> = BTreeMap::new();
+    for text in &filter_texts {
+        for filter in split_filters(text) {
+            let (type_name, criteria) = parse_filter(&filter, &mut refuse)?;
+            if !types.contains(&type_name) {
+                refuse(format!(
+                    "_typeFilter '{filter}' is for {type_name}, which this export does not include"
+                ))?;
+                continue;
+            }
+            filters.entry(type_name).or_default().push(criteria);
+        }
+    }
+
+    if associated_data {
+        // The IG: a server that does not support it ignores it, with a warning.
+        warnings.push("includeAssociatedData is not supported and was ignored".into());
+    }
+    Ok(ExportSpec {
+        level,
+        types,
+        since,
+        transaction_time: now,
+        request,
+        patients,
+        filters,
+        warnings,
+    })
+}
+
+/// Splits a `_typeFilter` value into filters. Filters are comma-separated; a comma inside a
+/// filter should be escaped (`%2C`), but a piece that does not start with `Type?` is taken as
+/// the rest of the previous filter, so an unescaped `code=a,b` still works.
+fn split_filters(text: &str) -> Vec<String> {
+    let mut filters: Vec<String> = Vec::new();
+    for piece in text.split(',') {
+        let starts_filter = piece
+            .split_once('?')
+            .is_some_and(|(name, _)| ResourceType::parse(name).is_some());
+        match filters.last_mut() {
+            Some(last) if !starts_filter => {
+                last.push(',');
+                last.push_str(piece);
+            }
+            _ => filters.push(piece.to_string()),
+        }
+    }
+    filters.retain(|f| !f.trim().is_empty());
+    filters
+}
+
+/// One filter, `Type?name=value&...`, as criteria that must all hold.
+fn parse_filter(
+    filter: &str,
+    refuse: &mut impl FnMut(String) -> Result<(), String>,
+) -> Result<(String, Vec<Criterion>), String> {
+    let Some((type_name, query)) = filter.split_once('?') else {
+        return Err(format!(
+            "_typeFilter '{filter}' is not of the form Type?search"
+        ));
+    };
+    if ResourceType::parse(type_name)
+        .filter(|rt| rt.is_fhir())
+        .is_none()
+    {
+        return Err(format!(
+            "_typeFilter '{filter}': '{type_name}' is not a FHIR R4 resource type"
+        ));
+    }
+    let mut criteria = Vec::new();
+    for (name, value) in form_urlencoded::parse(query.as_bytes()) {
+        match parse_criterion(type_name, &name, &value) {
+            Ok(criterion) => criteria.push(criterion),
+            Err(message) => refuse(format!("_typeFilter '{filter}': {message}"))?,
+        }
+    }
+    Ok((type_name.to_string(), criteria))
+}
+
+fn parse_criterion(type_name: &str, name: &str, value: &str) -> Result<Criterion, String> {
+    let values: Vec<&str> = value.split(',').collect();
+    match name {
+        "_id" => Ok(Criterion::Id(
+            values.iter().map(|v| v.to_string()).collect(),
+        )),
+        "_lastUpdated" => {
+            let [one] = values.as_slice() else {
+                return Err("_lastUpdated takes one value (repeat it for a range)".into());
+            };
+            last_updated(one)
+        }
+        _ if name.contains(':') => Err(format!("search modifiers ('{name}') are not supported")),
+        _ if token_param(type_name, name).is_some() => Ok(Criterion::Token {
+            param: name.to_string(),
+            values: values.iter().map(|v| token(v)).collect(),
+        }),
+        _ => Err(format!(
+            "the search parameter '{name}' is not supported (supported: _id, _lastUpdated, and \
+             token parameters on codes, Codings, CodeableConcepts and Identifiers)"
+        )),
+    }
+}
+
+fn token(text: &str) -> Token {
+    let non_empty = |s: &str| (!s.is_empty()).then(|| s.to_string());
+    match text.split_once('|') {
+        Some((system, code)) => Token {
+            system: non_empty(system),
+            code: non_empty(code),
+            no_system: system.is_empty(),
+        },
+        None => Token {
+            system: None,
+            code: non_empty(text),
+            no_system: false,
+        },
+    }
+}
+
+/// `_lastUpdated=[prefix]date`: a date or date-time, with its precision as the range it
+/// stands for (`2024-03` is all of March).
+fn last_updated(text: &str) -> Result<Criterion, String> {
+    let prefixes = ["eq", "ne", "gt", "lt", "ge", "le", "sa", "eb", "ap"];
+    let (prefix, date) = match prefixes.iter().find(|p| text.starts_with(**p)) {
+        Some(p) => (*p, &text[2..]),
+        None => ("eq", text),
+    };
+    let (low, high) = instant_range(date)
+        .ok_or_else(|| format!("_lastUpdated '{text}' is not a FHIR date or instant"))?;
+    let (from, to) = match prefix {
+        "eq" => (Some(low), Some(high)),
+        "gt" | "sa" => (Some(high), None),
+        "ge" => (Some(low), None),
+        "lt" | "eb" => (None, Some(low)),
+        "le" => (None, Some(high)),
+        other => return Err(format!("_lastUpdated prefix '{other}' is not supported")),
+    };
+    Ok(Criterion::LastUpdated { from, to })
+}
+
+/// The instants a FHIR date or dateTime stands for: `[low, high)`.
+fn instant_range(text: &str) -> Option<(DateTime<Utc>, DateTime<Utc>)> {
+    let day = |y: i32, m: u32, d: u32| NaiveDate::from_ymd_opt(y, m, d);
+    let midnight = |date: NaiveDate| Some(Utc.from_utc_datetime(&date.and_hms_opt(0, 0, 0)?));
+    let parts: Vec<&str> = text.split('-').collect();
+    let all_digits = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit());
+    match parts.as_slice() {
+        [y] if y.len() == 4 && all_digits(y) => {
+            let start = day(y.parse().ok()?, 1, 1)?;
+            Some((
+                midnight(start)?,
+                midnight(start.checked_add_months(Months::new(12))?)?,
+            ))
+        }
+        [y, m] if y.len() == 4 && m.len() == 2 && all_digits(y) && all_digits(m) => {
+            let start = day(y.parse().ok()?, m.parse().ok()?, 1)?;
+            Some((
+                midnight(start)?,
+                midnight(start.checked_add_months(Months::new(1))?)?,
+            ))
+        }
+        [y, m, d] if d.len() == 2 && all_digits(y) && all_digits(m) && all_digits(d) => {
+            let start = day(y.parse().ok()?, m.parse().ok()?, d.parse().ok()?)?;
+            Some((
+                midnight(start)?,
+                midnight(start.checked_add_days(Days::new(1))?)?,
+            ))
+        }
+        _ => {
+            let at = parse_instant(text)?;
+            Some((at, at + chrono::Duration::microseconds(1)))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn kick_off(
+        level: Level,
+        params: &[(&str, &str)],
+        lenient: bool,
+    ) -> Result<ExportSpec, String> {
+        specify(KickOff {
+            level,
+            params: params
+                .iter()
+                .map(|(n, v)| (n.to_string(), v.to_string()))
+                .collect(),
+            lenient,
+            request: "http://x/fhir/$export".into(),
+            now: Utc::now(),
+        })
+    }
+
+    #[test]
+    fn defaults_are_every_type_or_the_compartment() {
+        let system = kick_off(Level::System, &[], false).expect("valid");
+        assert!(system.types.contains(&"Organization".to_string()));
+        assert!(!system.types.contains(&"Client".to_string()));
+        let patient = kick_off(Level::Patient, &[], false).expect("valid");
+        assert!(patient.types.contains(&"Observation".to_string()));
+        assert!(patient.types.contains(&"Patient".to_string()));
+        assert!(!patient.types.contains(&"Organization".to_string()));
+    }
+
+    #[test]
+    fn smart_fetch_filters_parse() {
+        let spec = kick_off(
+            Level::System,
+            &[
+                ("_type", "Patient,Observation"),
+                (
+                    "_typeFilter",
+                    "Observation?category=social-history%2Cvital-signs,Patient?_lastUpdated=gt2024-01-01",
+                ),
+            ],
+            false,
+        )
+        .expect("valid");
+        // One decode happened in the HTTP layer; the filter's own query is decoded here.
+        let observation = &spec.filters["Observation"];
+        assert_eq!(
+            observation[0],
+            vec![Criterion::Token {
+                param: "category".into(),
+                values: vec![
+                    Token {
+                        system: None,
+                        code: Some("social-history".into()),
+                        no_system: false
+                    },
+                    Token {
+                        system: None,
+                        code: Some("vital-signs".into()),
+                        no_system: false
+                    },
+                ]
+            }]
+        );
+        let Criterion::LastUpdated { from, to } = &spec.filters["Patient"][0][0] else {
+            panic!("a _lastUpdated criterion");
+        };
+        assert_eq!(
+            from.map(|f| f.to_rfc3339()),
+            Some("2024-01-02T00:00:00+00:00".into())
+        );
+        assert_eq!(*to, None);
+    }
+
+    #[test]
+    fn unsupported_things_are_refused_unless_lenient() {
+        let params = [("_typeFilter", "Observation?value-quantity=5")];
+        let error = kick_off(Level::System, &params, false).expect_err("refused");
+        assert!(
+            error.contains("value-quantity") && error.contains("lenient"),
+            "{error}"
+        );
+        let spec = kick_off(Level::System, &params, true).expect("lenient");
+        assert_eq!(spec.warnings.len(), 1);
+        assert_eq!(spec.filters["Observation"], vec![Vec::<Criterion>::new()]);
+
+        assert!(kick_off(Level::System, &[("_outputFormat", "text/csv")], true).is_err());
+        assert!(kick_off(Level::System, &[("_since", "yesterday")], true).is_err());
+        assert!(kick_off(Level::System, &[("_type", "Nope")], false).is_err());
+        assert!(kick_off(Level::Patient, &[("_type", "Organization")], false).is_err());
+        assert!(kick_off(Level::System, &[("patient", "p1")], false).is_err());
+        let spec = kick_off(
+            Level::System,
+            &[("includeAssociatedData", "LatestProvenanceResources")],
+            false,
+        )
+        .expect("ignored");
+        assert_eq!(spec.warnings.len(), 1);
+    }
+
+    #[test]
+    fn tokens_and_dates() {
+        assert_eq!(
+            token("|x"),
+            Token {
+                system: None,
+                code: Some("x".into()),
+                no_system: true
+            }
+        );
+        assert_eq!(
+            token("http://loinc.org|"),
+            Token {
+                system: Some("http://loinc.org".into()),
+                code: None,
+                no_system: false
+            }
+        );
+        let (low, high) = instant_range("2024-02").expect("month");
+        assert_eq!(low.to_rfc3339(), "2024-02-01T00:00:00+00:00");
+        assert_eq!(high.to_rfc3339(), "2024-03-01T00:00:00+00:00");
+        assert!(instant_range("2024-13").is_none());
+        assert!(last_updated("ap2024").is_err());
+    }
+
+    #[test]
+    fn unescaped_commas_stay_in_their_filter() {
+        assert_eq!(
+            split_filters("Observation?code=a,b,Patient?_id=1"),
+            vec![
+                "Observation?code=a,b".to_string(),
+                "Patient?_id=1".to_string()
+            ]
+        );
+    }
+
+    #[test]
+    fn parameters_bodies() {
+        let body = serde_json::json!({"resourceType": "Parameters", "parameter": [
+            {"name": "_type", "valueString": "Observation"},
+            {"name": "patient", "valueReference": {"reference": "Patient/p1"}},
+        ]});
+        assert_eq!(
+            parameters_body(&body).expect("valid"),
+            vec![
+                ("_type".into(), "Observation".into()),
+                ("patient".into(), "p1".into())
+            ]
+        );
+        assert!(parameters_body(&serde_json::json!({"resourceType": "Patient"})).is_err());
+    }
+}

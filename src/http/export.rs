@@ -1,0 +1,299 @@
+//! FHIR Bulk Data `$export` (IG 2.0.0), on `/fhir/` only:
+//!
+//! - kick-off: `GET`/`POST /fhir/$export`, `/fhir/Patient/$export`, `/fhir/Group/<id>/$export`,
+//!   with `Accept: application/fhir+json` and `Prefer: respond-async` (else 400) -> 202 with
+//!   `Content-Location: <base>/$export-status/<job>`;
+//! - status: `GET /fhir/$export-status/<job>` -> 202 with `X-Progress` and `Retry-After`
+//!   while it runs, 200 with the manifest when done, 500 with an OperationOutcome if it
+//!   failed; `DELETE` cancels the job and deletes its files (202);
+//! - files: `GET /fhir/$export-file/<job>/<name>` (`application/fhir+ndjson`; gzip when the
+//!   client accepts it).
+//!
+//! Status and files are the job owner's (see `access.rs`), besides what policies allow.
+
+use axum::body::{Body, Bytes};
+use axum::extract::{OriginalUri, Path, State};
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::Extension;
+use chrono::Utc;
+use serde_json::json;
+
+use super::body::{form_urlencoded_pairs, parse, Syntax};
+use super::context::ApiContext;
+use super::error::ApiError;
+use super::AppState;
+use crate::auth::Subject;
+use crate::bulk::export::request::{parameters_body, specify, KickOff, Level};
+use crate::bulk::export::{is_file_name, ExportError, ExportStatus};
+
+/// Seconds a client should wait between status polls.
+const RETRY_AFTER_SECONDS: &str = "1";
+
+pub async fn system(
+    State(state): State<AppState>,
+    Extension(subject): Extension<Subject>,
+    ctx: ApiContext,
+    OriginalUri(uri): OriginalUri,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    kick_off(&state, &subject, &ctx, Level::System, &uri, &headers, &body).await
+}
+
+pub async fn patient(
+    State(state): State<AppState>,
+    Extension(subject): Extension<Subject>,
+    Path(type_name): Path<String>,
+    ctx: ApiContext,
+    OriginalUri(uri): OriginalUri,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    if type_name != "Patient" {
+        return Err(ApiError::not_found(format!(
+            "$export is defined on the system, on Patient and on a Group, not on {type_name}"
+        )));
+    }
+    kick_off(
+        &state,
+        &subject,
+        &ctx,
+        Level::Patient,
+        &uri,
+        &headers,
+        &body,
+    )
+    .await
+}
+
+pub async fn group(
+    State(state): State<AppState>,
+    Extension(subject): Extension<Subject>,
+    Path((type_name, id)): Path<(String, String)>,
+    ctx: ApiContext,
+    OriginalUri(uri): OriginalUri,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    if type_name != "Group" {
+        return Err(ApiError::not_found(format!(
+            "$export on an instance is defined for a Group, not for {type_name}"
+        )));
+    }
+    let level = Level::Group { id };
+    kick_off(&state, &subject, &ctx, level, &uri, &headers, &body).await
+}
+
+async fn kick_off(
+    state: &AppState,
+    subject: &Subject,
+    ctx: &ApiContext,
+    level: Level,
+    uri: &axum::http::Uri,
+    headers: &HeaderMap,
+    body: &[u8],
+) -> Result<Response, ApiError> {
+    let header_text = |name: header::HeaderName| {
+        headers
+            .get_all(name)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .collect::<Vec<_>>()
+            .join(",")
+    };
+    let accept = header_text(header::ACCEPT);
+    let accepts_fhir_json = accept
+        .split(',')
+        .any(|media| media.split(';').next().unwrap_or_default().trim() == "application/fhir+json");
+    if !accepts_fhir_json {
+        return Err(ApiError::bad_request(
+            "an $export kick-off needs the header 'Accept: application/fhir+json'",
+        ));
+    }
+    let prefer = header_text(header::HeaderName::from_static("prefer"));
+    let preferences: Vec<String> = prefer
+        .split(',')
+        .map(|p| p.trim().replace(' ', "").to_ascii_lowercase())
+        .collect();
+    if !preferences.iter().any(|p| p == "respond-async") {
+        return Err(ApiError::bad_request(
+            "an $export kick-off needs the header 'Prefer: respond-async'",
+        ));
+    }
+    let lenient = preferences.iter().any(|p| p == "handling=lenient");
+
+    let mut params = form_urlencoded_pairs(uri.query().unwrap_or_default());
+    if !body.iter().all(u8::is_ascii_whitespace) {
+        let document = parse(body, Syntax::Json)?;
+        params.extend(parameters_body(&document).map_err(ApiError::bad_request)?);
+    }
+    let path_and_query = uri.path_and_query().map_or("", |pq| pq.as_str());
+    let request = format!(
+        "{}{path_and_query}",
+        ctx.url("/").trim_end_matches("/fhir/")
+    );
+    let spec = specify(KickOff {
+        level,
+        params,
+        lenient,
+        request,
+        now: Utc::now(),
+    })
+    .map_err(ApiError::bad_request)?;
+    let warnings = spec.warnings.clone();
+    let id = state
+        .background
+        .exports
+        .start(spec, &subject.name())
+        .await?;
+    let mut issues = vec![json!({
+        "severity": "information",
+        "code": "informational",
+        "diagnostics": format!("export {id} started"),
+    })];
+    issues.extend(warnings.iter().map(
+        |message| json!({"severity": "warning", "code": "not-supported", "diagnostics": message}),
+    ));
+    let outcome = json!({"resourceType": "OperationOutcome", "issue": issues});
+    let mut response = ctx.reply(StatusCode::ACCEPTED, &outcome);
+    if let Ok(location) = HeaderValue::from_str(&ctx.url(&format!("$export-status/{id}"))) {
+        response
+            .headers_mut()
+            .insert(header::CONTENT_LOCATION, location);
+    }
+    Ok(response)
+}
+
+pub async fn status(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+    ctx: ApiContext,
+) -> Result<Response, ApiError> {
+    let base = ctx.url("/");
+    let status = state
+        .background
+        .exports
+        .status(&id, base.trim_end_matches('/'))
+        .await?;
+    match status {
+        None => Err(no_export(&id)),
+        Some(ExportStatus::InProgress { progress }) => {
+            let mut response = StatusCode::ACCEPTED.into_response();
+            let headers = response.headers_mut();
+            headers.insert(
+                header::RETRY_AFTER,
+                HeaderValue::from_static(RETRY_AFTER_SECONDS),
+            );
+            if let Ok(progress) = HeaderValue::from_str(&progress) {
+                headers.insert("x-progress", progress);
+            }
+            Ok(response)
+        }
+        Some(ExportStatus::Failed(reasons)) => Err(ApiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "exception",
+            format!("the export failed: {}", reasons.join("; ")),
+        )),
+        Some(ExportStatus::Complete { manifest, expires }) => {
+            let mut response = (
+                StatusCode::OK,
+                [(header::CONTENT_TYPE, "application/json")],
+                manifest.to_string(),
+            )
+                .into_response();
+            let expires = expires.format("%a, %d %b %Y %H:%M:%S GMT").to_string();
+            if let Ok(expires) = HeaderValue::from_str(&expires) {
+                response.headers_mut().insert(header::EXPIRES, expires);
+            }
+            Ok(response)
+        }
+    }
+}
+
+pub async fn cancel(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+    ctx: ApiContext,
+) -> Result<Response, ApiError> {
+    if !state.background.exports.cancel(&id).await? {
+        return Err(no_export(&id));
+    }
+    let outcome = json!({"resourceType": "OperationOutcome", "issue": [{
+        "severity": "information",
+        "code": "informational",
+        "diagnostics": format!("export {id} cancelled and its files deleted"),
+    }]});
+    Ok(ctx.reply(StatusCode::ACCEPTED, &outcome))
+}
+
+pub async fn file(
+    State(state): State<AppState>,
+    Path((id, name)): Path<(String, String)>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    let not_found = || ApiError::not_found(format!("export {id} has no file {name}"));
+    if !is_file_name(&name) {
+        return Err(not_found());
+    }
+    let Some(path) = state.background.exports.file(&id, &name).await? else {
+        return Err(not_found());
+    };
+    let file = tokio::fs::File::open(&path).await.map_err(|error| {
+        tracing::warn!(%error, path = %path.display(), "an export file listed in a manifest is missing");
+        not_found()
+    })?;
+    let gzip = headers
+        .get_all(header::ACCEPT_ENCODING)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|coding| {
+            let mut parts = coding.split(';');
+            let name = parts.next().unwrap_or_default().trim();
+            let refused = parts.any(|p| p.trim().replace(' ', "") == "q=0");
+            name == "gzip" && !refused
+        });
+    let stream: crate::bulk::dump::ByteStream = Box::pin(
+        tokio_util::io::ReaderStream::with_capacity(file, 256 * 1024),
+    );
+    let mut response = Response::new(Body::from_stream(if gzip {
+        crate::bulk::gzip::gzip(stream)
+    } else {
+        stream
+    }));
+    let headers = response.headers_mut();
+    headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/fhir+ndjson"),
+    );
+    if gzip {
+        headers.insert(header::CONTENT_ENCODING, HeaderValue::from_static("gzip"));
+    }
+    headers.insert(header::VARY, HeaderValue::from_static("accept-encoding"));
+    Ok(response)
+}
+
+fn no_export(id: &str) -> ApiError {
+    ApiError::not_found(format!(
+        "no export {id} (it may have been cancelled, or its files expired)"
+    ))
+}
+
+impl From<ExportError> for ApiError {
+    fn from(error: ExportError) -> ApiError {
+        match error {
+            ExportError::Invalid(message) => ApiError::bad_request(message),
+            ExportError::NoGroup(_) => ApiError::not_found(error.to_string()),
+            ExportError::Store(error) => error.into(),
+            ExportError::Io(error) => {
+                tracing::error!(%error, "could not write export files");
+                ApiError::new(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "exception",
+                    "could not write the export's files (logged on the server)",
+                )
+            }
+        }
+    }
+}

@@ -1,0 +1,361 @@
+//! The SQL of background jobs (`$import`, `$export`): jobs, their tasks, and the claims
+//! workers hold on tasks.
+//!
+//! A job is split into tasks (an import's inputs, an export's resource types). Any number of
+//! fhirbox processes share the work: a worker claims one waiting task (or one whose claim has
+//! expired: its worker died) with `FOR UPDATE SKIP LOCKED`, holds it with a lease it renews
+//! while working, and marks it finished only if it still holds the claim (an import does so in
+//! the transaction that commits the input's rows). So a task's effect lands exactly once,
+//! however processes crash.
+
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use serde_json::Value;
+
+use super::{GenericClient, StoreError};
+
+/// What a job does; stored in `fhirbox_job.kind`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum JobKind {
+    Import,
+    Export,
+}
+
+impl JobKind {
+    pub fn name(self) -> &'static str {
+        match self {
+            JobKind::Import => "import",
+            JobKind::Export => "export",
+        }
+    }
+
+    fn parse(name: &str) -> Option<JobKind> {
+        match name {
+            "import" => Some(JobKind::Import),
+            "export" => Some(JobKind::Export),
+            _ => None,
+        }
+    }
+}
+
+/// A job's task, as a worker or a status view sees it.
+#[derive(Debug, Clone)]
+pub struct TaskRow {
+    pub job_id: String,
+    pub position: i32,
+    /// The job's kind (`None`: written by a newer fhirbox; such tasks are never claimed here).
+    pub kind: Option<JobKind>,
+    pub resource_type: String,
+    /// An import input's source.
+    pub url: Option<String>,
+    pub status: String,
+    pub worker: Option<String>,
+    pub total: Option<i64>,
+    pub bytes: Option<i64>,
+    pub started_at: Option<DateTime<Utc>>,
+    pub finished_at: Option<DateTime<Utc>>,
+    pub error: Option<String>,
+    /// What a finished task produced (an export's files).
+    pub result: Option<Value>,
+}
+
+const TASK_COLUMNS: &str = "t.job_id, t.position, (SELECT kind FROM fhirbox_job WHERE id = t.job_id), \
+     t.resource_type, t.url, t.status, t.worker, t.total, t.bytes, t.started_at, t.finished_at, t.error, t.result";
+
+fn task_row(row: &tokio_postgres::Row) -> TaskRow {
+    let kind: Option<String> = row.get(2);
+    TaskRow {
+        job_id: row.get(0),
+        position: row.get(1),
+        kind: kind.as_deref().and_then(JobKind::parse),
+        resource_type: row.get(3),
+        url: row.get(4),
+        status: row.get(5),
+        worker: row.get(6),
+        total: row.get(7),
+        bytes: row.get(8),
+        started_at: row.get(9),
+        finished_at: row.get(10),
+        error: row.get(11),
+        result: row.get(12),
+    }
+}
+
+/// A job as stored.
+#[derive(Debug, Clone)]
+pub struct JobRow {
+    pub id: String,
+    pub kind: JobKind,
+    pub subject: String,
+    pub fhir: bool,
+    pub keep_history: bool,
+    pub cancelled: bool,
+    pub created_at: DateTime<Utc>,
+    /// The job's request: an import's own fields, an export's specification.
+    pub document: Value,
+}
+
+/// A task to create: its resource type and, for an import, its source.
+pub struct NewTask {
+    pub resource_type: String,
+    pub url: Option<String>,
+}
+
+/// Creates a job and its tasks; `false` if the id is taken.
+pub async fn create_job(
+    client: &impl GenericClient,
+    job: &JobRow,
+    tasks: &[NewTask],
+) -> Result<bool, StoreError> {
+    let inserted = client
+        .execute(
+            "INSERT INTO fhirbox_job (id, kind, subject, fhir, keep_history, document, created_at)
+             VALUES ($1, $2, $3, $4, $5, $6, $7) ON CONFLICT (id) DO NOTHING",
+            &[
+                &job.id,
+                &job.kind.name(),
+                &job.subject,
+                &job.fhir,
+                &job.keep_history,
+                &job.document,
+                &job.created_at,
+            ],
+        )
+        .await?;
+    if inserted == 0 {
+        return Ok(false);
+    }
+    let types: Vec<&str> = tasks.iter().map(|t| t.resource_type.as_str()).collect();
+    let urls: Vec<Option<&str>> = tasks.iter().map(|t| t.url.as_deref()).collect();
+    client
+        .execute(
+            "INSERT INTO fhirbox_task (job_id, position, resource_type, url)
+             SELECT $1, (n - 1)::integer, rt, url FROM unnest($2::text[], $3::text[]) WITH ORDINALITY AS t(rt, url, n)",
+            &[&job.id, &types, &urls],
+        )
+        .await?;
+    Ok(true)
+}
+
+/// A job of that kind.
+pub async fn job(
+    client: &impl GenericClient,
+    kind: JobKind,
+    id: &str,
+) -> Result<Option<JobRow>, StoreError> {
+    let row = client
+        .query_opt(
+            "SELECT id, subject, fhir, keep_history, cancelled, created_at, document
+               FROM fhirbox_job WHERE id = $1 AND kind = $2",
+            &[&id, &kind.name()],
+        )
+        .await?;
+    Ok(row.map(|row| JobRow {
+        id: row.get(0),
+        kind,
+        subject: row.get(1),
+        fhir: row.get(2),
+        keep_history: row.get(3),
+        cancelled: row.get(4),
+        created_at: row.get(5),
+        document: row.get(6),
+    }))
+}
+
+pub async fn tasks(client: &impl GenericClient, job_id: &str) -> Result<Vec<TaskRow>, StoreError> {
+    let rows = client
+        .query(
+            &format!(
+                "SELECT {TASK_COLUMNS} FROM fhirbox_task t WHERE t.job_id = $1 ORDER BY t.position"
+            ),
+            &[&job_id],
+        )
+        .await?;
+    Ok(rows.iter().map(task_row).collect())
+}
+
+/// Claims the next task: a waiting one, or one whose worker's lease ran out; oldest job first.
+pub async fn claim(
+    client: &impl GenericClient,
+    worker: &str,
+    lease: Duration,
+) -> Result<Option<TaskRow>, StoreError> {
+    let lease_ms = lease.as_millis() as i64;
+    let row = client
+        .query_opt(
+            &format!(
+                "UPDATE fhirbox_task t
+                    SET status = 'in-progress', worker = $1,
+                        lease_until = now() + $2::bigint * interval '1 millisecond',
+                        attempts = attempts + 1, started_at = coalesce(started_at, now()),
+                        total = 0, bytes = 0, error = NULL, result = NULL
+                  WHERE (job_id, position) = (
+                        SELECT c.job_id, c.position FROM fhirbox_task c
+                          JOIN fhirbox_job j ON j.id = c.job_id
+                         WHERE NOT j.cancelled AND j.kind IN ('import', 'export')
+                           AND (c.status = 'waiting' OR (c.status = 'in-progress' AND c.lease_until < now()))
+                         ORDER BY j.created_at, c.position
+                         LIMIT 1
+                           FOR UPDATE OF c SKIP LOCKED)
+                 RETURNING {TASK_COLUMNS}"
+            ),
+            &[&worker, &lease_ms],
+        )
+        .await?;
+    Ok(row.as_ref().map(task_row))
+}
+
+/// Renews a claim and records progress. `false`: the claim is lost (expired and taken, or the
+/// job was cancelled): the worker must give the task up.
+pub async fn renew(
+    client: &impl GenericClient,
+    task: &TaskRow,
+    worker: &str,
+    lease: Duration,
+    total: i64,
+    bytes: i64,
+) -> Result<bool, StoreError> {
+    let lease_ms = lease.as_millis() as i64;
+    let updated = client
+        .execute(
+            "UPDATE fhirbox_task t
+                SET lease_until = now() + $4::bigint * interval '1 millisecond', total = $5, bytes = $6
+               FROM fhirbox_job j
+              WHERE j.id = t.job_id AND NOT j.cancelled
+                AND t.job_id = $1 AND t.position = $2 AND t.worker = $3 AND t.status = 'in-progress'",
+            &[&task.job_id, &task.position, &worker, &lease_ms, &total, &bytes],
+        )
+        .await?;
+    Ok(updated == 1)
+}
+
+/// What a finished task reports.
+pub struct Finished<'a> {
+    pub total: i64,
+    pub bytes: i64,
+    pub result: Option<&'a Value>,
+}
+
+/// Marks a task finished (for an import, in the transaction that loaded it). `false` if this
+/// worker no longer holds it (then the caller must roll back).
+pub async fn finish(
+    client: &impl GenericClient,
+    task: &TaskRow,
+    worker: &str,
+    finished: Finished<'_>,
+) -> Result<bool, StoreError> {
+    let updated = client
+        .execute(
+            "UPDATE fhirbox_task t
+                SET status = 'finished', total = $4, bytes = $5, result = $6, finished_at = now(), lease_until = NULL
+               FROM fhirbox_job j
+              WHERE j.id = t.job_id AND NOT j.cancelled
+                AND t.job_id = $1 AND t.position = $2 AND t.worker = $3 AND t.status = 'in-progress'",
+            &[
+                &task.job_id,
+                &task.position,
+                &worker,
+                &finished.total,
+                &finished.bytes,
+                &finished.result,
+            ],
+        )
+        .await?;
+    Ok(updated == 1)
+}
+
+/// Marks a task failed, with the reason.
+pub async fn fail(
+    client: &impl GenericClient,
+    task: &TaskRow,
+    worker: &str,
+    error: &str,
+) -> Result<(), StoreError> {
+    client
+        .execute(
+            "UPDATE fhirbox_task
+                SET status = 'failed', error = $4, finished_at = now(), lease_until = NULL
+              WHERE job_id = $1 AND position = $2 AND worker = $3 AND status = 'in-progress'",
+            &[&task.job_id, &task.position, &worker, &error],
+        )
+        .await?;
+    Ok(())
+}
+
+/// Gives back the tasks held by workers whose names start with `prefix` (a clean shutdown).
+pub async fn release(client: &impl GenericClient, prefix: &str) -> Result<(), StoreError> {
+    client
+        .execute(
+            "UPDATE fhirbox_task SET status = 'waiting', worker = NULL, lease_until = NULL
+              WHERE status = 'in-progress' AND starts_with(worker, $1)",
+            &[&prefix],
+        )
+        .await?;
+    Ok(())
+}
+
+/// Cancels a job: tasks not yet finished become `cancelled` (a worker running one notices at
+/// its next renewal and gives it up). `false` if there is no such job.
+pub async fn cancel(
+    client: &impl GenericClient,
+    kind: JobKind,
+    job_id: &str,
+) -> Result<bool, StoreError> {
+    let updated = client
+        .execute(
+            "UPDATE fhirbox_job SET cancelled = true WHERE id = $1 AND kind = $2",
+            &[&job_id, &kind.name()],
+        )
+        .await?;
+    client
+        .execute(
+            "UPDATE fhirbox_task SET status = 'cancelled', finished_at = now(), lease_until = NULL
+              WHERE job_id = $1 AND status IN ('waiting', 'in-progress')",
+            &[&job_id],
+        )
+        .await?;
+    Ok(updated == 1)
+}
+
+/// Jobs of a kind that are over and may go: cancelled ones, and those whose every task ended
+/// more than `keep` ago.
+pub async fn ended_before(
+    client: &impl GenericClient,
+    kind: JobKind,
+    keep: Duration,
+) -> Result<Vec<String>, StoreError> {
+    let keep_ms = keep.as_millis() as i64;
+    let rows = client
+        .query(
+            "SELECT j.id FROM fhirbox_job j
+              WHERE j.kind = $1
+                AND (j.cancelled OR (
+                     NOT EXISTS (SELECT 1 FROM fhirbox_task t
+                                  WHERE t.job_id = j.id AND t.status IN ('waiting', 'in-progress'))
+                 AND coalesce((SELECT max(t.finished_at) FROM fhirbox_task t WHERE t.job_id = j.id), j.created_at)
+                     < now() - $2::bigint * interval '1 millisecond'))",
+            &[&kind.name(), &keep_ms],
+        )
+        .await?;
+    Ok(rows.iter().map(|row| row.get(0)).collect())
+}
+
+/// Every job id of a kind (to tell live output directories from stray ones).
+pub async fn ids(client: &impl GenericClient, kind: JobKind) -> Result<Vec<String>, StoreError> {
+    let rows = client
+        .query(
+            "SELECT id FROM fhirbox_job WHERE kind = $1",
+            &[&kind.name()],
+        )
+        .await?;
+    Ok(rows.iter().map(|row| row.get(0)).collect())
+}
+
+/// Deletes a job and its tasks.
+pub async fn delete(client: &impl GenericClient, job_id: &str) -> Result<(), StoreError> {
+    client
+        .execute("DELETE FROM fhirbox_job WHERE id = $1", &[&job_id])
+        .await?;
+    Ok(())
+}

@@ -1,0 +1,779 @@
+//! `$export` (FHIR Bulk Data Access IG 2.0.0) over HTTP: the IG's flow end to end, Patient and
+//! Group level, `_since`, `_type`, `_typeFilter`, cancel, expiry, access, and a job that
+//! outlives the process that ran it.
+
+mod common;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::io::Read as _;
+use std::time::Duration;
+
+use common::fixtures::{Fixture, FixtureServer};
+use common::{diagnostics, JobOptions, TestServer, ROOT_PASSWORD};
+use reqwest::{Method, StatusCode};
+use serde_json::{json, Value};
+
+const FHIR_JSON: &str = "application/fhir+json";
+
+/// Loads the Synthea sample (13 types, 7,160 resources) through `/fhir/<type>/$load`.
+async fn load_synthea(server: &TestServer) -> BTreeMap<String, usize> {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("testdata/synthea-10");
+    let mut files = Vec::new();
+    let mut types = BTreeMap::new();
+    for entry in std::fs::read_dir(&dir).expect("testdata") {
+        let path = entry.expect("entry").path();
+        let name = path
+            .file_name()
+            .expect("name")
+            .to_string_lossy()
+            .to_string();
+        let type_name = name.split('.').next().expect("type").to_string();
+        let bytes = std::fs::read(&path).expect("read");
+        let mut text = String::new();
+        flate2::read::GzDecoder::new(&bytes[..])
+            .read_to_string(&mut text)
+            .expect("gunzip");
+        types.insert(type_name.clone(), text.lines().count());
+        files.push((format!("/{type_name}.ndjson.gz"), bytes));
+    }
+    let fixtures = FixtureServer::start(
+        files
+            .iter()
+            .map(|(path, bytes)| (path.as_str(), Fixture::Bytes(bytes.clone())))
+            .collect(),
+    )
+    .await;
+    for type_name in types.keys() {
+        let (status, body) = server
+            .json(
+                Method::POST,
+                &format!("/fhir/{type_name}/$load"),
+                &json!({"source": fixtures.url(&format!("/{type_name}.ndjson.gz"))}),
+            )
+            .await;
+        assert_eq!(status, StatusCode::OK, "{type_name}: {body}");
+    }
+    types
+}
+
+/// A kick-off as root with the IG's headers (plus `extra`); returns the status, the body and
+/// the Content-Location.
+async fn kick_off(
+    server: &TestServer,
+    method: Method,
+    path: &str,
+    body: Option<&Value>,
+    extra: &[(&str, &str)],
+) -> (StatusCode, Value, Option<String>) {
+    let mut request = server
+        .request(method, path)
+        .header("accept", FHIR_JSON)
+        .header("prefer", "respond-async");
+    for (name, value) in extra {
+        request = request.header(*name, *value);
+    }
+    if let Some(body) = body {
+        request = request
+            .header("content-type", FHIR_JSON)
+            .body(body.to_string());
+    }
+    let response = request.send().await.expect("kick-off sent");
+    let status = response.status();
+    let location = response
+        .headers()
+        .get("content-location")
+        .map(|v| v.to_str().expect("ascii").to_string());
+    let text = response.text().await.expect("body");
+    let body = serde_json::from_str(&text).unwrap_or(Value::String(text));
+    (status, body, location)
+}
+
+/// Starts an export that must be accepted; returns the status URL.
+async fn start(server: &TestServer, path: &str) -> String {
+    let (status, body, location) = kick_off(server, Method::GET, path, None, &[]).await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{path}: {body}");
+    location.expect("Content-Location")
+}
+
+/// Polls a status URL as the IG says (waiting `Retry-After`) until the manifest arrives.
+async fn manifest(server: &TestServer, status_url: &str) -> Value {
+    for _ in 0..300 {
+        let response = server
+            .client
+            .get(status_url)
+            .basic_auth("root", Some(ROOT_PASSWORD))
+            .header("accept", "application/json")
+            .send()
+            .await
+            .expect("poll");
+        match response.status() {
+            StatusCode::ACCEPTED => {
+                let retry: u64 = response.headers()["retry-after"]
+                    .to_str()
+                    .expect("ascii")
+                    .parse()
+                    .expect("Retry-After in seconds");
+                assert!(response.headers().contains_key("x-progress"));
+                tokio::time::sleep(Duration::from_millis(100).min(Duration::from_secs(retry)))
+                    .await;
+            }
+            StatusCode::OK => return response.json().await.expect("manifest"),
+            other => panic!(
+                "status {other}: {}",
+                response.text().await.unwrap_or_default()
+            ),
+        }
+    }
+    panic!("the export did not finish");
+}
+
+/// Downloads every output file of a manifest: resources by type.
+async fn download(server: &TestServer, manifest: &Value) -> BTreeMap<String, Vec<Value>> {
+    let mut by_type: BTreeMap<String, Vec<Value>> = BTreeMap::new();
+    for entry in manifest["output"].as_array().expect("output") {
+        let response = server
+            .client
+            .get(entry["url"].as_str().expect("url"))
+            .basic_auth("root", Some(ROOT_PASSWORD))
+            .header("accept", "application/fhir+ndjson")
+            .send()
+            .await
+            .expect("download");
+        assert_eq!(response.status(), StatusCode::OK, "{entry}");
+        assert_eq!(
+            response.headers()["content-type"],
+            "application/fhir+ndjson"
+        );
+        let text = response.text().await.expect("file");
+        let lines: Vec<Value> = text
+            .lines()
+            .map(|line| serde_json::from_str(line).expect("one resource a line"))
+            .collect();
+        assert_eq!(
+            lines.len() as u64,
+            entry["count"].as_u64().expect("count"),
+            "{entry}"
+        );
+        let type_name = entry["type"].as_str().expect("type");
+        assert!(lines.iter().all(|r| r["resourceType"] == type_name));
+        by_type
+            .entry(type_name.to_string())
+            .or_default()
+            .extend(lines);
+    }
+    by_type
+}
+
+fn ids(resources: &[Value]) -> BTreeSet<String> {
+    resources
+        .iter()
+        .map(|r| r["id"].as_str().expect("id").to_string())
+        .collect()
+}
+
+async fn db_ids(server: &TestServer, table: &str) -> BTreeSet<String> {
+    let db = server.db().await;
+    db.query(&format!("SELECT id FROM \"{table}\""), &[])
+        .await
+        .expect("ids")
+        .iter()
+        .map(|row| row.get(0))
+        .collect()
+}
+
+#[tokio::test]
+async fn the_ig_flow_exports_exactly_the_database() {
+    let server = TestServer::start_with_jobs(JobOptions {
+        // Small files, so that the big types are split.
+        file_size: 256 * 1024,
+        ..JobOptions::default()
+    })
+    .await;
+    let loaded = load_synthea(&server).await;
+
+    let status_url = start(&server, "/fhir/$export").await;
+    assert!(
+        status_url.starts_with(&server.url("/fhir/$export-status/")),
+        "{status_url}"
+    );
+    let manifest = manifest(&server, &status_url).await;
+    assert_eq!(manifest["requiresAccessToken"], true);
+    assert_eq!(manifest["request"], server.url("/fhir/$export"));
+    assert!(manifest["transactionTime"]
+        .as_str()
+        .is_some_and(|t| t.ends_with('Z')));
+    assert_eq!(manifest["error"], json!([]));
+
+    let exported = download(&server, &manifest).await;
+    let types: BTreeSet<&String> = exported.keys().collect();
+    assert_eq!(
+        types,
+        loaded.keys().collect(),
+        "exactly the types that have data"
+    );
+    for (type_name, count) in &loaded {
+        let resources = &exported[type_name];
+        assert_eq!(resources.len(), *count, "{type_name}");
+        assert_eq!(
+            ids(resources),
+            db_ids(&server, &type_name.to_lowercase()).await
+        );
+    }
+    let files_per_type = |name: &str| {
+        manifest["output"]
+            .as_array()
+            .expect("output")
+            .iter()
+            .filter(|e| e["type"] == name)
+            .count()
+    };
+    assert!(
+        files_per_type("Procedure") > 1,
+        "a big type is split into several files"
+    );
+
+    // FHIR format, exactly as a read of the same resource on /fhir/ gives it.
+    let condition = &exported["Condition"][0];
+    let id = condition["id"].as_str().expect("id");
+    let (status, read) = server.get(&format!("/fhir/Condition/{id}")).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(condition, &read);
+    assert!(condition["subject"]["reference"]
+        .as_str()
+        .is_some_and(|r| r.starts_with("Patient/")));
+
+    // gzip on request, the same bytes inside.
+    let url = manifest["output"][0]["url"].as_str().expect("url");
+    let plain = server
+        .client
+        .get(url)
+        .basic_auth("root", Some(ROOT_PASSWORD))
+        .send()
+        .await
+        .expect("plain")
+        .bytes()
+        .await
+        .expect("body");
+    let raw = reqwest::Client::builder()
+        .no_gzip()
+        .build()
+        .expect("client")
+        .get(url)
+        .basic_auth("root", Some(ROOT_PASSWORD))
+        .header("accept-encoding", "gzip")
+        .send()
+        .await
+        .expect("gzip");
+    assert_eq!(raw.headers()["content-encoding"], "gzip");
+    let compressed = raw.bytes().await.expect("body");
+    let mut unzipped = Vec::new();
+    flate2::read::MultiGzDecoder::new(&compressed[..])
+        .read_to_end(&mut unzipped)
+        .expect("gunzip");
+    assert_eq!(unzipped, plain.to_vec());
+}
+
+#[tokio::test]
+async fn kick_off_follows_the_ig_to_the_letter() {
+    let server = TestServer::start().await;
+    // Headers the IG requires.
+    let no_accept = server
+        .request(Method::GET, "/fhir/$export")
+        .header("prefer", "respond-async");
+    let (status, body) = server.send(no_accept).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    assert!(diagnostics(&body).contains("Accept"), "{body}");
+    let no_prefer = server
+        .request(Method::GET, "/fhir/$export")
+        .header("accept", FHIR_JSON);
+    let (status, body) = server.send(no_prefer).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    assert!(diagnostics(&body).contains("respond-async"), "{body}");
+
+    // Parameters fhirbox cannot honour.
+    for path in [
+        "/fhir/$export?_outputFormat=text/csv",
+        "/fhir/$export?_since=yesterday",
+        "/fhir/$export?_type=NotAType",
+        "/fhir/$export?_elements=id",
+        "/fhir/$export?_typeFilter=Observation%3Fvalue-quantity%3D5",
+        "/fhir/Patient/$export?_type=Organization",
+    ] {
+        let (status, body, location) = kick_off(&server, Method::GET, path, None, &[]).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{path}: {body}");
+        assert_eq!(body["resourceType"], "OperationOutcome");
+        assert!(location.is_none());
+    }
+    let (status, _, _) =
+        kick_off(&server, Method::GET, "/fhir/Group/nope/$export", None, &[]).await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    let (status, _, _) =
+        kick_off(&server, Method::GET, "/fhir/Observation/$export", None, &[]).await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+
+    // Lenient: the unsupported filter criterion is dropped, and the manifest says so.
+    let path = "/fhir/$export?_type=Patient&_typeFilter=Patient%3Fname%3Dx&includeAssociatedData=LatestProvenanceResources";
+    let (status, body, location) = kick_off(
+        &server,
+        Method::GET,
+        path,
+        None,
+        &[("prefer", "handling=lenient")],
+    )
+    .await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{body}");
+    let manifest = manifest(&server, &location.expect("location")).await;
+    let errors = manifest["error"].as_array().expect("error");
+    assert_eq!(errors.len(), 1, "{manifest}");
+    assert_eq!(errors[0]["type"], "OperationOutcome");
+    let text = server
+        .client
+        .get(errors[0]["url"].as_str().expect("url"))
+        .basic_auth("root", Some(ROOT_PASSWORD))
+        .send()
+        .await
+        .expect("error file")
+        .text()
+        .await
+        .expect("body");
+    let outcomes: Vec<Value> = text
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("json"))
+        .collect();
+    assert_eq!(outcomes.len(), 2, "{text}");
+    assert!(
+        text.contains("name") && text.contains("includeAssociatedData"),
+        "{text}"
+    );
+    assert!(outcomes
+        .iter()
+        .all(|o| o["resourceType"] == "OperationOutcome"));
+
+    // _outputFormat's three spellings.
+    for format in ["application/fhir%2Bndjson", "application/ndjson", "ndjson"] {
+        let path = format!("/fhir/$export?_type=Patient&_outputFormat={format}");
+        let (status, body, _) = kick_off(&server, Method::GET, &path, None, &[]).await;
+        assert_eq!(status, StatusCode::ACCEPTED, "{format}: {body}");
+    }
+}
+
+/// Patients p1..p3, their Observations (by subject and by performer), an Organization, and a
+/// Group of p1 and p2.
+async fn small_world(server: &TestServer) {
+    let mut entries = Vec::new();
+    for p in ["p1", "p2", "p3"] {
+        entries.push(json!({"resourceType": "Patient", "id": p}));
+    }
+    let observation = |id: &str, field: &str, patient: &str, category: &str| {
+        let mut o = json!({
+            "resourceType": "Observation", "id": id, "status": "final",
+            "category": [{"coding": [{"system": "http://terminology.hl7.org/CodeSystem/observation-category", "code": category}]}],
+            "code": {"text": "x"},
+        });
+        let reference = json!({"reference": format!("Patient/{patient}")});
+        o[field] = if field == "performer" {
+            json!([reference])
+        } else {
+            reference
+        };
+        o
+    };
+    entries.push(observation("o1", "subject", "p1", "laboratory"));
+    entries.push(observation("o2", "performer", "p2", "vital-signs"));
+    entries.push(observation("o3", "subject", "p3", "laboratory"));
+    entries.push(
+        json!({"resourceType": "Observation", "id": "o-group", "status": "final",
+                        "code": {"text": "x"}, "subject": {"reference": "Group/g"}}),
+    );
+    entries.push(json!({"resourceType": "Organization", "id": "org"}));
+    entries.push(
+        json!({"resourceType": "Group", "id": "g", "type": "person", "actual": true,
+        "member": [{"entity": {"reference": "Patient/p1"}},
+                   {"entity": {"reference": "Patient/p2"}},
+                   {"entity": {"reference": "Patient/p3"}, "inactive": true}]}),
+    );
+    let bundle = json!({"resourceType": "Bundle", "type": "transaction", "entry": entries.iter().map(|r| json!({
+        "resource": r,
+        "request": {"method": "PUT", "url": format!("{}/{}", r["resourceType"].as_str().unwrap_or_default(), r["id"].as_str().unwrap_or_default())},
+    })).collect::<Vec<_>>()});
+    let (status, body) = server.json(Method::POST, "/fhir", &bundle).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+}
+
+async fn exported_ids(server: &TestServer, path: &str) -> BTreeMap<String, BTreeSet<String>> {
+    let status_url = start(server, path).await;
+    let manifest = manifest(server, &status_url).await;
+    download(server, &manifest)
+        .await
+        .into_iter()
+        .map(|(type_name, resources)| (type_name, ids(&resources)))
+        .collect()
+}
+
+fn set(items: &[&str]) -> BTreeSet<String> {
+    items.iter().map(|s| s.to_string()).collect()
+}
+
+#[tokio::test]
+async fn patient_and_group_exports_take_only_their_compartments() {
+    let server = TestServer::start().await;
+    small_world(&server).await;
+
+    let everyone = exported_ids(&server, "/fhir/Patient/$export").await;
+    assert_eq!(everyone["Patient"], set(&["p1", "p2", "p3"]));
+    assert_eq!(
+        everyone["Observation"],
+        set(&["o1", "o2", "o3"]),
+        "o-group is no patient's"
+    );
+    assert!(
+        !everyone.contains_key("Organization"),
+        "not in the compartment"
+    );
+    assert_eq!(
+        everyone["Group"],
+        set(&["g"]),
+        "a Group is in its members' compartments"
+    );
+
+    let group = exported_ids(&server, "/fhir/Group/g/$export?_type=Patient,Observation").await;
+    assert_eq!(
+        group["Patient"],
+        set(&["p1", "p2"]),
+        "p3 is an inactive member"
+    );
+    assert_eq!(group["Observation"], set(&["o1", "o2"]));
+
+    // POST with a Parameters body: one patient of the group.
+    let parameters = json!({"resourceType": "Parameters", "parameter": [
+        {"name": "patient", "valueReference": {"reference": "Patient/p2"}},
+        {"name": "_type", "valueString": "Patient,Observation"},
+    ]});
+    let (status, body, location) = kick_off(
+        &server,
+        Method::POST,
+        "/fhir/Group/g/$export",
+        Some(&parameters),
+        &[],
+    )
+    .await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{body}");
+    let manifest = manifest(&server, &location.expect("location")).await;
+    let one: BTreeMap<String, BTreeSet<String>> = download(&server, &manifest)
+        .await
+        .into_iter()
+        .map(|(t, r)| (t, ids(&r)))
+        .collect();
+    assert_eq!(one["Patient"], set(&["p2"]));
+    assert_eq!(one["Observation"], set(&["o2"]));
+
+    // The compartment lookup uses its index.
+    let db = server.db().await;
+    db.batch_execute("SET enable_seqscan = off")
+        .await
+        .expect("set");
+    let plan: String = db
+        .query(
+            "EXPLAIN SELECT id FROM observation WHERE fhirbox_patients_observation(resource) && ARRAY['p1']",
+            &[],
+        )
+        .await
+        .expect("explain")
+        .iter()
+        .map(|row| row.get::<_, String>(0))
+        .collect();
+    assert!(plan.contains("observation_fhirbox_patients"), "{plan}");
+}
+
+#[tokio::test]
+async fn since_type_and_type_filters_select_what_they_say() {
+    let server = TestServer::start().await;
+    small_world(&server).await;
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    let since = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Micros, true);
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    let (status, _) = server
+        .json(
+            Method::PUT,
+            "/fhir/Patient/p2",
+            &json!({"resourceType": "Patient", "id": "p2", "active": true}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK);
+
+    let query = form_urlencoded::Serializer::new(String::new())
+        .append_pair("_since", &since)
+        .finish();
+    let changed = exported_ids(&server, &format!("/fhir/$export?{query}")).await;
+    assert_eq!(changed.len(), 1, "{changed:?}");
+    assert_eq!(changed["Patient"], set(&["p2"]));
+
+    let typed = exported_ids(&server, "/fhir/$export?_type=Organization,Group").await;
+    assert_eq!(typed.keys().collect::<Vec<_>>(), ["Group", "Organization"]);
+
+    // smart-fetch's encoding: filters joined by ',', commas inside a filter as %2C.
+    let filters = "Observation?category=laboratory%2Cexam,Patient?_id=p1%2Cp3";
+    let query = form_urlencoded::Serializer::new(String::new())
+        .append_pair("_type", "Patient,Observation")
+        .append_pair("_typeFilter", filters)
+        .finish();
+    let filtered = exported_ids(&server, &format!("/fhir/$export?{query}")).await;
+    assert_eq!(filtered["Observation"], set(&["o1", "o3"]));
+    assert_eq!(filtered["Patient"], set(&["p1", "p3"]));
+
+    // Two filters for a type: either may match. system|code tokens and _lastUpdated.
+    let filters = [
+        "Observation?category=http://terminology.hl7.org/CodeSystem/observation-category|vital-signs",
+        "Observation?_id=o3",
+        &format!("Patient?_lastUpdated=gt{since}"),
+    ];
+    let mut query = form_urlencoded::Serializer::new(String::new());
+    for filter in filters {
+        query.append_pair("_typeFilter", filter);
+    }
+    let path = format!("/fhir/$export?_type=Patient,Observation&{}", query.finish());
+    let either = exported_ids(&server, &path).await;
+    assert_eq!(either["Observation"], set(&["o2", "o3"]));
+    assert_eq!(either["Patient"], set(&["p2"]));
+    let query = form_urlencoded::Serializer::new(String::new())
+        .append_pair("_typeFilter", "Observation?category=|laboratory")
+        .append_pair("_type", "Observation")
+        .finish();
+    let none = exported_ids(&server, &format!("/fhir/$export?{query}")).await;
+    assert!(none.is_empty(), "no coding without a system: {none:?}");
+}
+
+#[tokio::test]
+async fn cancel_deletes_the_files_and_the_job() {
+    let server = TestServer::start().await;
+    small_world(&server).await;
+    let status_url = start(&server, "/fhir/$export").await;
+    let manifest = manifest(&server, &status_url).await;
+    let job = status_url.rsplit('/').next().expect("id").to_string();
+    assert!(server.export_dir.join(&job).exists());
+
+    let response = server
+        .client
+        .delete(&status_url)
+        .basic_auth("root", Some(ROOT_PASSWORD))
+        .send()
+        .await
+        .expect("delete");
+    assert_eq!(response.status(), StatusCode::ACCEPTED);
+    assert!(!server.export_dir.join(&job).exists(), "files deleted");
+    let gone = server
+        .client
+        .get(&status_url)
+        .basic_auth("root", Some(ROOT_PASSWORD))
+        .send()
+        .await
+        .expect("status");
+    assert_eq!(gone.status(), StatusCode::NOT_FOUND);
+    let file = server
+        .client
+        .get(manifest["output"][0]["url"].as_str().expect("url"))
+        .basic_auth("root", Some(ROOT_PASSWORD))
+        .send()
+        .await
+        .expect("file");
+    assert_eq!(file.status(), StatusCode::NOT_FOUND);
+    let again = server
+        .client
+        .delete(&status_url)
+        .basic_auth("root", Some(ROOT_PASSWORD))
+        .send()
+        .await
+        .expect("delete");
+    assert_eq!(again.status(), StatusCode::NOT_FOUND);
+}
+
+#[tokio::test]
+async fn files_expire() {
+    let server = TestServer::start_with_jobs(JobOptions {
+        expiry: Duration::from_secs(1),
+        ..JobOptions::default()
+    })
+    .await;
+    small_world(&server).await;
+    let status_url = start(&server, "/fhir/$export?_type=Patient").await;
+    manifest(&server, &status_url).await;
+    let job = status_url.rsplit('/').next().expect("id").to_string();
+    for _ in 0..100 {
+        let (status, _) = server.get(&format!("/fhir/$export-status/{job}")).await;
+        if status == StatusCode::NOT_FOUND {
+            assert!(
+                !server.export_dir.join(&job).exists(),
+                "files deleted with the job"
+            );
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("the export did not expire");
+}
+
+#[tokio::test]
+async fn a_job_outlives_the_process_that_was_running_it() {
+    // A server without workers: the job waits, and its status says so.
+    let first = TestServer::start_with_jobs(JobOptions {
+        workers: 0,
+        ..JobOptions::default()
+    })
+    .await;
+    small_world(&first).await;
+    let status_url = start(&first, "/fhir/$export?_type=Patient,Observation").await;
+    let job = status_url.rsplit('/').next().expect("id").to_string();
+    let response = first
+        .client
+        .get(&status_url)
+        .basic_auth("root", Some(ROOT_PASSWORD))
+        .send()
+        .await
+        .expect("status");
+    assert_eq!(response.status(), StatusCode::ACCEPTED);
+    assert_eq!(response.headers()["retry-after"], "1");
+    assert!(response.headers()["x-progress"]
+        .to_str()
+        .expect("ascii")
+        .starts_with("0 of 2"));
+
+    // A worker of a process that died half-way through Observation: its claim has run out and
+    // it left a partial file.
+    let db = first.db().await;
+    db.execute(
+        "UPDATE fhirbox_task SET status = 'in-progress', worker = 'dead-1', attempts = 1,
+                lease_until = now() - interval '1 second', started_at = now()
+          WHERE job_id = $1 AND resource_type = 'Observation'",
+        &[&job],
+    )
+    .await
+    .expect("simulate a crash");
+    let dir = first.export_dir.join(&job);
+    std::fs::create_dir_all(&dir).expect("dir");
+    std::fs::write(dir.join("Observation-1.ndjson"), "{\"partial\":").expect("partial file");
+    std::fs::write(dir.join("Observation-2.ndjson"), "{\"partial\":").expect("partial file");
+
+    // The next process takes both tasks over.
+    let second = TestServer::start_on(first.database.clone(), JobOptions::default()).await;
+    let manifest = manifest(&second, &second.url(&format!("/fhir/$export-status/{job}"))).await;
+    let exported = download(&second, &manifest).await;
+    assert_eq!(
+        ids(&exported["Observation"]),
+        set(&["o1", "o2", "o3", "o-group"])
+    );
+    assert_eq!(ids(&exported["Patient"]), set(&["p1", "p2", "p3"]));
+    assert!(
+        !dir.join("Observation-2.ndjson").exists(),
+        "the crashed attempt's files are gone"
+    );
+    let attempts: i32 = db
+        .query_one(
+            "SELECT attempts FROM fhirbox_task WHERE job_id = $1 AND resource_type = 'Observation'",
+            &[&job],
+        )
+        .await
+        .expect("attempts")
+        .get(0);
+    assert_eq!(attempts, 2);
+}
+
+#[tokio::test]
+async fn access_policies_and_ownership_apply() {
+    let server = TestServer::start().await;
+    small_world(&server).await;
+    let setup = r##"
+- resourceType: Client
+  id: exporter
+  secret: s
+  grant_types: ['basic']
+- resourceType: Client
+  id: other
+  secret: s
+  grant_types: ['basic']
+- resourceType: AccessPolicy
+  id: export-kick-off
+  engine: matcho
+  matcho:
+    uri: "#^/fhir/(Patient/|Group/[^/]+/)?\\$export$"
+  link:
+  - {id: exporter, resourceType: Client}
+  - {id: other, resourceType: Client}
+"##;
+    let (status, body) = server.yaml(Method::PUT, "/", setup).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let as_client = |user: &'static str, method: Method, url: String| {
+        server
+            .client
+            .request(method, url)
+            .basic_auth(user, Some("s"))
+            .header("accept", FHIR_JSON)
+            .header("prefer", "respond-async")
+    };
+    let response = as_client(
+        "exporter",
+        Method::GET,
+        server.url("/fhir/$export?_type=Patient"),
+    )
+    .send()
+    .await
+    .expect("kick-off");
+    assert_eq!(response.status(), StatusCode::ACCEPTED);
+    let status_url = response.headers()["content-location"]
+        .to_str()
+        .expect("ascii")
+        .to_string();
+
+    // The owner follows the job without a policy for it; another client may not.
+    let mut manifest = Value::Null;
+    for _ in 0..100 {
+        let response = as_client("exporter", Method::GET, status_url.clone())
+            .send()
+            .await
+            .expect("poll");
+        if response.status() == StatusCode::OK {
+            manifest = response.json().await.expect("manifest");
+            break;
+        }
+        assert_eq!(response.status(), StatusCode::ACCEPTED);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let file_url = manifest["output"][0]["url"]
+        .as_str()
+        .expect("a file")
+        .to_string();
+    let owner = as_client("exporter", Method::GET, file_url.clone())
+        .send()
+        .await
+        .expect("file");
+    assert_eq!(owner.status(), StatusCode::OK);
+    for (method, url) in [
+        (Method::GET, status_url.clone()),
+        (Method::GET, file_url.clone()),
+        (Method::DELETE, status_url.clone()),
+    ] {
+        let response = as_client("other", method.clone(), url.clone())
+            .send()
+            .await
+            .expect("sent");
+        assert_eq!(response.status(), StatusCode::FORBIDDEN, "{method} {url}");
+    }
+    // The seed's bulk-client may not export at all: deny by default.
+    let (status, _) = server
+        .yaml(
+            Method::PUT,
+            "/",
+            &common::seed("put-client-and-policy.yaml"),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    let response = server
+        .client
+        .get(server.url("/fhir/$export"))
+        .basic_auth("bulk-client", Some("secret"))
+        .header("accept", FHIR_JSON)
+        .header("prefer", "respond-async")
+        .send()
+        .await
+        .expect("kick-off");
+    assert_eq!(response.status(), StatusCode::FORBIDDEN);
+}
