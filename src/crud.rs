@@ -343,11 +343,12 @@ pub async fn vread(
 pub async fn page(
     store: &Store,
     rt: ResourceType,
+    filter: &resources::PageFilter,
     after: Option<&str>,
     count: i64,
 ) -> Result<(Vec<StoredResource>, bool), CrudError> {
     let conn = store.connection().await?;
-    let mut rows = resources::page(&conn, rt, after, count + 1).await?;
+    let mut rows = resources::page(&conn, rt, filter, after, count + 1).await?;
     let more = rows.len() as i64 > count;
     rows.truncate(count as usize);
     Ok((rows, more))

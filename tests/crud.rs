@@ -410,6 +410,51 @@ async fn search_pages_by_id_with_next_links() {
 }
 
 #[tokio::test]
+async fn search_by_id_and_last_updated() {
+    let server = TestServer::start().await;
+    for id in ["a", "b", "c"] {
+        server
+            .json(Method::PUT, &format!("/Patient/{id}"), &json!({}))
+            .await;
+    }
+    tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    let between = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Micros, true);
+    tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    server
+        .json(Method::PUT, "/Patient/b", &json!({"active": true}))
+        .await;
+    let ids = |bundle: &serde_json::Value| -> Vec<String> {
+        bundle["entry"]
+            .as_array()
+            .map(Vec::as_slice)
+            .unwrap_or_default()
+            .iter()
+            .map(|e| e["resource"]["id"].as_str().unwrap_or_default().to_string())
+            .collect()
+    };
+    let (status, bundle) = server.get("/fhir/Patient?_id=a,c,zz").await;
+    assert_eq!(status, StatusCode::OK, "{bundle}");
+    assert_eq!(ids(&bundle), ["a", "c"]);
+    let query = |prefix: &str| {
+        form_urlencoded::Serializer::new(String::new())
+            .append_pair("_lastUpdated", &format!("{prefix}{between}"))
+            .finish()
+    };
+    let (_, bundle) = server.get(&format!("/Patient?{}", query("gt"))).await;
+    assert_eq!(ids(&bundle), ["b"]);
+    let (_, bundle) = server
+        .get(&format!("/Patient?{}&_id=a,b", query("lt")))
+        .await;
+    assert_eq!(ids(&bundle), ["a"]);
+    // The filter stays on the next page's link.
+    let (_, bundle) = server.get("/Patient?_id=a,b,c&_count=1").await;
+    let next = bundle["link"][1]["url"].as_str().expect("next").to_string();
+    assert!(next.contains("_id=a%2Cb%2Cc"), "{next}");
+    let (status, outcome) = server.get("/Patient?_lastUpdated=yesterday").await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{outcome}");
+}
+
+#[tokio::test]
 async fn fhir_routes_and_capability_statement() {
     let server = TestServer::start().await;
     let response = server
@@ -445,6 +490,14 @@ async fn fhir_routes_and_capability_statement() {
         .iter()
         .find(|r| r["type"] == "Patient")
         .expect("Patient listed");
+    // What bulk clients look for: the export operations, and _lastUpdated search.
+    assert_eq!(patient["operation"][0]["name"], "export");
+    assert_eq!(capability["rest"][0]["operation"][0]["name"], "export");
+    assert!(patient["searchParam"]
+        .as_array()
+        .expect("searchParam")
+        .iter()
+        .any(|p| p["name"] == "_lastUpdated"));
     let codes: Vec<&str> = patient["interaction"]
         .as_array()
         .expect("interactions")

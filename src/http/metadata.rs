@@ -19,6 +19,20 @@ const TYPE_INTERACTIONS: &[&str] = &[
     "search-type",
 ];
 
+/// The Bulk Data IG's operation definitions.
+const EXPORT: &str = "http://hl7.org/fhir/uv/bulkdata/OperationDefinition/export";
+const PATIENT_EXPORT: &str = "http://hl7.org/fhir/uv/bulkdata/OperationDefinition/patient-export";
+const GROUP_EXPORT: &str = "http://hl7.org/fhir/uv/bulkdata/OperationDefinition/group-export";
+
+/// The operations a type has besides the interactions.
+fn type_operations(type_name: &str) -> Vec<Value> {
+    match type_name {
+        "Patient" => vec![json!({"name": "export", "definition": PATIENT_EXPORT})],
+        "Group" => vec![json!({"name": "export", "definition": GROUP_EXPORT})],
+        _ => Vec::new(),
+    }
+}
+
 pub async fn capability_statement(ctx: ApiContext) -> Response {
     ctx.reply(StatusCode::OK, &statement(&ctx))
 }
@@ -31,15 +45,26 @@ fn statement(ctx: &ApiContext) -> Value {
     let resources: Vec<Value> = ResourceType::all()
         .filter(|rt| rt.is_fhir())
         .map(|rt| {
-            json!({
+            let mut resource = json!({
                 "type": rt.name(),
                 "interaction": interactions,
                 "versioning": "versioned",
                 "readHistory": true,
                 "updateCreate": true,
-                "searchParam": [{"name": "_count", "type": "number",
-                                 "documentation": "page size (default 100, at most 1000)"}],
-            })
+                "searchParam": [
+                    {"name": "_id", "type": "token",
+                     "definition": "http://hl7.org/fhir/SearchParameter/Resource-id"},
+                    {"name": "_lastUpdated", "type": "date",
+                     "definition": "http://hl7.org/fhir/SearchParameter/Resource-lastUpdated"},
+                    {"name": "_count", "type": "number",
+                     "documentation": "page size (default 100, at most 1000)"},
+                ],
+            });
+            let operations = type_operations(rt.name());
+            if !operations.is_empty() {
+                resource["operation"] = Value::Array(operations);
+            }
+            resource
         })
         .collect();
     json!({
@@ -48,6 +73,7 @@ fn statement(ctx: &ApiContext) -> Value {
         "date": chrono::Utc::now().format("%Y-%m-%d").to_string(),
         "kind": "instance",
         "software": {"name": "fhirbox", "version": env!("CARGO_PKG_VERSION")},
+        "instantiates": ["http://hl7.org/fhir/uv/bulkdata/CapabilityStatement/bulk-data"],
         "implementation": {"description": "fhirbox", "url": ctx.url("")},
         "fhirVersion": "4.0.1",
         "format": ["application/fhir+json", "json", "application/yaml"],
@@ -62,6 +88,7 @@ fn statement(ctx: &ApiContext) -> Value {
             },
             "resource": resources,
             "interaction": [{"code": "transaction"}, {"code": "batch"}],
+            "operation": [{"name": "export", "definition": EXPORT}],
         }],
     })
 }

@@ -3,9 +3,11 @@
 //!
 //! Paging is by key (`_cursor` = the last id of the previous page), so a page never repeats or
 //! skips a resource because others were written meanwhile, and a deep page costs what the first
-//! does. No search parameters are supported yet: any other parameter is answered with 400
-//! (rather than silently ignored, which would return unfiltered data), unless the client sends
-//! `Prefer: handling=lenient`, in which case unknown parameters are ignored as FHIR allows.
+//! does. Search parameters: `_id` (comma-separated ids) and `_lastUpdated` (with the FHIR
+//! prefixes `eq`, `gt`, `ge`, `lt`, `le`, `sa`, `eb`; repeat it for a range). Any other
+//! parameter is answered with 400 (rather than silently ignored, which would return unfiltered
+//! data), unless the client sends `Prefer: handling=lenient`, in which case unknown
+//! parameters are ignored as FHIR allows.
 
 use axum::extract::{Path, RawQuery, State};
 use axum::http::{HeaderMap, StatusCode};
@@ -16,13 +18,18 @@ use super::body::form_urlencoded_pairs;
 use super::context::ApiContext;
 use super::error::ApiError;
 use super::AppState;
+use crate::bulk::params::last_updated;
 use crate::crud;
+use crate::store::resources::PageFilter;
 
 const DEFAULT_COUNT: i64 = 100;
 const MAX_COUNT: i64 = 1000;
 
 /// Parameters that control the answer rather than filter it.
 const CONTROL_PARAMETERS: &[&str] = &["_count", "_cursor", "_format", "_pretty"];
+
+/// Parameters that filter.
+const SEARCH_PARAMETERS: &[&str] = &["_id", "_lastUpdated"];
 
 pub async fn search(
     State(state): State<AppState>,
@@ -39,13 +46,13 @@ pub async fn search(
         .filter_map(|v| v.to_str().ok())
         .any(|v| v.contains("handling=lenient"));
     if !lenient {
-        if let Some((name, _)) = params
-            .iter()
-            .find(|(name, _)| !CONTROL_PARAMETERS.contains(&name.as_str()))
-        {
+        if let Some((name, _)) = params.iter().find(|(name, _)| {
+            !CONTROL_PARAMETERS.contains(&name.as_str())
+                && !SEARCH_PARAMETERS.contains(&name.as_str())
+        }) {
             return Err(ApiError::bad_request(format!(
-                "search parameter '{name}' is not supported yet (supported: _count, _cursor); \
-                 send 'Prefer: handling=lenient' to ignore unsupported parameters"
+                "search parameter '{name}' is not supported yet (supported: _id, _lastUpdated, \
+                 _count, _cursor); send 'Prefer: handling=lenient' to ignore unsupported parameters"
             ))
             .with_expression(name.clone()));
         }
@@ -68,14 +75,13 @@ pub async fn search(
             }
         },
     };
+    let (filter, filter_params) = page_filter(&params)?;
     let after = param("_cursor");
-    let (page, more) = crud::page(&state.store, rt, after, count).await?;
-    let self_url = page_url(&ctx, &type_name, count, after);
-    let mut links = vec![json!({"relation": "self", "url": self_url})];
+    let (page, more) = crud::page(&state.store, rt, &filter, after, count).await?;
+    let url = |after: Option<&str>| page_url(&ctx, &type_name, &filter_params, count, after);
+    let mut links = vec![json!({"relation": "self", "url": url(after)})];
     if let (true, Some(last)) = (more, page.last()) {
-        links.push(
-            json!({"relation": "next", "url": page_url(&ctx, &type_name, count, Some(&last.id))}),
-        );
+        links.push(json!({"relation": "next", "url": url(Some(&last.id))}));
     }
     let entries: Vec<Value> = page
         .iter()
@@ -96,8 +102,51 @@ pub async fn search(
     Ok(ctx.reply(StatusCode::OK, &bundle))
 }
 
-fn page_url(ctx: &ApiContext, type_name: &str, count: i64, after: Option<&str>) -> String {
+/// The `_id` and `_lastUpdated` conditions, and the parameters that say them (for links).
+fn page_filter(
+    params: &[(String, String)],
+) -> Result<(PageFilter, Vec<(String, String)>), ApiError> {
+    let mut filter = PageFilter::default();
+    let mut said = Vec::new();
+    for (name, value) in params {
+        match name.as_str() {
+            "_id" => {
+                let ids: Vec<String> = value.split(',').map(str::to_string).collect();
+                // Repeated `_id`s must all hold: keep the ids in both lists.
+                filter.ids = Some(match filter.ids.take() {
+                    Some(before) => before.into_iter().filter(|id| ids.contains(id)).collect(),
+                    None => ids,
+                });
+            }
+            "_lastUpdated" => {
+                let (from, to) = last_updated(value).map_err(|message| {
+                    ApiError::bad_request(message).with_expression("_lastUpdated")
+                })?;
+                if let Some(from) = from {
+                    filter.updated_from = Some(filter.updated_from.map_or(from, |f| f.max(from)));
+                }
+                if let Some(to) = to {
+                    filter.updated_before = Some(filter.updated_before.map_or(to, |t| t.min(to)));
+                }
+            }
+            _ => continue,
+        }
+        said.push((name.clone(), value.clone()));
+    }
+    Ok((filter, said))
+}
+
+fn page_url(
+    ctx: &ApiContext,
+    type_name: &str,
+    filter_params: &[(String, String)],
+    count: i64,
+    after: Option<&str>,
+) -> String {
     let mut query = form_urlencoded::Serializer::new(String::new());
+    for (name, value) in filter_params {
+        query.append_pair(name, value);
+    }
     query.append_pair("_count", &count.to_string());
     if let Some(after) = after {
         query.append_pair("_cursor", after);

@@ -218,23 +218,43 @@ pub async fn version(
     Ok(row.map(|row| from_row(rt, &row)))
 }
 
+/// What a search page is filtered by (`_id`, `_lastUpdated`); `None`: no condition.
+#[derive(Debug, Default, Clone)]
+pub struct PageFilter {
+    pub ids: Option<Vec<String>>,
+    pub updated_from: Option<chrono::DateTime<chrono::Utc>>,
+    pub updated_before: Option<chrono::DateTime<chrono::Utc>>,
+}
+
 /// A page of current resources ordered by id, starting after `after` (keyset paging: stable
 /// while other clients write, and an index range scan however deep the page). Fetches `limit`
 /// rows.
 pub async fn page(
     client: &impl GenericClient,
     rt: ResourceType,
+    filter: &PageFilter,
     after: Option<&str>,
     limit: i64,
 ) -> Result<Vec<StoredResource>, StoreError> {
     let sql = format!(
-        "SELECT {COLUMNS} FROM {} WHERE id > $1 ORDER BY id LIMIT $2",
+        "SELECT {COLUMNS} FROM {} WHERE id > $1
+            AND ($3::text[] IS NULL OR id = ANY($3))
+            AND ($4::timestamptz IS NULL OR ts >= $4)
+            AND ($5::timestamptz IS NULL OR ts < $5)
+          ORDER BY id LIMIT $2",
         rt.table()
     );
     let statement = client.prepare_cached(&sql).await?;
     // Ids are never empty, so '' starts before the first one.
     let after = after.unwrap_or("");
-    let rows = client.query(&statement, &[&after, &limit]).await?;
+    let params: [&(dyn tokio_postgres::types::ToSql + Sync); 5] = [
+        &after,
+        &limit,
+        &filter.ids,
+        &filter.updated_from,
+        &filter.updated_before,
+    ];
+    let rows = client.query(&statement, &params).await?;
     Ok(rows.iter().map(|row| from_row(rt, row)).collect())
 }
 

@@ -7,11 +7,11 @@
 
 use std::collections::BTreeMap;
 
-use chrono::{DateTime, Days, Months, NaiveDate, TimeZone, Utc};
+use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use crate::bulk::params::parse_instant;
+use crate::bulk::params::{last_updated, parse_instant};
 use crate::resource_type::ResourceType;
 use crate::store::export::{compartment_paths, token_param, Criterion, Token};
 
@@ -281,7 +281,8 @@ fn parse_criterion(type_name: &str, name: &str, value: &str) -> Result<Criterion
             let [one] = values.as_slice() else {
                 return Err("_lastUpdated takes one value (repeat it for a range)".into());
             };
-            last_updated(one)
+            let (from, to) = last_updated(one)?;
+            Ok(Criterion::LastUpdated { from, to })
         }
         _ if name.contains(':') => Err(format!("search modifiers ('{name}') are not supported")),
         _ if token_param(type_name, name).is_some() => Ok(Criterion::Token {
@@ -308,62 +309,6 @@ fn token(text: &str) -> Token {
             code: non_empty(text),
             no_system: false,
         },
-    }
-}
-
-/// `_lastUpdated=[prefix]date`: a date or date-time, with its precision as the range it
-/// stands for (`2024-03` is all of March).
-fn last_updated(text: &str) -> Result<Criterion, String> {
-    let prefixes = ["eq", "ne", "gt", "lt", "ge", "le", "sa", "eb", "ap"];
-    let (prefix, date) = match prefixes.iter().find(|p| text.starts_with(**p)) {
-        Some(p) => (*p, &text[2..]),
-        None => ("eq", text),
-    };
-    let (low, high) = instant_range(date)
-        .ok_or_else(|| format!("_lastUpdated '{text}' is not a FHIR date or instant"))?;
-    let (from, to) = match prefix {
-        "eq" => (Some(low), Some(high)),
-        "gt" | "sa" => (Some(high), None),
-        "ge" => (Some(low), None),
-        "lt" | "eb" => (None, Some(low)),
-        "le" => (None, Some(high)),
-        other => return Err(format!("_lastUpdated prefix '{other}' is not supported")),
-    };
-    Ok(Criterion::LastUpdated { from, to })
-}
-
-/// The instants a FHIR date or dateTime stands for: `[low, high)`.
-fn instant_range(text: &str) -> Option<(DateTime<Utc>, DateTime<Utc>)> {
-    let day = |y: i32, m: u32, d: u32| NaiveDate::from_ymd_opt(y, m, d);
-    let midnight = |date: NaiveDate| Some(Utc.from_utc_datetime(&date.and_hms_opt(0, 0, 0)?));
-    let parts: Vec<&str> = text.split('-').collect();
-    let all_digits = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit());
-    match parts.as_slice() {
-        [y] if y.len() == 4 && all_digits(y) => {
-            let start = day(y.parse().ok()?, 1, 1)?;
-            Some((
-                midnight(start)?,
-                midnight(start.checked_add_months(Months::new(12))?)?,
-            ))
-        }
-        [y, m] if y.len() == 4 && m.len() == 2 && all_digits(y) && all_digits(m) => {
-            let start = day(y.parse().ok()?, m.parse().ok()?, 1)?;
-            Some((
-                midnight(start)?,
-                midnight(start.checked_add_months(Months::new(1))?)?,
-            ))
-        }
-        [y, m, d] if d.len() == 2 && all_digits(y) && all_digits(m) && all_digits(d) => {
-            let start = day(y.parse().ok()?, m.parse().ok()?, d.parse().ok()?)?;
-            Some((
-                midnight(start)?,
-                midnight(start.checked_add_days(Days::new(1))?)?,
-            ))
-        }
-        _ => {
-            let at = parse_instant(text)?;
-            Some((at, at + chrono::Duration::microseconds(1)))
-        }
     }
 }
 
@@ -487,11 +432,6 @@ mod tests {
                 no_system: false
             }
         );
-        let (low, high) = instant_range("2024-02").expect("month");
-        assert_eq!(low.to_rfc3339(), "2024-02-01T00:00:00+00:00");
-        assert_eq!(high.to_rfc3339(), "2024-03-01T00:00:00+00:00");
-        assert!(instant_range("2024-13").is_none());
-        assert!(last_updated("ap2024").is_err());
     }
 
     #[test]
