@@ -149,7 +149,7 @@ async fn the_seeds_bulk_client_policy_table() {
             Expect::Denied,
         ),
         (Method::GET, "/BulkImportStatus/x", None, Expect::Denied),
-        (Method::GET, "/fhir/metadata", None, Expect::Denied),
+        (Method::GET, "/fhir/metadata", None, Expect::Status(200)),
         (Method::POST, "/Patient/$dump", None, Expect::Denied),
         (Method::GET, "/$dump-sql", None, Expect::Denied),
         (Method::POST, "/$dump-sql/extra", None, Expect::Denied),

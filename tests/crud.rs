@@ -46,7 +46,6 @@ async fn every_other_request_needs_root_credentials() {
         ("/Patient/x", Some("root"), Some("wrong")),
         ("/Patient/x", Some("nobody"), Some("test-root-password")),
         ("/no/such/route", None, None),
-        ("/fhir/metadata", None, None),
     ] {
         let mut request = server.client.get(server.url(path));
         if let Some(user) = user {
@@ -72,6 +71,23 @@ async fn every_other_request_needs_root_credentials() {
         StatusCode::NOT_FOUND,
         "root gets past authentication"
     );
+    // The CapabilityStatement is public: clients read it before they authenticate.
+    for path in ["/fhir/metadata", "/metadata"] {
+        let response = server
+            .client
+            .get(server.url(path))
+            .send()
+            .await
+            .expect("sent");
+        assert_eq!(response.status(), StatusCode::OK, "{path}");
+    }
+    let response = server
+        .client
+        .post(server.url("/fhir/metadata"))
+        .send()
+        .await
+        .expect("sent");
+    assert_eq!(response.status(), StatusCode::UNAUTHORIZED);
 }
 
 #[tokio::test]

@@ -8,53 +8,11 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::io::Read as _;
 use std::time::Duration;
 
-use common::fixtures::{Fixture, FixtureServer};
-use common::{diagnostics, JobOptions, TestServer, ROOT_PASSWORD};
+use common::{diagnostics, load_synthea, JobOptions, TestServer, ROOT_PASSWORD};
 use reqwest::{Method, StatusCode};
 use serde_json::{json, Value};
 
 const FHIR_JSON: &str = "application/fhir+json";
-
-/// Loads the Synthea sample (13 types, 7,160 resources) through `/fhir/<type>/$load`.
-async fn load_synthea(server: &TestServer) -> BTreeMap<String, usize> {
-    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("testdata/synthea-10");
-    let mut files = Vec::new();
-    let mut types = BTreeMap::new();
-    for entry in std::fs::read_dir(&dir).expect("testdata") {
-        let path = entry.expect("entry").path();
-        let name = path
-            .file_name()
-            .expect("name")
-            .to_string_lossy()
-            .to_string();
-        let type_name = name.split('.').next().expect("type").to_string();
-        let bytes = std::fs::read(&path).expect("read");
-        let mut text = String::new();
-        flate2::read::GzDecoder::new(&bytes[..])
-            .read_to_string(&mut text)
-            .expect("gunzip");
-        types.insert(type_name.clone(), text.lines().count());
-        files.push((format!("/{type_name}.ndjson.gz"), bytes));
-    }
-    let fixtures = FixtureServer::start(
-        files
-            .iter()
-            .map(|(path, bytes)| (path.as_str(), Fixture::Bytes(bytes.clone())))
-            .collect(),
-    )
-    .await;
-    for type_name in types.keys() {
-        let (status, body) = server
-            .json(
-                Method::POST,
-                &format!("/fhir/{type_name}/$load"),
-                &json!({"source": fixtures.url(&format!("/{type_name}.ndjson.gz"))}),
-            )
-            .await;
-        assert_eq!(status, StatusCode::OK, "{type_name}: {body}");
-    }
-    types
-}
 
 /// A kick-off as root with the IG's headers (plus `extra`); returns the status, the body and
 /// the Content-Location.

@@ -1,4 +1,5 @@
-//! Authentication and access control of every request (but `GET /health`), after routing:
+//! Authentication and access control of every request (but `GET /health` and the
+//! CapabilityStatement, `GET /metadata`), after routing:
 //! root passes; a Client passes if an AccessPolicy allows the request (or if it asks for the
 //! status of an import or export it started, and an export's files); anything else is 401
 //! (no or bad credentials, with `WWW-Authenticate: Basic`) or 403 (saying which subject was
@@ -30,9 +31,16 @@ use crate::auth::Subject;
 /// Bodies larger than this are not read for policies (they see `body: null`).
 const POLICY_BODY_LIMIT: usize = 1024 * 1024;
 
+/// What anyone may read without credentials: the health check, and the CapabilityStatement
+/// (FHIR and SMART clients read it before they authenticate; it says what fhirbox supports
+/// and holds no data).
+fn is_public(method: &axum::http::Method, path: &str) -> bool {
+    method == axum::http::Method::GET && matches!(path, "/health" | "/metadata" | "/fhir/metadata")
+}
+
 /// The middleware.
 pub async fn require_auth(State(state): State<AppState>, request: Request, next: Next) -> Response {
-    if request.uri().path() == "/health" {
+    if is_public(request.method(), request.uri().path()) {
         return next.run(request).await;
     }
     let header = request.headers().get(header::AUTHORIZATION);

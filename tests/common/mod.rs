@@ -427,3 +427,43 @@ pub fn seed(name: &str) -> String {
     let path = format!("{}/tests/fixtures/seeds/{name}", env!("CARGO_MANIFEST_DIR"));
     std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{path}: {e}"))
 }
+
+/// Loads the Synthea sample (13 types, 7,160 resources) through `/fhir/<type>/$load`.
+pub async fn load_synthea(server: &TestServer) -> std::collections::BTreeMap<String, usize> {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("testdata/synthea-10");
+    let mut files = Vec::new();
+    let mut types = std::collections::BTreeMap::new();
+    for entry in std::fs::read_dir(&dir).expect("testdata") {
+        let path = entry.expect("entry").path();
+        let name = path
+            .file_name()
+            .expect("name")
+            .to_string_lossy()
+            .to_string();
+        let type_name = name.split('.').next().expect("type").to_string();
+        let bytes = std::fs::read(&path).expect("read");
+        let mut text = String::new();
+        std::io::Read::read_to_string(&mut flate2::read::GzDecoder::new(&bytes[..]), &mut text)
+            .expect("gunzip");
+        types.insert(type_name.clone(), text.lines().count());
+        files.push((format!("/{type_name}.ndjson.gz"), bytes));
+    }
+    let fixtures = fixtures::FixtureServer::start(
+        files
+            .iter()
+            .map(|(path, bytes)| (path.as_str(), fixtures::Fixture::Bytes(bytes.clone())))
+            .collect(),
+    )
+    .await;
+    for type_name in types.keys() {
+        let (status, body) = server
+            .json(
+                reqwest::Method::POST,
+                &format!("/fhir/{type_name}/$load"),
+                &serde_json::json!({"source": fixtures.url(&format!("/{type_name}.ndjson.gz"))}),
+            )
+            .await;
+        assert_eq!(status, reqwest::StatusCode::OK, "{type_name}: {body}");
+    }
+    types
+}

@@ -1,0 +1,189 @@
+//! A real Bulk Data client nobody here wrote: `smart-fetch` (the SMART/Cumulus bulk exporter,
+//! from PyPI, installed by `scripts/ensure-smart-fetch`) exports from fhirbox, and the files it
+//! writes match the database: a system export, one `--since` a change, and a Group export with
+//! a `--type-filter`.
+
+mod common;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::io::Read as _;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use common::{load_synthea, TestServer, ROOT_PASSWORD};
+use reqwest::{Method, StatusCode};
+use serde_json::{json, Value};
+
+/// The smart-fetch executable, installed on first use.
+fn smart_fetch() -> PathBuf {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/ensure-smart-fetch");
+    let output = Command::new("bash")
+        .arg(&script)
+        .output()
+        .expect("run scripts/ensure-smart-fetch");
+    assert!(
+        output.status.success(),
+        "scripts/ensure-smart-fetch failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    PathBuf::from(String::from_utf8_lossy(&output.stdout).trim())
+}
+
+/// Runs `smart-fetch bulk` as root into a fresh directory; returns the ids it wrote, by type.
+async fn export(
+    server: &TestServer,
+    bin: &Path,
+    work: &Path,
+    name: &str,
+    args: &[&str],
+) -> BTreeMap<String, BTreeSet<String>> {
+    let out = work.join(name);
+    let password = work.join("password");
+    std::fs::write(&password, ROOT_PASSWORD).expect("password file");
+    let mut command = tokio::process::Command::new(bin);
+    command
+        .arg("bulk")
+        .arg("--fhir-url")
+        .arg(server.url("/fhir"))
+        .arg("--basic-user")
+        .arg("root")
+        .arg("--basic-passwd")
+        .arg(&password)
+        .args(args)
+        .arg(&out)
+        .env("NO_COLOR", "1")
+        .kill_on_drop(true);
+    let output = tokio::time::timeout(std::time::Duration::from_secs(180), command.output())
+        .await
+        .expect("smart-fetch finished in time")
+        .expect("smart-fetch ran");
+    assert!(
+        output.status.success(),
+        "smart-fetch {args:?} failed:\n{}\n{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    read_output(&out)
+}
+
+/// Every resource in the NDJSON(.gz) files smart-fetch wrote (its log aside).
+fn read_output(dir: &Path) -> BTreeMap<String, BTreeSet<String>> {
+    let mut by_type: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
+    for entry in std::fs::read_dir(dir).expect("output dir") {
+        let path = entry.expect("entry").path();
+        let name = path
+            .file_name()
+            .expect("name")
+            .to_string_lossy()
+            .to_string();
+        if name == "log.ndjson" || !name.contains(".ndjson") {
+            continue;
+        }
+        let bytes = std::fs::read(&path).expect("read");
+        let mut text = String::new();
+        if name.ends_with(".gz") {
+            flate2::read::MultiGzDecoder::new(&bytes[..])
+                .read_to_string(&mut text)
+                .expect("gunzip");
+        } else {
+            text = String::from_utf8(bytes).expect("utf-8");
+        }
+        for line in text.lines().filter(|l| !l.trim().is_empty()) {
+            let resource: Value = serde_json::from_str(line).expect("a resource a line");
+            let type_name = resource["resourceType"].as_str().expect("type").to_string();
+            let id = resource["id"].as_str().expect("id").to_string();
+            assert!(
+                by_type.entry(type_name).or_default().insert(id),
+                "{name}: no duplicates"
+            );
+        }
+    }
+    by_type
+}
+
+async fn db_ids(server: &TestServer, sql: &str) -> BTreeSet<String> {
+    let db = server.db().await;
+    db.query(sql, &[])
+        .await
+        .expect("query")
+        .iter()
+        .map(|row| row.get(0))
+        .collect()
+}
+
+#[tokio::test]
+async fn smart_fetch_exports_what_the_database_holds() {
+    let bin = smart_fetch();
+    let server = TestServer::start().await;
+    let loaded = load_synthea(&server).await;
+    let work = std::env::temp_dir().join(format!("fhirbox-smart-fetch-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&work);
+    std::fs::create_dir_all(&work).expect("work dir");
+
+    // 1. The whole system: smart-fetch picks the patient-data types the CapabilityStatement
+    //    lists, and each file set equals the table.
+    let all = export(&server, &bin, &work, "all", &[]).await;
+    assert!(all.len() >= 8, "{:?}", all.keys());
+    for (type_name, ids) in &all {
+        assert!(loaded.contains_key(type_name), "{type_name}");
+        let table = type_name.to_lowercase();
+        assert_eq!(
+            ids,
+            &db_ids(&server, &format!("SELECT id FROM {table}")).await,
+            "{type_name}"
+        );
+    }
+
+    // 2. --since: only what changed after it.
+    tokio::time::sleep(std::time::Duration::from_millis(1100)).await;
+    let since = chrono::Utc::now().format("%Y-%m-%dT%H:%M:%SZ").to_string();
+    tokio::time::sleep(std::time::Duration::from_millis(1100)).await;
+    let patient = all["Patient"].iter().next().expect("a patient").clone();
+    let (status, mut body) = server.get(&format!("/fhir/Patient/{patient}")).await;
+    assert_eq!(status, StatusCode::OK);
+    body["active"] = json!(true);
+    let (status, _) = server
+        .json(Method::PUT, &format!("/fhir/Patient/{patient}"), &body)
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    let changed = export(&server, &bin, &work, "since", &["--since", &since]).await;
+    assert_eq!(changed.len(), 1, "{changed:?}");
+    assert_eq!(changed["Patient"], BTreeSet::from([patient.clone()]));
+
+    // 3. A Group of two patients, Patient and Condition only, Conditions filtered by
+    //    --type-filter: exactly those patients' matching Conditions.
+    let members: Vec<String> = all["Patient"].iter().take(2).cloned().collect();
+    let group = json!({"resourceType": "Group", "id": "cohort", "type": "person", "actual": true,
+        "member": members.iter().map(|id| json!({"entity": {"reference": format!("Patient/{id}")}})).collect::<Vec<_>>()});
+    let (status, body) = server.json(Method::PUT, "/fhir/Group/cohort", &group).await;
+    assert!(status.is_success(), "{body}");
+    let cohort = export(
+        &server,
+        &bin,
+        &work,
+        "group",
+        &[
+            "--group",
+            "cohort",
+            "--type",
+            "Patient,Condition",
+            "--type-filter",
+            "Condition?clinical-status=active,resolved",
+        ],
+    )
+    .await;
+    assert_eq!(cohort["Patient"], members.iter().cloned().collect());
+    let expected = db_ids(
+        &server,
+        &format!(
+            "SELECT id FROM condition
+              WHERE resource #>> '{{subject,id}}' IN ('{}', '{}')
+                AND resource #>> '{{clinicalStatus,coding,0,code}}' IN ('active', 'resolved')",
+            members[0], members[1]
+        ),
+    )
+    .await;
+    assert!(!expected.is_empty());
+    assert_eq!(cohort["Condition"], expected);
+    std::fs::remove_dir_all(&work).expect("clean up");
+}
