@@ -432,7 +432,7 @@ async fn patient_and_group_exports_take_only_their_compartments() {
         .expect("set");
     let plan: String = db
         .query(
-            "EXPLAIN SELECT id FROM observation WHERE fhirbox_patients_observation(resource) && ARRAY['p1']",
+            "EXPLAIN SELECT id FROM observation WHERE fhirbox_patients_observation(resource) ?| ARRAY['p1']",
             &[],
         )
         .await

@@ -7,8 +7,8 @@
 //! bytes, beside raw PostgreSQL `COPY` of the same rows through `psql` in the same run. It
 //! samples the server's resident memory during each operation and prints one table.
 //!
-//! Operations: `dump`, `dump-sql`, `import`, `load` (default: all; `import` and `load` run
-//! last, as they empty tables).
+//! Operations: `dump`, `dump-sql`, `export`, `import`, `load` (default: all; `import` and
+//! `load` run last, as they empty tables).
 
 mod server;
 mod setup;
@@ -333,6 +333,98 @@ async fn import_benchmark(
     ]
 }
 
+/// A system-level `$export` of the largest type, from kick-off to the manifest (the files
+/// written, FHIR format), beside `$dump?fhir=true` of the same type in the same run.
+async fn export_benchmark(
+    server: &Server,
+    client: &reqwest::Client,
+    largest: &str,
+    largest_rows: usize,
+    export_dir: &str,
+) -> Vec<Row> {
+    let dump_path = format!("{}/{largest}/$dump?fhir=true", server.base);
+    let dump = best(|| http(server, client, client.get(&dump_path))).await;
+    let dump_seconds = dump.seconds;
+    let export = best(|| async {
+        let before = server.rss();
+        let cpu_before = server.cpu_seconds();
+        let sampler = RssSampler::start(server.pid());
+        let started = Instant::now();
+        let response = client
+            .get(format!("{}/fhir/$export?_type={largest}", server.base))
+            .basic_auth("root", Some(PASSWORD))
+            .header("accept", "application/fhir+json")
+            .header("prefer", "respond-async")
+            .send()
+            .await
+            .expect("kick-off");
+        assert_eq!(response.status().as_u16(), 202);
+        let status_url = response.headers()["content-location"]
+            .to_str()
+            .expect("ascii")
+            .to_string();
+        let manifest: serde_json::Value = loop {
+            let response = client
+                .get(&status_url)
+                .basic_auth("root", Some(PASSWORD))
+                .send()
+                .await
+                .expect("status");
+            match response.status().as_u16() {
+                202 => tokio::time::sleep(Duration::from_millis(50)).await,
+                200 => break response.json().await.expect("manifest"),
+                other => panic!("export status {other}"),
+            }
+        };
+        let seconds = started.elapsed().as_secs_f64();
+        let peak = sampler.finish();
+        let output = manifest["output"].as_array().expect("output");
+        let count: u64 = output.iter().filter_map(|o| o["count"].as_u64()).sum();
+        assert_eq!(count as usize, largest_rows, "every resource exported");
+        let bytes = std::fs::read_dir(
+            std::path::Path::new(export_dir).join(status_url.rsplit('/').next().expect("id")),
+        )
+        .expect("export files")
+        .filter_map(|e| e.ok()?.metadata().ok())
+        .map(|m| m.len())
+        .sum();
+        // Delete the files (the IG's way) before the next round.
+        client
+            .delete(&status_url)
+            .basic_auth("root", Some(PASSWORD))
+            .send()
+            .await
+            .expect("delete");
+        Measurement {
+            bytes,
+            seconds,
+            peak_rss: Some((peak, peak.saturating_sub(before))),
+            server_cpu: Some(server.cpu_seconds() - cpu_before),
+        }
+    })
+    .await;
+    eprintln!(
+        "$export of {largest}: {:.2} s to the manifest, {:.2}x the time of $dump?fhir=true ({:.2} s)",
+        export.seconds,
+        export.seconds / dump_seconds,
+        dump_seconds
+    );
+    vec![
+        Row {
+            operation: format!("GET /{largest}/$dump?fhir=true"),
+            rows: largest_rows,
+            measurement: dump,
+            baseline_seconds: dump_seconds,
+        },
+        Row {
+            operation: "$export to manifest (vs $dump fhir)".into(),
+            rows: largest_rows,
+            measurement: export,
+            baseline_seconds: dump_seconds,
+        },
+    ]
+}
+
 /// Raw `COPY (...) TO STDOUT` through psql, every byte read (and dropped) by this process.
 fn psql_copy(url: &str, sql: &str) -> Measurement {
     let started = Instant::now();
@@ -452,7 +544,11 @@ async fn main() {
         .tempdir_in(cluster_parent())
         .expect("files dir");
     let files_dir = files.path().to_str().expect("utf-8 path").to_string();
-    let server = Server::start(&url, &["--source-dir", &files_dir]);
+    let export_dir = format!("{files_dir}/exports");
+    let server = Server::start(
+        &url,
+        &["--source-dir", &files_dir, "--export-dir", &export_dir],
+    );
     fhirbox::bulk::source::install_crypto_provider();
     let client = reqwest::Client::new();
     let (largest, largest_rows) = counts
@@ -499,6 +595,10 @@ async fn main() {
                 baseline_seconds: baseline,
             });
         }
+    }
+
+    if selected("export") {
+        rows.extend(export_benchmark(&server, &client, &largest, largest_rows, &export_dir).await);
     }
 
     if selected("dump-sql") {

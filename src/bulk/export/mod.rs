@@ -37,6 +37,10 @@ use crate::store::StoreError;
 /// The file that carries an export's warnings (OperationOutcomes, one per line).
 const WARNINGS_FILE: &str = "OperationOutcome-1.ndjson";
 
+/// A directory in the export directory that no job owns is deleted once it has not changed
+/// for this long (long enough that no kick-off or worker is still writing it).
+const STRAY_AFTER: Duration = Duration::from_secs(10 * 60);
+
 /// Export settings.
 #[derive(Debug, Clone)]
 pub struct ExportSettings {
@@ -245,13 +249,32 @@ impl Exports {
         });
     }
 
-    /// One janitor pass.
+    /// One janitor pass: expired and cancelled jobs, then directories no job owns (a worker
+    /// that wrote on for a moment after its job was cancelled, a kick-off that failed).
     pub async fn sweep(&self) -> Result<(), StoreError> {
         let conn = self.jobs.store().connection().await?;
         for id in sql::ended_before(&conn, JobKind::Export, self.settings.expiry).await? {
             self.remove_files(&id).await;
             sql::delete(&conn, &id).await?;
             tracing::info!(job = %id, "deleted an expired or cancelled export");
+        }
+        let Ok(mut entries) = tokio::fs::read_dir(&self.settings.dir).await else {
+            return Ok(());
+        };
+        let live = sql::ids(&conn, JobKind::Export).await?;
+        while let Ok(Some(entry)) = entries.next_entry().await {
+            let name = entry.file_name().to_string_lossy().to_string();
+            let idle = entry
+                .metadata()
+                .await
+                .and_then(|m| m.modified())
+                .ok()
+                .and_then(|at| at.elapsed().ok())
+                .is_some_and(|idle| idle > STRAY_AFTER);
+            if idle && crate::resource::is_valid_id(&name) && !live.contains(&name) {
+                self.remove_files(&name).await;
+                tracing::info!(dir = %name, "deleted export files no job owns");
+            }
         }
         Ok(())
     }
