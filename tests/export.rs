@@ -56,10 +56,7 @@ async fn start(server: &TestServer, path: &str) -> String {
 /// Polls a status URL as the IG says (waiting `Retry-After`) until the manifest arrives.
 async fn manifest(server: &TestServer, status_url: &str) -> Value {
     for _ in 0..300 {
-        let response = server
-            .client
-            .get(status_url)
-            .basic_auth("root", Some(ROOT_PASSWORD))
+        let response = as_root(server, Method::GET, status_url)
             .header("accept", "application/json")
             .send()
             .await
@@ -120,6 +117,14 @@ async fn download(server: &TestServer, manifest: &Value) -> BTreeMap<String, Vec
             .extend(lines);
     }
     by_type
+}
+
+/// A request as root to an absolute URL (the ones the server hands out).
+fn as_root(server: &TestServer, method: Method, url: &str) -> reqwest::RequestBuilder {
+    server
+        .client
+        .request(method, url)
+        .basic_auth("root", Some(ROOT_PASSWORD))
 }
 
 fn ids(resources: &[Value]) -> BTreeSet<String> {
@@ -202,10 +207,7 @@ async fn the_ig_flow_exports_exactly_the_database() {
 
     // gzip on request, the same bytes inside.
     let url = manifest["output"][0]["url"].as_str().expect("url");
-    let plain = server
-        .client
-        .get(url)
-        .basic_auth("root", Some(ROOT_PASSWORD))
+    let plain = as_root(&server, Method::GET, url)
         .send()
         .await
         .expect("plain")
@@ -284,16 +286,17 @@ async fn kick_off_follows_the_ig_to_the_letter() {
     let errors = manifest["error"].as_array().expect("error");
     assert_eq!(errors.len(), 1, "{manifest}");
     assert_eq!(errors[0]["type"], "OperationOutcome");
-    let text = server
-        .client
-        .get(errors[0]["url"].as_str().expect("url"))
-        .basic_auth("root", Some(ROOT_PASSWORD))
-        .send()
-        .await
-        .expect("error file")
-        .text()
-        .await
-        .expect("body");
+    let text = as_root(
+        &server,
+        Method::GET,
+        errors[0]["url"].as_str().expect("url"),
+    )
+    .send()
+    .await
+    .expect("error file")
+    .text()
+    .await
+    .expect("body");
     let outcomes: Vec<Value> = text
         .lines()
         .map(|l| serde_json::from_str(l).expect("json"))
@@ -510,35 +513,27 @@ async fn cancel_deletes_the_files_and_the_job() {
     let job = status_url.rsplit('/').next().expect("id").to_string();
     assert!(server.export_dir.join(&job).exists());
 
-    let response = server
-        .client
-        .delete(&status_url)
-        .basic_auth("root", Some(ROOT_PASSWORD))
+    let response = as_root(&server, Method::DELETE, &status_url)
         .send()
         .await
         .expect("delete");
     assert_eq!(response.status(), StatusCode::ACCEPTED);
     assert!(!server.export_dir.join(&job).exists(), "files deleted");
-    let gone = server
-        .client
-        .get(&status_url)
-        .basic_auth("root", Some(ROOT_PASSWORD))
+    let gone = as_root(&server, Method::GET, &status_url)
         .send()
         .await
         .expect("status");
     assert_eq!(gone.status(), StatusCode::NOT_FOUND);
-    let file = server
-        .client
-        .get(manifest["output"][0]["url"].as_str().expect("url"))
-        .basic_auth("root", Some(ROOT_PASSWORD))
-        .send()
-        .await
-        .expect("file");
+    let file = as_root(
+        &server,
+        Method::GET,
+        manifest["output"][0]["url"].as_str().expect("url"),
+    )
+    .send()
+    .await
+    .expect("file");
     assert_eq!(file.status(), StatusCode::NOT_FOUND);
-    let again = server
-        .client
-        .delete(&status_url)
-        .basic_auth("root", Some(ROOT_PASSWORD))
+    let again = as_root(&server, Method::DELETE, &status_url)
         .send()
         .await
         .expect("delete");
@@ -581,10 +576,7 @@ async fn a_job_outlives_the_process_that_was_running_it() {
     small_world(&first).await;
     let status_url = start(&first, "/fhir/$export?_type=Patient,Observation").await;
     let job = status_url.rsplit('/').next().expect("id").to_string();
-    let response = first
-        .client
-        .get(&status_url)
-        .basic_auth("root", Some(ROOT_PASSWORD))
+    let response = as_root(&first, Method::GET, &status_url)
         .send()
         .await
         .expect("status");

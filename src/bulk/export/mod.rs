@@ -150,14 +150,9 @@ impl Exports {
     /// The status of a job (`None`: no such job, or cancelled, or expired). File URLs start
     /// with `base` (`http://host/fhir`).
     pub async fn status(&self, id: &str, base: &str) -> Result<Option<ExportStatus>, StoreError> {
-        let conn = self.jobs.store().connection().await?;
-        let Some(job) = sql::job(&conn, JobKind::Export, id).await? else {
+        let Some((job, tasks)) = self.live_job(id).await? else {
             return Ok(None);
         };
-        if job.cancelled {
-            return Ok(None);
-        }
-        let tasks = sql::tasks(&conn, id).await?;
         let Ok(spec) = serde_json::from_value::<ExportSpec>(job.document.clone()) else {
             return Ok(Some(ExportStatus::Failed(vec![
                 "this export was started by another fhirbox version".into(),
@@ -200,6 +195,18 @@ impl Exports {
         }))
     }
 
+    /// A job that is not cancelled, with its tasks.
+    async fn live_job(&self, id: &str) -> Result<Option<(JobRow, Vec<TaskRow>)>, StoreError> {
+        let conn = self.jobs.store().connection().await?;
+        match sql::job(&conn, JobKind::Export, id).await? {
+            Some(job) if !job.cancelled => {
+                let tasks = sql::tasks(&conn, id).await?;
+                Ok(Some((job, tasks)))
+            }
+            _ => Ok(None),
+        }
+    }
+
     /// Cancels a job and deletes its files; `false` if there is no such job.
     pub async fn cancel(&self, id: &str) -> Result<bool, ExportError> {
         let conn = self.jobs.store().connection().await?;
@@ -215,14 +222,9 @@ impl Exports {
 
     /// The path of a file of a completed job, if `name` is one of its files.
     pub async fn file(&self, id: &str, name: &str) -> Result<Option<PathBuf>, StoreError> {
-        let conn = self.jobs.store().connection().await?;
-        let Some(job) = sql::job(&conn, JobKind::Export, id).await? else {
+        let Some((job, tasks)) = self.live_job(id).await? else {
             return Ok(None);
         };
-        if job.cancelled {
-            return Ok(None);
-        }
-        let tasks = sql::tasks(&conn, id).await?;
         let listed = tasks
             .iter()
             .filter(|t| t.status == "finished")
