@@ -628,6 +628,37 @@ async fn a_job_outlives_the_process_that_was_running_it() {
 }
 
 #[tokio::test]
+async fn a_job_that_cannot_write_its_files_fails_with_an_outcome() {
+    let first = TestServer::start_with_jobs(JobOptions {
+        workers: 0,
+        ..JobOptions::default()
+    })
+    .await;
+    small_world(&first).await;
+    let status_url = start(&first, "/fhir/$export?_type=Patient").await;
+    let job = status_url.rsplit('/').next().expect("id").to_string();
+    // Where the job's directory should be, a file: no directory can be made there.
+    std::fs::create_dir_all(&first.export_dir).expect("export dir");
+    std::fs::write(first.export_dir.join(&job), "in the way").expect("blocking file");
+
+    let second = TestServer::start_on(first.database.clone(), JobOptions::default()).await;
+    let url = second.url(&format!("/fhir/$export-status/{job}"));
+    for _ in 0..100 {
+        let (status, body) = second.send(as_root(&second, Method::GET, &url)).await;
+        if status == StatusCode::ACCEPTED {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            continue;
+        }
+        assert_eq!(status, StatusCode::INTERNAL_SERVER_ERROR, "{body}");
+        assert_eq!(body["resourceType"], "OperationOutcome");
+        assert!(diagnostics(&body).contains("Patient"), "{body}");
+        std::fs::remove_file(first.export_dir.join(&job)).expect("clean up");
+        return;
+    }
+    panic!("the export did not fail");
+}
+
+#[tokio::test]
 async fn access_policies_and_ownership_apply() {
     let server = TestServer::start().await;
     small_world(&server).await;

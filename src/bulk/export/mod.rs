@@ -351,17 +351,21 @@ impl Exports {
             .await
             .map_err(|e| failed(&e))?;
         let mut lines = super::dump::fhir_lines(copy, rt, converter);
-        let mut output = Output::create(
-            &self.job_dir(&task.job_id),
-            rt.name(),
-            self.settings.file_size,
-        )
-        .await
-        .map_err(|e| failed(&e))?;
+        let dir = self.job_dir(&task.job_id);
+        // The operator gets the path; the client a message without the server's layout.
+        let write_failed = |error: std::io::Error| {
+            tracing::error!(%error, dir = %dir.display(), "could not write export files");
+            TaskFailure::Failed(format!(
+                "could not write the export's files ({error}); the server log has the details"
+            ))
+        };
+        let mut output = Output::create(&dir, rt.name(), self.settings.file_size)
+            .await
+            .map_err(write_failed)?;
         let (mut total, mut bytes) = (0u64, 0u64);
         while let Some(batch) = lines.next().await {
             let batch = batch.map_err(|e| failed(&e))?;
-            total += output.write(&batch).await.map_err(|e| failed(&e))?;
+            total += output.write(&batch).await.map_err(write_failed)?;
             bytes += batch.len() as u64;
             progress
                 .rows
@@ -370,7 +374,7 @@ impl Exports {
                 .bytes
                 .store(bytes, std::sync::atomic::Ordering::Relaxed);
         }
-        let files = output.finish().await.map_err(|e| failed(&e))?;
+        let files = output.finish().await.map_err(write_failed)?;
         let result = result_document(&files);
         let finished = Finished {
             total: total as i64,
