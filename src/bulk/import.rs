@@ -109,11 +109,14 @@ impl Imports {
     /// Cancels a job: inputs not finished are stopped and their loads rolled back. Returns the
     /// status, or `None` if there is no such job.
     pub async fn cancel(&self, id: &str) -> Result<Option<Value>, ImportError> {
-        let conn = self.jobs.store().connection().await?;
-        if !sql::cancel(&conn, JobKind::Import, id).await? {
+        let mut conn = self.jobs.store().connection().await?;
+        let tx = conn.transaction().await.map_err(StoreError::from)?;
+        if !sql::cancel(&tx, JobKind::Import, id).await? {
             return Ok(None);
         }
-        Ok(Some(self.write_status(&conn, id).await?))
+        let status = self.write_status(&tx, id).await?;
+        tx.commit().await.map_err(StoreError::from)?;
+        Ok(Some(status))
     }
 
     /// Who started a job (`root`, `Client/<id>`), if it exists.
@@ -124,12 +127,17 @@ impl Imports {
             .map(|job| job.subject))
     }
 
-    /// Rewrites the job's BulkImportStatus from its rows.
+    /// Rewrites the job's BulkImportStatus from its rows. Must run in a transaction: it locks
+    /// the job's row first, so that status writers take turns and each reads the rows as the
+    /// one before it left them (without the lock, a writer that read early and wrote late
+    /// could leave the status showing a finished input as still running, for good).
     async fn write_status(
         &self,
-        client: &impl crate::store::GenericClient,
+        tx: &crate::store::Transaction<'_>,
         id: &str,
     ) -> Result<Value, StoreError> {
+        let client = tx;
+        sql::lock_job(client, id).await?;
         let job = sql::job(client, JobKind::Import, id).await?;
         let inputs = sql::tasks(client, id).await?;
         let Some(job) = job else {
@@ -143,8 +151,11 @@ impl Imports {
 
     async fn refresh_status(&self, id: &str) {
         let result = async {
-            let conn = self.jobs.store().connection().await?;
-            self.write_status(&conn, id).await
+            let mut conn = self.jobs.store().connection().await?;
+            let tx = conn.transaction().await?;
+            self.write_status(&tx, id).await?;
+            tx.commit().await?;
+            Ok::<_, StoreError>(())
         }
         .await;
         if let Err(error) = result {

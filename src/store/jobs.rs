@@ -163,6 +163,17 @@ pub async fn job(
     }))
 }
 
+/// Locks a job's row until the end of the transaction (writers of its status take turns).
+pub async fn lock_job(client: &impl GenericClient, id: &str) -> Result<(), StoreError> {
+    client
+        .execute(
+            "SELECT 1 FROM fhirbox_job WHERE id = $1 FOR NO KEY UPDATE",
+            &[&id],
+        )
+        .await?;
+    Ok(())
+}
+
 pub async fn tasks(client: &impl GenericClient, job_id: &str) -> Result<Vec<TaskRow>, StoreError> {
     let rows = client
         .query(
