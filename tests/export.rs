@@ -600,8 +600,8 @@ async fn a_job_outlives_the_process_that_was_running_it() {
     .expect("simulate a crash");
     let dir = first.export_dir.join(&job);
     std::fs::create_dir_all(&dir).expect("dir");
-    std::fs::write(dir.join("Observation-1.ndjson"), "{\"partial\":").expect("partial file");
-    std::fs::write(dir.join("Observation-2.ndjson"), "{\"partial\":").expect("partial file");
+    std::fs::write(dir.join("Observation-1-1.ndjson"), "{\"partial\":").expect("partial file");
+    std::fs::write(dir.join("Observation-1-2.ndjson"), "{\"partial\":").expect("partial file");
 
     // The next process takes both tasks over.
     let second = TestServer::start_on(first.database.clone(), JobOptions::default()).await;

@@ -58,10 +58,12 @@ pub struct TaskRow {
     pub error: Option<String>,
     /// What a finished task produced (an export's files).
     pub result: Option<Value>,
+    /// How many times the task was claimed (this run's number, for a worker).
+    pub attempts: i32,
 }
 
 const TASK_COLUMNS: &str = "t.job_id, t.position, (SELECT kind FROM fhirbox_job WHERE id = t.job_id), \
-     t.resource_type, t.url, t.status, t.worker, t.total, t.bytes, t.started_at, t.finished_at, t.error, t.result";
+     t.resource_type, t.url, t.status, t.worker, t.total, t.bytes, t.started_at, t.finished_at, t.error, t.result, t.attempts";
 
 fn task_row(row: &tokio_postgres::Row) -> TaskRow {
     let kind: Option<String> = row.get(2);
@@ -79,6 +81,7 @@ fn task_row(row: &tokio_postgres::Row) -> TaskRow {
         finished_at: row.get(10),
         error: row.get(11),
         result: row.get(12),
+        attempts: row.get(13),
     }
 }
 

@@ -35,7 +35,7 @@ use crate::store::jobs::{self as sql, Finished, JobKind, JobRow, NewTask, TaskRo
 use crate::store::StoreError;
 
 /// The file that carries an export's warnings (OperationOutcomes, one per line).
-const WARNINGS_FILE: &str = "OperationOutcome-1.ndjson";
+const WARNINGS_FILE: &str = "OperationOutcome-0-1.ndjson";
 
 /// A directory in the export directory that no job owns is deleted once it has not changed
 /// for this long (long enough that no kick-off or worker is still writing it).
@@ -359,7 +359,7 @@ impl Exports {
                 "could not write the export's files ({error}); the server log has the details"
             ))
         };
-        let mut output = Output::create(&dir, rt.name(), self.settings.file_size)
+        let mut output = Output::create(&dir, rt.name(), task.attempts, self.settings.file_size)
             .await
             .map_err(write_failed)?;
         let (mut total, mut bytes) = (0u64, 0u64);
@@ -448,18 +448,23 @@ fn warnings_ndjson(warnings: &[String]) -> String {
         .collect()
 }
 
-/// Whether `name` could be an export file's name (checked before any path is built from it).
+/// Whether `name` could be an export file's name, `<Type>-<run>-<n>.ndjson` (checked before
+/// any path is built from it).
 pub fn is_file_name(name: &str) -> bool {
-    let Some(stem) = name.strip_suffix(".ndjson") else {
-        return false;
-    };
-    let Some((type_name, number)) = stem.rsplit_once('-') else {
-        return false;
-    };
-    !type_name.is_empty()
-        && type_name.bytes().all(|b| b.is_ascii_alphabetic())
-        && !number.is_empty()
-        && number.bytes().all(|b| b.is_ascii_digit())
+    let number = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit());
+    let parts: Vec<&str> = name
+        .strip_suffix(".ndjson")
+        .map(|stem| stem.split('-').collect())
+        .unwrap_or_default();
+    match parts.as_slice() {
+        [type_name, run, n] => {
+            !type_name.is_empty()
+                && type_name.bytes().all(|b| b.is_ascii_alphabetic())
+                && number(run)
+                && number(n)
+        }
+        _ => false,
+    }
 }
 
 /// The default export directory for a data directory.

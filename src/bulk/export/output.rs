@@ -1,5 +1,10 @@
-//! An export task's output files: `<Type>-<n>.ndjson` in the job's directory, a new file
-//! whenever the current one reached the size limit (files split between lines only).
+//! An export task's output files: `<Type>-<attempt>-<n>.ndjson` in the job's directory, a new
+//! file whenever the current one reached the size limit (files split between lines only).
+//!
+//! The attempt (how many times the task was claimed) is in the name so that two runs of one
+//! task never write the same file: a worker that stalled past its lease may still be writing
+//! for a moment after another worker took the task over (it stops at its next renewal, and
+//! its files are never listed, since only the claim holder can mark the task finished).
 
 use std::path::{Path, PathBuf};
 
@@ -17,7 +22,8 @@ pub struct Written {
 /// Writes one type's lines into size-limited files.
 pub struct Output {
     dir: PathBuf,
-    type_name: String,
+    /// `<Type>-<attempt>-`: every file name of this run starts so.
+    prefix: String,
     limit: u64,
     done: Vec<Written>,
     current: Option<Current>,
@@ -30,21 +36,31 @@ struct Current {
 }
 
 impl Output {
-    /// Starts a type's output in `dir`, removing what an earlier attempt of the same task left.
-    pub async fn create(dir: &Path, type_name: &str, limit: u64) -> std::io::Result<Output> {
+    /// Starts a type's output in `dir` for run `attempt` of its task, removing what earlier
+    /// runs left.
+    pub async fn create(
+        dir: &Path,
+        type_name: &str,
+        attempt: i32,
+        limit: u64,
+    ) -> std::io::Result<Output> {
         tokio::fs::create_dir_all(dir).await?;
-        let prefix = format!("{type_name}-");
         let mut entries = tokio::fs::read_dir(dir).await?;
         while let Some(entry) = entries.next_entry().await? {
             let name = entry.file_name();
-            let name = name.to_string_lossy();
-            if name.starts_with(&prefix) && name.ends_with(".ndjson") {
+            let earlier = name
+                .to_string_lossy()
+                .strip_prefix(&format!("{type_name}-"))
+                .and_then(|rest| rest.split_once('-'))
+                .and_then(|(run, _)| run.parse::<i32>().ok())
+                .is_some_and(|run| run < attempt);
+            if earlier {
                 tokio::fs::remove_file(entry.path()).await?;
             }
         }
         Ok(Output {
             dir: dir.to_path_buf(),
-            type_name: type_name.to_string(),
+            prefix: format!("{type_name}-{attempt}-"),
             limit: limit.max(1),
             done: Vec::new(),
             current: None,
@@ -94,7 +110,7 @@ impl Output {
     }
 
     async fn open_next(&mut self) -> std::io::Result<()> {
-        let name = format!("{}-{}.ndjson", self.type_name, self.done.len() + 1);
+        let name = format!("{}{}.ndjson", self.prefix, self.done.len() + 1);
         let file = File::create(self.dir.join(&name)).await?;
         self.current = Some(Current {
             file: BufWriter::with_capacity(1 << 20, file),
@@ -147,13 +163,29 @@ mod tests {
     async fn files_split_between_lines_at_the_limit() {
         let dir = std::env::temp_dir().join(format!("fhirbox-output-{}", rand::random::<u32>()));
         tokio::fs::create_dir_all(&dir).await.expect("dir");
-        tokio::fs::write(dir.join("Patient-7.ndjson"), "stale")
+        for stale in [
+            "Patient-1-7.ndjson",
+            "Patient-3-1.ndjson",
+            "PatientX-1-1.ndjson",
+        ] {
+            tokio::fs::write(dir.join(stale), "stale")
+                .await
+                .expect("stale file");
+        }
+        let mut output = Output::create(&dir, "Patient", 2, 10)
             .await
-            .expect("stale file");
-        let mut output = Output::create(&dir, "Patient", 10).await.expect("create");
+            .expect("create");
         assert!(
-            !dir.join("Patient-7.ndjson").exists(),
-            "an earlier attempt's file is gone"
+            !dir.join("Patient-1-7.ndjson").exists(),
+            "an earlier run's file is gone"
+        );
+        assert!(
+            dir.join("Patient-3-1.ndjson").exists(),
+            "a later run's file is not ours"
+        );
+        assert!(
+            dir.join("PatientX-1-1.ndjson").exists(),
+            "another type's file stays"
         );
         // 4-byte lines: two fit in 10 bytes, the third starts a new file.
         assert_eq!(output.write(b"aaa\nbbb\nccc\n").await.expect("write"), 3);
@@ -166,10 +198,10 @@ mod tests {
         assert_eq!(
             names,
             [
-                ("Patient-1.ndjson", 2),
-                ("Patient-2.ndjson", 1),
-                ("Patient-3.ndjson", 1),
-                ("Patient-4.ndjson", 1)
+                ("Patient-2-1.ndjson", 2),
+                ("Patient-2-2.ndjson", 1),
+                ("Patient-2-3.ndjson", 1),
+                ("Patient-2-4.ndjson", 1)
             ]
         );
         let mut all = String::new();
