@@ -338,6 +338,7 @@ async fn import_benchmark(
 async fn export_benchmark(
     server: &Server,
     client: &reqwest::Client,
+    url: &str,
     largest: &str,
     largest_rows: usize,
     export_dir: &str,
@@ -345,69 +346,65 @@ async fn export_benchmark(
     let dump_path = format!("{}/{largest}/$dump?fhir=true", server.base);
     let dump = best(|| http(server, client, client.get(&dump_path))).await;
     let dump_seconds = dump.seconds;
-    let export = best(|| async {
-        let before = server.rss();
-        let cpu_before = server.cpu_seconds();
-        let sampler = RssSampler::start(server.pid());
-        let started = Instant::now();
-        let response = client
-            .get(format!("{}/fhir/$export?_type={largest}", server.base))
-            .basic_auth("root", Some(PASSWORD))
-            .header("accept", "application/fhir+json")
-            .header("prefer", "respond-async")
-            .send()
-            .await
-            .expect("kick-off");
-        assert_eq!(response.status().as_u16(), 202);
-        let status_url = response.headers()["content-location"]
-            .to_str()
-            .expect("ascii")
-            .to_string();
-        let manifest: serde_json::Value = loop {
-            let response = client
-                .get(&status_url)
-                .basic_auth("root", Some(PASSWORD))
-                .send()
-                .await
-                .expect("status");
-            match response.status().as_u16() {
-                202 => tokio::time::sleep(Duration::from_millis(50)).await,
-                200 => break response.json().await.expect("manifest"),
-                other => panic!("export status {other}"),
-            }
-        };
-        let seconds = started.elapsed().as_secs_f64();
-        let peak = sampler.finish();
-        let output = manifest["output"].as_array().expect("output");
-        let count: u64 = output.iter().filter_map(|o| o["count"].as_u64()).sum();
-        assert_eq!(count as usize, largest_rows, "every resource exported");
-        let bytes = std::fs::read_dir(
-            std::path::Path::new(export_dir).join(status_url.rsplit('/').next().expect("id")),
-        )
-        .expect("export files")
-        .filter_map(|e| e.ok()?.metadata().ok())
-        .map(|m| m.len())
-        .sum();
-        // Delete the files (the IG's way) before the next round.
-        client
-            .delete(&status_url)
-            .basic_auth("root", Some(PASSWORD))
-            .send()
-            .await
-            .expect("delete");
-        Measurement {
-            bytes,
-            seconds,
-            peak_rss: Some((peak, peak.saturating_sub(before))),
-            server_cpu: Some(server.cpu_seconds() - cpu_before),
-        }
-    })
-    .await;
+    let system_path = format!("/fhir/$export?_type={largest}");
+    let export =
+        best(|| export_round(server, client, &system_path, Some(largest_rows), export_dir)).await;
     eprintln!(
         "$export of {largest}: {:.2} s to the manifest, {:.2}x the time of $dump?fhir=true ({:.2} s)",
         export.seconds,
         export.seconds / dump_seconds,
         dump_seconds
+    );
+    // A Group of 10 patients, every type of the Patient compartment: what the compartment
+    // indexes are for.
+    psql(
+        url,
+        "INSERT INTO \"group\" (id, txid, status, resource)
+         SELECT 'bench-group', nextval('transaction_id_seq'), 'created',
+                jsonb_build_object('type', 'person', 'actual', true, 'member',
+                  jsonb_agg(jsonb_build_object('entity', jsonb_build_object('resourceType', 'Patient', 'id', id))))
+           FROM (SELECT id FROM patient ORDER BY id LIMIT 10) p
+         ON CONFLICT (id) DO NOTHING",
+    );
+    let group = best(|| {
+        export_round(
+            server,
+            client,
+            "/fhir/Group/bench-group/$export",
+            None,
+            export_dir,
+        )
+    })
+    .await;
+    // The same without the compartment indexes (then put back as they were).
+    let indexes = psql_lines(
+        url,
+        "SELECT indexname || ' ' || indexdef FROM pg_indexes WHERE indexname LIKE '%fhirbox_patients'",
+    );
+    for line in &indexes {
+        let name = line.split(' ').next().expect("name");
+        psql(url, &format!("DROP INDEX {name}"));
+    }
+    let unindexed = best(|| {
+        export_round(
+            server,
+            client,
+            "/fhir/Group/bench-group/$export",
+            None,
+            export_dir,
+        )
+    })
+    .await;
+    for line in &indexes {
+        let (_, definition) = line.split_once(' ').expect("definition");
+        psql(url, definition);
+    }
+    eprintln!(
+        "$export of a Group of 10 patients (every compartment type): {:.2} s to the manifest; \
+         {:.2} s without the {} compartment indexes",
+        group.seconds,
+        unindexed.seconds,
+        indexes.len()
     );
     vec![
         Row {
@@ -422,7 +419,104 @@ async fn export_benchmark(
             measurement: export,
             baseline_seconds: dump_seconds,
         },
+        Row {
+            operation: "Group/$export, 10 patients".into(),
+            rows: 0,
+            measurement: group,
+            baseline_seconds: dump_seconds,
+        },
     ]
+}
+
+/// One `$export`: kick-off, polling, then the files deleted the IG's way. `expected`: the
+/// number of resources the manifest must count.
+async fn export_round(
+    server: &Server,
+    client: &reqwest::Client,
+    path: &str,
+    expected: Option<usize>,
+    export_dir: &str,
+) -> Measurement {
+    let before = server.rss();
+    let cpu_before = server.cpu_seconds();
+    let sampler = RssSampler::start(server.pid());
+    let started = Instant::now();
+    let response = client
+        .get(format!("{}{path}", server.base))
+        .basic_auth("root", Some(PASSWORD))
+        .header("accept", "application/fhir+json")
+        .header("prefer", "respond-async")
+        .send()
+        .await
+        .expect("kick-off");
+    assert_eq!(response.status().as_u16(), 202);
+    let status_url = response.headers()["content-location"]
+        .to_str()
+        .expect("ascii")
+        .to_string();
+    let manifest: serde_json::Value = loop {
+        let response = client
+            .get(&status_url)
+            .basic_auth("root", Some(PASSWORD))
+            .send()
+            .await
+            .expect("status");
+        match response.status().as_u16() {
+            202 => tokio::time::sleep(Duration::from_millis(50)).await,
+            200 => break response.json().await.expect("manifest"),
+            other => panic!("export status {other}"),
+        }
+    };
+    let seconds = started.elapsed().as_secs_f64();
+    let peak = sampler.finish();
+    let output = manifest["output"].as_array().expect("output");
+    let count: u64 = output.iter().filter_map(|o| o["count"].as_u64()).sum();
+    if let Some(expected) = expected {
+        assert_eq!(count as usize, expected, "every resource exported");
+    }
+    let job = status_url.rsplit('/').next().expect("id");
+    let bytes = std::fs::read_dir(std::path::Path::new(export_dir).join(job))
+        .expect("export files")
+        .filter_map(|e| e.ok()?.metadata().ok())
+        .map(|m| m.len())
+        .sum();
+    client
+        .delete(&status_url)
+        .basic_auth("root", Some(PASSWORD))
+        .send()
+        .await
+        .expect("delete");
+    Measurement {
+        bytes,
+        seconds,
+        peak_rss: Some((peak, peak.saturating_sub(before))),
+        server_cpu: Some(server.cpu_seconds() - cpu_before),
+    }
+}
+
+/// The rows of a one-column query, through psql.
+fn psql_lines(url: &str, query: &str) -> Vec<String> {
+    let output = Command::new("psql")
+        .args([
+            "-X",
+            "-q",
+            "-A",
+            "-t",
+            "-v",
+            "ON_ERROR_STOP=1",
+            "-d",
+            url,
+            "-c",
+            query,
+        ])
+        .output()
+        .expect("psql");
+    assert!(output.status.success(), "psql failed: {query}");
+    String::from_utf8_lossy(&output.stdout)
+        .lines()
+        .filter(|l| !l.is_empty())
+        .map(str::to_string)
+        .collect()
 }
 
 /// Raw `COPY (...) TO STDOUT` through psql, every byte read (and dropped) by this process.
@@ -598,7 +692,9 @@ async fn main() {
     }
 
     if selected("export") {
-        rows.extend(export_benchmark(&server, &client, &largest, largest_rows, &export_dir).await);
+        rows.extend(
+            export_benchmark(&server, &client, &url, &largest, largest_rows, &export_dir).await,
+        );
     }
 
     if selected("dump-sql") {
