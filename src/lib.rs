@@ -4,11 +4,14 @@
 //!
 //! - [`http`]: the route table, path normalization, body parsing (JSON/YAML), responses and
 //!   the one error type rendered as an OperationOutcome.
-//! - [`auth`]: basic authentication of every request.
-//! - operations: [`crud`] (single resources) and [`bundle`] (`PUT /`, transactions, batches).
+//! - [`auth`]: basic authentication of every request, and the AccessPolicy engines.
+//! - operations: [`crud`] (single resources), [`bundle`] (`PUT /`, transactions, batches) and
+//!   [`bulk`] (`$dump`, `$dump-sql`, `$dump-csv`, `$load`, and the background jobs `$import`
+//!   and `$export` with the workers that run them).
 //! - [`store`]: every SQL statement (one table per resource type, history, the version
-//!   sequence, migrations); [`format`]: native <-> FHIR conversion, driven by [`fhir`], the
-//!   R4 element table generated from the official definitions.
+//!   sequence, migrations, COPY, jobs, the Patient compartment); [`format`]: native <-> FHIR
+//!   conversion, driven by [`fhir`], the R4 element table (and compartment and search
+//!   parameters) generated from the official definitions.
 //!
 //! Around them: [`config`] (the command line), [`server`] (start-up and shutdown) and
 //! [`cluster`] (the managed local PostgreSQL).
