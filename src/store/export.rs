@@ -19,7 +19,7 @@ use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
-use super::copy_out::{copy_out_on, CopyOut};
+use super::copy_out::{copy_out, copy_out_on, CopyOut};
 use super::{Store, StoreError};
 use crate::fhir::r4::{PATIENT_COMPARTMENT, TOKEN_PARAMS};
 use crate::resource_type::ResourceType;
@@ -142,16 +142,21 @@ pub struct PatientSource<'a> {
     pub ids: Option<&'a [String]>,
 }
 
-/// Starts the COPY of one export task on its own connection, in a REPEATABLE READ transaction
-/// that holds the patients and filter values in temporary tables. The connection is closed
-/// when the COPY ends (its transaction and tables go with it).
+/// Starts the COPY of one export task. When it needs patients or filter values, on its own
+/// connection, in a REPEATABLE READ transaction that holds them in temporary tables; the
+/// connection is closed when the COPY ends (its transaction and tables go with it).
 pub async fn start(
     store: &Store,
     query: &ExportQuery<'_>,
     patients: PatientSource<'_>,
 ) -> Result<CopyOut, StoreError> {
-    let conn = store.connection().await?;
     let (sql, values) = export_sql(query)?;
+    if !sql.contains("pg_temp.") {
+        // Nothing from the request to hand over: a plain COPY on a pooled connection (one
+        // statement is one snapshot).
+        return copy_out(store, &sql).await;
+    }
+    let conn = store.connection().await?;
     let prepared = async {
         conn.batch_execute(
             "BEGIN ISOLATION LEVEL REPEATABLE READ;
