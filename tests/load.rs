@@ -574,3 +574,101 @@ async fn every_testdata_file_through_fhir_load() {
         );
     }
 }
+
+/// Observations of patient `patient`, ids o0..o{n-1}.
+fn observations(n: usize, patient: &str) -> Vec<u8> {
+    (0..n)
+        .map(|i| format!("{{\"resourceType\":\"Observation\",\"id\":\"o{i}\",\"status\":\"final\",\"subject\":{{\"resourceType\":\"Patient\",\"id\":\"{patient}\"}}}}\n"))
+        .collect::<String>()
+        .into_bytes()
+}
+
+async fn has_compartment_index(server: &TestServer) -> bool {
+    server
+        .db()
+        .await
+        .query_one(
+            "SELECT count(*) FROM pg_indexes WHERE indexname = 'observation_fhirbox_patients'",
+            &[],
+        )
+        .await
+        .expect("catalog")
+        .get::<_, i64>(0)
+        == 1
+}
+
+async fn patient_rows_found_by_index(server: &TestServer, patient: &str) -> i64 {
+    let db = server.db().await;
+    db.batch_execute("SET enable_seqscan = off")
+        .await
+        .expect("set");
+    db.query_one(
+        "SELECT count(*) FROM observation WHERE fhirbox_patients_observation(resource) ?| ARRAY[$1]",
+        &[&patient],
+    )
+    .await
+    .expect("count")
+    .get(0)
+}
+
+#[tokio::test]
+async fn a_load_into_an_empty_table_rebuilds_the_compartment_index() {
+    let server = TestServer::start().await;
+    let fixtures = FixtureServer::start(vec![
+        ("/obs.ndjson", Fixture::Bytes(observations(500, "pa"))),
+        (
+            "/broken.ndjson",
+            Fixture::Bytes([observations(10, "pb"), b"{not json\n".to_vec()].concat()),
+        ),
+    ])
+    .await;
+
+    // Empty table: the index is dropped for the load and built again before the commit.
+    let (status, body) = load(
+        &server,
+        "/Observation/$load",
+        json!({"source": fixtures.url("/obs.ndjson")}),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert!(has_compartment_index(&server).await);
+    assert_eq!(patient_rows_found_by_index(&server, "pa").await, 500);
+
+    // A failed load into an empty table leaves the index as it was (the drop rolls back).
+    server
+        .db()
+        .await
+        .batch_execute("TRUNCATE observation")
+        .await
+        .expect("truncate");
+    let (status, _) = load(
+        &server,
+        "/Observation/$load",
+        json!({"source": fixtures.url("/broken.ndjson")}),
+    )
+    .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    assert!(has_compartment_index(&server).await);
+
+    // A reader holding the table: the load does not wait for it, it keeps the index up to
+    // date row by row instead.
+    let reader = server.db().await;
+    reader
+        .batch_execute("BEGIN; SELECT count(*) FROM observation")
+        .await
+        .expect("hold the table");
+    let started = std::time::Instant::now();
+    let (status, body) = load(
+        &server,
+        "/Observation/$load",
+        json!({"source": fixtures.url("/obs.ndjson")}),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    // It tried for a second (the drop's lock timeout), then went on.
+    assert!(started.elapsed() >= Duration::from_secs(1));
+    assert!(started.elapsed() < Duration::from_secs(10));
+    reader.batch_execute("COMMIT").await.expect("release");
+    assert!(has_compartment_index(&server).await);
+    assert_eq!(patient_rows_found_by_index(&server, "pa").await, 500);
+}

@@ -225,6 +225,8 @@ struct Writer {
     buffered: usize,
     seen: IdFilter,
     counts: LoadCounts,
+    /// Types whose compartment index is dropped until the end of the load (they were empty).
+    suspended_indexes: Vec<ResourceType>,
 }
 
 impl Writer {
@@ -242,6 +244,7 @@ impl Writer {
             buffered: 0,
             seen: IdFilter::new(),
             counts: LoadCounts::new(),
+            suspended_indexes: Vec::new(),
         })
     }
 
@@ -268,7 +271,12 @@ impl Writer {
             HashMap::new();
         for (rt, ids) in by_type {
             if !self.buffers.contains_key(&rt) {
-                let had_rows = !sql::is_empty(self.conn(), rt).await?;
+                let mut had_rows = !sql::is_empty(self.conn(), rt).await?;
+                if !had_rows && sql::suspend_index(self.conn(), rt).await? {
+                    self.suspended_indexes.push(rt);
+                    // Rows committed before the drop got its lock are visible now.
+                    had_rows = !sql::is_empty(self.conn(), rt).await?;
+                }
                 let buffers = TypeBuffers {
                     direct: TupleWriter::new(),
                     direct_rows: 0,
@@ -372,6 +380,9 @@ impl Writer {
             .collect();
         for rt in staged {
             sql::apply_stage(self.conn(), rt, self.keep_history).await?;
+        }
+        for rt in std::mem::take(&mut self.suspended_indexes) {
+            sql::restore_index(self.conn(), rt).await?;
         }
         if let Some(check) = before_commit {
             if !check(self.conn(), &self.counts).await? {

@@ -41,6 +41,18 @@ pub fn token_param(type_name: &str, code: &str) -> Option<&'static [(&'static st
         .map(|(_, _, paths)| *paths)
 }
 
+/// The compartment index of a type, if it has one: `(name, CREATE INDEX statement)`.
+pub fn compartment_index(rt: ResourceType) -> Option<(String, String)> {
+    compartment_paths(rt.name())?;
+    let name = format!("{}_fhirbox_patients", rt.table_name());
+    let create = format!(
+        "CREATE INDEX IF NOT EXISTS {name} ON {} USING gin ({}(resource))",
+        rt.table(),
+        patients_function(rt)
+    );
+    Some((name, create))
+}
+
 fn patients_function(rt: ResourceType) -> String {
     format!("fhirbox_patients_{}", rt.table_name())
 }
@@ -67,14 +79,13 @@ pub fn compartment_ddl() -> String {
             .collect();
         // One expression of built-in functions (no subquery), so PostgreSQL inlines the
         // function into the index and the queries: evaluating it costs what the jsonpath costs.
+        let (_, create_index) = compartment_index(rt).expect("a compartment type");
         ddl.push_str(&format!(
             "CREATE OR REPLACE FUNCTION {function}(resource jsonb) RETURNS jsonb
                  LANGUAGE sql IMMUTABLE STRICT PARALLEL SAFE
                  AS $fn$ SELECT {} $fn$;
-             CREATE INDEX IF NOT EXISTS {table}_fhirbox_patients ON {quoted} USING gin ({function}(resource));\n",
+             {create_index};\n",
             arrays.join(" || "),
-            table = rt.table_name(),
-            quoted = rt.table(),
         ));
     }
     ddl

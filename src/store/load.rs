@@ -22,6 +22,54 @@ pub async fn is_empty(client: &impl GenericClient, rt: ResourceType) -> Result<b
     Ok(client.query_one(&statement, &[]).await?.get(0))
 }
 
+/// Drops `rt`'s compartment index for the rest of this transaction, so that a load into an
+/// empty table builds it once at the end ([`restore_index`]) instead of updating it row by
+/// row (about a fifth of such a load's time). The drop locks the table until the load
+/// commits; if another transaction holds the table (a `$dump` reading it), the drop gives up
+/// after a second and the load keeps the index up to date as usual. `false`: not dropped.
+pub async fn suspend_index(
+    client: &impl GenericClient,
+    rt: ResourceType,
+) -> Result<bool, StoreError> {
+    let Some((name, _)) = super::export::compartment_index(rt) else {
+        return Ok(false);
+    };
+    client
+        .batch_execute("SAVEPOINT fhirbox_suspend_index; SET LOCAL lock_timeout = '1s'")
+        .await?;
+    // The index name is built from the closed type list, never from a request.
+    let dropped = client
+        .batch_execute(&format!("DROP INDEX IF EXISTS {name}"))
+        .await;
+    let restore = match &dropped {
+        Ok(()) => "SET LOCAL lock_timeout TO DEFAULT; RELEASE SAVEPOINT fhirbox_suspend_index",
+        Err(_) => {
+            "ROLLBACK TO SAVEPOINT fhirbox_suspend_index; RELEASE SAVEPOINT fhirbox_suspend_index"
+        }
+    };
+    client.batch_execute(restore).await?;
+    match dropped {
+        Ok(()) => Ok(true),
+        Err(error)
+            if error.code() == Some(&tokio_postgres::error::SqlState::LOCK_NOT_AVAILABLE) =>
+        {
+            Ok(false)
+        }
+        Err(error) => Err(error.into()),
+    }
+}
+
+/// Builds again an index [`suspend_index`] dropped.
+pub async fn restore_index(
+    client: &impl GenericClient,
+    rt: ResourceType,
+) -> Result<(), StoreError> {
+    if let Some((_, create)) = super::export::compartment_index(rt) {
+        client.batch_execute(&create).await?;
+    }
+    Ok(())
+}
+
 /// Deletes the current versions of `ids` that exist (moving them to history with
 /// `keep_history`) and returns their creation times: the load writes their new versions.
 pub async fn take_existing(
