@@ -310,6 +310,28 @@ async fn kick_off_follows_the_ig_to_the_letter() {
         .iter()
         .all(|o| o["resourceType"] == "OperationOutcome"));
 
+    // A POST body may be YAML too, like every body fhirbox takes.
+    let response = server
+        .request(Method::POST, "/fhir/Patient/$export")
+        .header("accept", FHIR_JSON)
+        .header("prefer", "respond-async")
+        .header("content-type", "application/yaml")
+        .body("resourceType: Parameters\nparameter:\n- {name: _type, valueString: Patient}\n")
+        .send()
+        .await
+        .expect("kick-off");
+    assert_eq!(response.status(), StatusCode::ACCEPTED);
+    let (status, body, _) = kick_off(
+        &server,
+        Method::POST,
+        "/fhir/$export",
+        Some(&json!({"resourceType": "Patient"})),
+        &[],
+    )
+    .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
+    assert!(diagnostics(&body).contains("Parameters"), "{body}");
+
     // _outputFormat's three spellings.
     for format in ["application/fhir%2Bndjson", "application/ndjson", "ndjson"] {
         let path = format!("/fhir/$export?_type=Patient&_outputFormat={format}");

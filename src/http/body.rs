@@ -90,6 +90,34 @@ impl FromRequest<AppState> for Document {
     }
 }
 
+/// An optional body (a `GET` has none; a `POST` of operation parameters may): `None` when the
+/// body is empty or blank, else parsed as [`Document`] does, with the same size limit.
+#[derive(Debug)]
+pub struct MaybeDocument(pub Option<Value>);
+
+impl FromRequest<AppState> for MaybeDocument {
+    type Rejection = ApiError;
+
+    async fn from_request(request: Request, state: &AppState) -> Result<Self, Self::Rejection> {
+        let declared = Syntax::from_headers(request.headers())?;
+        let bytes = read_limited(request.into_body(), state.settings.max_body_bytes).await?;
+        if bytes.iter().all(u8::is_ascii_whitespace) {
+            return Ok(MaybeDocument(None));
+        }
+        let syntax = declared.unwrap_or_else(|| sniff(&bytes));
+        let value = tokio::task::spawn_blocking(move || parse(&bytes, syntax))
+            .await
+            .map_err(|_| {
+                ApiError::new(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "exception",
+                    "parser failed",
+                )
+            })??;
+        Ok(MaybeDocument(Some(value)))
+    }
+}
+
 /// Reads a whole body, refusing more than `limit` bytes.
 async fn read_limited(body: Body, limit: usize) -> Result<bytes::Bytes, ApiError> {
     match Limited::new(body, limit).collect().await {

@@ -11,7 +11,7 @@
 //!
 //! Status and files are the job owner's (see `access.rs`), besides what policies allow.
 
-use axum::body::{Body, Bytes};
+use axum::body::Body;
 use axum::extract::{OriginalUri, Path, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
@@ -19,7 +19,7 @@ use axum::Extension;
 use chrono::Utc;
 use serde_json::json;
 
-use super::body::{form_urlencoded_pairs, parse, Syntax};
+use super::body::{form_urlencoded_pairs, MaybeDocument};
 use super::context::ApiContext;
 use super::error::ApiError;
 use super::AppState;
@@ -36,9 +36,9 @@ pub async fn system(
     ctx: ApiContext,
     OriginalUri(uri): OriginalUri,
     headers: HeaderMap,
-    body: Bytes,
+    MaybeDocument(body): MaybeDocument,
 ) -> Result<Response, ApiError> {
-    kick_off(&state, &subject, &ctx, Level::System, &uri, &headers, &body).await
+    kick_off(&state, &subject, &ctx, Level::System, &uri, &headers, body).await
 }
 
 pub async fn patient(
@@ -48,23 +48,14 @@ pub async fn patient(
     ctx: ApiContext,
     OriginalUri(uri): OriginalUri,
     headers: HeaderMap,
-    body: Bytes,
+    MaybeDocument(body): MaybeDocument,
 ) -> Result<Response, ApiError> {
     if type_name != "Patient" {
         return Err(ApiError::not_found(format!(
             "$export is defined on the system, on Patient and on a Group, not on {type_name}"
         )));
     }
-    kick_off(
-        &state,
-        &subject,
-        &ctx,
-        Level::Patient,
-        &uri,
-        &headers,
-        &body,
-    )
-    .await
+    kick_off(&state, &subject, &ctx, Level::Patient, &uri, &headers, body).await
 }
 
 pub async fn group(
@@ -74,7 +65,7 @@ pub async fn group(
     ctx: ApiContext,
     OriginalUri(uri): OriginalUri,
     headers: HeaderMap,
-    body: Bytes,
+    MaybeDocument(body): MaybeDocument,
 ) -> Result<Response, ApiError> {
     if type_name != "Group" {
         return Err(ApiError::not_found(format!(
@@ -82,7 +73,7 @@ pub async fn group(
         )));
     }
     let level = Level::Group { id };
-    kick_off(&state, &subject, &ctx, level, &uri, &headers, &body).await
+    kick_off(&state, &subject, &ctx, level, &uri, &headers, body).await
 }
 
 async fn kick_off(
@@ -92,7 +83,7 @@ async fn kick_off(
     level: Level,
     uri: &axum::http::Uri,
     headers: &HeaderMap,
-    body: &[u8],
+    body: Option<serde_json::Value>,
 ) -> Result<Response, ApiError> {
     let header_text = |name: header::HeaderName| {
         headers
@@ -124,8 +115,7 @@ async fn kick_off(
     let lenient = preferences.iter().any(|p| p == "handling=lenient");
 
     let mut params = form_urlencoded_pairs(uri.query().unwrap_or_default());
-    if !body.iter().all(u8::is_ascii_whitespace) {
-        let document = parse(body, Syntax::Json)?;
+    if let Some(document) = body {
         params.extend(parameters_body(&document).map_err(ApiError::bad_request)?);
     }
     let path_and_query = uri.path_and_query().map_or("", |pq| pq.as_str());
