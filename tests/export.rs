@@ -657,13 +657,21 @@ async fn a_job_that_cannot_write_its_files_fails_with_an_outcome() {
     })
     .await;
     small_world(&first).await;
-    let status_url = start(&first, "/fhir/$export?_type=Patient").await;
+    let status_url = start(&first, "/fhir/$export?_type=Patient,Observation").await;
     let job = status_url.rsplit('/').next().expect("id").to_string();
     // Where the job's directory should be, a file: no directory can be made there.
     std::fs::create_dir_all(&first.export_dir).expect("export dir");
     std::fs::write(first.export_dir.join(&job), "in the way").expect("blocking file");
 
-    let second = TestServer::start_on(first.database.clone(), JobOptions::default()).await;
+    // One worker: Patient fails first, and Observation is not started at all.
+    let second = TestServer::start_on(
+        first.database.clone(),
+        JobOptions {
+            workers: 1,
+            ..JobOptions::default()
+        },
+    )
+    .await;
     let url = second.url(&format!("/fhir/$export-status/{job}"));
     for _ in 0..100 {
         let (status, body) = second.send(as_root(&second, Method::GET, &url)).await;
@@ -674,6 +682,22 @@ async fn a_job_that_cannot_write_its_files_fails_with_an_outcome() {
         assert_eq!(status, StatusCode::INTERNAL_SERVER_ERROR, "{body}");
         assert_eq!(body["resourceType"], "OperationOutcome");
         assert!(diagnostics(&body).contains("Patient"), "{body}");
+        let skipped = first
+            .db()
+            .await
+            .query_one(
+                "SELECT status, error, attempts FROM fhirbox_task
+                  WHERE job_id = $1 AND resource_type = 'Observation'",
+                &[&job],
+            )
+            .await
+            .expect("task");
+        assert_eq!(skipped.get::<_, String>(0), "failed");
+        assert_eq!(
+            skipped.get::<_, Option<String>>(1).as_deref(),
+            Some("not exported: Patient failed first")
+        );
+        assert_eq!(skipped.get::<_, i32>(2), 0, "never started");
         std::fs::remove_file(first.export_dir.join(&job)).expect("clean up");
         return;
     }

@@ -297,6 +297,23 @@ pub async fn fail(
     Ok(())
 }
 
+/// Fails a job's tasks that have not started, with the reason (a job that failed already
+/// should not spend more work).
+pub async fn fail_waiting(
+    client: &impl GenericClient,
+    job_id: &str,
+    error: &str,
+) -> Result<(), StoreError> {
+    client
+        .execute(
+            "UPDATE fhirbox_task SET status = 'failed', error = $2, finished_at = now()
+              WHERE job_id = $1 AND status = 'waiting'",
+            &[&job_id, &error],
+        )
+        .await?;
+    Ok(())
+}
+
 /// Gives back the tasks held by workers whose names start with `prefix` (a clean shutdown).
 pub async fn release(client: &impl GenericClient, prefix: &str) -> Result<(), StoreError> {
     client

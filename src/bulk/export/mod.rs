@@ -396,7 +396,22 @@ impl Runner for Exports {
         worker: &'a str,
         progress: Arc<Progress>,
     ) -> BoxFuture<'a, Result<(), TaskFailure>> {
-        Box::pin(async move { self.export_type(task, worker, &progress).await })
+        Box::pin(async move {
+            let outcome = self.export_type(task, worker, &progress).await;
+            if let Err(TaskFailure::Failed(_)) = &outcome {
+                // The job has failed: the types not started yet are not worth exporting.
+                let reason = format!("not exported: {} failed first", task.resource_type);
+                let skipped = async {
+                    let conn = self.jobs.store().connection().await?;
+                    sql::fail_waiting(&conn, &task.job_id, &reason).await
+                }
+                .await;
+                if let Err(error) = skipped {
+                    tracing::warn!(%error, "could not skip the rest of a failed export");
+                }
+            }
+            outcome
+        })
     }
 }
 
