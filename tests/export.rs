@@ -804,3 +804,117 @@ async fn access_policies_and_ownership_apply() {
         .expect("kick-off");
     assert_eq!(response.status(), StatusCode::FORBIDDEN);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_killed_server_finishes_the_export_after_its_restart() {
+    let database = common::fresh_database().await;
+    let url = common::cluster().url(&database);
+    let data = tempfile::tempdir().expect("dir");
+    let data_dir = data.path().to_str().expect("utf-8").to_string();
+    let testdata = format!("{}/testdata", env!("CARGO_MANIFEST_DIR"));
+    let args = [
+        "--database-url",
+        url.as_str(),
+        "--admin-password",
+        "pw",
+        "--data-dir",
+        data_dir.as_str(),
+        "--source-dir",
+        testdata.as_str(),
+        "--import-lease",
+        "2",
+    ];
+    let client = common::http_client();
+    let mut first = common::process::ServerProcess::start(&args);
+    let mut loaded = BTreeMap::new();
+    for entry in std::fs::read_dir(format!("{testdata}/synthea-10")).expect("testdata") {
+        let path = entry.expect("entry").path();
+        let name = path
+            .file_name()
+            .expect("name")
+            .to_string_lossy()
+            .to_string();
+        let type_name = name.split('.').next().expect("type").to_string();
+        let response = client
+            .post(format!("{}/fhir/{type_name}/$load", first.base))
+            .basic_auth("root", Some("pw"))
+            .json(&json!({"source": format!("file://{}", path.display())}))
+            .send()
+            .await
+            .expect("load");
+        assert_eq!(response.status(), StatusCode::OK);
+        let body: Value = response.json().await.expect("json");
+        loaded.insert(type_name, body["total"].as_u64().expect("total"));
+    }
+
+    // Every FHIR type, one task each: kill the server while the job runs.
+    let response = client
+        .get(format!("{}/fhir/$export", first.base))
+        .basic_auth("root", Some("pw"))
+        .header("accept", FHIR_JSON)
+        .header("prefer", "respond-async")
+        .send()
+        .await
+        .expect("kick-off");
+    assert_eq!(response.status(), StatusCode::ACCEPTED);
+    let location = response.headers()["content-location"]
+        .to_str()
+        .expect("ascii")
+        .to_string();
+    let job = location.rsplit('/').next().expect("id").to_string();
+    let running = client
+        .get(&location)
+        .basic_auth("root", Some("pw"))
+        .send()
+        .await
+        .expect("status");
+    assert_eq!(running.status(), StatusCode::ACCEPTED, "not done yet");
+    first.signal(nix::sys::signal::Signal::SIGKILL);
+
+    let second = common::process::ServerProcess::start(&args);
+    let status_url = format!("{}/fhir/$export-status/{job}", second.base);
+    let mut manifest = Value::Null;
+    for _ in 0..300 {
+        let response = client
+            .get(&status_url)
+            .basic_auth("root", Some("pw"))
+            .send()
+            .await
+            .expect("status");
+        if response.status() == StatusCode::OK {
+            manifest = response.json().await.expect("manifest");
+            break;
+        }
+        assert_eq!(response.status(), StatusCode::ACCEPTED);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let mut exported: BTreeMap<String, u64> = BTreeMap::new();
+    for entry in manifest["output"].as_array().expect("the export finished") {
+        let text = client
+            .get(entry["url"].as_str().expect("url"))
+            .basic_auth("root", Some("pw"))
+            .send()
+            .await
+            .expect("file")
+            .text()
+            .await
+            .expect("body");
+        let type_name = entry["type"].as_str().expect("type").to_string();
+        *exported.entry(type_name).or_default() += text.lines().count() as u64;
+    }
+    assert_eq!(
+        exported, loaded,
+        "every resource once: none missing, none duplicated"
+    );
+    let db = common::connect(common::cluster().config(&database)).await;
+    let processes: i64 = db
+        .query_one(
+            "SELECT count(DISTINCT split_part(worker, '-', 1)) FROM fhirbox_task WHERE job_id = $1",
+            &[&job],
+        )
+        .await
+        .expect("workers")
+        .get(0);
+    eprintln!("tasks of the job were finished by {processes} process(es)");
+    assert!(processes >= 1);
+}
