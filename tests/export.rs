@@ -127,6 +127,25 @@ fn as_root(server: &TestServer, method: Method, url: &str) -> reqwest::RequestBu
         .basic_auth("root", Some(ROOT_PASSWORD))
 }
 
+/// The job id at the end of a status URL.
+fn job_of(status_url: &str) -> String {
+    status_url.rsplit('/').next().expect("id").to_string()
+}
+
+/// A server without workers (its jobs wait), the small world, and a job started there:
+/// the server, the status URL and the job id.
+async fn waiting_job(path: &str) -> (TestServer, String, String) {
+    let server = TestServer::start_with_jobs(JobOptions {
+        workers: 0,
+        ..JobOptions::default()
+    })
+    .await;
+    small_world(&server).await;
+    let status_url = start(&server, path).await;
+    let job = job_of(&status_url);
+    (server, status_url, job)
+}
+
 fn ids(resources: &[Value]) -> BTreeSet<String> {
     resources
         .iter()
@@ -532,7 +551,7 @@ async fn cancel_deletes_the_files_and_the_job() {
     small_world(&server).await;
     let status_url = start(&server, "/fhir/$export").await;
     let manifest = manifest(&server, &status_url).await;
-    let job = status_url.rsplit('/').next().expect("id").to_string();
+    let job = job_of(&status_url);
     assert!(server.export_dir.join(&job).exists());
 
     let response = as_root(&server, Method::DELETE, &status_url)
@@ -572,7 +591,7 @@ async fn files_expire() {
     small_world(&server).await;
     let status_url = start(&server, "/fhir/$export?_type=Patient").await;
     manifest(&server, &status_url).await;
-    let job = status_url.rsplit('/').next().expect("id").to_string();
+    let job = job_of(&status_url);
     for _ in 0..100 {
         let (status, _) = server.get(&format!("/fhir/$export-status/{job}")).await;
         if status == StatusCode::NOT_FOUND {
@@ -590,14 +609,7 @@ async fn files_expire() {
 #[tokio::test]
 async fn a_job_outlives_the_process_that_was_running_it() {
     // A server without workers: the job waits, and its status says so.
-    let first = TestServer::start_with_jobs(JobOptions {
-        workers: 0,
-        ..JobOptions::default()
-    })
-    .await;
-    small_world(&first).await;
-    let status_url = start(&first, "/fhir/$export?_type=Patient,Observation").await;
-    let job = status_url.rsplit('/').next().expect("id").to_string();
+    let (first, status_url, job) = waiting_job("/fhir/$export?_type=Patient,Observation").await;
     let response = as_root(&first, Method::GET, &status_url)
         .send()
         .await
@@ -651,14 +663,7 @@ async fn a_job_outlives_the_process_that_was_running_it() {
 
 #[tokio::test]
 async fn a_job_that_cannot_write_its_files_fails_with_an_outcome() {
-    let first = TestServer::start_with_jobs(JobOptions {
-        workers: 0,
-        ..JobOptions::default()
-    })
-    .await;
-    small_world(&first).await;
-    let status_url = start(&first, "/fhir/$export?_type=Patient,Observation").await;
-    let job = status_url.rsplit('/').next().expect("id").to_string();
+    let (first, _, job) = waiting_job("/fhir/$export?_type=Patient,Observation").await;
     // Where the job's directory should be, a file: no directory can be made there.
     std::fs::create_dir_all(&first.export_dir).expect("export dir");
     std::fs::write(first.export_dir.join(&job), "in the way").expect("blocking file");
@@ -861,7 +866,7 @@ async fn a_killed_server_finishes_the_export_after_its_restart() {
         .to_str()
         .expect("ascii")
         .to_string();
-    let job = location.rsplit('/').next().expect("id").to_string();
+    let job = job_of(&location);
     let running = client
         .get(&location)
         .basic_auth("root", Some("pw"))

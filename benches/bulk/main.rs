@@ -38,6 +38,40 @@ struct Row {
     baseline_seconds: f64,
 }
 
+/// What the server spends during one operation: time, peak memory over its start, CPU.
+struct Probe {
+    rss_before: u64,
+    cpu_before: f64,
+    sampler: RssSampler,
+    started: Instant,
+}
+
+impl Probe {
+    fn start(server: &Server) -> Probe {
+        Probe {
+            rss_before: server.rss(),
+            cpu_before: server.cpu_seconds(),
+            sampler: RssSampler::start(server.pid()),
+            started: Instant::now(),
+        }
+    }
+
+    fn elapsed(&self) -> f64 {
+        self.started.elapsed().as_secs_f64()
+    }
+
+    fn finish(self, server: &Server, bytes: u64) -> Measurement {
+        let seconds = self.started.elapsed().as_secs_f64();
+        let peak = self.sampler.finish();
+        Measurement {
+            bytes,
+            seconds,
+            peak_rss: Some((peak, peak.saturating_sub(self.rss_before))),
+            server_cpu: Some(server.cpu_seconds() - self.cpu_before),
+        }
+    }
+}
+
 /// Best of [`ROUNDS`].
 async fn best<F, Fut>(mut run: F) -> Measurement
 where
@@ -262,10 +296,7 @@ async fn import_benchmark(
         .iter()
         .map(|(name, file)| serde_json::json!({"resourceType": name, "url": format!("file://{}", file.display())}))
         .collect();
-    let before = server.rss();
-    let cpu_before = server.cpu_seconds();
-    let sampler = RssSampler::start(server.pid());
-    let started = Instant::now();
+    let probe = Probe::start(server);
     let response = client
         .post(format!("{}/fhir/$import", server.base))
         .basic_auth("root", Some(PASSWORD))
@@ -293,11 +324,10 @@ async fn import_benchmark(
             assert_eq!(status["status"], "finished", "{status}");
             break;
         }
-        progress.push((started.elapsed().as_secs_f64(), loaded));
+        progress.push((probe.elapsed(), loaded));
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
-    let seconds = started.elapsed().as_secs_f64();
-    let peak = sampler.finish();
+    let imported = probe.finish(server, bytes);
     let shown: Vec<String> = progress
         .iter()
         .step_by((progress.len() / 8).max(1))
@@ -322,12 +352,7 @@ async fn import_benchmark(
         Row {
             operation: "POST /fhir/$import (vs the sum)".into(),
             rows: total_rows,
-            measurement: Measurement {
-                bytes,
-                seconds,
-                peak_rss: Some((peak, peak.saturating_sub(before))),
-                server_cpu: Some(server.cpu_seconds() - cpu_before),
-            },
+            measurement: imported,
             baseline_seconds: sequential,
         },
     ]
@@ -437,10 +462,7 @@ async fn export_round(
     expected: Option<usize>,
     export_dir: &str,
 ) -> Measurement {
-    let before = server.rss();
-    let cpu_before = server.cpu_seconds();
-    let sampler = RssSampler::start(server.pid());
-    let started = Instant::now();
+    let probe = Probe::start(server);
     let response = client
         .get(format!("{}{path}", server.base))
         .basic_auth("root", Some(PASSWORD))
@@ -467,15 +489,15 @@ async fn export_round(
             other => panic!("export status {other}"),
         }
     };
-    let seconds = started.elapsed().as_secs_f64();
-    let peak = sampler.finish();
+    // Kick-off to manifest; reading the sizes and deleting the files are not timed.
+    let mut measurement = probe.finish(server, 0);
     let output = manifest["output"].as_array().expect("output");
     let count: u64 = output.iter().filter_map(|o| o["count"].as_u64()).sum();
     if let Some(expected) = expected {
         assert_eq!(count as usize, expected, "every resource exported");
     }
     let job = status_url.rsplit('/').next().expect("id");
-    let bytes = std::fs::read_dir(std::path::Path::new(export_dir).join(job))
+    measurement.bytes = std::fs::read_dir(std::path::Path::new(export_dir).join(job))
         .expect("export files")
         .filter_map(|e| e.ok()?.metadata().ok())
         .map(|m| m.len())
@@ -486,12 +508,7 @@ async fn export_round(
         .send()
         .await
         .expect("delete");
-    Measurement {
-        bytes,
-        seconds,
-        peak_rss: Some((peak, peak.saturating_sub(before))),
-        server_cpu: Some(server.cpu_seconds() - cpu_before),
-    }
+    measurement
 }
 
 /// The rows of a one-column query, through psql.
@@ -545,10 +562,7 @@ async fn http(
     request: reqwest::RequestBuilder,
 ) -> Measurement {
     let _ = client;
-    let before = server.rss();
-    let cpu_before = server.cpu_seconds();
-    let sampler = RssSampler::start(server.pid());
-    let started = Instant::now();
+    let probe = Probe::start(server);
     let response = request
         .basic_auth("root", Some(PASSWORD))
         .send()
@@ -560,14 +574,7 @@ async fn http(
     while let Some(chunk) = body.next().await {
         bytes += chunk.expect("body").len() as u64;
     }
-    let seconds = started.elapsed().as_secs_f64();
-    let peak = sampler.finish();
-    Measurement {
-        bytes,
-        seconds,
-        peak_rss: Some((peak, peak.saturating_sub(before))),
-        server_cpu: Some(server.cpu_seconds() - cpu_before),
-    }
+    probe.finish(server, bytes)
 }
 
 fn print(rows: &[Row]) {

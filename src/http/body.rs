@@ -233,6 +233,30 @@ pub fn form_urlencoded_pairs(query: &str) -> Vec<(String, String)> {
         .collect()
 }
 
+/// Whether the client sent `Prefer: <preference>` (`respond-async`, `handling=lenient`),
+/// among others, in one or several `Prefer` headers.
+pub fn prefers(headers: &HeaderMap, preference: &str) -> bool {
+    headers
+        .get_all("prefer")
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|p| p.trim().replace(' ', "").eq_ignore_ascii_case(preference))
+}
+
+/// Sets a header from text; text that cannot be a header value (a control character) leaves
+/// the header out rather than failing the response.
+pub fn set_header(response: &mut Response, name: impl header::IntoHeaderName, value: &str) {
+    if let Ok(value) = HeaderValue::from_str(value) {
+        response.headers_mut().insert(name, value);
+    }
+}
+
+/// An instant as an HTTP date (`Last-Modified`, `Expires`).
+pub fn http_date(at: &chrono::DateTime<chrono::Utc>) -> String {
+    at.format("%a, %d %b %Y %H:%M:%S GMT").to_string()
+}
+
 /// A response body in the negotiated syntax, with the content type of the route's API.
 pub fn reply(negotiated: Negotiated, api: Api, status: StatusCode, value: &Value) -> Response {
     let (content_type, body) = match negotiated.syntax {

@@ -5,10 +5,11 @@
 
 use axum::extract::FromRequestParts;
 use axum::http::request::Parts;
-use axum::http::{header, HeaderValue, StatusCode};
+use axum::http::{header, StatusCode};
 use axum::response::Response;
 use serde_json::Value;
 
+use super::body::{http_date, set_header};
 use super::body::{reply, Negotiated};
 use super::error::ApiError;
 use super::AppState;
@@ -101,13 +102,8 @@ impl ApiContext {
     /// A single resource, with its `ETag` and `Last-Modified`.
     pub fn resource_reply(&self, status: StatusCode, stored: &StoredResource) -> Response {
         let mut response = self.reply(status, &self.outbound(stored));
-        let headers = response.headers_mut();
-        if let Ok(etag) = HeaderValue::from_str(&etag(stored)) {
-            headers.insert(header::ETAG, etag);
-        }
-        if let Ok(modified) = HeaderValue::from_str(&http_date(stored)) {
-            headers.insert(header::LAST_MODIFIED, modified);
-        }
+        set_header(&mut response, header::ETAG, &etag(stored));
+        set_header(&mut response, header::LAST_MODIFIED, &http_date(&stored.ts));
         response
     }
 }
@@ -123,10 +119,6 @@ pub fn version_path(stored: &StoredResource) -> String {
         "{}/{}/_history/{}",
         stored.resource_type, stored.id, stored.txid
     )
-}
-
-fn http_date(stored: &StoredResource) -> String {
-    stored.ts.format("%a, %d %b %Y %H:%M:%S GMT").to_string()
 }
 
 /// `201 Created`: the status line FHIR puts in `Bundle.entry.response.status`.

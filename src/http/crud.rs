@@ -2,10 +2,11 @@
 //! both APIs. Parse, call [`crate::crud`], answer.
 
 use axum::extract::{Path, State};
-use axum::http::{header, HeaderValue, StatusCode};
+use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use serde_json::{json, Value};
 
+use super::body::set_header;
 use super::body::Document;
 use super::context::{etag, status_line, version_path, ApiContext};
 use super::error::ApiError;
@@ -28,9 +29,11 @@ pub async fn create(
     // The native API keeps an id given in the body (as the seeds do); FHIR ignores it.
     let created = crud::create(&state.store, checked, ctx.api == Api::Native).await?;
     let mut response = ctx.resource_reply(StatusCode::CREATED, &created);
-    if let Ok(location) = HeaderValue::from_str(&ctx.url(&version_path(&created))) {
-        response.headers_mut().insert(header::LOCATION, location);
-    }
+    set_header(
+        &mut response,
+        header::LOCATION,
+        &ctx.url(&version_path(&created)),
+    );
     Ok(response)
 }
 
@@ -60,9 +63,11 @@ pub async fn update(
     };
     let mut response = ctx.resource_reply(status, &version);
     if created {
-        if let Ok(location) = HeaderValue::from_str(&ctx.url(&version_path(&version))) {
-            response.headers_mut().insert(header::LOCATION, location);
-        }
+        set_header(
+            &mut response,
+            header::LOCATION,
+            &ctx.url(&version_path(&version)),
+        );
     }
     Ok(response)
 }

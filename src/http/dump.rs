@@ -58,7 +58,7 @@ pub async fn dump_csv(
 }
 
 /// A 200 whose body is streamed (chunked).
-fn streamed(body: ByteStream, content_type: &'static str, gzip: bool) -> Response {
+pub(super) fn streamed(body: ByteStream, content_type: &'static str, gzip: bool) -> Response {
     let mut response = Response::new(Body::from_stream(body));
     *response.status_mut() = StatusCode::OK;
     let headers = response.headers_mut();

@@ -11,15 +11,14 @@
 //!
 //! Status and files are the job owner's (see `access.rs`), besides what policies allow.
 
-use axum::body::Body;
 use axum::extract::{OriginalUri, Path, State};
-use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Extension;
 use chrono::Utc;
 use serde_json::json;
 
-use super::body::{form_urlencoded_pairs, MaybeDocument};
+use super::body::{form_urlencoded_pairs, http_date, prefers, set_header, MaybeDocument};
 use super::context::ApiContext;
 use super::error::ApiError;
 use super::AppState;
@@ -85,34 +84,23 @@ async fn kick_off(
     headers: &HeaderMap,
     body: Option<serde_json::Value>,
 ) -> Result<Response, ApiError> {
-    let header_text = |name: header::HeaderName| {
-        headers
-            .get_all(name)
-            .iter()
-            .filter_map(|v| v.to_str().ok())
-            .collect::<Vec<_>>()
-            .join(",")
-    };
-    let accept = header_text(header::ACCEPT);
-    let accepts_fhir_json = accept
-        .split(',')
+    let accepts_fhir_json = headers
+        .get_all(header::ACCEPT)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
         .any(|media| media.split(';').next().unwrap_or_default().trim() == "application/fhir+json");
     if !accepts_fhir_json {
         return Err(ApiError::bad_request(
             "an $export kick-off needs the header 'Accept: application/fhir+json'",
         ));
     }
-    let prefer = header_text(header::HeaderName::from_static("prefer"));
-    let preferences: Vec<String> = prefer
-        .split(',')
-        .map(|p| p.trim().replace(' ', "").to_ascii_lowercase())
-        .collect();
-    if !preferences.iter().any(|p| p == "respond-async") {
+    if !prefers(headers, "respond-async") {
         return Err(ApiError::bad_request(
             "an $export kick-off needs the header 'Prefer: respond-async'",
         ));
     }
-    let lenient = preferences.iter().any(|p| p == "handling=lenient");
+    let lenient = prefers(headers, "handling=lenient");
 
     let mut params = form_urlencoded_pairs(uri.query().unwrap_or_default());
     if let Some(document) = body {
@@ -147,11 +135,8 @@ async fn kick_off(
     ));
     let outcome = json!({"resourceType": "OperationOutcome", "issue": issues});
     let mut response = ctx.reply(StatusCode::ACCEPTED, &outcome);
-    if let Ok(location) = HeaderValue::from_str(&ctx.url(&format!("$export-status/{id}"))) {
-        response
-            .headers_mut()
-            .insert(header::CONTENT_LOCATION, location);
-    }
+    let status_url = ctx.url(&format!("$export-status/{id}"));
+    set_header(&mut response, header::CONTENT_LOCATION, &status_url);
     Ok(response)
 }
 
@@ -170,14 +155,8 @@ pub async fn status(
         None => Err(no_export(&id)),
         Some(ExportStatus::InProgress { progress }) => {
             let mut response = StatusCode::ACCEPTED.into_response();
-            let headers = response.headers_mut();
-            headers.insert(
-                header::RETRY_AFTER,
-                HeaderValue::from_static(RETRY_AFTER_SECONDS),
-            );
-            if let Ok(progress) = HeaderValue::from_str(&progress) {
-                headers.insert("x-progress", progress);
-            }
+            set_header(&mut response, header::RETRY_AFTER, RETRY_AFTER_SECONDS);
+            set_header(&mut response, "x-progress", &progress);
             Ok(response)
         }
         Some(ExportStatus::Failed(reasons)) => Err(ApiError::new(
@@ -192,10 +171,7 @@ pub async fn status(
                 manifest.to_string(),
             )
                 .into_response();
-            let expires = expires.format("%a, %d %b %Y %H:%M:%S GMT").to_string();
-            if let Ok(expires) = HeaderValue::from_str(&expires) {
-                response.headers_mut().insert(header::EXPIRES, expires);
-            }
+            set_header(&mut response, header::EXPIRES, &http_date(&expires));
             Ok(response)
         }
     }
@@ -247,20 +223,13 @@ pub async fn file(
     let stream: crate::bulk::dump::ByteStream = Box::pin(
         tokio_util::io::ReaderStream::with_capacity(file, 256 * 1024),
     );
-    let mut response = Response::new(Body::from_stream(if gzip {
+    let body = if gzip {
         crate::bulk::gzip::gzip(stream)
     } else {
         stream
-    }));
-    let headers = response.headers_mut();
-    headers.insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("application/fhir+ndjson"),
-    );
-    if gzip {
-        headers.insert(header::CONTENT_ENCODING, HeaderValue::from_static("gzip"));
-    }
-    headers.insert(header::VARY, HeaderValue::from_static("accept-encoding"));
+    };
+    let mut response = super::dump::streamed(body, "application/fhir+ndjson", gzip);
+    set_header(&mut response, header::VARY, "accept-encoding");
     Ok(response)
 }
 

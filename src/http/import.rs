@@ -4,11 +4,12 @@
 //! the status; `DELETE` cancels the job.
 
 use axum::extract::{Path, State};
-use axum::http::{header, HeaderValue, StatusCode};
+use axum::http::{header, StatusCode};
 use axum::response::Response;
 use axum::Extension;
 use serde_json::{Map, Value};
 
+use super::body::set_header;
 use super::body::{reply, Document, Negotiated};
 use super::context::ApiContext;
 use super::error::ApiError;
@@ -38,11 +39,11 @@ pub async fn start(
         StatusCode::ACCEPTED,
         &status_with_id(status, &id),
     );
-    if let Ok(location) = HeaderValue::from_str(&format!("/BulkImportStatus/{id}")) {
-        response
-            .headers_mut()
-            .insert(header::CONTENT_LOCATION, location);
-    }
+    set_header(
+        &mut response,
+        header::CONTENT_LOCATION,
+        &format!("/BulkImportStatus/{id}"),
+    );
     Ok(response)
 }
 

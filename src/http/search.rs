@@ -14,7 +14,7 @@ use axum::http::{HeaderMap, StatusCode};
 use axum::response::Response;
 use serde_json::{json, Value};
 
-use super::body::form_urlencoded_pairs;
+use super::body::{form_urlencoded_pairs, prefers};
 use super::context::ApiContext;
 use super::error::ApiError;
 use super::AppState;
@@ -40,12 +40,7 @@ pub async fn search(
 ) -> Result<Response, ApiError> {
     let rt = crud::resource_type(&type_name)?;
     let params = form_urlencoded_pairs(query.as_deref().unwrap_or_default());
-    let lenient = headers
-        .get_all("prefer")
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .any(|v| v.contains("handling=lenient"));
-    if !lenient {
+    if !prefers(&headers, "handling=lenient") {
         if let Some((name, _)) = params.iter().find(|(name, _)| {
             !CONTROL_PARAMETERS.contains(&name.as_str())
                 && !SEARCH_PARAMETERS.contains(&name.as_str())

@@ -23,12 +23,7 @@ pub mod fields {
 /// as text from the request.
 pub fn dump_sql(rt: ResourceType, since: Option<&DateTime<Utc>>) -> String {
     let filter = since
-        .map(|at| {
-            format!(
-                " WHERE cts > '{}'::timestamptz",
-                at.format("%Y-%m-%d %H:%M:%S%.6f+00")
-            )
-        })
+        .map(|at| format!(" WHERE cts > {}", super::timestamp_literal(at)))
         .unwrap_or_default();
     format!(
         "COPY (SELECT id, txid, cts, ts, resource FROM {}{filter}) TO STDOUT (FORMAT binary)",

@@ -15,14 +15,8 @@ pub mod fields {
 }
 
 fn since_filter(alias: &str, since: Option<&DateTime<Utc>>) -> String {
-    // A literal fhirbox prints from a parsed timestamp, as in `$dump`.
     since
-        .map(|at| {
-            format!(
-                " WHERE {alias}cts > '{}'::timestamptz",
-                at.format("%Y-%m-%d %H:%M:%S%.6f+00")
-            )
-        })
+        .map(|at| format!(" WHERE {alias}cts > {}", super::timestamp_literal(at)))
         .unwrap_or_default()
 }
 

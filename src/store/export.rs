@@ -20,7 +20,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
 use super::copy_out::{copy_out, copy_out_on, CopyOut};
-use super::{Store, StoreError};
+use super::{timestamp_literal, Store, StoreError};
 use crate::fhir::r4::{PATIENT_COMPARTMENT, TOKEN_PARAMS};
 use crate::resource_type::ResourceType;
 
@@ -232,9 +232,9 @@ type ValueRow = (i32, Option<String>, Option<Value>);
 /// The COPY statement of a task, and the filter values it reads from the values table.
 fn export_sql(query: &ExportQuery<'_>) -> Result<(String, Vec<ValueRow>), StoreError> {
     let rt = query.rt;
-    let mut conditions = vec![format!("ts <= {}", timestamp(&query.until))];
+    let mut conditions = vec![format!("ts <= {}", timestamp_literal(&query.until))];
     if let Some(since) = &query.since {
-        conditions.push(format!("ts > {}", timestamp(since)));
+        conditions.push(format!("ts > {}", timestamp_literal(since)));
     }
     if let Some(condition) = patient_condition(rt, &query.patients) {
         conditions.push(condition);
@@ -292,10 +292,10 @@ fn criterion_sql(
         Criterion::LastUpdated { from, to } => {
             let mut parts = vec!["true".to_string()];
             if let Some(from) = from {
-                parts.push(format!("ts >= {}", timestamp(from)));
+                parts.push(format!("ts >= {}", timestamp_literal(from)));
             }
             if let Some(to) = to {
-                parts.push(format!("ts < {}", timestamp(to)));
+                parts.push(format!("ts < {}", timestamp_literal(to)));
             }
             format!("({})", parts.join(" AND "))
         }
@@ -350,11 +350,6 @@ fn token_path(path: &str, kind: &str) -> String {
         // A plain code has no system.
         _ => format!("lax $.{path} ? (($code == null || @ == $code) && $system == null)"),
     }
-}
-
-/// A timestamp literal fhirbox prints itself (digits, `-`, `:`, `.`, a space).
-fn timestamp(at: &DateTime<Utc>) -> String {
-    format!("'{}'::timestamptz", at.format("%Y-%m-%d %H:%M:%S%.6f+00"))
 }
 
 #[cfg(test)]

@@ -24,6 +24,13 @@ use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
 
 pub use deadpool_postgres::{GenericClient, Object as Connection, Transaction};
 
+/// A timestamp as a SQL literal (`'2021-06-10 06:26:10.500000+00'::timestamptz`), for the
+/// statements that take no bind parameters (COPY). fhirbox prints it itself from a parsed
+/// timestamp: digits, `-`, `:`, `.` and a space, never text from a request.
+pub fn timestamp_literal(at: &chrono::DateTime<chrono::Utc>) -> String {
+    format!("'{}'::timestamptz", at.format("%Y-%m-%d %H:%M:%S%.6f+00"))
+}
+
 /// Errors from the database layer. Domain outcomes (not found, deleted) are return values,
 /// not errors; these are the failures.
 #[derive(Debug, thiserror::Error)]
