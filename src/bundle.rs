@@ -20,7 +20,7 @@ use crate::crud::{self, Checked, CrudError, Deleted};
 use crate::format::FormatError;
 use crate::resource::{new_id, StoredResource};
 use crate::resource_type::ResourceType;
-use crate::store::{Store, StoreError, Transaction};
+use crate::store::{Store, StoreError, Tx};
 
 #[derive(Debug, thiserror::Error)]
 pub enum BundleError {
@@ -62,17 +62,16 @@ pub async fn upsert_all(store: &Store, list: Value) -> Result<Vec<StoredResource
         }
         checked.push(doc);
     }
-    let mut conn = store.connection().await?;
-    let tx = conn.transaction().await.map_err(StoreError::from)?;
+    let tx = store.begin().await?;
     let mut stored = Vec::with_capacity(checked.len());
     for (index, doc) in checked.into_iter().enumerate() {
         let id = doc.id.clone().unwrap_or_default();
-        let (version, _) = crud::update_in(&tx, doc, &id)
-            .await
-            .map_err(|e| BundleError::entry(index, e))?;
-        stored.push(version);
+        match crud::update_in(&tx, doc, &id).await {
+            Ok((version, _)) => stored.push(version),
+            Err(error) => return tx.finish(Err(BundleError::entry(index, error))).await,
+        }
     }
-    tx.commit().await.map_err(StoreError::from)?;
+    tx.commit().await?;
     Ok(stored)
 }
 
@@ -121,16 +120,15 @@ pub async fn process(
     match kind {
         BundleKind::Transaction => {
             resolve_full_urls(&mut planned);
-            let mut conn = store.connection().await?;
-            let tx = conn.transaction().await.map_err(StoreError::from)?;
+            let tx = store.begin().await?;
             let mut results = Vec::with_capacity(planned.len());
             for (index, op) in planned.into_iter().enumerate() {
-                let result = run(&tx, op)
-                    .await
-                    .map_err(|e| BundleError::entry(index, e))?;
-                results.push(Ok(result));
+                match run(&tx, op).await {
+                    Ok(result) => results.push(Ok(result)),
+                    Err(error) => return tx.finish(Err(BundleError::entry(index, error))).await,
+                }
             }
-            tx.commit().await.map_err(StoreError::from)?;
+            tx.commit().await?;
             Ok((kind, results))
         }
         BundleKind::Batch => {
@@ -349,7 +347,7 @@ fn rewrite_reference_object(
     }
 }
 
-async fn run(tx: &Transaction<'_>, op: Op) -> Result<EntryResult, CrudError> {
+async fn run(tx: &Tx, op: Op) -> Result<EntryResult, CrudError> {
     let done = |status, resource| EntryResult { status, resource };
     match op {
         Op::Create { doc, .. } => {
@@ -370,7 +368,7 @@ async fn run(tx: &Transaction<'_>, op: Op) -> Result<EntryResult, CrudError> {
             Deleted::Already => Ok(done(StatusCode::NO_CONTENT, None)),
         },
         Op::Read { rt, id } => {
-            let found = crud::read_with(tx, rt, &id).await?;
+            let found = crud::read_with(&**tx, rt, &id).await?;
             Ok(done(StatusCode::OK, Some(found)))
         }
     }
@@ -378,11 +376,9 @@ async fn run(tx: &Transaction<'_>, op: Op) -> Result<EntryResult, CrudError> {
 
 /// A batch entry: its own transaction.
 async fn run_alone(store: &Store, op: Op) -> Result<EntryResult, CrudError> {
-    let mut conn = store.connection().await?;
-    let tx = conn.transaction().await.map_err(StoreError::from)?;
-    let result = run(&tx, op).await?;
-    tx.commit().await.map_err(StoreError::from)?;
-    Ok(result)
+    let tx = store.begin().await?;
+    let result = run(&tx, op).await;
+    tx.finish(result).await
 }
 
 #[cfg(test)]

@@ -11,7 +11,7 @@ use crate::resource::{body_for_storage, is_valid_id, new_id, StoredResource};
 use crate::resource_type::ResourceType;
 use crate::store::clients as resources_clients;
 use crate::store::resources::{self, Lookup};
-use crate::store::{Store, StoreError, Transaction};
+use crate::store::{Store, StoreError, Tx};
 
 #[derive(Debug, thiserror::Error)]
 pub enum CrudError {
@@ -168,18 +168,14 @@ fn take_secret(body: &mut Map<String, Value>) -> Result<Option<String>, CrudErro
 
 /// Stores the hash of a Client's new secret (a Client written without one keeps its old one,
 /// so reading a Client and writing it back does not lose its secret).
-async fn store_secret(
-    tx: &Transaction<'_>,
-    id: &str,
-    secret: Option<String>,
-) -> Result<(), CrudError> {
+async fn store_secret(tx: &Tx, id: &str, secret: Option<String>) -> Result<(), CrudError> {
     let Some(secret) = secret else {
         return Ok(());
     };
     let hash = crate::auth::secret::hash_secret_blocking(secret)
         .await
         .map_err(|e| CrudError::invalid(e.to_string()))?;
-    resources_clients::set_secret(tx, id, &hash).await?;
+    resources_clients::set_secret(&**tx, id, &hash).await?;
     Ok(())
 }
 
@@ -197,7 +193,7 @@ pub fn check_id(rt: ResourceType, id: &str) -> Result<(), CrudError> {
 /// Creates a resource. `keep_id`: use the body's id if it has one (native API) instead of
 /// assigning a new one (FHIR API, which ignores ids in POST bodies).
 pub async fn create_in(
-    tx: &Transaction<'_>,
+    tx: &Tx,
     checked: Checked,
     keep_id: bool,
 ) -> Result<StoredResource, CrudError> {
@@ -212,7 +208,7 @@ pub async fn create_in(
 
 /// Creates or replaces the resource at `id`. Returns the version and whether it was created.
 pub async fn update_in(
-    tx: &Transaction<'_>,
+    tx: &Tx,
     checked: Checked,
     id: &str,
 ) -> Result<(StoredResource, bool), CrudError> {
@@ -230,18 +226,14 @@ pub enum Deleted {
     Already,
 }
 
-pub async fn delete_in(
-    tx: &Transaction<'_>,
-    rt: ResourceType,
-    id: &str,
-) -> Result<Deleted, CrudError> {
+pub async fn delete_in(tx: &Tx, rt: ResourceType, id: &str) -> Result<Deleted, CrudError> {
     if let Some(version) = resources::delete(tx, rt, id).await? {
         if rt.name() == "Client" {
-            resources_clients::delete_secret(tx, id).await?;
+            resources_clients::delete_secret(&**tx, id).await?;
         }
         return Ok(Deleted::Now(version));
     }
-    match resources::read(tx, rt, id).await? {
+    match resources::read(&**tx, rt, id).await? {
         Lookup::Deleted => Ok(Deleted::Already),
         _ => Err(CrudError::not_found(rt, id)),
     }
@@ -252,11 +244,9 @@ pub async fn create(
     checked: Checked,
     keep_id: bool,
 ) -> Result<StoredResource, CrudError> {
-    let mut conn = store.connection().await?;
-    let tx = conn.transaction().await.map_err(StoreError::from)?;
-    let created = create_in(&tx, checked, keep_id).await?;
-    tx.commit().await.map_err(StoreError::from)?;
-    Ok(created)
+    let tx = store.begin().await?;
+    let created = create_in(&tx, checked, keep_id).await;
+    tx.finish(created).await
 }
 
 pub async fn update(
@@ -264,19 +254,15 @@ pub async fn update(
     checked: Checked,
     id: &str,
 ) -> Result<(StoredResource, bool), CrudError> {
-    let mut conn = store.connection().await?;
-    let tx = conn.transaction().await.map_err(StoreError::from)?;
-    let result = update_in(&tx, checked, id).await?;
-    tx.commit().await.map_err(StoreError::from)?;
-    Ok(result)
+    let tx = store.begin().await?;
+    let result = update_in(&tx, checked, id).await;
+    tx.finish(result).await
 }
 
 pub async fn delete(store: &Store, rt: ResourceType, id: &str) -> Result<Deleted, CrudError> {
-    let mut conn = store.connection().await?;
-    let tx = conn.transaction().await.map_err(StoreError::from)?;
-    let result = delete_in(&tx, rt, id).await?;
-    tx.commit().await.map_err(StoreError::from)?;
-    Ok(result)
+    let tx = store.begin().await?;
+    let result = delete_in(&tx, rt, id).await;
+    tx.finish(result).await
 }
 
 /// The current version; 404 if it never existed, 410 if it was deleted.

@@ -1,17 +1,19 @@
 //! fhirbox: a FHIR server on PostgreSQL built around a fast, streaming bulk API.
 //!
-//! A request flows top-down through the modules:
+//! A request flows top-down through three layers (`docs/architecture.md` has the rules):
 //!
-//! - [`http`]: the route table, path normalization, body parsing (JSON/YAML), responses and
-//!   the one error type rendered as an OperationOutcome.
-//! - [`auth`]: basic authentication of every request, and the AccessPolicy engines.
-//! - operations: [`crud`] (single resources), [`bundle`] (`PUT /`, transactions, batches) and
+//! - [`http`]: the route table, path normalization, extractors, responses (streamed bodies
+//!   and their compression in one place), and the one error type rendered as an
+//!   OperationOutcome, with every mapping of a module's error to it. May call everything below.
+//! - operations: [`crud`] (single resources), [`bundle`] (`PUT /`, transactions, batches),
 //!   [`bulk`] (`$dump`, `$dump-sql`, `$dump-csv`, `$load`, and the background jobs `$import`
-//!   and `$export` with the workers that run them).
-//! - [`store`]: every SQL statement (one table per resource type, history, the version
-//!   sequence, migrations, COPY, jobs, the Patient compartment); [`format`]: native <-> FHIR
-//!   conversion, driven by [`fhir`], the R4 element table (and compartment and search
-//!   parameters) generated from the official definitions.
+//!   and `$export` with the workers that run them) and [`auth`] (credentials, AccessPolicies).
+//!   They call `store` and `format`, never `http` or axum.
+//! - [`store`]: every SQL statement and every connection's life (pool, dedicated connections
+//!   that are cancelled and closed when abandoned, transactions, COPY, jobs, migrations, the
+//!   Patient compartment); [`format`]: native <-> FHIR conversion, driven by [`fhir`], the R4
+//!   element table (and compartment and search parameters) generated from the official
+//!   definitions. They call nothing above them.
 //!
 //! Around them: [`config`] (the command line), [`server`] (start-up and shutdown) and
 //! [`cluster`] (the managed local PostgreSQL).

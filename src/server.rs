@@ -105,7 +105,12 @@ async fn serve_with_database(
 ) -> Result<(), ServeError> {
     let config = match (cluster, &args.database_url) {
         (Some(cluster), _) => {
-            ensure_database(cluster.connection_config(), MANAGED_DATABASE).await?;
+            schema::ensure_database(cluster.connection_config(), MANAGED_DATABASE)
+                .await
+                .map_err(|e| match e.is_unavailable() {
+                    true => ServeError::Unreachable(e),
+                    false => ServeError::Store(e),
+                })?;
             let mut config = cluster.connection_config();
             config.dbname(MANAGED_DATABASE);
             config
@@ -201,32 +206,8 @@ async fn serve_with_database(
         Ok(Err(join)) => return Err(ServeError::Serve(std::io::Error::other(join))),
         Err(_) => tracing::warn!("requests still running after {DRAIN_TIMEOUT:?}; closing them"),
     }
-    background.jobs.release_claims().await;
+    background.stop().await;
     store.close();
-    Ok(())
-}
-
-/// Creates `name` on the server if it is missing (the managed cluster's first start).
-async fn ensure_database(config: tokio_postgres::Config, name: &str) -> Result<(), ServeError> {
-    let (client, connection) = config
-        .connect(tokio_postgres::NoTls)
-        .await
-        .map_err(|e| ServeError::Unreachable(e.into()))?;
-    let connection = tokio::spawn(connection);
-    let exists = client
-        .query_opt("SELECT 1 FROM pg_database WHERE datname = $1", &[&name])
-        .await
-        .map_err(StoreError::from)?
-        .is_some();
-    if !exists {
-        // A database name cannot be a bound parameter; this one is a constant of ours.
-        client
-            .batch_execute(&format!("CREATE DATABASE \"{name}\""))
-            .await
-            .map_err(StoreError::from)?;
-    }
-    drop(client);
-    let _ = connection.await;
     Ok(())
 }
 

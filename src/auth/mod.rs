@@ -17,10 +17,8 @@ pub mod policy;
 pub mod root;
 pub mod secret;
 
-use axum::http::{HeaderValue, StatusCode};
 use base64::Engine as _;
 
-use crate::http::error::ApiError;
 use crate::store::clients::{self, ClientRecord};
 use crate::store::{Store, StoreError};
 
@@ -58,26 +56,6 @@ pub enum AuthError {
     #[error(transparent)]
     Store(#[from] StoreError),
 }
-
-impl From<AuthError> for ApiError {
-    fn from(error: AuthError) -> ApiError {
-        if let AuthError::Store(store) = error {
-            return store.into();
-        }
-        if let AuthError::Hashing(_) = error {
-            tracing::error!(%error, "authentication failed internally");
-            return ApiError::new(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                "exception",
-                "authentication failed internally (logged on the server)",
-            );
-        }
-        let mut api = ApiError::new(StatusCode::UNAUTHORIZED, "login", error.to_string());
-        api.challenge = true;
-        api
-    }
-}
-
 /// Credentials from an `Authorization: Basic ...` header.
 #[derive(Debug)]
 pub struct BasicCredentials {
@@ -86,9 +64,10 @@ pub struct BasicCredentials {
 }
 
 impl BasicCredentials {
-    pub fn from_header(value: Option<&HeaderValue>) -> Result<BasicCredentials, AuthError> {
+    /// From the `Authorization` header's value, if the request has one.
+    pub fn from_header(value: Option<&[u8]>) -> Result<BasicCredentials, AuthError> {
         let value = value.ok_or(AuthError::Missing)?;
-        let text = value.to_str().map_err(|_| AuthError::Malformed)?;
+        let text = std::str::from_utf8(value).map_err(|_| AuthError::Malformed)?;
         let (scheme, encoded) = text.trim().split_once(' ').ok_or(AuthError::Malformed)?;
         if !scheme.eq_ignore_ascii_case("basic") {
             return Err(AuthError::Malformed);
@@ -125,7 +104,7 @@ impl Authenticator {
     /// Checks the request's credentials: root's, or a Client's.
     pub async fn authenticate(
         &self,
-        header: Option<&HeaderValue>,
+        header: Option<&[u8]>,
         store: &Store,
     ) -> Result<Subject, AuthError> {
         let credentials = BasicCredentials::from_header(header)?;
@@ -180,15 +159,14 @@ mod tests {
     #[test]
     fn parses_basic_credentials() {
         // The seed's header for bulk-client:secret.
-        let header = HeaderValue::from_static("Basic YnVsay1jbGllbnQ6c2VjcmV0");
-        let credentials = BasicCredentials::from_header(Some(&header)).expect("valid header");
+        let header = b"Basic YnVsay1jbGllbnQ6c2VjcmV0";
+        let credentials = BasicCredentials::from_header(Some(header)).expect("valid header");
         assert_eq!(
             (credentials.user.as_str(), credentials.password.as_str()),
             ("bulk-client", "secret")
         );
-        let bearer = HeaderValue::from_static("Bearer abc");
         assert!(matches!(
-            BasicCredentials::from_header(Some(&bearer)),
+            BasicCredentials::from_header(Some(b"Bearer abc")),
             Err(AuthError::Malformed)
         ));
         assert!(matches!(

@@ -3,37 +3,33 @@
 //! The pipeline, pulled by the HTTP body (so a slow client slows the COPY, see
 //! [`crate::store::copy_out`]):
 //!
-//! 1. COPY chunks -> tuples -> native lines ([`native_line`]), gathered in batches of about
-//!    [`BATCH_BYTES`];
+//! 1. COPY -> batches of tuples of about [`BATCH_BYTES`] ([`super::stream::tuple_batches`])
+//!    -> native lines ([`native_line`]);
 //! 2. with `fhir`, each batch is converted on a blocking thread, up to one batch per core at a
-//!    time, and the batches leave in their original order;
-//! 3. with `gzip`, one gzip member over the whole body ([`super::gzip`]).
+//!    time, and the batches leave in their original order.
 //!
-//! Memory is bounded by the batches in flight, whatever the table size. An error after the
-//! first byte ends the stream with an error, which the HTTP layer turns into an aborted
-//! chunked body: the client sees a failed transfer, never a clean but short file.
+//! (gzip, when asked for, is the HTTP layer's.) Memory is bounded by the batches in flight,
+//! whatever the table size. An error after the first byte ends the stream with an error,
+//! which the HTTP layer turns into an aborted chunked body: the client sees a failed
+//! transfer, never a clean but short file.
 
 use std::io;
-use std::pin::Pin;
 
 use bytes::Bytes;
 use chrono::{DateTime, Utc};
 use futures_util::{Stream, StreamExt};
 
 use super::native_line::{write_native_line, Row};
+use super::stream::{tuple_batches, ByteStream, Tuple};
 use crate::format::Converter;
 use crate::resource_type::ResourceType;
-use crate::store::copy::TupleReader;
 use crate::store::copy_out::CopyOut;
 use crate::store::dump::{current_versions, fields};
 use crate::store::{Store, StoreError};
 
-/// Target size of one batch of lines: big enough that per-batch costs vanish, small enough
-/// that a few in flight stay a few megabytes.
+/// Target size of one batch: big enough that per-batch costs vanish, small enough that a few
+/// in flight stay a few megabytes.
 const BATCH_BYTES: usize = 256 * 1024;
-
-/// A body stream, as the HTTP layer takes it.
-pub type ByteStream = Pin<Box<dyn Stream<Item = Result<Bytes, io::Error>> + Send>>;
 
 /// What to dump and how.
 pub struct DumpOptions {
@@ -41,7 +37,6 @@ pub struct DumpOptions {
     pub since: Option<DateTime<Utc>>,
     /// Convert to FHIR with these rules.
     pub fhir: Option<Converter>,
-    pub gzip: bool,
 }
 
 /// Starts a dump. Errors before the first row (the database unreachable) come back here.
@@ -51,106 +46,49 @@ pub async fn dump(
     options: DumpOptions,
 ) -> Result<ByteStream, StoreError> {
     let copy = current_versions(store, rt, options.since.as_ref()).await?;
-    let native = native_batches(copy, rt);
-    let body: ByteStream = match options.fhir {
-        None => Box::pin(native),
-        Some(converter) => Box::pin(to_fhir_in_parallel(native, converter)),
-    };
-    Ok(if options.gzip {
-        super::gzip::gzip(body)
-    } else {
-        body
+    Ok(match options.fhir {
+        None => Box::pin(native_lines(copy, rt)),
+        Some(converter) => fhir_lines(copy, rt, converter),
     })
 }
 
 /// The FHIR NDJSON lines of a COPY of tuples in the dump's shape ([`fields`]), in batches of
 /// whole lines: `$export` writes its files from this.
 pub fn fhir_lines(copy: CopyOut, rt: ResourceType, converter: Converter) -> ByteStream {
-    Box::pin(to_fhir_in_parallel(native_batches(copy, rt), converter))
+    Box::pin(to_fhir_in_parallel(native_lines(copy, rt), converter))
 }
 
 /// Stage 1: native lines, in batches.
-fn native_batches(
+fn native_lines(
     copy: CopyOut,
     rt: ResourceType,
 ) -> impl Stream<Item = Result<Bytes, io::Error>> + Send {
-    let state = Batcher {
-        copy,
-        reader: TupleReader::new(fields::COUNT),
-        resource_type: rt.name(),
-        ended: false,
-        failed: false,
-    };
-    futures_util::stream::unfold(state, |mut state| async move {
-        let batch = state.next_batch().await?;
-        Some((batch, state))
+    let resource_type = rt.name();
+    tuple_batches(copy, fields::COUNT, BATCH_BYTES).map(move |batch| {
+        let batch = batch?;
+        let mut out = Vec::with_capacity(BATCH_BYTES + BATCH_BYTES / 4);
+        for tuple in &batch {
+            let written =
+                row(tuple).is_some_and(|row| write_native_line(&mut out, resource_type, &row));
+            if !written {
+                return Err(io::Error::other(
+                    "a stored row is not a resource (NULL column or non-object jsonb)",
+                ));
+            }
+        }
+        Ok(out.into())
     })
 }
 
-struct Batcher {
-    copy: CopyOut,
-    reader: TupleReader,
-    resource_type: &'static str,
-    /// The COPY stream ended.
-    ended: bool,
-    /// An error was returned: the stream is over.
-    failed: bool,
-}
-
-impl Batcher {
-    async fn next_batch(&mut self) -> Option<Result<Bytes, io::Error>> {
-        if self.failed {
-            return None;
-        }
-        let mut out = Vec::with_capacity(BATCH_BYTES + BATCH_BYTES / 4);
-        loop {
-            loop {
-                match self.reader.next_tuple() {
-                    Ok(Some(tuple)) => {
-                        let row = (|| {
-                            Some(Row {
-                                id: tuple.text(fields::ID)?,
-                                txid: tuple.i64(fields::TXID)?,
-                                cts: tuple.i64(fields::CTS)?,
-                                ts: tuple.i64(fields::TS)?,
-                                resource: tuple.jsonb(fields::RESOURCE)?,
-                            })
-                        })();
-                        let written = row.is_some_and(|row| {
-                            write_native_line(&mut out, self.resource_type, &row)
-                        });
-                        if !written {
-                            return self.fail(
-                                "a stored row is not a resource (NULL column or non-object jsonb)",
-                            );
-                        }
-                        if out.len() >= BATCH_BYTES {
-                            return Some(Ok(out.into()));
-                        }
-                    }
-                    Ok(None) => break,
-                    Err(error) => return self.fail(&error.to_string()),
-                }
-            }
-            if self.ended {
-                if !self.reader.finished() || self.reader.has_partial() {
-                    return self.fail("the COPY stream ended early");
-                }
-                return (!out.is_empty()).then(|| Ok(out.into()));
-            }
-            match self.copy.next().await {
-                Some(Ok(chunk)) => self.reader.push(&chunk),
-                Some(Err(error)) => return self.fail(&error.to_string()),
-                None => self.ended = true,
-            }
-        }
-    }
-
-    fn fail(&mut self, message: &str) -> Option<Result<Bytes, io::Error>> {
-        self.failed = true;
-        tracing::error!(message, "dump failed mid-stream");
-        Some(Err(io::Error::other(format!("dump failed: {message}"))))
-    }
+/// A tuple's fields; `None` if one is NULL.
+fn row(tuple: &Tuple) -> Option<Row<'_>> {
+    Some(Row {
+        id: tuple.text(fields::ID)?,
+        txid: tuple.i64(fields::TXID)?,
+        cts: tuple.i64(fields::CTS)?,
+        ts: tuple.i64(fields::TS)?,
+        resource: tuple.jsonb(fields::RESOURCE)?,
+    })
 }
 
 /// Stage 2: native batches -> FHIR batches, one core each, order kept.

@@ -15,16 +15,15 @@ use std::sync::Arc;
 use bytes::Bytes;
 use chrono::{DateTime, Utc};
 use futures_util::StreamExt;
-use serde_json::Value;
+use serde_json::{Map, Value};
 
-use super::dump::ByteStream;
+use super::stream::{tuple_batches, ByteStream, Tuple};
 use crate::resource_type::ResourceType;
-use crate::store::copy::TupleReader;
 use crate::store::dump_csv::{self, fields};
 use crate::store::{Store, StoreError};
 
-/// Rows of input per batch flattened on a blocking thread.
-const BATCH_ROWS: usize = 1024;
+/// Bytes of input per batch flattened on a blocking thread.
+const BATCH_BYTES: usize = 256 * 1024;
 
 /// The columns: their order and, for each path, its position.
 struct Columns {
@@ -38,9 +37,9 @@ pub async fn dump_csv(
     rt: ResourceType,
     since: Option<DateTime<Utc>>,
 ) -> Result<ByteStream, StoreError> {
-    let (conn, paths) = dump_csv::paths(store, rt, since.as_ref()).await?;
+    let (snapshot, paths) = dump_csv::paths(store, rt, since.as_ref()).await?;
     if paths.is_empty() {
-        drop(deadpool_postgres::Object::take(conn));
+        snapshot.close();
         return Ok(Box::pin(futures_util::stream::empty()));
     }
     let mut header = Vec::new();
@@ -55,47 +54,10 @@ pub async fn dump_csv(
         count: paths.len(),
         index: paths.into_iter().enumerate().map(|(i, p)| (p, i)).collect(),
     });
-    let copy = dump_csv::rows(conn, rt, since.as_ref()).await?;
+    let copy = dump_csv::rows(snapshot, rt, since.as_ref()).await?;
     let resource_type = rt.name();
     let workers = std::thread::available_parallelism().map_or(2, |n| n.get());
-    let rows = futures_util::stream::unfold(
-        (copy, TupleReader::new(fields::COUNT), false),
-        |(mut copy, mut reader, mut ended)| async move {
-            let mut batch: Vec<(Bytes, Bytes)> = Vec::with_capacity(BATCH_ROWS);
-            loop {
-                while batch.len() < BATCH_ROWS {
-                    match reader.next_tuple() {
-                        Ok(Some(tuple)) => {
-                            let id =
-                                Bytes::copy_from_slice(tuple.text(fields::ID).unwrap_or_default());
-                            let resource = Bytes::copy_from_slice(
-                                tuple.jsonb(fields::RESOURCE).unwrap_or(b"{}"),
-                            );
-                            batch.push((id, resource));
-                        }
-                        Ok(None) => break,
-                        Err(error) => {
-                            return Some((Err(io::Error::other(error)), (copy, reader, true)))
-                        }
-                    }
-                }
-                if batch.len() >= BATCH_ROWS || (ended && !batch.is_empty()) {
-                    return Some((Ok(batch), (copy, reader, ended)));
-                }
-                if ended {
-                    return None;
-                }
-                match copy.next().await {
-                    Some(Ok(chunk)) => reader.push(&chunk),
-                    Some(Err(error)) => {
-                        return Some((Err(io::Error::other(error)), (copy, reader, true)))
-                    }
-                    None => ended = true,
-                }
-            }
-        },
-    );
-    let body = rows
+    let body = tuple_batches(copy, fields::COUNT, BATCH_BYTES)
         .map(move |batch| {
             let columns = columns.clone();
             async move {
@@ -110,25 +72,27 @@ pub async fn dump_csv(
     Ok(Box::pin(header.chain(body)))
 }
 
-/// CSV lines for a batch of (id, resource text).
-fn csv_rows(
-    batch: &[(Bytes, Bytes)],
-    resource_type: &str,
-    columns: &Columns,
-) -> Result<Bytes, io::Error> {
-    let mut out = Vec::with_capacity(batch.iter().map(|(_, r)| r.len()).sum());
+/// CSV lines for a batch of (id, resource) tuples. A NULL is an empty field: a NULL id leaves
+/// the `id` column empty, a NULL resource every column but `id` and `resourceType`.
+fn csv_rows(batch: &[Tuple], resource_type: &str, columns: &Columns) -> Result<Bytes, io::Error> {
+    let mut out = Vec::with_capacity(batch.iter().map(Tuple::size).sum());
     let mut fields: Vec<Option<String>> = vec![None; columns.count];
     let mut path = String::new();
-    for (id, resource) in batch {
+    for tuple in batch {
         fields.iter_mut().for_each(|f| *f = None);
-        let Value::Object(mut doc) = serde_json::from_slice(resource).map_err(io::Error::other)?
-        else {
-            return Err(io::Error::other("a stored resource is not a JSON object"));
+        let mut doc = match tuple.jsonb(fields::RESOURCE) {
+            None => Map::new(),
+            Some(text) => match serde_json::from_slice(text).map_err(io::Error::other)? {
+                Value::Object(doc) => doc,
+                _ => return Err(io::Error::other("a stored resource is not a JSON object")),
+            },
         };
-        doc.insert(
-            "id".into(),
-            Value::String(String::from_utf8_lossy(id).into_owned()),
-        );
+        if let Some(id) = tuple.text(fields::ID) {
+            doc.insert(
+                "id".into(),
+                Value::String(String::from_utf8_lossy(id).into_owned()),
+            );
+        }
         doc.insert(
             "resourceType".into(),
             Value::String(resource_type.to_string()),
@@ -232,22 +196,43 @@ mod tests {
                 .map(|(i, p)| (p.to_string(), i))
                 .collect(),
         };
-        let batch = vec![
+        let batch = tuples(&[
+            (Some("pt-1"), Some(r#"{"name": [{"given": ["Alice"]}]}"#)),
             (
-                Bytes::from("pt-1"),
-                Bytes::from(r#"{"name": [{"given": ["Alice"]}]}"#),
-            ),
-            (
-                Bytes::from("pt-3"),
-                Bytes::from(
+                Some("pt-3"),
+                Some(
                     r#"{"name": [{"given": ["Charles"]}], "citizenship": [{"code": {"text": "ru"}}]}"#,
                 ),
             ),
-        ];
+            (None, Some(r#"{"name": [{"given": ["Nobody"]}]}"#)),
+            (Some("pt-4"), None),
+        ]);
         let csv = csv_rows(&batch, "Patient", &columns).expect("rows");
         assert_eq!(
             csv,
-            Bytes::from(",pt-1,Alice,Patient\r\nru,pt-3,Charles,Patient\r\n")
+            Bytes::from(
+                ",pt-1,Alice,Patient\r\nru,pt-3,Charles,Patient\r\n,,Nobody,Patient\r\n,pt-4,,Patient\r\n"
+            ),
+            "a NULL is an empty field"
         );
+    }
+
+    /// (id, resource) tuples as a binary COPY would carry them.
+    fn tuples(rows: &[(Option<&str>, Option<&str>)]) -> Vec<Tuple> {
+        let mut writer = crate::store::copy::TupleWriter::new();
+        for (id, resource) in rows {
+            writer.start_tuple(2);
+            match id {
+                Some(id) => writer.text(id.as_bytes()),
+                None => writer.null(),
+            }
+            match resource {
+                Some(resource) => writer.jsonb(resource.as_bytes()),
+                None => writer.null(),
+            }
+        }
+        let mut reader = crate::store::copy::TupleReader::new(2);
+        reader.push(&writer.finish());
+        std::iter::from_fn(|| reader.next_tuple().expect("valid")).collect()
     }
 }

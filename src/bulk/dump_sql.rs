@@ -1,6 +1,6 @@
 //! `$dump-sql`: the result of a client's SQL query, streamed as TSV or NDJSON.
 //!
-//! Safety comes from where the query runs (see [`crate::store::sql_dump`]): as a role that can
+//! Safety comes from where the query runs (see [`crate::store::dump_sql`]): as a role that can
 //! only read resource tables, in a read-only transaction with a statement timeout, one
 //! statement only. Errors the server reports while describing the query, or before the first
 //! row, are answered as errors (400, 403 for a table the role may not read, 408 for the
@@ -16,12 +16,10 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use futures_util::{Stream, StreamExt};
-use tokio_postgres::error::ErrorPosition;
 
-use super::dump::ByteStream;
-use crate::store::copy::TupleReader;
-use crate::store::copy_out::{copy_out_on, OwnedStream};
-use crate::store::sql_dump::{self, TextParam};
+use super::stream::{tuple_batches, ByteStream};
+pub use crate::store::dump_sql::Output as SqlFormat;
+use crate::store::dump_sql::{self, QueryError, Rows};
 use crate::store::{Store, StoreError};
 
 /// Rows of output gathered per chunk on the portal path.
@@ -30,37 +28,8 @@ const ROWS_PER_CHUNK: usize = 1024;
 /// COPY rows (one message each) passed on together when they are ready at once.
 const READY_ROWS: usize = 4096;
 
-/// A reader connection that is closed, never given back to the pool, when dropped.
-struct Discarded(Option<crate::store::Connection>);
-
-impl Discarded {
-    /// The connection, to hand to a stream that discards it in turn.
-    fn take(&mut self) -> crate::store::Connection {
-        self.0.take().expect("taken once, for the stream")
-    }
-}
-
-impl std::ops::Deref for Discarded {
-    type Target = crate::store::Connection;
-
-    fn deref(&self) -> &Self::Target {
-        self.0.as_ref().expect("used before it is taken")
-    }
-}
-
-impl Drop for Discarded {
-    fn drop(&mut self) {
-        if let Some(conn) = self.0.take() {
-            drop(deadpool_postgres::Object::take(conn));
-        }
-    }
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum SqlFormat {
-    Tsv,
-    Ndjson,
-}
+/// Bytes of NDJSON per chunk on the COPY path.
+const BATCH_BYTES: usize = 256 * 1024;
 
 pub struct SqlDumpRequest {
     pub query: String,
@@ -81,45 +50,13 @@ pub struct SqlLimits {
 
 #[derive(Debug, thiserror::Error)]
 pub enum SqlDumpError {
-    #[error("$dump-sql is not available: {0}")]
-    Unavailable(String),
-    #[error("{message}")]
-    Query {
-        /// PostgreSQL's SQLSTATE.
-        code: String,
-        message: String,
-        /// 1-based character position in the client's query.
-        position: Option<usize>,
-    },
+    #[error("the query is empty")]
+    Empty,
+    /// The result broke a limit before its first chunk.
     #[error("{0}")]
-    Invalid(String),
+    Limit(String),
     #[error(transparent)]
-    Store(StoreError),
-}
-
-impl SqlDumpError {
-    /// An error of the server about the query, its position mapped back into the client's
-    /// text (`offset`: where that text starts in the statement that failed).
-    fn from_store(error: StoreError, offset: usize) -> SqlDumpError {
-        let db = match &error {
-            StoreError::Db(db) => db.as_db_error(),
-            _ => None,
-        };
-        let Some(db) = db else {
-            return SqlDumpError::Store(error);
-        };
-        let position = match db.position() {
-            Some(ErrorPosition::Original(at)) => {
-                (*at as usize).checked_sub(offset).filter(|p| *p > 0)
-            }
-            _ => None,
-        };
-        SqlDumpError::Query {
-            code: db.code().code().to_string(),
-            message: db.message().to_string(),
-            position,
-        }
-    }
+    Query(#[from] QueryError),
 }
 
 /// Starts the dump. Everything that can fail before the first row fails here.
@@ -134,84 +71,46 @@ pub async fn dump_sql(
         .trim_end_matches([';', ' ', '\n', '\r', '\t'])
         .to_string();
     if query.is_empty() {
-        return Err(SqlDumpError::Invalid("the query is empty".into()));
+        return Err(SqlDumpError::Empty);
     }
-    let conn = reader.connection().await.map_err(|e| {
-        SqlDumpError::Unavailable(format!(
-            "cannot connect as the SQL reader role ({e}); give fhirbox a role that may create roles, or set --sql-reader-url"
-        ))
-    })?;
-    // The connection will hold this request's transaction: it is never given back to the pool,
-    // neither on an error below nor after streaming.
-    let mut conn = Discarded(Some(conn));
-    sql_dump::begin(&conn, limits.timeout)
-        .await
-        .map_err(|e| SqlDumpError::from_store(e, 0))?;
-    let statement = sql_dump::describe(&conn, &query)
-        .await
-        .map_err(|e| SqlDumpError::from_store(e, 0))?;
-    if statement.params().len() != request.params.len() {
-        return Err(SqlDumpError::Invalid(format!(
-            "the query has {} parameter(s) ($1..$n) but {} were given",
-            statement.params().len(),
-            request.params.len()
-        )));
-    }
-    let columns: Vec<String> = statement
-        .columns()
-        .iter()
-        .map(|c| c.name().to_string())
-        .collect();
-    let (wrapped, body): (String, ByteStream) = match (request.format, request.params.is_empty()) {
-        (SqlFormat::Tsv, true) => {
-            let sql = sql_dump::copy_tsv_sql(&query);
-            let copy = copy_out_on(conn.take(), &sql)
-                .await
-                .map_err(|e| SqlDumpError::from_store(e, sql_dump::query_offset(&sql, &query)))?;
+    let running = dump_sql::run(
+        reader,
+        &query,
+        request.params,
+        request.format,
+        limits.timeout,
+    )
+    .await?;
+    let body: ByteStream = match running.rows {
+        Rows::CopyText(copy) => {
             // COPY sends one message per row: pass on what is ready together.
-            let body = copy.discard_after().ready_chunks(READY_ROWS).map(
-                |chunks| -> Result<Bytes, io::Error> {
-                    let mut out = Vec::new();
-                    for chunk in chunks {
-                        out.extend_from_slice(&chunk.map_err(io::Error::other)?);
-                    }
-                    Ok(out.into())
-                },
-            );
-            (sql, Box::pin(body))
+            Box::pin(copy.ready_chunks(READY_ROWS).map(|chunks| {
+                let mut out = Vec::new();
+                for chunk in chunks {
+                    out.extend_from_slice(&chunk.map_err(io::Error::other)?);
+                }
+                Ok(out.into())
+            }))
         }
-        (SqlFormat::Ndjson, true) => {
-            let sql = sql_dump::copy_ndjson_sql(&query);
-            let copy = copy_out_on(conn.take(), &sql)
-                .await
-                .map_err(|e| SqlDumpError::from_store(e, sql_dump::query_offset(&sql, &query)))?;
-            (sql, Box::pin(json_lines_from_copy(copy.discard_after())))
-        }
-        (format, false) => {
-            let sql = match format {
-                SqlFormat::Tsv => sql_dump::tsv_rows_sql(&query, columns.len()),
-                SqlFormat::Ndjson => sql_dump::ndjson_rows_sql(&query),
-            };
-            let params: Vec<TextParam> = request.params.into_iter().map(TextParam).collect();
-            let rows = conn
-                .query_raw(sql.as_str(), params.iter())
-                .await
-                .map_err(|e| {
-                    SqlDumpError::from_store(e.into(), sql_dump::query_offset(&sql, &query))
-                })?;
-            let rows = OwnedStream::new(conn.take(), rows).discard_after();
-            (sql, Box::pin(lines_from_rows(rows, format)))
-        }
+        Rows::CopyJson(copy) => Box::pin(tuple_batches(copy, 1, BATCH_BYTES).map(|batch| {
+            let mut out = Vec::with_capacity(BATCH_BYTES + BATCH_BYTES / 4);
+            for tuple in batch? {
+                out.extend_from_slice(tuple.text(0).unwrap_or(b"null"));
+                out.push(b'\n');
+            }
+            Ok(out.into())
+        })),
+        Rows::Portal(rows) => Box::pin(lines_from_rows(rows, request.format)),
     };
-    let offset = sql_dump::query_offset(&wrapped, &query);
     let mut body: ByteStream = Box::pin(limit(body, limits.max_rows, limits.max_bytes));
     // The first chunk decides between an error answer and a 200.
     let first = match body.next().await {
         Some(Ok(chunk)) => Some(chunk),
-        Some(Err(error)) => return Err(first_chunk_error(error, offset)),
+        Some(Err(error)) => return Err(first_chunk_error(error, running.offset)),
         None => None,
     };
-    let header = (request.format == SqlFormat::Tsv && request.header).then(|| tsv_header(&columns));
+    let header =
+        (request.format == SqlFormat::Tsv && request.header).then(|| tsv_header(&running.columns));
     let head = futures_util::stream::iter(header.into_iter().chain(first).map(Ok));
     Ok(Box::pin(head.chain(body)))
 }
@@ -222,9 +121,9 @@ fn first_chunk_error(error: io::Error, offset: usize) -> SqlDumpError {
         .into_inner()
         .map(|inner| inner.downcast::<StoreError>())
     {
-        Some(Ok(store)) => SqlDumpError::from_store(*store, offset),
-        Some(Err(other)) => SqlDumpError::Invalid(other.to_string()),
-        None => SqlDumpError::Invalid("the query failed".into()),
+        Some(Ok(store)) => QueryError::from_store(*store, offset).into(),
+        Some(Err(other)) => SqlDumpError::Limit(other.to_string()),
+        None => SqlDumpError::Limit("the query failed".into()),
     }
 }
 
@@ -254,49 +153,9 @@ fn write_tsv_field(out: &mut Vec<u8>, text: &[u8]) {
     }
 }
 
-/// NDJSON lines from a binary COPY of one text column.
-fn json_lines_from_copy<S>(
-    copy: OwnedStream<S>,
-) -> impl Stream<Item = Result<Bytes, io::Error>> + Send
-where
-    S: Stream<Item = Result<Bytes, tokio_postgres::Error>> + Send + 'static,
-{
-    let state = (copy, TupleReader::new(1), false);
-    futures_util::stream::unfold(state, |(mut copy, mut reader, mut ended)| async move {
-        let mut out = Vec::with_capacity(256 * 1024);
-        loop {
-            loop {
-                match reader.next_tuple() {
-                    Ok(Some(tuple)) => {
-                        out.extend_from_slice(tuple.text(0).unwrap_or(b"null"));
-                        out.push(b'\n');
-                    }
-                    Ok(None) => break,
-                    Err(error) => {
-                        return Some((Err(io::Error::other(error)), (copy, reader, true)))
-                    }
-                }
-            }
-            if out.len() >= 256 * 1024 || (ended && !out.is_empty()) {
-                return Some((Ok(out.into()), (copy, reader, ended)));
-            }
-            if ended {
-                return None;
-            }
-            match copy.next().await {
-                Some(Ok(chunk)) => reader.push(&chunk),
-                Some(Err(error)) => {
-                    return Some((Err(io::Error::other(error)), (copy, reader, true)))
-                }
-                None => ended = true,
-            }
-        }
-    })
-}
-
 /// Lines from a portal's rows: TSV from arrays of column text, NDJSON from JSON text.
 fn lines_from_rows(
-    rows: OwnedStream<tokio_postgres::RowStream>,
+    rows: crate::store::copy_out::OwnedStream<tokio_postgres::RowStream>,
     format: SqlFormat,
 ) -> impl Stream<Item = Result<Bytes, io::Error>> + Send {
     rows.chunks(ROWS_PER_CHUNK).map(move |rows| {

@@ -26,7 +26,7 @@ use crate::resource::format_instant;
 use crate::resource_type::ResourceType;
 use crate::store::jobs::{self as sql, Finished, JobKind, JobRow, NewTask, TaskRow};
 use crate::store::resources::replace_in_place;
-use crate::store::StoreError;
+use crate::store::{StoreError, Tx};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ImportError {
@@ -95,13 +95,14 @@ impl Imports {
                 url: Some(url.clone()),
             })
             .collect();
-        let mut conn = self.jobs.store().connection().await?;
-        let tx = conn.transaction().await.map_err(StoreError::from)?;
-        if !sql::create_job(&tx, &job, &tasks).await? {
+        let tx = self.jobs.store().begin().await?;
+        let created = sql::create_job(&*tx, &job, &tasks).await;
+        if !tx.finish(created).await? {
             return Err(ImportError::Exists(id));
         }
-        let document = self.write_status(&tx, &id).await?;
-        tx.commit().await.map_err(StoreError::from)?;
+        let tx = self.jobs.store().begin().await?;
+        let document = self.write_status(&tx, &id).await;
+        let document = tx.finish(document).await?;
         self.jobs.wake();
         Ok((id, document))
     }
@@ -109,13 +110,17 @@ impl Imports {
     /// Cancels a job: inputs not finished are stopped and their loads rolled back. Returns the
     /// status, or `None` if there is no such job.
     pub async fn cancel(&self, id: &str) -> Result<Option<Value>, ImportError> {
-        let mut conn = self.jobs.store().connection().await?;
-        let tx = conn.transaction().await.map_err(StoreError::from)?;
-        if !sql::cancel(&tx, JobKind::Import, id).await? {
-            return Ok(None);
+        let tx = self.jobs.store().begin().await?;
+        let cancelled = async {
+            if !sql::cancel(&*tx, JobKind::Import, id).await? {
+                return Ok(None);
+            }
+            self.write_status(&tx, id).await.map(Some)
         }
-        let status = self.write_status(&tx, id).await?;
-        tx.commit().await.map_err(StoreError::from)?;
+        .await;
+        let Some(status) = tx.finish(cancelled).await? else {
+            return Ok(None);
+        };
         Ok(Some(status))
     }
 
@@ -131,12 +136,8 @@ impl Imports {
     /// the job's row first, so that status writers take turns and each reads the rows as the
     /// one before it left them (without the lock, a writer that read early and wrote late
     /// could leave the status showing a finished input as still running, for good).
-    async fn write_status(
-        &self,
-        tx: &crate::store::Transaction<'_>,
-        id: &str,
-    ) -> Result<Value, StoreError> {
-        let client = tx;
+    async fn write_status(&self, tx: &Tx, id: &str) -> Result<Value, StoreError> {
+        let client = &**tx;
         sql::lock_job(client, id).await?;
         let job = sql::job(client, JobKind::Import, id).await?;
         let inputs = sql::tasks(client, id).await?;
@@ -151,11 +152,9 @@ impl Imports {
 
     async fn refresh_status(&self, id: &str) {
         let result = async {
-            let mut conn = self.jobs.store().connection().await?;
-            let tx = conn.transaction().await?;
-            self.write_status(&tx, id).await?;
-            tx.commit().await?;
-            Ok::<_, StoreError>(())
+            let tx = self.jobs.store().begin().await?;
+            let written = self.write_status(&tx, id).await;
+            tx.finish(written).await
         }
         .await;
         if let Err(error) = result {

@@ -12,6 +12,8 @@ use std::time::Duration;
 
 use futures_util::future::BoxFuture;
 use tokio::sync::Notify;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
 
 pub use super::load::Progress;
 use crate::store::jobs::{self as sql, JobKind, TaskRow};
@@ -68,6 +70,10 @@ pub struct Jobs {
     wake: Arc<Notify>,
     /// This process's worker names start with this (unique per process start).
     prefix: String,
+    /// Tells the background tasks to stop (shutdown).
+    stop: CancellationToken,
+    /// The background tasks started here, awaited at shutdown.
+    tasks: Arc<std::sync::Mutex<Vec<JoinHandle<()>>>>,
 }
 
 impl Jobs {
@@ -77,7 +83,41 @@ impl Jobs {
             settings,
             wake: Arc::new(Notify::new()),
             prefix: format!("{}-{:08x}-", std::process::id(), rand::random::<u32>()),
+            stop: CancellationToken::new(),
+            tasks: Arc::default(),
         }
+    }
+
+    /// Runs a background task of this process until it ends or `stop` is called: `task`
+    /// receives the stop signal and must end soon after it fires.
+    pub fn spawn<F, T>(&self, task: F)
+    where
+        F: FnOnce(CancellationToken) -> T,
+        T: std::future::Future<Output = ()> + Send + 'static,
+    {
+        let handle = tokio::spawn(task(self.stop.clone()));
+        self.tasks
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .push(handle);
+    }
+
+    /// Stops this process's background tasks: each abandons what it was doing (a load rolls
+    /// back; an export type is run again from the start by whoever claims it next), then the
+    /// tasks this process held are given back so that another process, or the next start,
+    /// takes them over at once instead of after the lease.
+    pub async fn stop(&self) {
+        self.stop.cancel();
+        let tasks = std::mem::take(
+            &mut *self
+                .tasks
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner()),
+        );
+        for task in tasks {
+            let _ = task.await;
+        }
+        self.release_claims().await;
     }
 
     pub fn store(&self) -> &Store {
@@ -95,13 +135,17 @@ impl Jobs {
             let jobs = self.clone();
             let name = format!("{}{n}", self.prefix);
             let (import, export) = (import.clone(), export.clone());
-            tokio::spawn(async move { jobs.work(name, import, export).await });
+            self.spawn(move |stop| async move {
+                tokio::select! {
+                    () = jobs.work(name, import, export) => {}
+                    () = stop.cancelled() => {}
+                }
+            });
         }
     }
 
-    /// Gives back the tasks this process's workers hold (a clean shutdown), so another
-    /// process, or the next start, takes them over at once instead of after the lease.
-    pub async fn release_claims(&self) {
+    /// Gives back the tasks this process's workers hold.
+    async fn release_claims(&self) {
         let result = async {
             let conn = self.store.connection().await?;
             sql::release(&conn, &self.prefix).await

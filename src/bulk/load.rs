@@ -19,13 +19,11 @@
 //! goes away) leaves the database as it was, because the connection is discarded and
 //! PostgreSQL rolls the transaction back.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::hash::BuildHasher;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
-use bytes::Bytes;
-use futures_util::future::BoxFuture;
 use futures_util::StreamExt;
 
 use super::lines::{LineBatch, LineReader, LinesError};
@@ -33,7 +31,9 @@ use super::prepare::{LineRules, Prepared};
 use super::source::{SourceError, Sources};
 use crate::resource_type::ResourceType;
 use crate::store::copy::{TupleWriter, PG_EPOCH_MICROS};
-use crate::store::{load as sql, Connection, Store, StoreError};
+use crate::store::load::LoadTx;
+pub use crate::store::load::{BeforeCommit, LoadCounts};
+use crate::store::{Store, StoreError};
 
 /// Bytes of NDJSON per prepared batch.
 const BATCH_BYTES: usize = 1 << 20;
@@ -101,9 +101,6 @@ pub struct LoadRequest {
     pub keep_history: bool,
 }
 
-/// Rows loaded per type.
-pub type LoadCounts = BTreeMap<&'static str, u64>;
-
 /// Runs a load to the end. Nothing is written unless everything is.
 pub async fn load(
     store: &Store,
@@ -119,13 +116,6 @@ pub struct Progress {
     pub rows: AtomicU64,
     pub bytes: AtomicU64,
 }
-
-/// Runs in the load's transaction just before it commits, with the load's counts; `Ok(false)`
-/// rolls the load back instead (the `$import` worker lost its claim on the input).
-pub type BeforeCommit = Box<
-    dyn for<'c> FnOnce(&'c Connection, &'c LoadCounts) -> BoxFuture<'c, Result<bool, StoreError>>
-        + Send,
->;
 
 /// [`load`], counting into `progress` as it goes, and running `before_commit` last.
 pub async fn load_tracked(
@@ -145,7 +135,7 @@ pub async fn load_tracked(
     });
     let source: super::source::SourceStream = Box::pin(source);
     let reader = LineReader::new(source, BATCH_BYTES).await?;
-    let mut writer = Writer::begin(store.clone(), request.keep_history).await?;
+    let mut writer = Writer::begin(store, request.keep_history).await?;
     let workers = std::thread::available_parallelism().map_or(2, |n| n.get());
     let rules = request.rules;
     let batches = futures_util::stream::unfold(Some(reader), |reader| async move {
@@ -213,14 +203,11 @@ struct TypeBuffers {
     staging: bool,
 }
 
-/// Writes prepared rows in one transaction.
+/// Buffers prepared rows and writes them in the load's one transaction (rolled back unless
+/// the load commits: dropping the writer drops the transaction).
 struct Writer {
-    /// The transaction's connection; discarded (so rolled back) unless the load commits.
-    conn: Option<Connection>,
+    tx: LoadTx,
     keep_history: bool,
-    /// The transaction's start (`now()`), in PostgreSQL's microseconds: every row's `ts`, and
-    /// the `cts` of new ones.
-    now: i64,
     buffers: HashMap<ResourceType, TypeBuffers>,
     buffered: usize,
     seen: IdFilter,
@@ -230,27 +217,16 @@ struct Writer {
 }
 
 impl Writer {
-    async fn begin(store: Store, keep_history: bool) -> Result<Writer, LoadError> {
-        let conn = store.connection().await?;
-        conn.batch_execute("BEGIN")
-            .await
-            .map_err(StoreError::from)?;
-        let now = sql::now(&conn).await?.timestamp_micros() - PG_EPOCH_MICROS;
+    async fn begin(store: &Store, keep_history: bool) -> Result<Writer, LoadError> {
         Ok(Writer {
-            conn: Some(conn),
+            tx: LoadTx::begin(store).await?,
             keep_history,
-            now,
             buffers: HashMap::new(),
             buffered: 0,
             seen: IdFilter::new(),
             counts: LoadCounts::new(),
             suspended_indexes: Vec::new(),
         })
-    }
-
-    fn conn(&self) -> &Connection {
-        // Present from `begin` until `finish` consumes the writer.
-        self.conn.as_ref().expect("the writer's connection")
     }
 
     async fn add(&mut self, rows: Vec<(u64, Prepared)>) -> Result<(), LoadError> {
@@ -271,11 +247,11 @@ impl Writer {
             HashMap::new();
         for (rt, ids) in by_type {
             if !self.buffers.contains_key(&rt) {
-                let mut had_rows = !sql::is_empty(self.conn(), rt).await?;
-                if !had_rows && sql::suspend_index(self.conn(), rt).await? {
+                let mut had_rows = !self.tx.is_empty(rt).await?;
+                if !had_rows && self.tx.suspend_index(rt).await? {
                     self.suspended_indexes.push(rt);
                     // Rows committed before the drop got its lock are visible now.
-                    had_rows = !sql::is_empty(self.conn(), rt).await?;
+                    had_rows = !self.tx.is_empty(rt).await?;
                 }
                 let buffers = TypeBuffers {
                     direct: TupleWriter::new(),
@@ -290,9 +266,7 @@ impl Writer {
             if self.buffers[&rt].had_rows {
                 let mut found = HashMap::new();
                 for chunk in ids.chunks(DELETE_CHUNK) {
-                    found.extend(
-                        sql::take_existing(self.conn(), rt, chunk, self.keep_history).await?,
-                    );
+                    found.extend(self.tx.take_existing(rt, chunk, self.keep_history).await?);
                 }
                 replaced.insert(rt, found);
             }
@@ -311,12 +285,12 @@ impl Writer {
             } else {
                 let (cts, status): (i64, &[u8]) = match created_at {
                     Some(at) => (at.timestamp_micros() - PG_EPOCH_MICROS, b"updated"),
-                    None => (self.now, b"created"),
+                    None => (self.tx.now(), b"created"),
                 };
                 buffers.direct.start_tuple(6);
                 buffers.direct.text(row.id.as_bytes());
                 buffers.direct.i64(cts);
-                buffers.direct.i64(self.now);
+                buffers.direct.i64(self.tx.now());
                 buffers.direct.text(rt.name().as_bytes());
                 buffers.direct.text(status);
                 buffers.direct.jsonb(&row.body);
@@ -348,21 +322,13 @@ impl Writer {
                 (direct, stage, needs_stage)
             };
             if let Some(data) = direct {
-                self.copy(&sql::copy_direct_sql(rt), data).await?;
+                self.tx.copy_rows(rt, data).await?;
             }
             if let Some(data) = stage {
-                if needs_stage {
-                    sql::create_stage(self.conn(), rt).await?;
-                }
-                self.copy(&sql::copy_stage_sql(rt), data).await?;
+                self.tx.copy_staged(rt, data, needs_stage).await?;
             }
         }
         self.buffered = 0;
-        Ok(())
-    }
-
-    async fn copy(&self, statement: &str, data: Bytes) -> Result<(), LoadError> {
-        sql::copy_in(self.conn(), statement, data).await?;
         Ok(())
     }
 
@@ -379,34 +345,16 @@ impl Writer {
             .map(|(rt, _)| *rt)
             .collect();
         for rt in staged {
-            sql::apply_stage(self.conn(), rt, self.keep_history).await?;
+            self.tx.apply_stage(rt, self.keep_history).await?;
         }
         for rt in std::mem::take(&mut self.suspended_indexes) {
-            sql::restore_index(self.conn(), rt).await?;
+            self.tx.restore_index(rt).await?;
         }
-        if let Some(check) = before_commit {
-            if !check(self.conn(), &self.counts).await? {
-                // Dropping the writer discards the connection: the load rolls back.
-                return Err(LoadError::Abandoned);
-            }
+        let counts = std::mem::take(&mut self.counts);
+        if !self.tx.commit(&counts, before_commit).await? {
+            return Err(LoadError::Abandoned);
         }
-        self.conn()
-            .batch_execute("COMMIT")
-            .await
-            .map_err(StoreError::from)?;
-        // Committed: the connection may go back to the pool.
-        self.conn.take();
-        Ok(std::mem::take(&mut self.counts))
-    }
-}
-
-impl Drop for Writer {
-    fn drop(&mut self) {
-        // Not committed (an error, or the request went away): discard the connection rather
-        // than return it mid-transaction or mid-COPY; PostgreSQL rolls the transaction back.
-        if let Some(conn) = self.conn.take() {
-            drop(deadpool_postgres::Object::take(conn));
-        }
+        Ok(counts)
     }
 }
 

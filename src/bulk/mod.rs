@@ -5,7 +5,6 @@ pub mod dump;
 pub mod dump_csv;
 pub mod dump_sql;
 pub mod export;
-pub mod gzip;
 pub mod import;
 pub mod jobs;
 pub mod lines;
@@ -14,6 +13,7 @@ pub mod native_line;
 pub mod params;
 pub mod prepare;
 pub mod source;
+pub mod stream;
 
 use std::sync::Arc;
 
@@ -48,5 +48,10 @@ impl Background {
             imports,
             exports,
         }
+    }
+
+    /// Stops the workers and the janitor, and gives back the tasks they held (shutdown).
+    pub async fn stop(&self) {
+        self.jobs.stop().await;
     }
 }

@@ -13,11 +13,13 @@ pub mod text;
 pub mod trail;
 pub mod walk;
 
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use serde_json::Value;
 
-use crate::store::{self, Store, StoreError};
+use crate::resource_type::ResourceType;
+use crate::store::cached::TableCache;
+use crate::store::{Store, StoreError};
 use attributes::Rules;
 use trail::Trail;
 use walk::{ToFhir, ToNative};
@@ -57,41 +59,27 @@ impl FormatError {
 #[derive(Clone)]
 pub struct Formats {
     store: Store,
-    cache: Arc<Mutex<Option<CachedRules>>>,
+    rules: Arc<TableCache<Rules>>,
 }
-
-/// The rules and the stamp of the `attribute` table they were built from.
-type CachedRules = (store::attributes::Stamp, Arc<Rules>);
 
 impl Formats {
     pub fn new(store: Store) -> Formats {
+        let attribute = ResourceType::parse("Attribute").expect("a fhirbox type");
         Formats {
             store,
-            cache: Arc::new(Mutex::new(None)),
+            rules: Arc::new(TableCache::new(attribute)),
         }
     }
 
     /// The conversion rules in force now.
     pub async fn converter(&self) -> Result<Converter, StoreError> {
-        let conn = self.store.connection().await?;
-        let stamp = store::attributes::stamp(&conn).await?;
-        if let Some((cached, rules)) = self.lock().as_ref() {
-            if *cached == stamp {
-                return Ok(Converter {
-                    rules: rules.clone(),
-                });
-            }
-        }
-        let bodies = store::attributes::all(&conn).await?;
-        let rules = Arc::new(Rules::from_attributes(bodies.iter()));
-        *self.lock() = Some((stamp, rules.clone()));
+        let rules = self
+            .rules
+            .get(&self.store, |attributes| {
+                Rules::from_attributes(attributes.iter().map(|(_, body)| body))
+            })
+            .await?;
         Ok(Converter { rules })
-    }
-
-    fn lock(&self) -> std::sync::MutexGuard<'_, Option<CachedRules>> {
-        self.cache
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 }
 

@@ -16,7 +16,7 @@
 use std::net::SocketAddr;
 
 use axum::body::Body;
-use axum::extract::{ConnectInfo, FromRequestParts, RawPathParams, Request, State};
+use axum::extract::{ConnectInfo, FromRequestParts, MatchedPath, RawPathParams, Request, State};
 use axum::http::{header, request::Parts, StatusCode};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
@@ -27,6 +27,7 @@ use super::body::{form_urlencoded_pairs, parse, Syntax};
 use super::error::ApiError;
 use super::AppState;
 use crate::auth::Subject;
+use crate::store::jobs::JobKind;
 
 /// Bodies larger than this are not read for policies (they see `body: null`).
 const POLICY_BODY_LIMIT: usize = 1024 * 1024;
@@ -43,7 +44,10 @@ pub async fn require_auth(State(state): State<AppState>, request: Request, next:
     if is_public(request.method(), request.uri().path()) {
         return next.run(request).await;
     }
-    let header = request.headers().get(header::AUTHORIZATION);
+    let header = request
+        .headers()
+        .get(header::AUTHORIZATION)
+        .map(|value| value.as_bytes());
     let subject = match state.auth.authenticate(header, &state.store).await {
         Ok(subject) => subject,
         Err(error) => return ApiError::from(error).into_response(),
@@ -60,8 +64,8 @@ pub async fn require_auth(State(state): State<AppState>, request: Request, next:
                     Ok(pair) => pair,
                     Err(response) => return response,
                 };
-            let (method, path) = (request.method().clone(), request.uri().path().to_string());
-            let owner = match owns_job(&state, &method, &path, &subject).await {
+            let route = request.extensions().get::<MatchedPath>().cloned();
+            let owner = match owns_job(&state, route.as_ref(), &object, &subject).await {
                 Ok(owner) => owner,
                 Err(response) => return response,
             };
@@ -86,42 +90,23 @@ pub async fn require_auth(State(state): State<AppState>, request: Request, next:
     next.run(request).await
 }
 
-/// The subject that started a job may follow it without a policy for it: an import's status
-/// (`GET`/`DELETE /BulkImportStatus/<id>`), an export's status (`GET`/`DELETE
-/// /fhir/$export-status/<id>`) and files (`GET /fhir/$export-file/<id>/<name>`). Nobody else
-/// may, unless a policy allows it.
+/// Whether the subject started the job a job route ([`super::job_route`]) is about: it may
+/// follow its own job without a policy for it. Nobody else may, unless a policy allows it.
+/// The job's id is the route's `{id}`, as the request object has it.
 async fn owns_job(
     state: &AppState,
-    method: &axum::http::Method,
-    path: &str,
+    route: Option<&MatchedPath>,
+    object: &Value,
     subject: &Subject,
 ) -> Result<bool, Response> {
-    use axum::http::Method;
-    let (is_get, is_delete) = (method == Method::GET, method == Method::DELETE);
-    let single = |rest: &str| (!rest.is_empty() && !rest.contains('/')).then(|| rest.to_string());
-    let owner = if let Some(id) = path.strip_prefix("/BulkImportStatus/").and_then(single) {
-        if !(is_get || is_delete) {
-            return Ok(false);
-        }
-        state.background.imports.subject(&id).await
-    } else if let Some(id) = path.strip_prefix("/fhir/$export-status/").and_then(single) {
-        if !(is_get || is_delete) {
-            return Ok(false);
-        }
-        state.background.exports.subject(&id).await
-    } else if let Some(rest) = path.strip_prefix("/fhir/$export-file/") {
-        let Some((id, _)) = rest
-            .split_once('/')
-            .filter(|(id, name)| !id.is_empty() && !name.is_empty() && !name.contains('/'))
-        else {
-            return Ok(false);
-        };
-        if !is_get {
-            return Ok(false);
-        }
-        state.background.exports.subject(id).await
-    } else {
+    let kind = route.and_then(|matched| super::job_route(matched.as_str()));
+    let id = object["params"]["resource/id"].as_str();
+    let (Some(kind), Some(id)) = (kind, id) else {
         return Ok(false);
+    };
+    let owner = match kind {
+        JobKind::Import => state.background.imports.subject(id).await,
+        JobKind::Export => state.background.exports.subject(id).await,
     };
     match owner {
         Ok(owner) => Ok(owner.as_deref() == Some(subject.name().as_str())),

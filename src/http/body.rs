@@ -17,6 +17,7 @@ use serde_json::Value;
 
 use super::error::ApiError;
 use super::AppState;
+use crate::bulk::stream::ByteStream;
 use crate::format::Api;
 
 /// Bodies larger than this are parsed on a blocking thread, off the async workers.
@@ -73,20 +74,7 @@ impl FromRequest<AppState> for Document {
         let declared = Syntax::from_headers(request.headers())?;
         let bytes = read_limited(request.into_body(), state.settings.max_body_bytes).await?;
         let syntax = declared.unwrap_or_else(|| sniff(&bytes));
-        let value = if bytes.len() <= PARSE_INLINE_LIMIT {
-            parse(&bytes, syntax)?
-        } else {
-            tokio::task::spawn_blocking(move || parse(&bytes, syntax))
-                .await
-                .map_err(|_| {
-                    ApiError::new(
-                        StatusCode::INTERNAL_SERVER_ERROR,
-                        "exception",
-                        "parser failed",
-                    )
-                })??
-        };
-        Ok(Document(value))
+        Ok(Document(parse_body(bytes, syntax).await?))
     }
 }
 
@@ -105,17 +93,18 @@ impl FromRequest<AppState> for MaybeDocument {
             return Ok(MaybeDocument(None));
         }
         let syntax = declared.unwrap_or_else(|| sniff(&bytes));
-        let value = tokio::task::spawn_blocking(move || parse(&bytes, syntax))
-            .await
-            .map_err(|_| {
-                ApiError::new(
-                    StatusCode::INTERNAL_SERVER_ERROR,
-                    "exception",
-                    "parser failed",
-                )
-            })??;
-        Ok(MaybeDocument(Some(value)))
+        Ok(MaybeDocument(Some(parse_body(bytes, syntax).await?)))
     }
+}
+
+/// Parses a body; a large one on a blocking thread, off the async workers.
+async fn parse_body(bytes: bytes::Bytes, syntax: Syntax) -> Result<Value, ApiError> {
+    if bytes.len() <= PARSE_INLINE_LIMIT {
+        return parse(&bytes, syntax);
+    }
+    tokio::task::spawn_blocking(move || parse(&bytes, syntax))
+        .await
+        .map_err(|error| ApiError::internal("the body parser failed", error))?
 }
 
 /// Reads a whole body, refusing more than `limit` bytes.
@@ -323,6 +312,24 @@ impl serde::Serialize for YamlView<'_> {
             other => other.serialize(serializer),
         }
     }
+}
+
+/// A 200 whose body is streamed (chunked): every streamed answer goes through here, and so
+/// does its compression (`gzip`: one gzip member over the whole body, `Content-Encoding:
+/// gzip`).
+pub fn streamed(body: ByteStream, content_type: &'static str, gzip: bool) -> Response {
+    let body = if gzip {
+        crate::bulk::stream::gzip(body)
+    } else {
+        body
+    };
+    let mut response = Response::new(Body::from_stream(body));
+    let headers = response.headers_mut();
+    headers.insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
+    if gzip {
+        headers.insert(header::CONTENT_ENCODING, HeaderValue::from_static("gzip"));
+    }
+    response
 }
 
 #[cfg(test)]

@@ -2,21 +2,15 @@
 //! NDJSON (`application/ndjson`, chunked). Parameters: `_since` (created after; ISO date or
 //! date-time), `fhir` (default false, true under `/fhir`), `gzip`. Every parameter is checked
 //! before the first byte is sent.
-//!
-//! `GET /[type]/$dump-csv`: the same resources (native format) as CSV (`text/csv`), with
-//! `_since` and `gzip`.
 
-use axum::body::Body;
 use axum::extract::{Path, RawQuery, State};
-use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::Response;
 use axum::Extension;
 
-use super::body::form_urlencoded_pairs;
+use super::body::{form_urlencoded_pairs, streamed};
 use super::error::ApiError;
 use super::AppState;
-use crate::bulk::dump::{dump as start_dump, ByteStream, DumpOptions};
-use crate::bulk::dump_csv::dump_csv as start_dump_csv;
+use crate::bulk::dump::{dump as start_dump, DumpOptions};
 use crate::bulk::params::{parse_bool, parse_instant};
 use crate::crud;
 use crate::format::Api;
@@ -35,49 +29,20 @@ pub async fn dump(
             true => Some(state.formats.converter().await?),
             false => None,
         },
-        gzip: params.gzip,
     };
     let body = start_dump(&state.store, rt, options).await?;
     Ok(streamed(body, "application/ndjson", params.gzip))
 }
 
-pub async fn dump_csv(
-    State(state): State<AppState>,
-    Path(type_name): Path<String>,
-    RawQuery(query): RawQuery,
-) -> Result<Response, ApiError> {
-    let rt = crud::resource_type(&type_name)?;
-    let params = DumpParams::parse(query.as_deref(), false)?;
-    let body = start_dump_csv(&state.store, rt, params.since).await?;
-    let body = if params.gzip {
-        crate::bulk::gzip::gzip(body)
-    } else {
-        body
-    };
-    Ok(streamed(body, "text/csv", params.gzip))
-}
-
-/// A 200 whose body is streamed (chunked).
-pub(super) fn streamed(body: ByteStream, content_type: &'static str, gzip: bool) -> Response {
-    let mut response = Response::new(Body::from_stream(body));
-    *response.status_mut() = StatusCode::OK;
-    let headers = response.headers_mut();
-    headers.insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
-    if gzip {
-        headers.insert(header::CONTENT_ENCODING, HeaderValue::from_static("gzip"));
-    }
-    response
-}
-
-/// The parameters of the dumps.
-struct DumpParams {
-    since: Option<chrono::DateTime<chrono::Utc>>,
-    fhir: Option<bool>,
-    gzip: bool,
+/// The parameters of the dumps (`$dump-csv` takes them but `fhir`).
+pub(super) struct DumpParams {
+    pub since: Option<chrono::DateTime<chrono::Utc>>,
+    pub fhir: Option<bool>,
+    pub gzip: bool,
 }
 
 impl DumpParams {
-    fn parse(query: Option<&str>, fhir_allowed: bool) -> Result<DumpParams, ApiError> {
+    pub fn parse(query: Option<&str>, fhir_allowed: bool) -> Result<DumpParams, ApiError> {
         let mut params = DumpParams {
             since: None,
             fhir: None,

@@ -2,16 +2,14 @@
 //! and optionally `params` (bound as `$1..$n`). Query parameters: `_format=ndjson` (or
 //! `json`) for NDJSON, TSV otherwise; `_header=true` for a TSV header row; `gzip=true`.
 
-use axum::body::Body;
 use axum::extract::{RawQuery, State};
-use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::Response;
 use serde_json::Value;
 
-use super::body::{form_urlencoded_pairs, Document};
+use super::body::{form_urlencoded_pairs, streamed, Document};
 use super::error::ApiError;
 use super::AppState;
-use crate::bulk::dump_sql::{dump_sql as start, SqlDumpError, SqlDumpRequest, SqlFormat};
+use crate::bulk::dump_sql::{dump_sql as start, SqlDumpRequest, SqlFormat};
 use crate::bulk::params::parse_bool;
 
 pub async fn dump_sql(
@@ -49,23 +47,11 @@ pub async fn dump_sql(
     }
     let request = parse_body(body, format, header)?;
     let body = start(&state.sql_reader, request, &state.settings.sql_limits).await?;
-    let body = if gzip {
-        crate::bulk::gzip::gzip(body)
-    } else {
-        body
-    };
-    let mut response = Response::new(Body::from_stream(body));
-    *response.status_mut() = StatusCode::OK;
     let content_type = match format {
         SqlFormat::Tsv => "text/tab-separated-values",
         SqlFormat::Ndjson => "application/ndjson",
     };
-    let headers = response.headers_mut();
-    headers.insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
-    if gzip {
-        headers.insert(header::CONTENT_ENCODING, HeaderValue::from_static("gzip"));
-    }
-    Ok(response)
+    Ok(streamed(body, content_type, gzip))
 }
 
 fn parse_body(body: Value, format: SqlFormat, header: bool) -> Result<SqlDumpRequest, ApiError> {
@@ -116,36 +102,4 @@ fn parse_body(body: Value, format: SqlFormat, header: bool) -> Result<SqlDumpReq
         format,
         header,
     })
-}
-
-impl From<SqlDumpError> for ApiError {
-    fn from(error: SqlDumpError) -> ApiError {
-        match error {
-            SqlDumpError::Unavailable(message) => {
-                ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "not-supported", message)
-            }
-            SqlDumpError::Invalid(message) => ApiError::bad_request(message),
-            SqlDumpError::Query {
-                code,
-                message,
-                position,
-            } => {
-                let (status, issue) = match code.as_str() {
-                    // query_canceled: the statement timeout.
-                    "57014" => (StatusCode::REQUEST_TIMEOUT, "timeout"),
-                    "42501" => (StatusCode::FORBIDDEN, "forbidden"),
-                    _ => (StatusCode::BAD_REQUEST, "invalid"),
-                };
-                let at = position
-                    .map(|p| format!(" (at character {p} of the query)"))
-                    .unwrap_or_default();
-                ApiError::new(
-                    status,
-                    issue,
-                    format!("PostgreSQL: {message}{at} [SQLSTATE {code}]"),
-                )
-            }
-            SqlDumpError::Store(store) => store.into(),
-        }
-    }
 }

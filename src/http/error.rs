@@ -1,17 +1,31 @@
-//! The one error type of the HTTP layer and its rendering as an OperationOutcome.
+//! The one error type of the HTTP layer, its rendering as an OperationOutcome, and every
+//! mapping of a module's error to it.
 //!
 //! Error policy: every module below `http` has its own `thiserror` enum; each is converted into
 //! an [`ApiError`] exactly once, by a `From` impl in this file, which picks the status and the
-//! FHIR issue code. Handlers only use `?`. Server-side failures (5xx) are logged here with their
-//! cause and shown to the client without internals.
+//! FHIR issue code. Handlers only use `?`. A server-side failure (5xx) keeps its cause for the
+//! log and shows the client a message without internals; [`log_server_errors`] writes it to
+//! the log once, with the request's method and path (and so does it for a streamed body that
+//! fails after its first byte). Nothing else logs a failed request.
 
+use axum::body::Body;
+use axum::extract::Request;
 use axum::http::{header, HeaderValue, StatusCode};
+use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
+use http_body_util::BodyExt;
 use serde_json::{json, Value};
 
+use crate::auth::AuthError;
+use crate::bulk::dump_sql::SqlDumpError;
+use crate::bulk::export::ExportError;
+use crate::bulk::import::ImportError;
+use crate::bulk::load::LoadError;
+use crate::bulk::source::SourceError;
 use crate::bundle::BundleError;
 use crate::crud::CrudError;
 use crate::format::FormatError;
+use crate::store::dump_sql::QueryError;
 use crate::store::StoreError;
 
 /// An error answered with an OperationOutcome.
@@ -26,7 +40,14 @@ pub struct ApiError {
     pub expression: Option<String>,
     /// Whether to ask for basic credentials (`WWW-Authenticate`, on 401).
     pub challenge: bool,
+    /// What went wrong inside, for the log only (server errors).
+    cause: Option<String>,
 }
+
+/// The cause of a server error, carried from [`ApiError::into_response`] to
+/// [`log_server_errors`] in the response's extensions.
+#[derive(Debug, Clone)]
+struct Cause(String);
 
 impl ApiError {
     pub fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> ApiError {
@@ -36,6 +57,7 @@ impl ApiError {
             message: message.into(),
             expression: None,
             challenge: false,
+            cause: None,
         }
     }
 
@@ -51,9 +73,25 @@ impl ApiError {
         ApiError::not_found(format!("unknown resource type '{name}'"))
     }
 
+    /// A failure inside fhirbox: the client sees `message`, the log gets `cause`.
+    pub fn internal(message: impl Into<String>, cause: impl std::fmt::Display) -> ApiError {
+        ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "exception", message).with_cause(cause)
+    }
+
     pub fn with_expression(mut self, expression: impl Into<String>) -> ApiError {
         self.expression = Some(expression.into());
         self
+    }
+
+    /// What went wrong inside, for the log.
+    pub fn with_cause(mut self, cause: impl std::fmt::Display) -> ApiError {
+        self.cause = Some(cause.to_string());
+        self
+    }
+
+    /// What went wrong inside, if this is a server error with a cause.
+    pub fn cause(&self) -> &str {
+        self.cause.as_deref().unwrap_or(&self.message)
     }
 
     /// The OperationOutcome body.
@@ -72,9 +110,6 @@ impl ApiError {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        if self.status.is_server_error() {
-            tracing::error!(status = %self.status, message = %self.message, "request failed");
-        }
         let body = self.outcome().to_string();
         let mut response = (
             self.status,
@@ -91,8 +126,34 @@ impl IntoResponse for ApiError {
                 HeaderValue::from_static("Basic realm=\"fhirbox\", charset=\"UTF-8\""),
             );
         }
+        if self.status.is_server_error() {
+            let cause = self.cause.unwrap_or(self.message);
+            response.extensions_mut().insert(Cause(cause));
+        }
         response
     }
+}
+
+/// The middleware that logs every server error once: a 5xx answer with its cause, and a
+/// streamed body that fails after its first byte (the client sees an aborted transfer).
+pub async fn log_server_errors(request: Request, next: Next) -> Response {
+    let method = request.method().clone();
+    let path = request.uri().path().to_string();
+    let response = next.run(request).await;
+    let status = response.status();
+    if status.is_server_error() {
+        let cause = response
+            .extensions()
+            .get::<Cause>()
+            .map_or("", |cause| cause.0.as_str());
+        tracing::error!(%method, %path, status = status.as_u16(), cause, "request failed");
+    }
+    response.map(|body| {
+        Body::new(body.map_err(move |error| {
+            tracing::error!(%method, %path, %error, "response failed after its first byte");
+            error
+        }))
+    })
 }
 
 impl From<StoreError> for ApiError {
@@ -101,22 +162,13 @@ impl From<StoreError> for ApiError {
             StoreError::AlreadyExists { .. } => {
                 ApiError::new(StatusCode::CONFLICT, "duplicate", error.to_string())
             }
-            _ if error.is_unavailable() => {
-                tracing::error!(%error, "database unavailable");
-                ApiError::new(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "transient",
-                    "the database is not available; try again",
-                )
-            }
-            _ => {
-                tracing::error!(%error, "database error");
-                ApiError::new(
-                    StatusCode::INTERNAL_SERVER_ERROR,
-                    "exception",
-                    "internal database error (logged on the server)",
-                )
-            }
+            _ if error.is_unavailable() => ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "transient",
+                "the database is not available; try again",
+            )
+            .with_cause(error),
+            _ => ApiError::internal("internal database error (logged on the server)", error),
         }
     }
 }
@@ -162,6 +214,127 @@ impl From<BundleError> for ApiError {
                 api
             }
             BundleError::Store(store) => store.into(),
+        }
+    }
+}
+
+impl From<AuthError> for ApiError {
+    fn from(error: AuthError) -> ApiError {
+        match error {
+            AuthError::Store(store) => store.into(),
+            AuthError::Hashing(_) => ApiError::internal(
+                "authentication failed internally (logged on the server)",
+                error,
+            ),
+            AuthError::Missing | AuthError::Malformed | AuthError::Rejected => {
+                let mut api = ApiError::new(StatusCode::UNAUTHORIZED, "login", error.to_string());
+                api.challenge = true;
+                api
+            }
+        }
+    }
+}
+
+impl From<LoadError> for ApiError {
+    fn from(error: LoadError) -> ApiError {
+        let message = error.to_string();
+        match error {
+            LoadError::Source(SourceError::Status { .. } | SourceError::Http(_)) => ApiError::new(
+                StatusCode::BAD_GATEWAY,
+                "exception",
+                format!("the load failed, nothing was written: {message}"),
+            ),
+            LoadError::Source(
+                SourceError::Forbidden(_)
+                | SourceError::OutsideSourceDir(_)
+                | SourceError::FilesDisabled,
+            ) => ApiError::new(StatusCode::FORBIDDEN, "forbidden", message),
+            LoadError::Source(_)
+            | LoadError::Read(_)
+            | LoadError::Line { .. }
+            | LoadError::Rejected(_) => {
+                ApiError::bad_request(format!("the load failed, nothing was written: {message}"))
+            }
+            LoadError::Conflict(_) | LoadError::Abandoned => ApiError::new(
+                StatusCode::CONFLICT,
+                "conflict",
+                format!("{message}; nothing was written, try again"),
+            ),
+            LoadError::Store(store) => store.into(),
+        }
+    }
+}
+
+impl From<ImportError> for ApiError {
+    fn from(error: ImportError) -> ApiError {
+        match error {
+            ImportError::Invalid(message) => ApiError::bad_request(message),
+            ImportError::Exists(_) => {
+                ApiError::new(StatusCode::CONFLICT, "duplicate", error.to_string())
+            }
+            ImportError::Store(store) => store.into(),
+        }
+    }
+}
+
+impl From<ExportError> for ApiError {
+    fn from(error: ExportError) -> ApiError {
+        match error {
+            ExportError::Invalid(message) => ApiError::bad_request(message),
+            ExportError::NoGroup(_) => ApiError::not_found(error.to_string()),
+            ExportError::Store(error) => error.into(),
+            ExportError::Io(_) => ApiError::internal(
+                "could not write the export's files (logged on the server)",
+                error,
+            ),
+        }
+    }
+}
+
+impl From<SqlDumpError> for ApiError {
+    fn from(error: SqlDumpError) -> ApiError {
+        match error {
+            SqlDumpError::Empty | SqlDumpError::Limit(_) => {
+                ApiError::bad_request(error.to_string())
+            }
+            SqlDumpError::Query(query) => query.into(),
+        }
+    }
+}
+
+impl From<QueryError> for ApiError {
+    fn from(error: QueryError) -> ApiError {
+        match error {
+            QueryError::Connect(_) => ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "not-supported",
+                format!(
+                    "$dump-sql is not available: {error}; give fhirbox a role that may create \
+                     roles, or set --sql-reader-url"
+                ),
+            ),
+            QueryError::Params { .. } => ApiError::bad_request(error.to_string()),
+            QueryError::Refused {
+                code,
+                message,
+                position,
+            } => {
+                let (status, issue) = match code.as_str() {
+                    // query_canceled: the statement timeout.
+                    "57014" => (StatusCode::REQUEST_TIMEOUT, "timeout"),
+                    "42501" => (StatusCode::FORBIDDEN, "forbidden"),
+                    _ => (StatusCode::BAD_REQUEST, "invalid"),
+                };
+                let at = position
+                    .map(|p| format!(" (at character {p} of the query)"))
+                    .unwrap_or_default();
+                ApiError::new(
+                    status,
+                    issue,
+                    format!("PostgreSQL: {message}{at} [SQLSTATE {code}]"),
+                )
+            }
+            QueryError::Store(store) => store.into(),
         }
     }
 }

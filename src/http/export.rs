@@ -18,13 +18,13 @@ use axum::Extension;
 use chrono::Utc;
 use serde_json::json;
 
-use super::body::{form_urlencoded_pairs, http_date, prefers, set_header, MaybeDocument};
+use super::body::{form_urlencoded_pairs, http_date, prefers, set_header, streamed, MaybeDocument};
 use super::context::ApiContext;
 use super::error::ApiError;
 use super::AppState;
 use crate::auth::Subject;
 use crate::bulk::export::request::{parameters_body, specify, KickOff, Level};
-use crate::bulk::export::{is_file_name, ExportError, ExportStatus};
+use crate::bulk::export::{is_file_name, ExportStatus};
 
 /// Seconds a client should wait between status polls.
 const RETRY_AFTER_SECONDS: &str = "1";
@@ -220,15 +220,11 @@ pub async fn file(
             let refused = parts.any(|p| p.trim().replace(' ', "") == "q=0");
             name == "gzip" && !refused
         });
-    let stream: crate::bulk::dump::ByteStream = Box::pin(
-        tokio_util::io::ReaderStream::with_capacity(file, 256 * 1024),
-    );
-    let body = if gzip {
-        crate::bulk::gzip::gzip(stream)
-    } else {
-        stream
-    };
-    let mut response = super::dump::streamed(body, "application/fhir+ndjson", gzip);
+    let body = Box::pin(tokio_util::io::ReaderStream::with_capacity(
+        file,
+        256 * 1024,
+    ));
+    let mut response = streamed(body, "application/fhir+ndjson", gzip);
     set_header(&mut response, header::VARY, "accept-encoding");
     Ok(response)
 }
@@ -237,22 +233,4 @@ fn no_export(id: &str) -> ApiError {
     ApiError::not_found(format!(
         "no export {id} (it may have been cancelled, or its files expired)"
     ))
-}
-
-impl From<ExportError> for ApiError {
-    fn from(error: ExportError) -> ApiError {
-        match error {
-            ExportError::Invalid(message) => ApiError::bad_request(message),
-            ExportError::NoGroup(_) => ApiError::not_found(error.to_string()),
-            ExportError::Store(error) => error.into(),
-            ExportError::Io(error) => {
-                tracing::error!(%error, "could not write export files");
-                ApiError::new(
-                    StatusCode::INTERNAL_SERVER_ERROR,
-                    "exception",
-                    "could not write the export's files (logged on the server)",
-                )
-            }
-        }
-    }
 }

@@ -15,7 +15,7 @@ use super::context::ApiContext;
 use super::error::ApiError;
 use super::AppState;
 use crate::auth::Subject;
-use crate::bulk::import::{ImportError, ImportRequest};
+use crate::bulk::import::ImportRequest;
 use crate::crud;
 use crate::format::Api;
 use crate::resource_type::ResourceType;
@@ -167,16 +167,4 @@ fn parse(body: Value, fhir: bool) -> Result<ImportRequest, ApiError> {
         ));
     }
     Ok(request)
-}
-
-impl From<ImportError> for ApiError {
-    fn from(error: ImportError) -> ApiError {
-        match error {
-            ImportError::Invalid(message) => ApiError::bad_request(message),
-            ImportError::Exists(_) => {
-                ApiError::new(StatusCode::CONFLICT, "duplicate", error.to_string())
-            }
-            ImportError::Store(store) => store.into(),
-        }
-    }
 }

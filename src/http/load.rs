@@ -19,9 +19,8 @@ use serde_json::{json, Map, Value};
 use super::body::{reply, Document, Negotiated};
 use super::error::ApiError;
 use super::AppState;
-use crate::bulk::load::{load, LoadError, LoadRequest};
+use crate::bulk::load::{load, LoadRequest};
 use crate::bulk::prepare::LineRules;
-use crate::bulk::source::SourceError;
 use crate::crud;
 use crate::format::Api;
 use crate::resource_type::ResourceType;
@@ -144,35 +143,5 @@ impl LoadOptions {
             );
         }
         Ok(options)
-    }
-}
-
-impl From<LoadError> for ApiError {
-    fn from(error: LoadError) -> ApiError {
-        let message = error.to_string();
-        match error {
-            LoadError::Source(SourceError::Status { .. } | SourceError::Http(_)) => ApiError::new(
-                StatusCode::BAD_GATEWAY,
-                "exception",
-                format!("the load failed, nothing was written: {message}"),
-            ),
-            LoadError::Source(
-                SourceError::Forbidden(_)
-                | SourceError::OutsideSourceDir(_)
-                | SourceError::FilesDisabled,
-            ) => ApiError::new(StatusCode::FORBIDDEN, "forbidden", message),
-            LoadError::Source(_)
-            | LoadError::Read(_)
-            | LoadError::Line { .. }
-            | LoadError::Rejected(_) => {
-                ApiError::bad_request(format!("the load failed, nothing was written: {message}"))
-            }
-            LoadError::Conflict(_) | LoadError::Abandoned => ApiError::new(
-                StatusCode::CONFLICT,
-                "conflict",
-                format!("{message}; nothing was written, try again"),
-            ),
-            LoadError::Store(store) => store.into(),
-        }
     }
 }

@@ -1,21 +1,25 @@
 //! HTTP: the route table, shared state and the layers every request passes.
 //!
 //! A request goes through, in order:
-//! 1. [`normalize::normalize_path`]: the path is percent-decoded once and put in one canonical
+//! 1. [`error::log_server_errors`]: logs a server error once, with the method and path.
+//! 2. [`normalize::normalize_path`]: the path is percent-decoded once and put in one canonical
 //!    form before routing, so `/Patient/%24dump` and `/Patient/$dump` are the same request for
 //!    the router and for access control, and `.`/`..` tricks are refused.
-//! 2. [`access::require_auth`]: credentials and access policies (all routes but `GET /health`).
-//! 3. The router below, whose handlers are thin: they parse, call an operation module
-//!    (`crud`, `bundle`, ...), and answer.
+//! 3. [`access::require_auth`]: credentials and access policies (all routes but the public
+//!    ones), after routing, so it knows the route.
+//! 4. The router below, whose handlers are thin: they parse, call an operation module
+//!    (`crud`, `bundle`, `bulk`, ...), and answer. A handler's file is named after its URL.
 //!
 //! Routes under `/fhir` are the same handlers with [`Api::Fhir`] in the request extensions:
 //! they convert bodies between FHIR and native at the edges (see [`context::ApiContext`]).
 
 mod access;
 pub mod body;
+mod bundle;
 pub mod context;
 mod crud;
 mod dump;
+mod dump_csv;
 mod dump_sql;
 pub mod error;
 mod export;
@@ -25,7 +29,6 @@ mod load;
 mod metadata;
 pub mod normalize;
 mod search;
-mod transaction;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -38,6 +41,7 @@ use axum::{Extension, Router};
 use crate::auth::Authenticator;
 use crate::bulk::source::Sources;
 use crate::format::{Api, Formats};
+use crate::store::jobs::JobKind;
 use crate::store::Store;
 use error::ApiError;
 
@@ -78,6 +82,7 @@ pub fn app(state: AppState) -> Router {
     Router::new()
         .fallback_service(router)
         .layer(middleware::from_fn(normalize::normalize_path))
+        .layer(middleware::from_fn(error::log_server_errors))
 }
 
 /// Serves the application on a bound listener until `shutdown` completes.
@@ -90,6 +95,25 @@ pub async fn serve(
     axum::serve(listener, service)
         .with_graceful_shutdown(shutdown)
         .await
+}
+
+/// The routes that follow a background job: its status (and cancel), and an export's files.
+/// The subject that started the job may use them without a policy for them (see
+/// [`access`]); `{id}` is the job's id.
+const IMPORT_STATUS: &str = "/BulkImportStatus/{id}";
+/// Under `/fhir`.
+const EXPORT_STATUS: &str = "/$export-status/{id}";
+/// Under `/fhir`.
+const EXPORT_FILE: &str = "/$export-file/{id}/{name}";
+
+/// The kind of job a route (as matched, `/fhir/$export-status/{id}`) follows, if it is a job
+/// route.
+fn job_route(matched: &str) -> Option<JobKind> {
+    if matched == IMPORT_STATUS {
+        return Some(JobKind::Import);
+    }
+    let fhir = matched.strip_prefix("/fhir")?;
+    (fhir == EXPORT_STATUS || fhir == EXPORT_FILE).then_some(JobKind::Export)
 }
 
 /// The route table: every endpoint fhirbox serves, in one place.
@@ -107,21 +131,15 @@ fn routes() -> Router<AppState> {
             .route("/{type}/{id}/_history/{vid}", get(crud::vread))
     };
     let native = resources()
-        .route(
-            "/",
-            post(transaction::post_bundle).put(transaction::put_list),
-        )
+        .route("/", post(bundle::post_bundle).put(bundle::put_list))
         .route("/$load", post(load::load_mixed))
         .route("/$dump-sql", post(dump_sql::dump_sql))
         .route("/$import", post(import::start))
-        .route(
-            "/BulkImportStatus/{id}",
-            get(import::status).delete(import::cancel),
-        )
-        .route("/{type}/$dump-csv", get(dump::dump_csv))
+        .route(IMPORT_STATUS, get(import::status).delete(import::cancel))
+        .route("/{type}/$dump-csv", get(dump_csv::dump_csv))
         .layer(Extension(Api::Native));
     let fhir = resources()
-        .route("/", post(transaction::post_bundle))
+        .route("/", post(bundle::post_bundle))
         .route("/$import", post(import::start))
         .route("/$load", post(load::load_mixed))
         .route("/metadata", get(metadata::capability_statement))
@@ -134,11 +152,8 @@ fn routes() -> Router<AppState> {
             "/{type}/{id}/$export",
             get(export::group).post(export::group),
         )
-        .route(
-            "/$export-status/{id}",
-            get(export::status).delete(export::cancel),
-        )
-        .route("/$export-file/{id}/{name}", get(export::file))
+        .route(EXPORT_STATUS, get(export::status).delete(export::cancel))
+        .route(EXPORT_FILE, get(export::file))
         .layer(Extension(Api::Fhir));
     Router::new()
         .route("/health", get(health::health))

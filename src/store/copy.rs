@@ -44,6 +44,11 @@ pub struct Tuple {
 }
 
 impl Tuple {
+    /// The bytes the tuple takes in the stream.
+    pub fn size(&self) -> usize {
+        self.data.len()
+    }
+
     /// The raw bytes of field `index`, or `None` for NULL (or no such field).
     pub fn field(&self, index: usize) -> Option<&[u8]> {
         let (start, end) = (*self.fields.get(index)?)?;

@@ -167,63 +167,56 @@ pub async fn start(
         // statement is one snapshot).
         return copy_out(store, &sql).await;
     }
-    let conn = store.connection().await?;
-    let prepared = async {
-        conn.batch_execute(
-            "BEGIN ISOLATION LEVEL REPEATABLE READ;
-             SET LOCAL client_min_messages = warning;
-             CREATE TEMP TABLE fhirbox_export_patients (id text PRIMARY KEY) ON COMMIT DROP;
-             CREATE TEMP TABLE fhirbox_export_values (key integer NOT NULL, code text, vars jsonb) ON COMMIT DROP",
+    let conn = store.dedicated().await?;
+    conn.batch_execute(
+        "BEGIN ISOLATION LEVEL REPEATABLE READ;
+         SET LOCAL client_min_messages = warning;
+         CREATE TEMP TABLE fhirbox_export_patients (id text PRIMARY KEY) ON COMMIT DROP;
+         CREATE TEMP TABLE fhirbox_export_values (key integer NOT NULL, code text, vars jsonb) ON COMMIT DROP",
+    )
+    .await?;
+    if let Some(id) = patients.group {
+        conn.execute(
+            &format!(
+                "INSERT INTO pg_temp.fhirbox_export_patients
+                 SELECT DISTINCT p #>> '{{}}' FROM \"group\" g,
+                        jsonb_path_query(g.resource, '{}') AS p
+                  WHERE g.id = $1 ON CONFLICT DO NOTHING",
+                "lax $.member ? (!exists(@.inactive) || @.inactive != true).entity ? (@.resourceType == \"Patient\").id"
+            ),
+            &[&id],
         )
         .await?;
-        if let Some(id) = patients.group {
+    }
+    match (patients.group, patients.ids) {
+        (Some(_), Some(ids)) => {
             conn.execute(
-                &format!(
-                    "INSERT INTO pg_temp.fhirbox_export_patients
-                     SELECT DISTINCT p #>> '{{}}' FROM \"group\" g,
-                            jsonb_path_query(g.resource, '{}') AS p
-                      WHERE g.id = $1 ON CONFLICT DO NOTHING",
-                    "lax $.member ? (!exists(@.inactive) || @.inactive != true).entity ? (@.resourceType == \"Patient\").id"
-                ),
-                &[&id],
+                "DELETE FROM pg_temp.fhirbox_export_patients WHERE id <> ALL($1::text[])",
+                &[&ids],
             )
             .await?;
         }
-        match (patients.group, patients.ids) {
-            (Some(_), Some(ids)) => {
-                conn.execute(
-                    "DELETE FROM pg_temp.fhirbox_export_patients WHERE id <> ALL($1::text[])",
-                    &[&ids],
-                )
-                .await?;
-            }
-            (None, Some(ids)) => {
-                conn.execute(
-                    "INSERT INTO pg_temp.fhirbox_export_patients SELECT DISTINCT unnest($1::text[])",
-                    &[&ids],
-                )
-                .await?;
-            }
-            _ => {}
-        }
-        for (key, code, vars) in &values {
+        (None, Some(ids)) => {
             conn.execute(
-                "INSERT INTO pg_temp.fhirbox_export_values (key, code, vars) VALUES ($1, $2, $3)",
-                &[key, code, vars],
+                "INSERT INTO pg_temp.fhirbox_export_patients SELECT DISTINCT unnest($1::text[])",
+                &[&ids],
             )
             .await?;
         }
-        conn.execute("ANALYZE pg_temp.fhirbox_export_patients", &[])
-            .await?;
-        Ok::<_, tokio_postgres::Error>(())
+        _ => {}
     }
-    .await;
-    if let Err(error) = prepared {
-        // Its transaction is open: it must not go back to the pool.
-        drop(deadpool_postgres::Object::take(conn));
-        return Err(error.into());
+    for (key, code, vars) in &values {
+        conn.execute(
+            "INSERT INTO pg_temp.fhirbox_export_values (key, code, vars) VALUES ($1, $2, $3)",
+            &[key, code, vars],
+        )
+        .await?;
     }
-    Ok(copy_out_on(conn, &sql).await?.discard_after())
+    conn.execute("ANALYZE pg_temp.fhirbox_export_patients", &[])
+        .await?;
+    // (On an error above, dropping `conn` closes it with its transaction.) The COPY ends the
+    // connection's use: it holds the transaction and its temporary tables.
+    Ok(copy_out_on(conn, &sql).await?.close_after())
 }
 
 /// A row of the values table: (key, code, jsonpath variables).

@@ -1,22 +1,143 @@
-//! The SQL of `$load`: COPY straight into a type's table, after deleting the versions that
-//! the load replaces; a temporary staging table and an upsert only for ids that repeat within
-//! the load.
+//! The SQL and the transaction of `$load`: COPY straight into a type's table, after deleting
+//! the versions that the load replaces; a temporary staging table and an upsert only for ids
+//! that repeat within the load.
 //!
-//! Copied rows take `txid` (a `nextval` of the global sequence) from the column's default.
-//! Everything runs in the caller's transaction.
+//! A [`LoadTx`] is the load's one transaction on a [`Dedicated`] connection: `BEGIN`, the
+//! statements, a hook that runs last ([`BeforeCommit`]), `COMMIT`. Dropped before it commits
+//! (an error, a client that went away), its connection is cancelled and closed, and
+//! PostgreSQL rolls everything back. Copied rows take `txid` (a `nextval` of the global
+//! sequence) from the column's default.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 
 use chrono::{DateTime, Utc};
 
 use bytes::Bytes;
+use futures_util::future::BoxFuture;
 use futures_util::SinkExt;
 
-use super::{Connection, GenericClient, StoreError};
+use super::conn::Dedicated;
+use super::copy::PG_EPOCH_MICROS;
+use super::{Connection, GenericClient, Store, StoreError};
 use crate::resource_type::ResourceType;
 
+/// Rows loaded per type.
+pub type LoadCounts = BTreeMap<&'static str, u64>;
+
+/// Runs in the load's transaction just before it commits, with the load's counts; `Ok(false)`
+/// rolls the load back instead (the `$import` worker lost its claim on the input).
+pub type BeforeCommit = Box<
+    dyn for<'c> FnOnce(&'c Connection, &'c LoadCounts) -> BoxFuture<'c, Result<bool, StoreError>>
+        + Send,
+>;
+
+/// The transaction of one load.
+pub struct LoadTx {
+    conn: Dedicated,
+    /// The transaction's start (`now()`), in PostgreSQL's microseconds since 2000.
+    now: i64,
+}
+
+impl LoadTx {
+    /// Opens the load's transaction.
+    pub async fn begin(store: &Store) -> Result<LoadTx, StoreError> {
+        let conn = store.dedicated().await?;
+        conn.batch_execute("BEGIN").await?;
+        let now: DateTime<Utc> = conn.query_one("SELECT now()", &[]).await?.get(0);
+        Ok(LoadTx {
+            conn,
+            now: now.timestamp_micros() - PG_EPOCH_MICROS,
+        })
+    }
+
+    /// The transaction's start time in PostgreSQL's microseconds: every row's `ts`, and the
+    /// `cts` of new ones.
+    pub fn now(&self) -> i64 {
+        self.now
+    }
+
+    /// Whether `rt`'s table has no rows (then every id of a load is new, but for repeats).
+    pub async fn is_empty(&self, rt: ResourceType) -> Result<bool, StoreError> {
+        is_empty(&*self.conn, rt).await
+    }
+
+    /// See [`suspend_index`].
+    pub async fn suspend_index(&self, rt: ResourceType) -> Result<bool, StoreError> {
+        suspend_index(&*self.conn, rt).await
+    }
+
+    /// See [`restore_index`].
+    pub async fn restore_index(&self, rt: ResourceType) -> Result<(), StoreError> {
+        restore_index(&*self.conn, rt).await
+    }
+
+    /// See [`take_existing`].
+    pub async fn take_existing(
+        &self,
+        rt: ResourceType,
+        ids: &[&str],
+        keep_history: bool,
+    ) -> Result<HashMap<String, DateTime<Utc>>, StoreError> {
+        take_existing(&*self.conn, rt, ids, keep_history).await
+    }
+
+    /// Copies a binary COPY stream of fields `id`, `cts`, `ts`, `resource_type`, `status`,
+    /// `resource` into `rt`'s table.
+    pub async fn copy_rows(&self, rt: ResourceType, data: Bytes) -> Result<u64, StoreError> {
+        let sql = format!(
+            "COPY {} (id, cts, ts, resource_type, status, resource) FROM STDIN (FORMAT binary)",
+            rt.table()
+        );
+        copy_in(&self.conn, &sql, data).await
+    }
+
+    /// Copies a binary COPY stream of fields `id`, `line`, `resource` into `rt`'s staging
+    /// table, creating it first when `create`.
+    pub async fn copy_staged(
+        &self,
+        rt: ResourceType,
+        data: Bytes,
+        create: bool,
+    ) -> Result<u64, StoreError> {
+        if create {
+            create_stage(&*self.conn, rt).await?;
+        }
+        let sql = format!(
+            "COPY {} (id, line, resource) FROM STDIN (FORMAT binary)",
+            stage_table(rt)
+        );
+        copy_in(&self.conn, &sql, data).await
+    }
+
+    /// See [`apply_stage`].
+    pub async fn apply_stage(
+        &self,
+        rt: ResourceType,
+        keep_history: bool,
+    ) -> Result<(), StoreError> {
+        apply_stage(&*self.conn, rt, keep_history).await
+    }
+
+    /// Runs the hook, then commits; `Ok(false)`: the hook refused, nothing was committed.
+    pub async fn commit(
+        self,
+        counts: &LoadCounts,
+        before_commit: Option<BeforeCommit>,
+    ) -> Result<bool, StoreError> {
+        if let Some(check) = before_commit {
+            if !check(&self.conn, counts).await? {
+                // Dropping `self` rolls the load back.
+                return Ok(false);
+            }
+        }
+        self.conn.batch_execute("COMMIT").await?;
+        self.conn.release();
+        Ok(true)
+    }
+}
+
 /// Whether `rt`'s table has no rows (then every id of a load is new, but for repeats).
-pub async fn is_empty(client: &impl GenericClient, rt: ResourceType) -> Result<bool, StoreError> {
+async fn is_empty(client: &impl GenericClient, rt: ResourceType) -> Result<bool, StoreError> {
     let sql = format!("SELECT NOT EXISTS (SELECT 1 FROM {})", rt.table());
     let statement = client.prepare_cached(&sql).await?;
     Ok(client.query_one(&statement, &[]).await?.get(0))
@@ -27,10 +148,7 @@ pub async fn is_empty(client: &impl GenericClient, rt: ResourceType) -> Result<b
 /// row (about a fifth of such a load's time). The drop locks the table until the load
 /// commits; if another transaction holds the table (a `$dump` reading it), the drop gives up
 /// after a second and the load keeps the index up to date as usual. `false`: not dropped.
-pub async fn suspend_index(
-    client: &impl GenericClient,
-    rt: ResourceType,
-) -> Result<bool, StoreError> {
+async fn suspend_index(client: &impl GenericClient, rt: ResourceType) -> Result<bool, StoreError> {
     let Some((name, _)) = super::export::compartment_index(rt) else {
         return Ok(false);
     };
@@ -60,10 +178,7 @@ pub async fn suspend_index(
 }
 
 /// Builds again an index [`suspend_index`] dropped.
-pub async fn restore_index(
-    client: &impl GenericClient,
-    rt: ResourceType,
-) -> Result<(), StoreError> {
+async fn restore_index(client: &impl GenericClient, rt: ResourceType) -> Result<(), StoreError> {
     if let Some((_, create)) = super::export::compartment_index(rt) {
         client.batch_execute(&create).await?;
     }
@@ -72,7 +187,7 @@ pub async fn restore_index(
 
 /// Deletes the current versions of `ids` that exist (moving them to history with
 /// `keep_history`) and returns their creation times: the load writes their new versions.
-pub async fn take_existing(
+async fn take_existing(
     client: &impl GenericClient,
     rt: ResourceType,
     ids: &[&str],
@@ -96,25 +211,12 @@ pub async fn take_existing(
         .collect())
 }
 
-/// The transaction's start time: `now()`, as every row it writes carries it.
-pub async fn now(client: &impl GenericClient) -> Result<DateTime<Utc>, StoreError> {
-    Ok(client.query_one("SELECT now()", &[]).await?.get(0))
-}
-
-/// The COPY into the table: fields `id`, `cts`, `ts`, `resource_type`, `status`, `resource`.
-pub fn copy_direct_sql(rt: ResourceType) -> String {
-    format!(
-        "COPY {} (id, cts, ts, resource_type, status, resource) FROM STDIN (FORMAT binary)",
-        rt.table()
-    )
-}
-
 fn stage_table(rt: ResourceType) -> String {
     format!("\"fhirbox_load_{}\"", rt.table_name())
 }
 
 /// Creates the staging table of `rt` for this transaction.
-pub async fn create_stage(client: &impl GenericClient, rt: ResourceType) -> Result<(), StoreError> {
+async fn create_stage(client: &impl GenericClient, rt: ResourceType) -> Result<(), StoreError> {
     let sql = format!(
         "CREATE TEMP TABLE IF NOT EXISTS {} (id text NOT NULL, line bigint NOT NULL, resource jsonb NOT NULL)
          ON COMMIT DROP",
@@ -124,19 +226,11 @@ pub async fn create_stage(client: &impl GenericClient, rt: ResourceType) -> Resu
     Ok(())
 }
 
-/// The COPY into the staging table: fields `id`, `line`, `resource`.
-pub fn copy_stage_sql(rt: ResourceType) -> String {
-    format!(
-        "COPY {} (id, line, resource) FROM STDIN (FORMAT binary)",
-        stage_table(rt)
-    )
-}
-
 /// Pieces a COPY stream is sent in: small enough that the driver's buffers stay small.
 const SEND_PIECE: usize = 256 * 1024;
 
 /// Sends one complete binary COPY stream (header, tuples, trailer) with `sql`.
-pub async fn copy_in(client: &Connection, sql: &str, data: Bytes) -> Result<u64, StoreError> {
+async fn copy_in(client: &Connection, sql: &str, data: Bytes) -> Result<u64, StoreError> {
     let sink = client.copy_in(sql).await?;
     let mut sink = std::pin::pin!(sink);
     let mut rest = data;
@@ -151,7 +245,7 @@ pub async fn copy_in(client: &Connection, sql: &str, data: Bytes) -> Result<u64,
 /// Applies the staged rows of `rt` (lines whose id repeats within the load): for each id the
 /// last staged line wins and replaces what the load wrote before (with `keep_history`, that
 /// version is kept in history).
-pub async fn apply_stage(
+async fn apply_stage(
     client: &impl GenericClient,
     rt: ResourceType,
     keep_history: bool,

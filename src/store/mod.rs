@@ -1,28 +1,32 @@
-//! Storage: every SQL statement fhirbox runs lives under this module.
+//! Storage: every SQL statement fhirbox runs lives under this module, and every connection's
+//! life is decided here ([`conn`]: the pool, dedicated connections, transactions).
 //!
-//! Layout (compatible with the reference product, see `docs/design.md`): one table per resource
+//! Layout (compatible with the reference product): one table per resource
 //! type named after the type in lower case, with `id, txid, cts, ts, resource_type, status,
 //! resource`, a `<table>_history` twin for replaced and deleted versions, and one global
 //! version sequence `transaction_id_seq`.
 
-pub mod attributes;
+pub mod cached;
 pub mod clients;
+pub mod conn;
 pub mod copy;
 pub mod copy_out;
 pub mod dump;
 pub mod dump_csv;
+pub mod dump_sql;
 pub mod export;
 pub mod jobs;
 pub mod load;
+pub mod policy;
 pub mod resources;
 pub mod schema;
-pub mod sql_dump;
 
 use std::time::Duration;
 
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
 
-pub use deadpool_postgres::{GenericClient, Object as Connection, Transaction};
+pub use conn::Tx;
+pub use deadpool_postgres::{GenericClient, Object as Connection};
 
 /// A timestamp as a SQL literal (`'2021-06-10 06:26:10.500000+00'::timestamptz`), for the
 /// statements that take no bind parameters (COPY). fhirbox prints it itself from a parsed

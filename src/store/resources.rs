@@ -13,7 +13,7 @@ use tokio_postgres::Row;
 use crate::resource::StoredResource;
 use crate::resource_type::ResourceType;
 
-use super::{GenericClient, StoreError, Transaction};
+use super::{GenericClient, StoreError, Tx};
 
 /// The columns every read selects, in the order [`from_row`] expects.
 const COLUMNS: &str = "id, txid, cts, ts, status, resource";
@@ -84,7 +84,7 @@ async fn last_history_status(
 /// Creates a resource with a given id; fails with [`StoreError::AlreadyExists`] if a current
 /// version exists. An id whose last version was deleted is re-created (`recreated`).
 pub async fn create(
-    tx: &Transaction<'_>,
+    tx: &Tx,
     rt: ResourceType,
     id: &str,
     body: &Map<String, Value>,
@@ -100,7 +100,7 @@ pub async fn create(
 
 /// Creates or replaces a resource. Returns the new version and whether it was created.
 pub async fn upsert(
-    tx: &Transaction<'_>,
+    tx: &Tx,
     rt: ResourceType,
     id: &str,
     body: &Map<String, Value>,
@@ -133,12 +133,12 @@ pub async fn upsert(
 
 /// Inserts a first (or re-created) version unless a current version exists.
 async fn insert_if_absent(
-    tx: &Transaction<'_>,
+    tx: &Tx,
     rt: ResourceType,
     id: &str,
     body: &Map<String, Value>,
 ) -> Result<Option<StoredResource>, StoreError> {
-    let status = match last_history_status(tx, rt, id).await?.as_deref() {
+    let status = match last_history_status(&**tx, rt, id).await?.as_deref() {
         Some("deleted") => "recreated",
         _ => "created",
     };
@@ -160,7 +160,7 @@ async fn insert_if_absent(
 /// Deletes a resource: its current version moves to history, followed by a `deleted` version.
 /// Returns the deleted version, or `None` if there was no current version.
 pub async fn delete(
-    tx: &Transaction<'_>,
+    tx: &Tx,
     rt: ResourceType,
     id: &str,
 ) -> Result<Option<StoredResource>, StoreError> {

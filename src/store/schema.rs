@@ -70,6 +70,29 @@ const MIGRATIONS: &[(i32, &str, &str)] = &[
     ),
 ];
 
+/// Creates the database `name` on the server if it is missing (the managed cluster's first
+/// start), over a connection of its own to `config` (the server's maintenance database).
+pub async fn ensure_database(config: tokio_postgres::Config, name: &str) -> Result<(), StoreError> {
+    let (client, connection) = config.connect(tokio_postgres::NoTls).await?;
+    let connection = tokio::spawn(connection);
+    let exists = client
+        .query_opt("SELECT 1 FROM pg_database WHERE datname = $1", &[&name])
+        .await?
+        .is_some();
+    if !exists {
+        // A database name cannot be a bound parameter: quote it as an identifier.
+        client
+            .batch_execute(&format!(
+                "CREATE DATABASE \"{}\"",
+                name.replace('"', "\"\"")
+            ))
+            .await?;
+    }
+    drop(client);
+    let _ = connection.await;
+    Ok(())
+}
+
 /// The highest migration version this build knows.
 pub fn latest_version() -> i32 {
     MIGRATIONS.last().map_or(0, |(version, _, _)| *version)

@@ -467,3 +467,55 @@ pub async fn load_synthea(server: &TestServer) -> std::collections::BTreeMap<Str
     }
     types
 }
+
+/// One answer's status and body, as a snapshot records it: ports of loopback servers and the
+/// repository's path are replaced by placeholders, so a snapshot does not depend on the run.
+pub fn answer(request: &str, status: StatusCode, body: &Value) -> Value {
+    let text = serde_json::json!({
+        "request": request,
+        "status": status.as_u16(),
+        "body": body,
+    })
+    .to_string();
+    let root = env!("CARGO_MANIFEST_DIR");
+    let ports = regex::Regex::new(r"(127\.0\.0\.1|localhost):\d+").expect("regex");
+    let text = text.replace(root, "[repo]");
+    let text = ports.replace_all(&text, "$1:[port]");
+    serde_json::from_str(&text).expect("still JSON")
+}
+
+/// Waits (a few seconds at most) until every connection of the server's database is idle and
+/// outside any transaction, and every connection of its pool is back: no request that failed
+/// or went away left one mid-transaction, mid-COPY or checked out.
+pub async fn assert_no_connection_left(server: &TestServer) {
+    let db = server.db().await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let busy: Vec<String> = db
+            .query(
+                "SELECT state || ': ' || query FROM pg_stat_activity
+                  WHERE datname = current_database() AND pid <> pg_backend_pid()
+                    AND state IS DISTINCT FROM 'idle'",
+                &[],
+            )
+            .await
+            .expect("pg_stat_activity")
+            .iter()
+            .map(|row| row.get(0))
+            .collect();
+        let pool = server.store.status();
+        if busy.is_empty() && pool.available == pool.size {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "connections left behind: {busy:?}; pool {pool:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// JSON as a snapshot shows it: pretty-printed, numbers exactly as they are.
+pub fn pretty(value: &impl serde::Serialize) -> String {
+    serde_json::to_string_pretty(value).expect("serializable")
+}

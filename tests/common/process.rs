@@ -4,6 +4,7 @@
 use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
 use std::sync::mpsc::{Receiver, RecvTimeoutError};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use nix::sys::signal::Signal;
@@ -14,6 +15,8 @@ pub struct ServerProcess {
     lines: Receiver<String>,
     pub printed: Vec<String>,
     pub base: String,
+    /// What it wrote to stderr (the log), also passed on to the test's own stderr.
+    logged: Arc<Mutex<Vec<String>>>,
 }
 
 impl ServerProcess {
@@ -25,7 +28,7 @@ impl ServerProcess {
             .args(["--listen", "127.0.0.1:0"])
             .args(args)
             .stdout(Stdio::piped())
-            .stderr(Stdio::inherit());
+            .stderr(Stdio::piped());
         for var in [
             "FHIRBOX_ADMIN_PASSWORD",
             "DATABASE_URL",
@@ -44,11 +47,21 @@ impl ServerProcess {
                 }
             }
         });
+        let stderr = child.stderr.take().expect("stderr");
+        let logged = Arc::new(Mutex::new(Vec::new()));
+        let log = logged.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                eprintln!("{line}");
+                log.lock().unwrap_or_else(|e| e.into_inner()).push(line);
+            }
+        });
         let mut server = ServerProcess {
             child,
             lines,
             printed: Vec::new(),
             base: String::new(),
+            logged,
         };
         let deadline = Instant::now() + Duration::from_secs(120);
         while server.base.is_empty() {
@@ -85,6 +98,14 @@ impl ServerProcess {
             .iter()
             .find(|l| l.starts_with("    "))
             .map(|l| l.trim().to_string())
+    }
+
+    /// The lines of its log so far (all of them, once it exited and its pipe was read).
+    pub fn log(&self) -> Vec<String> {
+        self.logged
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 
     /// Sends a signal and waits for the process to exit.

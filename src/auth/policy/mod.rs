@@ -19,13 +19,14 @@
 
 pub mod matcho;
 
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use serde_json::{Map, Value};
 
+use crate::resource_type::ResourceType;
+use crate::store::cached::TableCache;
 use crate::store::clients::ClientRecord;
-use crate::store::sql_dump::TextParam;
 use crate::store::{Store, StoreError};
 use matcho::Pattern;
 
@@ -307,33 +308,17 @@ fn without_empty(value: &Value) -> Value {
 }
 
 async fn run_sql(sql: &SqlRule, request: &Value, store: &Store) -> Result<bool, StoreError> {
-    let params: Vec<TextParam> = sql
+    let params: Vec<Option<String>> = sql
         .paths
         .iter()
         .map(|path| {
-            TextParam(matcho::resolve(request, path).map(|value| match value {
+            matcho::resolve(request, path).map(|value| match value {
                 Value::String(text) => text.clone(),
                 other => other.to_string(),
-            }))
+            })
         })
         .collect();
-    let mut conn = store.connection().await?;
-    let tx = conn.build_transaction().read_only(true).start().await?;
-    tx.batch_execute(&format!(
-        "SET LOCAL statement_timeout = {}",
-        SQL_POLICY_TIMEOUT.as_millis()
-    ))
-    .await?;
-    let row = tx
-        .query_opt(
-            sql.query.as_str(),
-            &params.iter().map(|p| p as _).collect::<Vec<_>>(),
-        )
-        .await?;
-    // Dropping the transaction rolls it back.
-    Ok(row
-        .and_then(|row| row.try_get::<_, Option<bool>>(0).ok().flatten())
-        .unwrap_or(false))
+    crate::store::policy::sql_allows(store, &sql.query, params, SQL_POLICY_TIMEOUT).await
 }
 
 /// The compiled policies in force.
@@ -380,34 +365,23 @@ impl PolicySet {
 }
 
 /// Policies read from the database, recompiled when the `accesspolicy` table changes.
-#[derive(Default)]
 pub struct PolicyCache {
-    cached: Mutex<Option<(crate::store::attributes::Stamp, Arc<PolicySet>)>>,
+    cache: TableCache<PolicySet>,
+}
+
+impl Default for PolicyCache {
+    fn default() -> PolicyCache {
+        let rt = ResourceType::parse("AccessPolicy").expect("a fhirbox type");
+        PolicyCache {
+            cache: TableCache::new(rt),
+        }
+    }
 }
 
 impl PolicyCache {
     /// The policies in force now (one cheap query to check they did not change).
     pub async fn current(&self, store: &Store) -> Result<Arc<PolicySet>, StoreError> {
-        let conn = store.connection().await?;
-        let rt = crate::resource_type::ResourceType::parse("AccessPolicy").expect("a fhirbox type");
-        let stamp = crate::store::attributes::stamp_of(&conn, rt).await?;
-        if let Some((cached, set)) = self.lock().as_ref() {
-            if *cached == stamp {
-                return Ok(set.clone());
-            }
-        }
-        let stored = crate::store::attributes::all_of(&conn, rt).await?;
-        let set = Arc::new(PolicySet::compile(stored));
-        *self.lock() = Some((stamp, set.clone()));
-        Ok(set)
-    }
-
-    fn lock(
-        &self,
-    ) -> std::sync::MutexGuard<'_, Option<(crate::store::attributes::Stamp, Arc<PolicySet>)>> {
-        self.cached
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
+        self.cache.get(store, PolicySet::compile).await
     }
 }
 

@@ -241,12 +241,18 @@ impl Exports {
         let exports = self.clone();
         let every =
             (self.settings.expiry / 4).clamp(Duration::from_secs(1), Duration::from_secs(60));
-        tokio::spawn(async move {
+        self.jobs.spawn(move |stop| async move {
             loop {
-                if let Err(error) = exports.sweep().await {
-                    tracing::warn!(%error, "could not delete expired exports");
+                tokio::select! {
+                    swept = exports.sweep() => if let Err(error) = swept {
+                        tracing::warn!(%error, "could not delete expired exports");
+                    },
+                    () = stop.cancelled() => return,
                 }
-                tokio::time::sleep(every).await;
+                tokio::select! {
+                    () = tokio::time::sleep(every) => {}
+                    () = stop.cancelled() => return,
+                }
             }
         });
     }

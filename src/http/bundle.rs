@@ -43,7 +43,8 @@ pub async fn post_bundle(
     let (kind, results) = bundle::process(&state.store, bundle, inbound).await?;
     let entries: Vec<Value> = results
         .into_iter()
-        .map(|result| match result {
+        .enumerate()
+        .map(|(index, result)| match result {
             Ok(done) => {
                 let mut response = json!({"status": status_line(done.status)});
                 let mut entry = json!({});
@@ -58,6 +59,10 @@ pub async fn post_bundle(
             }
             Err(error) => {
                 let error = ApiError::from(error);
+                if error.status.is_server_error() {
+                    // The answer is a 200: this is the one place that sees the failure.
+                    tracing::error!(entry = index, cause = error.cause(), "a batch entry failed");
+                }
                 json!({"response": {"status": status_line(error.status), "outcome": error.outcome()}})
             }
         })

@@ -1,0 +1,23 @@
+//! `GET /[type]/$dump-csv`: a type's current resources (native format) as CSV (`text/csv`),
+//! with `_since` and `gzip` as for `$dump`.
+
+use axum::extract::{Path, RawQuery, State};
+use axum::response::Response;
+
+use super::body::streamed;
+use super::dump::DumpParams;
+use super::error::ApiError;
+use super::AppState;
+use crate::bulk::dump_csv::dump_csv as start;
+use crate::crud;
+
+pub async fn dump_csv(
+    State(state): State<AppState>,
+    Path(type_name): Path<String>,
+    RawQuery(query): RawQuery,
+) -> Result<Response, ApiError> {
+    let rt = crud::resource_type(&type_name)?;
+    let params = DumpParams::parse(query.as_deref(), false)?;
+    let body = start(&state.store, rt, params.since).await?;
+    Ok(streamed(body, "text/csv", params.gzip))
+}
