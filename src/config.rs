@@ -48,9 +48,24 @@ pub struct ServeArgs {
     #[arg(long, env = "FHIRBOX_MAX_BODY_BYTES", default_value_t = 64 * 1024 * 1024)]
     pub max_body_bytes: usize,
 
-    /// Database connections in the pool.
+    /// Database connections for interactive requests (bulk work has its own, see
+    /// --bulk-streams).
     #[arg(long, env = "FHIRBOX_DB_POOL_SIZE", default_value_t = 16)]
     pub db_pool_size: usize,
+
+    /// Seconds a request waits for a free database connection before it is answered 503
+    /// "busy" with Retry-After.
+    #[arg(long, env = "FHIRBOX_DB_WAIT", default_value_t = 5)]
+    pub db_wait: u64,
+
+    /// Bulk operations (`$dump`, `$dump-csv`, `$dump-sql`, `$load`) running at once on this
+    /// server, each on a connection of the bulk pool; more are refused (429).
+    #[arg(long, env = "FHIRBOX_BULK_STREAMS", default_value_t = 8)]
+    pub bulk_streams: usize,
+
+    /// Bulk operations one subject (a Client, or root) may run at once; more are refused (429).
+    #[arg(long, env = "FHIRBOX_BULK_STREAMS_PER_SUBJECT", default_value_t = 4)]
+    pub bulk_streams_per_subject: usize,
 
     /// `$load`/`$import` may read `file://` sources under this directory (and nowhere else);
     /// without it, `file://` sources are refused.
@@ -68,6 +83,21 @@ pub struct ServeArgs {
     /// when that role needs a password or another route.
     #[arg(long, env = "FHIRBOX_SQL_READER_URL", hide_env_values = true)]
     pub sql_reader_url: Option<String>,
+
+    /// How root's `$dump-sql` connects (the role `fhirbox_sql_admin`, which may also read
+    /// fhirbox's own types); like --sql-reader-url.
+    #[arg(long, env = "FHIRBOX_SQL_ADMIN_URL", hide_env_values = true)]
+    pub sql_admin_url: Option<String>,
+
+    /// The largest row a `$dump-sql` result may have, in bytes: a larger one ends the query
+    /// with an error before fhirbox reads it.
+    #[arg(long, env = "FHIRBOX_SQL_MAX_ROW_BYTES", default_value_t = 64 * 1024 * 1024)]
+    pub sql_max_row_bytes: usize,
+
+    /// Temp-file space one `$dump-sql` query may use on the database server, in bytes
+    /// (PostgreSQL's temp_file_limit for the $dump-sql roles; needs a superuser to set).
+    #[arg(long, env = "FHIRBOX_SQL_TEMP_FILE_BYTES", default_value_t = 1024 * 1024 * 1024)]
+    pub sql_temp_file_bytes: u64,
 
     /// `$dump-sql` statement timeout, in seconds.
     #[arg(long, env = "FHIRBOX_SQL_TIMEOUT", default_value_t = 600)]
@@ -108,4 +138,34 @@ pub struct ServeArgs {
     /// the request's `Host` header.
     #[arg(long, env = "FHIRBOX_BASE_URL")]
     pub base_url: Option<String>,
+
+    /// Password checks (argon2, 19 MiB each) running at once; default: one per core.
+    #[arg(long, env = "FHIRBOX_AUTH_CONCURRENCY")]
+    pub auth_concurrency: Option<usize>,
+
+    /// Password checks that may wait for a place; more are refused at once (503).
+    /// Default: 8 per core.
+    #[arg(long, env = "FHIRBOX_AUTH_QUEUE")]
+    pub auth_queue: Option<usize>,
+
+    /// Failed logins a client address may make in a row before it must wait (429).
+    #[arg(long, env = "FHIRBOX_AUTH_BURST", default_value_t = 10)]
+    pub auth_burst: u32,
+
+    /// Failed logins a client address may make per minute after its burst.
+    #[arg(long, env = "FHIRBOX_AUTH_PER_MINUTE", default_value_t = 30)]
+    pub auth_per_minute: u32,
+
+    /// The longest NDJSON line `$load`/`$import` accept, in bytes (longer: the load fails
+    /// naming the line).
+    #[arg(long, env = "FHIRBOX_MAX_LINE_BYTES", default_value_t = 64 * 1024 * 1024)]
+    pub max_line_bytes: usize,
+
+    /// Seconds connecting to an http(s) source may take.
+    #[arg(long, env = "FHIRBOX_SOURCE_CONNECT_TIMEOUT", default_value_t = 10)]
+    pub source_connect_timeout: u64,
+
+    /// Seconds an http(s) source may send nothing before the load fails.
+    #[arg(long, env = "FHIRBOX_SOURCE_READ_TIMEOUT", default_value_t = 60)]
+    pub source_read_timeout: u64,
 }

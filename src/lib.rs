@@ -15,9 +15,11 @@
 //!   element table (and compartment and search parameters) generated from the official
 //!   definitions. They call nothing above them.
 //!
-//! Around them: [`config`] (the command line), [`server`] (start-up and shutdown) and
-//! [`cluster`] (the managed local PostgreSQL).
+//! Around them: [`config`] (the command line), [`app`] (a running fhirbox's parts, built
+//! from its settings), [`server`] (start-up and shutdown) and [`cluster`] (the managed local
+//! PostgreSQL).
 
+pub mod app;
 pub mod auth;
 pub mod bulk;
 pub mod bundle;

@@ -13,25 +13,31 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
 
+use crate::app::{self, AppError, AppSettings};
+use crate::auth::guard::GuardSettings;
 use crate::auth::root::Origin;
-use crate::auth::{AuthError, Authenticator, RootPassword};
+use crate::auth::{AuthError, RootPassword};
+use crate::bulk::allowance::AllowanceSettings;
 use crate::bulk::dump_sql::SqlLimits;
 use crate::bulk::export::ExportSettings;
 use crate::bulk::jobs::JobSettings;
-use crate::bulk::source::{SourcePolicy, Sources};
-use crate::bulk::Background;
+use crate::bulk::source::SourcePolicy;
 use crate::cluster::{ClusterError, ManagedCluster, StartOutcome};
 use crate::config::ServeArgs;
-use crate::format::Formats;
-use crate::http::{self, AppState, Settings};
-use crate::store::{schema, Store, StoreError};
+use crate::http::{self, Settings};
+use crate::store::roles::RoleLimits;
+use crate::store::{schema, StoreError};
 
 /// How long requests in flight (a long `$dump`) may run on after a shutdown signal.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
 
-/// Concurrent `$dump-sql` queries (each holds a reader connection while it streams).
-const SQL_READER_POOL: usize = 8;
+/// The lock file in the data directory.
+const LOCK_FILE: &str = "fhirbox.lock";
+
+/// How often the managed PostgreSQL is looked at.
+const SUPERVISE_EVERY: Duration = Duration::from_secs(1);
 
 /// The database the managed cluster keeps fhirbox's tables in.
 const MANAGED_DATABASE: &str = "fhirbox";
@@ -48,6 +54,8 @@ pub enum ServeError {
     Store(#[from] StoreError),
     #[error(transparent)]
     Auth(#[from] AuthError),
+    #[error(transparent)]
+    App(#[from] AppError),
     #[error("cannot listen on {addr}: {source}")]
     Listen {
         addr: std::net::SocketAddr,
@@ -57,15 +65,33 @@ pub enum ServeError {
     SourceDir { dir: String, reason: String },
     #[error("server error: {0}")]
     Serve(std::io::Error),
+    #[error("the data directory {dir}: {source}")]
+    DataDir { dir: String, source: std::io::Error },
+    #[error("another fhirbox is running on the data directory {0}: stop it first, or give this one another --data-dir")]
+    Busy(String),
 }
 
 /// Runs the server until a shutdown signal.
 pub async fn run(args: ServeArgs) -> Result<(), ServeError> {
-    let cluster = match &args.database_url {
-        Some(_) => None,
-        None => Some(start_managed_cluster(&args).await?),
+    // The managed cluster's data directory is locked for the life of the process: a second
+    // fhirbox on it would adopt, and on exit stop, this one's PostgreSQL. (With a database
+    // URL, processes may share a data directory: its export files must be shared anyway.)
+    let (_lock, cluster) = match &args.database_url {
+        Some(_) => (None, None),
+        None => (
+            Some(lock_data_dir(&args.data_dir)?),
+            Some(Arc::new(start_managed_cluster(&args).await?)),
+        ),
     };
-    let result = serve_with_database(&args, cluster.as_ref()).await;
+    let stop_supervisor = CancellationToken::new();
+    let supervisor = cluster
+        .clone()
+        .map(|cluster| tokio::spawn(supervise(cluster, stop_supervisor.clone())));
+    let result = serve_with_database(&args, cluster.as_deref()).await;
+    stop_supervisor.cancel();
+    if let Some(supervisor) = supervisor {
+        let _ = supervisor.await;
+    }
     if let Some(cluster) = cluster {
         tracing::info!("stopping the managed PostgreSQL");
         let stopped = tokio::task::spawn_blocking(move || cluster.stop()).await;
@@ -76,6 +102,52 @@ pub async fn run(args: ServeArgs) -> Result<(), ServeError> {
         }
     }
     result
+}
+
+/// Takes the data directory's lock file (`fhirbox.lock`), or fails at once if another
+/// process holds it. The lock goes with the process, however it ends.
+fn lock_data_dir(dir: &std::path::Path) -> Result<std::fs::File, ServeError> {
+    let locked = |source: std::io::Error| ServeError::DataDir {
+        dir: dir.display().to_string(),
+        source,
+    };
+    std::fs::create_dir_all(dir).map_err(locked)?;
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(dir.join(LOCK_FILE))
+        .map_err(locked)?;
+    match file.try_lock() {
+        Ok(()) => Ok(file),
+        Err(std::fs::TryLockError::WouldBlock) => Err(ServeError::Busy(dir.display().to_string())),
+        Err(std::fs::TryLockError::Error(error)) => Err(locked(error)),
+    }
+}
+
+/// Watches the managed PostgreSQL until `stop`: if it died, starts it again (it recovers
+/// from its WAL, losing nothing committed) and says so in the log.
+async fn supervise(cluster: Arc<ManagedCluster>, stop: CancellationToken) {
+    loop {
+        tokio::select! {
+            () = tokio::time::sleep(SUPERVISE_EVERY) => {}
+            () = stop.cancelled() => return,
+        }
+        let watched = cluster.clone();
+        if tokio::task::spawn_blocking(move || watched.seems_alive())
+            .await
+            .unwrap_or(true)
+        {
+            continue;
+        }
+        tracing::error!("the managed PostgreSQL is gone; starting it again");
+        let restarted = cluster.clone();
+        match tokio::task::spawn_blocking(move || restarted.start()).await {
+            Ok(Ok(_)) => tracing::info!("the managed PostgreSQL is running again"),
+            Ok(Err(error)) => tracing::error!(%error, "could not restart the managed PostgreSQL"),
+            Err(error) => tracing::error!(%error, "could not restart the managed PostgreSQL"),
+        }
+    }
 }
 
 async fn start_managed_cluster(args: &ServeArgs) -> Result<ManagedCluster, ServeError> {
@@ -120,44 +192,29 @@ async fn serve_with_database(
         }
         (None, None) => unreachable!("run() starts a cluster when there is no URL"),
     };
-    let reader_config = match &args.sql_reader_url {
-        Some(url) => tokio_postgres::Config::from_str(url).map_err(ServeError::DatabaseUrl)?,
-        None => Store::config_as(&config, crate::store::schema::SQL_READER_ROLE),
+    let parse = |url: &Option<String>| -> Result<Option<tokio_postgres::Config>, ServeError> {
+        url.as_deref()
+            .map(tokio_postgres::Config::from_str)
+            .transpose()
+            .map_err(ServeError::DatabaseUrl)
     };
-    let store = Store::new(config, args.db_pool_size)?;
-    let sql_reader = Store::new(reader_config, SQL_READER_POOL)?;
-    let mut conn = store.connection().await.map_err(ServeError::Unreachable)?;
-    schema::migrate(&mut conn).await?;
-    drop(conn);
-
-    let root = load_root_password(args)?;
-    let source_dir = match &args.source_dir {
-        Some(dir) => Some(crate::bulk::source::canonical_source_dir(dir).map_err(|e| {
-            ServeError::SourceDir {
-                dir: dir.display().to_string(),
-                reason: e.to_string(),
-            }
-        })?),
-        None => None,
-    };
-    let sources = Sources::new(SourcePolicy {
-        source_dir,
-        allow_private: args.allow_private_sources,
-    })
-    .map_err(|e| ServeError::SourceDir {
-        dir: String::new(),
-        reason: e.to_string(),
-    })?;
-    let formats = Formats::new(store.clone());
-    let background = Background::start(
-        store.clone(),
-        sources.clone(),
-        formats.clone(),
-        JobSettings {
+    let settings = AppSettings {
+        pool_size: args.db_pool_size,
+        pool_wait: Duration::from_secs(args.db_wait.max(1)),
+        sql_reader: parse(&args.sql_reader_url)?,
+        sql_admin: parse(&args.sql_admin_url)?,
+        sql_max_row_bytes: args.sql_max_row_bytes,
+        roles: RoleLimits {
+            temp_file_kb: args.sql_temp_file_bytes.div_ceil(1024),
+            idle_in_transaction_ms: 60_000,
+        },
+        migrate: true,
+        sources: source_policy(args)?,
+        jobs: JobSettings {
             workers: args.import_workers,
             lease: Duration::from_secs(args.import_lease.max(1)),
         },
-        ExportSettings {
+        exports: ExportSettings {
             dir: args
                 .export_dir
                 .clone()
@@ -165,15 +222,12 @@ async fn serve_with_database(
             file_size: args.export_file_size,
             expiry: Duration::from_secs(args.export_expiry),
         },
-    );
-    let state = AppState {
-        formats,
-        background: background.clone(),
-        sources,
-        sql_reader,
-        store: store.clone(),
-        auth: Arc::new(Authenticator::new(root)),
-        settings: Arc::new(Settings {
+        guard: guard_settings(args),
+        allowance: AllowanceSettings {
+            total: args.bulk_streams.max(1),
+            per_subject: args.bulk_streams_per_subject.max(1),
+        },
+        http: Settings {
             max_body_bytes: args.max_body_bytes,
             sql_limits: SqlLimits {
                 timeout: Duration::from_secs(args.sql_timeout),
@@ -181,8 +235,10 @@ async fn serve_with_database(
                 max_bytes: args.sql_max_bytes,
             },
             base_url: args.base_url.clone(),
-        }),
+        },
     };
+    let root = load_root_password(args)?;
+    let state = app::build(config, root, settings).await?;
     let listener = TcpListener::bind(args.listen)
         .await
         .map_err(|source| ServeError::Listen {
@@ -193,6 +249,7 @@ async fn serve_with_database(
     println!("fhirbox listening on http://{local}");
     let _ = std::io::stdout().flush();
 
+    let stopping = state.clone();
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let server = tokio::spawn(http::serve(listener, state, async {
         let _ = stop_rx.await;
@@ -206,8 +263,7 @@ async fn serve_with_database(
         Ok(Err(join)) => return Err(ServeError::Serve(std::io::Error::other(join))),
         Err(_) => tracing::warn!("requests still running after {DRAIN_TIMEOUT:?}; closing them"),
     }
-    background.stop().await;
-    store.close();
+    stopping.stop().await;
     Ok(())
 }
 
@@ -231,6 +287,37 @@ fn load_root_password(args: &ServeArgs) -> Result<RootPassword, ServeError> {
         }
     }
     Ok(root)
+}
+
+/// Where loads may read from and how, from the command line.
+fn source_policy(args: &ServeArgs) -> Result<SourcePolicy, ServeError> {
+    let source_dir = match &args.source_dir {
+        Some(dir) => Some(crate::bulk::source::canonical_source_dir(dir).map_err(|e| {
+            ServeError::SourceDir {
+                dir: dir.display().to_string(),
+                reason: e.to_string(),
+            }
+        })?),
+        None => None,
+    };
+    Ok(SourcePolicy {
+        source_dir,
+        allow_private: args.allow_private_sources,
+        max_line_bytes: args.max_line_bytes,
+        connect_timeout: Duration::from_secs(args.source_connect_timeout.max(1)),
+        read_timeout: Duration::from_secs(args.source_read_timeout.max(1)),
+    })
+}
+
+/// The limits of password checks, from the command line.
+fn guard_settings(args: &ServeArgs) -> GuardSettings {
+    let defaults = GuardSettings::default();
+    GuardSettings {
+        concurrency: args.auth_concurrency.unwrap_or(defaults.concurrency),
+        queue: args.auth_queue.unwrap_or(defaults.queue),
+        burst: args.auth_burst,
+        per_minute: args.auth_per_minute,
+    }
 }
 
 /// Completes on SIGINT (Ctrl-C) or SIGTERM.

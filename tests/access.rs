@@ -390,7 +390,7 @@ async fn credentials() {
     let (status, outcome) = server
         .json(Method::POST, "/$load", &json!({"source": format!("file://{}/load/client.ndjson", common::fixtures_dir().display())}))
         .await;
-    assert_eq!(status, StatusCode::BAD_REQUEST, "{outcome}");
+    assert_eq!(status, StatusCode::FORBIDDEN, "{outcome}");
     let answer = common::answer("POST /$load client.ndjson", status, &outcome);
     insta::assert_snapshot!(common::pretty(&answer));
 }

@@ -9,7 +9,7 @@
 //! the cost is one more argon2 verification per client, never a wrong answer.
 
 use std::collections::HashMap;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex, Weak};
 
 use sha2::{Digest, Sha256};
 
@@ -21,6 +21,9 @@ const CAPACITY: usize = 2048;
 pub struct VerifiedCache {
     key: [u8; 32],
     entries: Mutex<HashMap<[u8; 32], i64>>,
+    /// Checks in progress, by credentials: the same credentials sent by many requests at once
+    /// (a client opening its connections) are checked once, the others wait for that check.
+    checking: Mutex<HashMap<[u8; 32], Weak<tokio::sync::Mutex<()>>>>,
 }
 
 impl VerifiedCache {
@@ -28,7 +31,27 @@ impl VerifiedCache {
         VerifiedCache {
             key: rand::random(),
             entries: Mutex::new(HashMap::new()),
+            checking: Mutex::new(HashMap::new()),
         }
+    }
+
+    /// The turn of these credentials' check: hold the returned lock while checking; a
+    /// request with the same credentials waits for it, then finds them in the cache.
+    pub fn turn(&self, credentials: &BasicCredentials) -> Arc<tokio::sync::Mutex<()>> {
+        let digest = self.digest(credentials);
+        let mut checking = self
+            .checking
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        if let Some(turn) = checking.get(&digest).and_then(Weak::upgrade) {
+            return turn;
+        }
+        if checking.len() >= CAPACITY {
+            checking.retain(|_, turn| turn.strong_count() > 0);
+        }
+        let turn = Arc::new(tokio::sync::Mutex::new(()));
+        checking.insert(digest, Arc::downgrade(&turn));
+        turn
     }
 
     fn digest(&self, credentials: &BasicCredentials) -> [u8; 32] {

@@ -10,12 +10,18 @@
 //!
 //! Verifying argon2 costs tens of milliseconds, so verified credentials are remembered in a
 //! bounded cache keyed by a keyed hash of the credentials and the version of the Client (see
-//! [`cache`]): a changed Client is verified again.
+//! [`cache`]): a changed Client is verified again. Every other password check goes through
+//! the [`guard`]: a bounded pool, a budget of failures per client address, a back-off per
+//! user name; and a user name that does not exist costs the same check as one that does (a
+//! hash of a random secret stands in), so timing tells nothing about which names exist.
 
 pub mod cache;
+pub mod guard;
 pub mod policy;
 pub mod root;
 pub mod secret;
+
+use std::net::IpAddr;
 
 use base64::Engine as _;
 
@@ -53,6 +59,10 @@ pub enum AuthError {
     Rejected,
     #[error("password hashing failed: {0}")]
     Hashing(String),
+    #[error("too many failed attempts from this address; try again in {} s", retry_after.as_secs())]
+    Throttled { retry_after: std::time::Duration },
+    #[error("too many password checks at once; try again in a moment")]
+    Busy,
     #[error(transparent)]
     Store(#[from] StoreError),
 }
@@ -88,68 +98,95 @@ impl BasicCredentials {
 pub struct Authenticator {
     root: RootPassword,
     verified: cache::VerifiedCache,
+    guard: guard::Guard,
+    /// What a password is checked against when the user name has none: the hash of a random
+    /// secret, as slow to check as a real one.
+    decoy: String,
     /// The AccessPolicies in force, compiled.
     pub policies: policy::PolicyCache,
 }
 
 impl Authenticator {
-    pub fn new(root: RootPassword) -> Authenticator {
-        Authenticator {
+    pub fn new(
+        root: RootPassword,
+        limits: guard::GuardSettings,
+    ) -> Result<Authenticator, AuthError> {
+        let decoy = secret::hash_secret(&rand::random::<u64>().to_string())?;
+        Ok(Authenticator {
             root,
             verified: cache::VerifiedCache::new(),
+            guard: guard::Guard::new(limits),
+            decoy: decoy.as_str().to_string(),
             policies: policy::PolicyCache::default(),
-        }
+        })
     }
 
-    /// Checks the request's credentials: root's, or a Client's.
+    /// Checks the request's credentials (root's, or a Client's) sent from `address`.
     pub async fn authenticate(
         &self,
         header: Option<&[u8]>,
+        address: Option<IpAddr>,
         store: &Store,
     ) -> Result<Subject, AuthError> {
         let credentials = BasicCredentials::from_header(header)?;
-        if credentials.user != "root" {
-            return self.authenticate_client(credentials, store).await;
-        }
         // Root's hash never changes while the process runs: its cache entries stay valid.
         const ROOT_GENERATION: i64 = 0;
-        if self.verified.contains(&credentials, ROOT_GENERATION) {
-            return Ok(Subject::Root);
+        let (subject, hash, generation) = if credentials.user == "root" {
+            (
+                Some(Subject::Root),
+                self.root.hash().to_string(),
+                ROOT_GENERATION,
+            )
+        } else {
+            let conn = store.connection().await?;
+            let client = clients::find(&conn, &credentials.user).await?;
+            drop(conn);
+            match client {
+                Some(client) if accepts_basic(&client) => match client.hash.clone() {
+                    Some(hash) => {
+                        let generation = client.txid;
+                        (Some(Subject::Client(client)), hash, generation)
+                    }
+                    None => (None, self.decoy.clone(), 0),
+                },
+                _ => (None, self.decoy.clone(), 0),
+            }
+        };
+        if subject.is_some() && self.verified.contains(&credentials, generation) {
+            return subject.ok_or(AuthError::Rejected);
         }
-        if self.root.verify(&credentials.password).await? {
-            self.verified.insert(&credentials, ROOT_GENERATION);
-            return Ok(Subject::Root);
+        let turn = self.verified.turn(&credentials);
+        let _turn = turn.lock().await;
+        if subject.is_some() && self.verified.contains(&credentials, generation) {
+            // Checked by the request that had the turn before.
+            return subject.ok_or(AuthError::Rejected);
         }
-        Err(AuthError::Rejected)
+        let attempt = self.guard.admit(&credentials.user, address).await?;
+        let password = credentials.password.clone();
+        let matches = self
+            .guard
+            .check(move || secret::verify_secret(&hash, &password))
+            .await?;
+        // A name without a password never matches, whatever the decoy says.
+        let verified = matches && subject.is_some();
+        attempt.finish(verified);
+        match subject {
+            Some(subject) if verified => {
+                self.verified.insert(&credentials, generation);
+                Ok(subject)
+            }
+            _ => Err(AuthError::Rejected),
+        }
     }
+}
 
-    async fn authenticate_client(
-        &self,
-        credentials: BasicCredentials,
-        store: &Store,
-    ) -> Result<Subject, AuthError> {
-        let conn = store.connection().await?;
-        let Some(client) = clients::find(&conn, &credentials.user).await? else {
-            return Err(AuthError::Rejected);
-        };
-        drop(conn);
-        let basic = client
-            .resource
-            .get("grant_types")
-            .and_then(|g| g.as_array())
-            .is_some_and(|grants| grants.iter().any(|g| g == "basic"));
-        let Some(hash) = client.hash.clone().filter(|_| basic) else {
-            return Err(AuthError::Rejected);
-        };
-        if self.verified.contains(&credentials, client.txid) {
-            return Ok(Subject::Client(client));
-        }
-        if secret::verify_secret(hash, credentials.password.clone()).await? {
-            self.verified.insert(&credentials, client.txid);
-            return Ok(Subject::Client(client));
-        }
-        Err(AuthError::Rejected)
-    }
+/// Whether a Client may authenticate with basic credentials.
+fn accepts_basic(client: &ClientRecord) -> bool {
+    client
+        .resource
+        .get("grant_types")
+        .and_then(|g| g.as_array())
+        .is_some_and(|grants| grants.iter().any(|g| g == "basic"))
 }
 
 #[cfg(test)]

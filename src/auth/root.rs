@@ -76,9 +76,14 @@ impl RootPassword {
         })
     }
 
-    /// Verifies a password against the hash, on a blocking thread (argon2 is slow on purpose).
-    pub async fn verify(&self, password: &str) -> Result<bool, AuthError> {
-        verify_secret(self.hash.as_str().to_string(), password.to_string()).await
+    /// The argon2 hash (PHC string) to verify a password against.
+    pub fn hash(&self) -> &str {
+        self.hash.as_str()
+    }
+
+    /// Verifies a password against the hash (slow on purpose: see [`super::guard`]).
+    pub fn verify(&self, password: &str) -> bool {
+        verify_secret(self.hash.as_str(), password)
     }
 }
 
@@ -106,11 +111,11 @@ mod tests {
             .permissions()
             .mode();
         assert_eq!(mode & 0o777, 0o600);
-        assert!(root.verify(&password).await.expect("verified"));
-        assert!(!root.verify("wrong").await.expect("verified"));
+        assert!(root.verify(&password));
+        assert!(!root.verify("wrong"));
 
         let (again, origin) = RootPassword::load_or_create(None, dir.path()).expect("loaded");
         assert!(matches!(origin, Origin::Stored(_)));
-        assert!(again.verify(&password).await.expect("verified"));
+        assert!(again.verify(&password));
     }
 }

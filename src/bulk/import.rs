@@ -190,6 +190,7 @@ impl Imports {
                 only_type: Some(rt),
                 strip_nulls: false,
                 merge: None,
+                own_types: job.subject == "root",
             },
             keep_history: job.keep_history,
         };

@@ -3,6 +3,11 @@
 //! gzip is detected from the content (the magic bytes `1f 8b`), not from the name, and may
 //! have several members (concatenated `.gz` files are valid gzip). A truncated gzip stream
 //! is an error, never a silently short load.
+//!
+//! Each byte is looked at once: the search for the last newline of a batch starts where the
+//! previous search stopped, so a source of one endless line costs linear time, and it ends
+//! with an error naming the line as soon as the line passes `max_line` bytes, so it costs
+//! bounded memory.
 
 use std::io;
 
@@ -39,6 +44,8 @@ pub enum LinesError {
     Gzip(String),
     #[error("reading the source failed: {0}")]
     Read(String),
+    #[error("line {line} is longer than the limit of {limit} bytes (--max-line-bytes)")]
+    LineTooLong { line: u64, limit: usize },
 }
 
 /// Reads batches of about `batch_bytes` of whole lines from a source.
@@ -46,14 +53,24 @@ pub struct LineReader {
     reader: Box<dyn AsyncRead + Send + Unpin>,
     gzip: bool,
     pending: BytesMut,
+    /// `pending[..scanned]` holds no newline after `last_newline`.
+    scanned: usize,
+    /// One past the last newline in `pending[..scanned]`, if any.
+    last_newline: Option<usize>,
     next_line: u64,
     batch_bytes: usize,
+    max_line: usize,
     done: bool,
 }
 
 impl LineReader {
-    /// Starts reading; looks at the first bytes to tell gzip from plain text.
-    pub async fn new(source: SourceStream, batch_bytes: usize) -> Result<LineReader, LinesError> {
+    /// Starts reading; looks at the first bytes to tell gzip from plain text. Batches are about
+    /// `batch_bytes`; a line may be at most `max_line` bytes.
+    pub async fn new(
+        source: SourceStream,
+        batch_bytes: usize,
+        max_line: usize,
+    ) -> Result<LineReader, LinesError> {
         // Errors of the source travel through the reader as io errors carrying them.
         let raw = tokio_util::io::StreamReader::new(source.map_err(io::Error::other));
         let mut raw = BufReader::with_capacity(256 * 1024, raw);
@@ -72,8 +89,11 @@ impl LineReader {
             reader,
             gzip,
             pending: BytesMut::new(),
+            scanned: 0,
+            last_newline: None,
             next_line: 1,
             batch_bytes,
+            max_line,
             done: false,
         })
     }
@@ -86,6 +106,7 @@ impl LineReader {
     /// The next batch, or `None` at the end.
     pub async fn next_batch(&mut self) -> Result<Option<LineBatch>, LinesError> {
         loop {
+            self.scan()?;
             if self.pending.len() >= self.batch_bytes || self.done {
                 if let Some(batch) = self.cut() {
                     return Ok(Some(batch));
@@ -108,17 +129,45 @@ impl LineReader {
         }
     }
 
+    /// Looks for newlines in the bytes not scanned yet, and fails if the line in progress
+    /// (since the last newline) is over the limit.
+    fn scan(&mut self) -> Result<(), LinesError> {
+        if let Some(at) = self.pending[self.scanned..]
+            .iter()
+            .rposition(|b| *b == b'\n')
+        {
+            self.last_newline = Some(self.scanned + at + 1);
+        }
+        self.scanned = self.pending.len();
+        let open_line = self.pending.len() - self.last_newline.unwrap_or(0);
+        if open_line > self.max_line {
+            // The line in progress is the one after the newlines before it.
+            let before = self.last_newline.unwrap_or(0);
+            let newlines = self.pending[..before]
+                .iter()
+                .filter(|b| **b == b'\n')
+                .count();
+            return Err(LinesError::LineTooLong {
+                line: self.next_line + newlines as u64,
+                limit: self.max_line,
+            });
+        }
+        Ok(())
+    }
+
     /// Cuts the pending bytes after their last newline (everything, at the end).
     fn cut(&mut self) -> Option<LineBatch> {
         let end = if self.done {
             self.pending.len()
         } else {
-            self.pending.iter().rposition(|b| *b == b'\n')? + 1
+            self.last_newline?
         };
         if end == 0 {
             return None;
         }
         let bytes = self.pending.split_to(end).freeze();
+        self.scanned -= end;
+        self.last_newline = None;
         let first_line = self.next_line;
         self.next_line += bytes.iter().filter(|b| **b == b'\n').count() as u64;
         Some(LineBatch { first_line, bytes })
@@ -169,7 +218,7 @@ mod tests {
         source: SourceStream,
         batch: usize,
     ) -> Result<Vec<(u64, String)>, LinesError> {
-        let mut reader = LineReader::new(source, batch).await?;
+        let mut reader = LineReader::new(source, batch, 1 << 20).await?;
         let mut lines = Vec::new();
         while let Some(batch) = reader.next_batch().await? {
             lines.extend(
@@ -201,6 +250,33 @@ mod tests {
         two.extend(gzip(b":2}\n{\"c\":3}"));
         let chunks: Vec<Vec<u8>> = two.chunks(7).map(<[u8]>::to_vec).collect();
         assert_eq!(all_lines(stream(chunks), 4).await.expect("gzip"), expected);
+    }
+
+    #[tokio::test]
+    async fn a_line_over_the_limit_is_an_error_naming_it() {
+        let mut text = b"{\"a\":1}\n{\"b\":2}\n".to_vec();
+        text.extend(std::iter::repeat_n(b'x', 5000));
+        let chunks: Vec<Vec<u8>> = text.chunks(100).map(<[u8]>::to_vec).collect();
+        let mut reader = LineReader::new(stream(chunks), 64, 1000)
+            .await
+            .expect("reader");
+        let mut result = Ok(None);
+        for _ in 0..100 {
+            result = reader.next_batch().await;
+            if !matches!(result, Ok(Some(_))) {
+                break;
+            }
+        }
+        assert!(
+            matches!(
+                result,
+                Err(LinesError::LineTooLong {
+                    line: 3,
+                    limit: 1000
+                })
+            ),
+            "{result:?}"
+        );
     }
 
     #[tokio::test]

@@ -56,6 +56,9 @@ pub enum LoadError {
     Read(String),
     #[error("line {line}: {message}")]
     Line { line: u64, message: String },
+    /// A line the subject may not load.
+    #[error("line {line}: {message}")]
+    Forbidden { line: u64, message: String },
     #[error("resources were written by someone else during the load: {0}")]
     Conflict(String),
     #[error("PostgreSQL refused the data: {0}")]
@@ -134,7 +137,7 @@ pub async fn load_tracked(
         }
     });
     let source: super::source::SourceStream = Box::pin(source);
-    let reader = LineReader::new(source, BATCH_BYTES).await?;
+    let reader = LineReader::new(source, BATCH_BYTES, sources.max_line_bytes()).await?;
     let mut writer = Writer::begin(store, request.keep_history).await?;
     let workers = std::thread::available_parallelism().map_or(2, |n| n.get());
     let rules = request.rules;
@@ -159,11 +162,17 @@ pub async fn load_tracked(
         .buffered(workers);
     // Reading and preparing run in a task of their own, so they go on while the writer waits
     // for PostgreSQL to take a COPY; the channel bounds how far ahead they get. The task ends
-    // when the stream does, or when the writer is gone (its sends fail).
+    // when the stream does, or as soon as the writer is gone (the load failed, or its request
+    // went away): then it stops reading the source at once, even in the middle of a line.
     let (sender, mut receiver) = tokio::sync::mpsc::channel(PREPARED_AHEAD);
     tokio::spawn(async move {
         let mut prepared = std::pin::pin!(prepared);
-        while let Some(batch) = prepared.next().await {
+        loop {
+            let batch = tokio::select! {
+                batch = prepared.next() => batch,
+                () = sender.closed() => break,
+            };
+            let Some(batch) = batch else { break };
             let failed = batch.is_err();
             if sender.send(batch).await.is_err() || failed {
                 break;
@@ -186,7 +195,16 @@ fn prepare_batch(batch: &LineBatch, rules: &LineRules) -> Result<Vec<(u64, Prepa
             rules
                 .prepare(text)
                 .map(|prepared| (line, prepared))
-                .map_err(|e| LoadError::Line { line, message: e.0 })
+                .map_err(|e| match e.forbidden {
+                    true => LoadError::Forbidden {
+                        line,
+                        message: e.message,
+                    },
+                    false => LoadError::Line {
+                        line,
+                        message: e.message,
+                    },
+                })
         })
         .collect()
 }

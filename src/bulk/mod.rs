@@ -1,6 +1,7 @@
 //! The bulk API's operations: streaming exports and imports at the speed of PostgreSQL's own
 //! COPY, in bounded memory.
 
+pub mod allowance;
 pub mod dump;
 pub mod dump_csv;
 pub mod dump_sql;

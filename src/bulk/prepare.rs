@@ -27,6 +27,9 @@ pub struct LineRules {
     pub strip_nulls: bool,
     /// The members of the `merge` object, as JSON text (`"active":true,...`).
     pub merge: Option<String>,
+    /// Whether lines may be of fhirbox's own types that a load may write (`Attribute`,
+    /// `BulkImportStatus`): root's loads only. (`Client` and `AccessPolicy` never.)
+    pub own_types: bool,
 }
 
 /// A line ready to store.
@@ -39,11 +42,18 @@ pub struct Prepared {
 
 /// Why a line cannot be loaded (the caller adds the line number).
 #[derive(Debug, thiserror::Error)]
-#[error("{0}")]
-pub struct LineError(pub String);
+#[error("{message}")]
+pub struct LineError {
+    pub message: String,
+    /// The line is well formed, but the subject may not load it (a fhirbox type).
+    pub forbidden: bool,
+}
 
 fn error(message: impl Into<String>) -> LineError {
-    LineError(message.into())
+    LineError {
+        message: message.into(),
+        forbidden: false,
+    }
 }
 
 impl LineRules {
@@ -64,11 +74,7 @@ impl LineRules {
                 reason(&e)
             )));
         }
-        if contains_nul_escape(line) {
-            return Err(error(
-                "a string contains \\u0000, which PostgreSQL's jsonb cannot store",
-            ));
-        }
+        check_text(line)?;
         match &self.fhir {
             Some(converter) => self.prepare_fhir(line, converter),
             None if self.strip_nulls => self.prepare_tree(line),
@@ -81,12 +87,23 @@ impl LineRules {
     fn prepare_native(&self, line: &[u8]) -> Result<Prepared, LineError> {
         let mut members = Vec::with_capacity(16);
         json_text::members(line, &mut members).ok_or_else(|| error("not a JSON object"))?;
+        if members.iter().any(|m| m.key.contains(&b'\\')) {
+            // An escaped key (`"i\u0064"`) may spell `id` or `resourceType`: let the parser
+            // unescape it.
+            return self.prepare_tree(line);
+        }
+        // Of repeated keys the last counts, as everywhere else (serde_json, jsonb).
         let named_type = members
             .iter()
+            .rev()
             .find(|m| m.key == b"resourceType")
             .map(|m| m.value);
         let resource_type = self.resource_type(named_type.map(|v| string_inner(v).ok_or(v)))?;
-        let id = members.iter().find(|m| m.key == b"id").map(|m| m.value);
+        let id = members
+            .iter()
+            .rev()
+            .find(|m| m.key == b"id")
+            .map(|m| m.value);
         let id = check_id(id.map(|v| string_inner(v).ok_or(v)))?;
         let mut body = Vec::with_capacity(line.len() + self.merge.as_ref().map_or(0, String::len));
         body.push(b'{');
@@ -189,12 +206,11 @@ impl LineRules {
         named: Option<Result<&[u8], &[u8]>>,
     ) -> Result<ResourceType, LineError> {
         let rt = self.named_type(named)?;
-        if matches!(rt.name(), "Client" | "AccessPolicy") {
-            // A bulk load copies bodies as they are: a secret would be stored in clear, a
-            // policy without being checked.
-            return Err(error(format!(
-                "{rt} resources cannot be bulk loaded: write them with PUT"
-            )));
+        if let Some(refusal) = own_type_refusal(rt, self.own_types) {
+            return Err(LineError {
+                message: refusal,
+                forbidden: true,
+            });
         }
         Ok(rt)
     }
@@ -216,6 +232,25 @@ impl LineRules {
                 }
             }
         }
+    }
+}
+
+/// Why a load may not write `rt`, if it may not: fhirbox's own types configure the server
+/// for everyone (Attributes change every client's FHIR output, BulkImportStatus is another
+/// subject's job), so only root may bulk-load them; Clients and AccessPolicies never (a load
+/// copies bodies as they are: a secret would be stored in clear, a policy unchecked).
+pub fn own_type_refusal(rt: ResourceType, root: bool) -> Option<String> {
+    if rt.is_fhir() {
+        return None;
+    }
+    match rt.name() {
+        "Client" | "AccessPolicy" => Some(format!(
+            "{rt} resources cannot be bulk loaded: write them with PUT"
+        )),
+        _ if root => None,
+        _ => Some(format!(
+            "{rt} is one of fhirbox's own types: only root may bulk-load it"
+        )),
     }
 }
 
@@ -247,21 +282,75 @@ fn has_server_meta(meta: &[u8]) -> bool {
     find(b"\"versionId\"") || find(b"\"lastUpdated\"") || find(b"\"createdAt\"")
 }
 
-/// `\u0000` outside an escaped backslash.
-fn contains_nul_escape(line: &[u8]) -> bool {
-    let mut i = 0;
-    while let Some(p) = line[i..].iter().position(|b| *b == b'\\') {
-        let at = i + p;
-        if line.get(at + 1) == Some(&b'\\') {
-            i = at + 2;
-            continue;
-        }
-        if line[at..].starts_with(b"\\u0000") {
-            return true;
-        }
-        i = at + 1;
+/// How deep objects and arrays may nest in a line (FHIR resources need about 20 levels;
+/// PostgreSQL's jsonb parser gives up, with a server error, somewhere in the thousands).
+pub const MAX_DEPTH: usize = 100;
+
+/// What PostgreSQL's jsonb would refuse in a line that parses as JSON: text that is not
+/// UTF-8, `\u0000`, a lone UTF-16 surrogate escape, nesting deeper than [`MAX_DEPTH`]. One
+/// pass over the bytes.
+fn check_text(line: &[u8]) -> Result<(), LineError> {
+    if let Err(e) = std::str::from_utf8(line) {
+        return Err(error(format!(
+            "invalid UTF-8 at byte {} of the line",
+            e.valid_up_to() + 1
+        )));
     }
-    false
+    let (mut depth, mut in_string, mut i) = (0usize, false, 0usize);
+    while i < line.len() {
+        match (line[i], in_string) {
+            (b'"', _) => in_string = !in_string,
+            (b'\\', true) => {
+                if line.get(i + 1) == Some(&b'u') {
+                    i = check_escape(line, i)?;
+                    continue;
+                }
+                i += 1; // the escaped character
+            }
+            (b'{' | b'[', false) => {
+                depth += 1;
+                if depth > MAX_DEPTH {
+                    return Err(error(format!(
+                        "objects and arrays nest deeper than {MAX_DEPTH} levels"
+                    )));
+                }
+            }
+            (b'}' | b']', false) => depth = depth.saturating_sub(1),
+            _ => {}
+        }
+        i += 1;
+    }
+    Ok(())
+}
+
+/// Checks the `\uXXXX` escape at `at`: not NUL, and a surrogate only as a high-low pair.
+/// Returns where the escape (or the pair) ends.
+fn check_escape(line: &[u8], at: usize) -> Result<usize, LineError> {
+    let unit = |at: usize| {
+        line.get(at + 2..at + 6)
+            .and_then(|hex| std::str::from_utf8(hex).ok())
+            .and_then(|hex| u16::from_str_radix(hex, 16).ok())
+    };
+    match unit(at) {
+        Some(0) => Err(error(
+            "a string contains \\u0000, which PostgreSQL's jsonb cannot store",
+        )),
+        Some(0xD800..=0xDBFF) => {
+            let low = (line.get(at + 6..at + 8) == Some(b"\\u"))
+                .then(|| unit(at + 6))
+                .flatten();
+            match low {
+                Some(0xDC00..=0xDFFF) => Ok(at + 12),
+                _ => Err(lone_surrogate()),
+            }
+        }
+        Some(0xDC00..=0xDFFF) => Err(lone_surrogate()),
+        _ => Ok(at + 6),
+    }
+}
+
+fn lone_surrogate() -> LineError {
+    error("a string has a lone UTF-16 surrogate escape (\\uD800-\\uDFFF outside a pair)")
 }
 
 /// serde_json's message without " at line 1 column C" (the caller says where).
@@ -298,6 +387,7 @@ mod tests {
             only_type: None,
             strip_nulls: false,
             merge: None,
+            own_types: true,
         }
     }
 
@@ -359,7 +449,11 @@ mod tests {
                 "\\u0000",
             ),
         ] {
-            let message = rules().prepare(line).err().map(|e| e.0).unwrap_or_default();
+            let message = rules()
+                .prepare(line)
+                .err()
+                .map(|e| e.message)
+                .unwrap_or_default();
             assert!(
                 message.contains(expected),
                 "{}: {message}",
@@ -422,7 +516,7 @@ mod tests {
         let bad = fhir.prepare(br#"{"resourceType": "Observation", "id": "o", "valueFoo": 1}"#);
         assert!(bad
             .err()
-            .map(|e| e.0)
+            .map(|e| e.message)
             .unwrap_or_default()
             .contains("Observation.valueFoo"));
     }

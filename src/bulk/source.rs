@@ -44,13 +44,31 @@ pub enum SourceError {
     Http(String),
 }
 
-/// What sources are allowed: configuration.
-#[derive(Debug, Clone, Default)]
+/// What sources are allowed and how they are read: configuration.
+#[derive(Debug, Clone)]
 pub struct SourcePolicy {
     /// `file://` sources must be under this directory (canonical); `None`: none allowed.
     pub source_dir: Option<PathBuf>,
     /// Allow private, loopback and other non-public addresses (never link-local).
     pub allow_private: bool,
+    /// The longest NDJSON line a load accepts.
+    pub max_line_bytes: usize,
+    /// How long connecting to an `http(s)` source may take.
+    pub connect_timeout: Duration,
+    /// How long an `http(s)` source may send nothing before the load fails.
+    pub read_timeout: Duration,
+}
+
+impl Default for SourcePolicy {
+    fn default() -> SourcePolicy {
+        SourcePolicy {
+            source_dir: None,
+            allow_private: false,
+            max_line_bytes: 64 * 1024 * 1024,
+            connect_timeout: Duration::from_secs(10),
+            read_timeout: Duration::from_secs(60),
+        }
+    }
 }
 
 /// Opens sources under a policy; holds the HTTP client (connection pool, TLS config).
@@ -80,10 +98,19 @@ impl Sources {
                     Err(error) => attempt.error(error),
                 }
             }))
-            .connect_timeout(Duration::from_secs(30))
+            .connect_timeout(policy.connect_timeout)
+            .read_timeout(policy.read_timeout)
+            // An environment proxy (HTTP_PROXY, ...) would connect on our behalf, to names it
+            // resolves itself, past the address checks above: never use one.
+            .no_proxy()
             .build()
             .map_err(|e| SourceError::Http(e.to_string()))?;
         Ok(Sources { policy, client })
+    }
+
+    /// The longest line a load accepts.
+    pub fn max_line_bytes(&self) -> usize {
+        self.policy.max_line_bytes
     }
 
     /// Opens a source for streaming. Errors that can be known before the first byte (a bad
@@ -124,25 +151,67 @@ impl Sources {
         let path = url
             .to_file_path()
             .map_err(|_| SourceError::BadUrl(url.to_string()))?;
+        let shown = path.display().to_string();
+        // Outside the directory by its text: refused without looking at the file system, so
+        // the answer says nothing about what exists out there.
+        if !lexically_normal(&path).starts_with(root) {
+            return Err(SourceError::OutsideSourceDir(shown));
+        }
         let file_error = |reason: std::io::Error| SourceError::File {
-            path: path.display().to_string(),
+            path: shown.clone(),
             reason: reason.to_string(),
         };
         let resolved = tokio::fs::canonicalize(&path).await.map_err(file_error)?;
         if !resolved.starts_with(root) {
-            return Err(SourceError::OutsideSourceDir(path.display().to_string()));
+            // A link inside that points outside.
+            return Err(SourceError::OutsideSourceDir(shown));
         }
-        let file = tokio::fs::File::open(&resolved).await.map_err(file_error)?;
-        let display = path.display().to_string();
+        let file = open_regular(&resolved).await.map_err(file_error)?;
         let stream =
             tokio_util::io::ReaderStream::with_capacity(file, 256 * 1024).map(move |chunk| {
                 chunk.map_err(|e| SourceError::File {
-                    path: display.clone(),
+                    path: shown.clone(),
                     reason: e.to_string(),
                 })
             });
         Ok(Box::pin(stream))
     }
+}
+
+/// `path` with `.` and `..` resolved by its text alone.
+fn lexically_normal(path: &Path) -> PathBuf {
+    let mut normal = PathBuf::new();
+    for part in path.components() {
+        match part {
+            std::path::Component::ParentDir => {
+                normal.pop();
+            }
+            std::path::Component::CurDir => {}
+            other => normal.push(other),
+        }
+    }
+    normal
+}
+
+/// Opens a regular file for reading. A FIFO, a device or a directory is refused: opening a
+/// FIFO would wait for a writer forever (`O_NONBLOCK` makes the open itself return).
+async fn open_regular(path: &Path) -> std::io::Result<tokio::fs::File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let path = path.to_path_buf();
+    let file = tokio::task::spawn_blocking(move || {
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(nix::libc::O_NONBLOCK)
+            .open(&path)?;
+        if !file.metadata()?.is_file() {
+            return Err(std::io::Error::other("not a regular file"));
+        }
+        Ok(file)
+    })
+    .await
+    .map_err(std::io::Error::other)??;
+    // O_NONBLOCK means nothing to a regular file's reads.
+    Ok(tokio::fs::File::from_std(file))
 }
 
 fn http_error(error: reqwest::Error) -> SourceError {
@@ -183,17 +252,38 @@ fn check_url_host(url: &reqwest::Url, policy: &SourcePolicy) -> Result<(), Sourc
 
 /// Whether fhirbox may connect to `address`.
 pub fn allowed(address: IpAddr, policy: &SourcePolicy) -> bool {
-    let address = match address {
-        IpAddr::V6(v6) => v6
-            .to_ipv4_mapped()
-            .map(IpAddr::V4)
-            .unwrap_or(IpAddr::V6(v6)),
-        v4 => v4,
-    };
+    let address = embedded_ipv4(address).map_or(address, IpAddr::V4);
     if is_link_local(address) {
         return false;
     }
     policy.allow_private || is_public(address)
+}
+
+/// The IPv4 address an IPv6 address stands for, in the forms that reach it: IPv4-mapped
+/// (`::ffff:a.b.c.d`), IPv4-compatible (`::a.b.c.d`, deprecated but routed by some stacks),
+/// NAT64 (`64:ff9b::a.b.c.d` and the local-use `64:ff9b:1::/48`) and 6to4 (`2002:AABB:CCDD::`).
+/// Each is judged as the IPv4 address it carries.
+fn embedded_ipv4(address: IpAddr) -> Option<std::net::Ipv4Addr> {
+    let IpAddr::V6(v6) = address else {
+        return None;
+    };
+    if let Some(v4) = v6.to_ipv4_mapped() {
+        return Some(v4);
+    }
+    let s = v6.segments();
+    let low = std::net::Ipv4Addr::new((s[6] >> 8) as u8, s[6] as u8, (s[7] >> 8) as u8, s[7] as u8);
+    match s {
+        // IPv4-compatible, but not `::` and `::1` themselves.
+        [0, 0, 0, 0, 0, 0, _, _] if !(s[6] == 0 && s[7] <= 1) => Some(low),
+        [0x64, 0xff9b, 0, 0, 0, 0, _, _] | [0x64, 0xff9b, 1, ..] => Some(low),
+        [0x2002, a, b, ..] => Some(std::net::Ipv4Addr::new(
+            (a >> 8) as u8,
+            a as u8,
+            (b >> 8) as u8,
+            b as u8,
+        )),
+        _ => None,
+    }
 }
 
 fn is_link_local(address: IpAddr) -> bool {
@@ -284,7 +374,14 @@ mod tests {
             ..SourcePolicy::default()
         };
         let ip = |s: &str| s.parse::<IpAddr>().expect("address");
-        for metadata in ["169.254.169.254", "fe80::1", "::ffff:169.254.169.254"] {
+        for metadata in [
+            "169.254.169.254",
+            "fe80::1",
+            "::ffff:169.254.169.254",
+            "::a9fe:a9fe",
+            "64:ff9b::a9fe:a9fe",
+            "2002:a9fe:a9fe::1",
+        ] {
             assert!(!allowed(ip(metadata), &closed), "{metadata}");
             assert!(
                 !allowed(ip(metadata), &open),
@@ -301,11 +398,23 @@ mod tests {
             "100.64.0.1",
             "0.0.0.0",
             "::ffff:127.0.0.1",
+            "::7f00:1",
+            "::a00:1",
+            "64:ff9b::7f00:1",
+            "64:ff9b:1::a00:1",
+            "2002:7f00:1::1",
+            "2002:c0a8:101::",
         ] {
             assert!(!allowed(ip(private), &closed), "{private}");
             assert!(allowed(ip(private), &open), "{private}");
         }
-        for public in ["8.8.8.8", "142.250.74.78", "2a00:1450:4001:82b::200e"] {
+        for public in [
+            "8.8.8.8",
+            "142.250.74.78",
+            "2a00:1450:4001:82b::200e",
+            "64:ff9b::808:808",
+            "2002:808:808::1",
+        ] {
             assert!(allowed(ip(public), &closed), "{public}");
         }
     }

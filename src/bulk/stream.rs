@@ -75,6 +75,14 @@ pub fn gzip(body: ByteStream) -> ByteStream {
     }))
 }
 
+/// `body`, keeping `guard` (a bulk permit) alive for as long as the body is.
+pub fn holding<G: Send + 'static>(body: ByteStream, guard: G) -> ByteStream {
+    Box::pin(body.map(move |chunk| {
+        let _held = &guard;
+        chunk
+    }))
+}
+
 /// Decodes a binary COPY of tuples of `fields` fields into batches of whole tuples, each
 /// about `batch_bytes` of tuple data (the last may be smaller). An error of the database
 /// travels inside the `io::Error` as the [`crate::store::StoreError`] it is.

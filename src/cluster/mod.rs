@@ -339,6 +339,11 @@ impl ManagedCluster {
         status.output().is_ok_and(|out| out.status.success())
     }
 
+    /// A cheap look (no subprocess): whether the pid file names a live postgres process.
+    pub fn seems_alive(&self) -> bool {
+        self.postmaster().is_some_and(is_live_postgres)
+    }
+
     /// The pid in `postmaster.pid`, if there is one.
     fn postmaster(&self) -> Option<i32> {
         std::fs::read_to_string(self.pgdata.join("postmaster.pid"))

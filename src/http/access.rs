@@ -48,7 +48,11 @@ pub async fn require_auth(State(state): State<AppState>, request: Request, next:
         .headers()
         .get(header::AUTHORIZATION)
         .map(|value| value.as_bytes());
-    let subject = match state.auth.authenticate(header, &state.store).await {
+    let address = request
+        .extensions()
+        .get::<ConnectInfo<SocketAddr>>()
+        .map(|ConnectInfo(address)| address.ip());
+    let subject = match state.auth.authenticate(header, address, &state.store).await {
         Ok(subject) => subject,
         Err(error) => return ApiError::from(error).into_response(),
     };

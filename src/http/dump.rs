@@ -10,8 +10,10 @@ use axum::Extension;
 use super::body::{form_urlencoded_pairs, streamed};
 use super::error::ApiError;
 use super::AppState;
+use crate::auth::Subject;
 use crate::bulk::dump::{dump as start_dump, DumpOptions};
 use crate::bulk::params::{parse_bool, parse_instant};
+use crate::bulk::stream::holding;
 use crate::crud;
 use crate::format::Api;
 
@@ -19,10 +21,12 @@ pub async fn dump(
     State(state): State<AppState>,
     Path(type_name): Path<String>,
     Extension(api): Extension<Api>,
+    Extension(subject): Extension<Subject>,
     RawQuery(query): RawQuery,
 ) -> Result<Response, ApiError> {
     let rt = crud::resource_type(&type_name)?;
     let params = DumpParams::parse(query.as_deref(), true)?;
+    let permit = state.bulk.start(&subject.name())?;
     let options = DumpOptions {
         since: params.since,
         fhir: match params.fhir.unwrap_or(api == Api::Fhir) {
@@ -30,8 +34,12 @@ pub async fn dump(
             false => None,
         },
     };
-    let body = start_dump(&state.store, rt, options).await?;
-    Ok(streamed(body, "application/ndjson", params.gzip))
+    let body = start_dump(&state.bulk_store, rt, options).await?;
+    Ok(streamed(
+        holding(body, permit),
+        "application/ndjson",
+        params.gzip,
+    ))
 }
 
 /// The parameters of the dumps (`$dump-csv` takes them but `fhir`).

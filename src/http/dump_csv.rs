@@ -3,21 +3,26 @@
 
 use axum::extract::{Path, RawQuery, State};
 use axum::response::Response;
+use axum::Extension;
 
 use super::body::streamed;
 use super::dump::DumpParams;
 use super::error::ApiError;
 use super::AppState;
+use crate::auth::Subject;
 use crate::bulk::dump_csv::dump_csv as start;
+use crate::bulk::stream::holding;
 use crate::crud;
 
 pub async fn dump_csv(
     State(state): State<AppState>,
     Path(type_name): Path<String>,
+    Extension(subject): Extension<Subject>,
     RawQuery(query): RawQuery,
 ) -> Result<Response, ApiError> {
     let rt = crud::resource_type(&type_name)?;
     let params = DumpParams::parse(query.as_deref(), false)?;
-    let body = start(&state.store, rt, params.since).await?;
-    Ok(streamed(body, "text/csv", params.gzip))
+    let permit = state.bulk.start(&subject.name())?;
+    let body = start(&state.bulk_store, rt, params.since).await?;
+    Ok(streamed(holding(body, permit), "text/csv", params.gzip))
 }

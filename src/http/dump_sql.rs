@@ -4,16 +4,20 @@
 
 use axum::extract::{RawQuery, State};
 use axum::response::Response;
+use axum::Extension;
 use serde_json::Value;
 
 use super::body::{form_urlencoded_pairs, streamed, Document};
 use super::error::ApiError;
 use super::AppState;
+use crate::auth::Subject;
 use crate::bulk::dump_sql::{dump_sql as start, SqlDumpRequest, SqlFormat};
 use crate::bulk::params::parse_bool;
+use crate::bulk::stream::holding;
 
 pub async fn dump_sql(
     State(state): State<AppState>,
+    Extension(subject): Extension<Subject>,
     RawQuery(query_string): RawQuery,
     Document(body): Document,
 ) -> Result<Response, ApiError> {
@@ -46,7 +50,14 @@ pub async fn dump_sql(
         }
     }
     let request = parse_body(body, format, header)?;
-    let body = start(&state.sql_reader, request, &state.settings.sql_limits).await?;
+    let permit = state.bulk.start(&subject.name())?;
+    // Root may read fhirbox's own tables too; clients read FHIR resources only.
+    let reader = match subject {
+        Subject::Root => &state.sql_admin,
+        Subject::Client(_) => &state.sql_reader,
+    };
+    let body = start(reader, request, &state.settings.sql_limits).await?;
+    let body = holding(body, permit);
     let content_type = match format {
         SqlFormat::Tsv => "text/tab-separated-values",
         SqlFormat::Ndjson => "application/ndjson",

@@ -17,6 +17,7 @@ use http_body_util::BodyExt;
 use serde_json::{json, Value};
 
 use crate::auth::AuthError;
+use crate::bulk::allowance::Refused;
 use crate::bulk::dump_sql::SqlDumpError;
 use crate::bulk::export::ExportError;
 use crate::bulk::import::ImportError;
@@ -40,6 +41,8 @@ pub struct ApiError {
     pub expression: Option<String>,
     /// Whether to ask for basic credentials (`WWW-Authenticate`, on 401).
     pub challenge: bool,
+    /// Seconds the client should wait before trying again (`Retry-After`, on 429 and 503).
+    pub retry_after: Option<u64>,
     /// What went wrong inside, for the log only (server errors).
     cause: Option<String>,
 }
@@ -57,6 +60,7 @@ impl ApiError {
             message: message.into(),
             expression: None,
             challenge: false,
+            retry_after: None,
             cause: None,
         }
     }
@@ -76,6 +80,12 @@ impl ApiError {
     /// A failure inside fhirbox: the client sees `message`, the log gets `cause`.
     pub fn internal(message: impl Into<String>, cause: impl std::fmt::Display) -> ApiError {
         ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "exception", message).with_cause(cause)
+    }
+
+    /// `Retry-After: seconds`.
+    pub fn retry_after(mut self, seconds: u64) -> ApiError {
+        self.retry_after = Some(seconds.max(1));
+        self
     }
 
     pub fn with_expression(mut self, expression: impl Into<String>) -> ApiError {
@@ -126,6 +136,11 @@ impl IntoResponse for ApiError {
                 HeaderValue::from_static("Basic realm=\"fhirbox\", charset=\"UTF-8\""),
             );
         }
+        if let Some(seconds) = self.retry_after {
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(seconds));
+        }
         if self.status.is_server_error() {
             let cause = self.cause.unwrap_or(self.message);
             response.extensions_mut().insert(Cause(cause));
@@ -156,12 +171,30 @@ pub async fn log_server_errors(request: Request, next: Next) -> Response {
     })
 }
 
+impl From<Refused> for ApiError {
+    fn from(error: Refused) -> ApiError {
+        ApiError::new(
+            StatusCode::TOO_MANY_REQUESTS,
+            "throttled",
+            error.to_string(),
+        )
+        .retry_after(5)
+    }
+}
+
 impl From<StoreError> for ApiError {
     fn from(error: StoreError) -> ApiError {
         match &error {
             StoreError::AlreadyExists { .. } => {
                 ApiError::new(StatusCode::CONFLICT, "duplicate", error.to_string())
             }
+            _ if error.is_busy() => ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "transient",
+                "the server is busy: every database connection is in use; try again",
+            )
+            .retry_after(1)
+            .with_cause(error),
             _ if error.is_unavailable() => ApiError::new(
                 StatusCode::SERVICE_UNAVAILABLE,
                 "transient",
@@ -226,6 +259,18 @@ impl From<AuthError> for ApiError {
                 "authentication failed internally (logged on the server)",
                 error,
             ),
+            AuthError::Throttled { retry_after } => ApiError::new(
+                StatusCode::TOO_MANY_REQUESTS,
+                "throttled",
+                error.to_string(),
+            )
+            .retry_after(retry_after.as_secs()),
+            AuthError::Busy => ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "transient",
+                error.to_string(),
+            )
+            .retry_after(1),
             AuthError::Missing | AuthError::Malformed | AuthError::Rejected => {
                 let mut api = ApiError::new(StatusCode::UNAUTHORIZED, "login", error.to_string());
                 api.challenge = true;
@@ -249,6 +294,11 @@ impl From<LoadError> for ApiError {
                 | SourceError::OutsideSourceDir(_)
                 | SourceError::FilesDisabled,
             ) => ApiError::new(StatusCode::FORBIDDEN, "forbidden", message),
+            LoadError::Forbidden { .. } => ApiError::new(
+                StatusCode::FORBIDDEN,
+                "forbidden",
+                format!("the load failed, nothing was written: {message}"),
+            ),
             LoadError::Source(_)
             | LoadError::Read(_)
             | LoadError::Line { .. }

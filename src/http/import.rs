@@ -16,6 +16,7 @@ use super::error::ApiError;
 use super::AppState;
 use crate::auth::Subject;
 use crate::bulk::import::ImportRequest;
+use crate::bulk::prepare::own_type_refusal;
 use crate::crud;
 use crate::format::Api;
 use crate::resource_type::ResourceType;
@@ -27,7 +28,7 @@ pub async fn start(
     negotiated: Negotiated,
     Document(body): Document,
 ) -> Result<Response, ApiError> {
-    let request = parse(body, api == Api::Fhir)?;
+    let request = parse(body, api == Api::Fhir, matches!(subject, Subject::Root))?;
     let (id, status) = state
         .background
         .imports
@@ -91,7 +92,7 @@ fn status_with_id(status: Value, id: &str) -> Value {
 }
 
 /// Checks the body: what the reference product takes, and nothing else.
-fn parse(body: Value, fhir: bool) -> Result<ImportRequest, ApiError> {
+fn parse(body: Value, fhir: bool, root: bool) -> Result<ImportRequest, ApiError> {
     let Value::Object(body) = body else {
         return Err(ApiError::bad_request(
             "the $import body must be an object with inputs",
@@ -146,8 +147,9 @@ fn parse(body: Value, fhir: bool) -> Result<ImportRequest, ApiError> {
                     };
                     let resource_type = ResourceType::parse(&rt)
                         .ok_or_else(|| invalid(&format!("inputs[{index}].resourceType"), format!("unknown resourceType '{rt}'")))?;
-                    if matches!(rt.as_str(), "Client" | "AccessPolicy") {
-                        return Err(invalid(&format!("inputs[{index}].resourceType"), format!("{rt} resources cannot be bulk imported")));
+                    if let Some(refusal) = own_type_refusal(resource_type, root) {
+                        return Err(ApiError::new(StatusCode::FORBIDDEN, "forbidden", refusal)
+                            .with_expression(format!("inputs[{index}].resourceType")));
                     }
                     request.inputs.push((resource_type, url));
                 }

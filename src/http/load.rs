@@ -19,8 +19,9 @@ use serde_json::{json, Map, Value};
 use super::body::{reply, Document, Negotiated};
 use super::error::ApiError;
 use super::AppState;
+use crate::auth::Subject;
 use crate::bulk::load::{load, LoadRequest};
-use crate::bulk::prepare::LineRules;
+use crate::bulk::prepare::{own_type_refusal, LineRules};
 use crate::crud;
 use crate::format::Api;
 use crate::resource_type::ResourceType;
@@ -28,10 +29,11 @@ use crate::resource_type::ResourceType;
 pub async fn load_mixed(
     State(state): State<AppState>,
     Extension(api): Extension<Api>,
+    Extension(subject): Extension<Subject>,
     negotiated: Negotiated,
     Document(body): Document,
 ) -> Result<Response, ApiError> {
-    let counts = run(&state, api, None, body).await?;
+    let counts = run(&state, api, &subject, None, body).await?;
     let body: Map<String, Value> = counts
         .into_iter()
         .map(|(rt, n)| (rt.to_string(), json!(n)))
@@ -43,11 +45,15 @@ pub async fn load_type(
     State(state): State<AppState>,
     Path(type_name): Path<String>,
     Extension(api): Extension<Api>,
+    Extension(subject): Extension<Subject>,
     negotiated: Negotiated,
     Document(body): Document,
 ) -> Result<Response, ApiError> {
     let rt = crud::resource_type(&type_name)?;
-    let counts = run(&state, api, Some(rt), body).await?;
+    if let Some(refusal) = own_type_refusal(rt, matches!(subject, Subject::Root)) {
+        return Err(ApiError::new(StatusCode::FORBIDDEN, "forbidden", refusal));
+    }
+    let counts = run(&state, api, &subject, Some(rt), body).await?;
     let total: u64 = counts.values().sum();
     Ok(reply(
         negotiated,
@@ -60,10 +66,13 @@ pub async fn load_type(
 async fn run(
     state: &AppState,
     api: Api,
+    subject: &Subject,
     only_type: Option<ResourceType>,
     body: Value,
 ) -> Result<crate::bulk::load::LoadCounts, ApiError> {
     let options = LoadOptions::parse(body)?;
+    // Held until the load ends: it holds a bulk connection that long.
+    let _permit = state.bulk.start(&subject.name())?;
     let fhir = match api {
         Api::Fhir => Some(state.formats.converter().await?),
         Api::Native => None,
@@ -75,10 +84,11 @@ async fn run(
             only_type,
             strip_nulls: options.strip_nulls,
             merge: options.merge.as_ref().and_then(LineRules::merge_members),
+            own_types: matches!(subject, Subject::Root),
         },
         keep_history: options.update,
     };
-    Ok(load(&state.store, &state.sources, request).await?)
+    Ok(load(&state.bulk_store, &state.sources, request).await?)
 }
 
 /// The body of a `$load` request.
@@ -122,7 +132,19 @@ impl LoadOptions {
                 "update" => options.update = flag(&name, &value)?,
                 "strip-nulls" => options.strip_nulls = flag(&name, &value)?,
                 "merge" => match value {
-                    Value::Object(merge) => options.merge = Some(merge),
+                    Value::Object(merge) => {
+                        // Identity and server-kept metadata are the load's, not the caller's.
+                        if let Some(key) = ["id", "resourceType", "meta"]
+                            .into_iter()
+                            .find(|key| merge.contains_key(*key))
+                        {
+                            return Err(ApiError::bad_request(format!(
+                                "'merge' may not set '{key}' (a load keeps each line's identity and its server metadata)"
+                            ))
+                            .with_expression(format!("merge.{key}")));
+                        }
+                        options.merge = Some(merge)
+                    }
                     _ => {
                         return Err(ApiError::bad_request("'merge' must be an object")
                             .with_expression("merge"))

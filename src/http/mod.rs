@@ -48,13 +48,21 @@ use error::ApiError;
 /// Everything a handler may need, cheap to clone.
 #[derive(Clone)]
 pub struct AppState {
+    /// Connections for interactive requests.
     pub store: Store,
+    /// Connections for long-running bulk work (`$dump`, `$dump-csv`, `$load`), each taken
+    /// with a permit of [`AppState::bulk`].
+    pub bulk_store: Store,
+    pub bulk: crate::bulk::allowance::Allowance,
     pub auth: Arc<Authenticator>,
     pub formats: Formats,
     /// Where `$load` and `$import` may read from.
     pub sources: Sources,
-    /// Connections as the SQL reader role, for `$dump-sql` only.
+    /// Connections as the SQL reader role, for clients' `$dump-sql`.
     pub sql_reader: Store,
+    /// Connections as the SQL admin role, for root's `$dump-sql` (it may read fhirbox's own
+    /// types too).
+    pub sql_admin: Store,
     /// `$import` and `$export` jobs and this process's workers.
     pub background: crate::bulk::Background,
     pub settings: Arc<Settings>,

@@ -17,9 +17,11 @@
 //! Nothing else in fhirbox takes a connection out of the pool.
 
 use std::ops::Deref;
+use std::sync::Arc;
 
 use tokio_postgres::CancelToken;
 
+use super::socket::Connector;
 use super::{Connection, Store, StoreError};
 
 /// A connection whose end is decided by its user (see the module documentation).
@@ -27,6 +29,8 @@ pub struct Dedicated {
     /// `None` once released or closed.
     conn: Option<Connection>,
     cancel: CancelToken,
+    /// How to reach the server with a cancel request.
+    connector: Arc<Connector>,
 }
 
 impl Store {
@@ -36,6 +40,7 @@ impl Store {
         Ok(Dedicated {
             cancel: conn.cancel_token(),
             conn: Some(conn),
+            connector: self.connector(),
         })
     }
 }
@@ -74,10 +79,10 @@ impl Drop for Dedicated {
         };
         // Abandoned: stop what the server may still run for it (a COPY keeps going, and
         // filling temp files, until it is told), then close the connection.
-        let cancel = self.cancel.clone();
+        let (cancel, connector) = (self.cancel.clone(), self.connector.clone());
         if let Ok(runtime) = tokio::runtime::Handle::try_current() {
             runtime.spawn(async move {
-                if let Err(error) = cancel.cancel_query(tokio_postgres::NoTls).await {
+                if let Err(error) = connector.cancel(cancel).await {
                     tracing::warn!(%error, "could not cancel an abandoned query");
                 }
             });

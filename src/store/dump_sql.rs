@@ -1,5 +1,5 @@
 //! `$dump-sql`'s query: a client's SQL, run as the reader role
-//! ([`super::schema::SQL_READER_ROLE`]) on a connection of its own, in a read-only transaction
+//! ([`super::roles::SQL_READER_ROLE`]) on a connection of its own, in a read-only transaction
 //! with a statement timeout.
 //!
 //! The query is described first (parsed, not run): that refuses more than one statement

@@ -19,11 +19,15 @@ pub mod jobs;
 pub mod load;
 pub mod policy;
 pub mod resources;
+pub mod roles;
 pub mod schema;
+pub mod socket;
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
+use socket::Connector;
 
 pub use conn::Tx;
 pub use deadpool_postgres::{GenericClient, Object as Connection};
@@ -53,6 +57,16 @@ pub enum StoreError {
 }
 
 impl StoreError {
+    /// Whether every connection of the pool stayed in use for the whole wait.
+    pub fn is_busy(&self) -> bool {
+        matches!(
+            self,
+            StoreError::Pool(deadpool_postgres::PoolError::Timeout(
+                deadpool_postgres::TimeoutType::Wait
+            ))
+        )
+    }
+
     /// Whether the database is unreachable (as opposed to having rejected a statement).
     pub fn is_unavailable(&self) -> bool {
         match self {
@@ -67,25 +81,62 @@ impl StoreError {
 #[derive(Clone)]
 pub struct Store {
     pool: Pool,
+    /// How connections (and cancel requests) reach the server.
+    connector: Arc<Connector>,
+}
+
+/// How a pool connects and how long a request waits for one of its connections.
+#[derive(Debug, Clone)]
+pub struct PoolSettings {
+    pub size: usize,
+    /// How long a request waits for a free connection before it is told the server is busy.
+    pub wait: Duration,
+    /// The largest message (a row) a connection may receive (see [`socket`]).
+    pub max_message: Option<usize>,
+}
+
+impl PoolSettings {
+    /// `size` connections, a 30-second wait, no message limit.
+    pub fn sized(size: usize) -> PoolSettings {
+        PoolSettings {
+            size,
+            wait: Duration::from_secs(30),
+            max_message: None,
+        }
+    }
 }
 
 impl Store {
     /// A pool of `size` connections; connections are opened lazily.
     pub fn new(config: tokio_postgres::Config, size: usize) -> Result<Store, StoreError> {
-        let manager = Manager::from_config(
+        Store::with_settings(config, PoolSettings::sized(size))
+    }
+
+    /// A pool with these settings.
+    pub fn with_settings(
+        config: tokio_postgres::Config,
+        settings: PoolSettings,
+    ) -> Result<Store, StoreError> {
+        let connector = Arc::new(Connector::new(config.clone(), settings.max_message));
+        let manager = Manager::from_connect(
             config,
-            tokio_postgres::NoTls,
+            Connector::clone(&connector),
             ManagerConfig {
                 recycling_method: RecyclingMethod::Fast,
             },
         );
         let pool = Pool::builder(manager)
-            .max_size(size)
-            .wait_timeout(Some(Duration::from_secs(30)))
+            .max_size(settings.size)
+            .wait_timeout(Some(settings.wait))
             .create_timeout(Some(Duration::from_secs(10)))
             .runtime(deadpool_postgres::Runtime::Tokio1)
             .build()?;
-        Ok(Store { pool })
+        Ok(Store { pool, connector })
+    }
+
+    /// How this store reaches its server (for cancel requests).
+    pub(crate) fn connector(&self) -> Arc<Connector> {
+        self.connector.clone()
     }
 
     /// A connection from the pool.

@@ -132,92 +132,9 @@ pub async fn migrate(conn: &mut Connection) -> Result<(), StoreError> {
     }
     create_missing_resource_tables(&tx).await?;
     tx.batch_execute(&super::export::compartment_ddl()).await?;
-    grant_sql_reader(&tx).await?;
+    super::roles::grant(&tx).await?;
     tx.commit().await?;
     Ok(())
-}
-
-/// The role `$dump-sql` runs user SQL as: it logs in (so it is the session user, and no
-/// `SET ROLE`/`set_config('role', ...)` can take a query back to fhirbox's own privileges),
-/// and may read resource tables but not fhirbox's credentials (`client`), its internal tables,
-/// or anything a superuser-only function would reach.
-pub const SQL_READER_ROLE: &str = "fhirbox_sql_reader";
-
-/// Tables the SQL reader may not read.
-fn hidden_from_sql_reader(rt: ResourceType) -> bool {
-    rt.name() == "Client"
-}
-
-/// Creates the reader role (if fhirbox may create roles) and grants it `SELECT` on the
-/// resource tables but the hidden ones. Without the privilege to create roles, `$dump-sql`
-/// stays unavailable (it says so) and everything else works.
-async fn grant_sql_reader(tx: &deadpool_postgres::Transaction<'_>) -> Result<(), StoreError> {
-    let exists: bool = tx
-        .query_one(
-            "SELECT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = $1)",
-            &[&SQL_READER_ROLE],
-        )
-        .await?
-        .get(0);
-    if !exists {
-        let can_create: bool = tx
-            .query_one(
-                "SELECT rolsuper OR rolcreaterole FROM pg_roles WHERE rolname = current_user",
-                &[],
-            )
-            .await?
-            .get(0);
-        if !can_create {
-            tracing::warn!(
-                role = SQL_READER_ROLE,
-                "cannot create the $dump-sql role (no CREATEROLE): $dump-sql is unavailable"
-            );
-            return Ok(());
-        }
-        // The role is a constant of ours; a role name cannot be a bound parameter.
-        // Roles are cluster-wide: another database's fhirbox may create it at the same time.
-        tx.batch_execute(&format!(
-            "DO $$ BEGIN
-                 CREATE ROLE {SQL_READER_ROLE} LOGIN NOSUPERUSER NOCREATEDB NOCREATEROLE NOINHERIT NOREPLICATION NOBYPASSRLS;
-             EXCEPTION WHEN duplicate_object THEN NULL;
-             END $$"
-        ))
-        .await?;
-    }
-    let mut grants = format!(
-        "GRANT USAGE ON SCHEMA {schema} TO {SQL_READER_ROLE};\n",
-        schema = current_schema(tx).await?
-    );
-    for rt in ResourceType::all() {
-        let verb = if hidden_from_sql_reader(rt) {
-            "REVOKE ALL ON"
-        } else {
-            "GRANT SELECT ON"
-        };
-        let direction = if hidden_from_sql_reader(rt) {
-            "FROM"
-        } else {
-            "TO"
-        };
-        grants.push_str(&format!(
-            "{verb} {}, {} {direction} {SQL_READER_ROLE};\n",
-            rt.table(),
-            rt.history_table()
-        ));
-    }
-    grants.push_str(&format!(
-        "REVOKE ALL ON fhirbox_migrations, fhirbox_client_secret, fhirbox_job, fhirbox_task FROM {SQL_READER_ROLE};\n"
-    ));
-    tx.batch_execute(&grants).await?;
-    Ok(())
-}
-
-/// The schema fhirbox's tables are in, quoted.
-async fn current_schema(tx: &deadpool_postgres::Transaction<'_>) -> Result<String, StoreError> {
-    Ok(tx
-        .query_one("SELECT quote_ident(current_schema())", &[])
-        .await?
-        .get(0))
 }
 
 /// Creates the table pair of every known type that has no table yet.

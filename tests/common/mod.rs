@@ -8,13 +8,13 @@ pub mod process;
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, OnceLock};
+use std::sync::OnceLock;
 use std::time::Duration;
 
-use fhirbox::auth::{Authenticator, RootPassword};
+pub use fhirbox::app::AppSettings;
+use fhirbox::auth::RootPassword;
 pub use fhirbox::bulk::source::SourcePolicy;
 use fhirbox::cluster::throwaway::ThrowawayCluster;
-use fhirbox::format::Formats;
 use fhirbox::http::{AppState, Settings};
 use fhirbox::store::{schema, Store};
 use reqwest::{Method, StatusCode};
@@ -184,14 +184,17 @@ impl Default for JobOptions {
 
 impl TestServer {
     pub async fn start() -> TestServer {
-        let database = fresh_database().await;
-        let store = Store::new(cluster().config(&database), 8).expect("pool");
-        TestServer::start_with(store, database).await
+        TestServer::start_custom(fresh_database().await, |_| {}).await
     }
 
-    /// A server on a given store (one that cannot reach its database, say).
-    pub async fn start_with(store: Store, database: String) -> TestServer {
-        TestServer::start_with_policy(store, database, test_policy(), default_sql_limits()).await
+    /// A server whose interactive requests use `store` (one that cannot reach its database,
+    /// say); the rest runs on a fresh database.
+    pub async fn start_with(store: Store, _database: String) -> TestServer {
+        let database = fresh_database().await;
+        let mut server = TestServer::build(database, |_| {}).await;
+        server.1.store = store.clone();
+        server.0.store = store;
+        server.serve().await
     }
 
     /// A fresh server with these background job settings.
@@ -202,104 +205,55 @@ impl TestServer {
 
     /// Another server on an existing database (a restart, or a second process).
     pub async fn start_on(database: String, options: JobOptions) -> TestServer {
-        let store = Store::new(cluster().config(&database), 8).expect("pool");
-        TestServer::start_full(
-            store,
-            database,
-            test_policy(),
-            default_sql_limits(),
-            options,
-        )
+        TestServer::start_custom(database, |settings| {
+            settings.jobs.workers = options.workers;
+            if let Some(dir) = options.export_dir {
+                settings.exports.dir = dir;
+            }
+            settings.exports.file_size = options.file_size;
+            settings.exports.expiry = options.expiry;
+        })
         .await
     }
 
     /// A fresh server whose `$load` sources follow `policy` (tests otherwise allow loopback
     /// sources and files under tests/fixtures/).
     pub async fn start_with_sources(policy: SourcePolicy) -> TestServer {
-        let database = fresh_database().await;
-        let store = Store::new(cluster().config(&database), 8).expect("pool");
-        TestServer::start_with_policy(store, database, policy, default_sql_limits()).await
+        TestServer::start_custom(fresh_database().await, |settings| {
+            settings.sources = policy;
+        })
+        .await
     }
 
     /// A fresh server with other `$dump-sql` limits.
     pub async fn start_with_sql_limits(limits: fhirbox::bulk::dump_sql::SqlLimits) -> TestServer {
-        let database = fresh_database().await;
-        let store = Store::new(cluster().config(&database), 8).expect("pool");
-        TestServer::start_with_policy(store, database, test_policy(), limits).await
+        TestServer::start_custom(fresh_database().await, |settings| {
+            settings.http.sql_limits = limits;
+        })
+        .await
     }
 
-    async fn start_with_policy(
-        store: Store,
-        database: String,
-        policy: SourcePolicy,
-        sql_limits: fhirbox::bulk::dump_sql::SqlLimits,
-    ) -> TestServer {
-        TestServer::start_full(store, database, policy, sql_limits, JobOptions::default()).await
+    /// A server on `database` with the test settings, changed by `tune`.
+    pub async fn start_custom(database: String, tune: impl FnOnce(&mut AppSettings)) -> TestServer {
+        TestServer::build(database, tune).await.serve().await
     }
 
-    async fn start_full(
-        store: Store,
-        database: String,
-        policy: SourcePolicy,
-        sql_limits: fhirbox::bulk::dump_sql::SqlLimits,
-        exports: JobOptions,
-    ) -> TestServer {
+    async fn build(database: String, tune: impl FnOnce(&mut AppSettings)) -> Built {
         let root = RootPassword::from_password(ROOT_PASSWORD).expect("hash");
-        let sources = fhirbox::bulk::source::Sources::new(policy).expect("sources");
-        let reader = Store::config_as(
-            &cluster().config(&database),
-            fhirbox::store::schema::SQL_READER_ROLE,
-        );
-        let formats = Formats::new(store.clone());
-        let export_dir = exports.export_dir.unwrap_or_else(|| {
-            std::env::temp_dir().join(format!(
-                "fhirbox-test-exports-{}-{database}",
-                std::process::id()
-            ))
-        });
-        let background = fhirbox::bulk::Background::start(
-            store.clone(),
-            sources.clone(),
-            formats.clone(),
-            fhirbox::bulk::jobs::JobSettings {
-                workers: exports.workers,
-                lease: Duration::from_secs(5),
-            },
-            fhirbox::bulk::export::ExportSettings {
-                dir: export_dir.clone(),
-                file_size: exports.file_size,
-                expiry: exports.expiry,
-            },
-        );
-        let state = AppState {
-            background,
-            sources,
-            sql_reader: Store::new(reader, 4).expect("reader pool"),
-            formats,
-            store: store.clone(),
-            auth: Arc::new(Authenticator::new(root)),
-            settings: Arc::new(Settings {
-                max_body_bytes: 1024 * 1024,
-                sql_limits,
-                base_url: None,
-            }),
-        };
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        let mut settings = test_settings(&database);
+        tune(&mut settings);
+        let export_dir = settings.exports.dir.clone();
+        let state = fhirbox::app::build(cluster().config(&database), root, settings)
             .await
-            .expect("bind");
-        let base = format!("http://{}", listener.local_addr().expect("local addr"));
-        tokio::spawn(fhirbox::http::serve(
-            listener,
-            state,
-            std::future::pending(),
-        ));
-        TestServer {
-            base,
+            .expect("a test server");
+        let server = TestServer {
+            base: String::new(),
             client: http_client(),
             database,
-            store,
+            store: state.store.clone(),
             export_dir,
-        }
+        };
+        Built(server, state)
     }
 
     pub fn url(&self, path: &str) -> String {
@@ -387,11 +341,72 @@ impl TestServer {
     }
 }
 
+/// A server built but not yet listening.
+struct Built(TestServer, AppState);
+
+impl Built {
+    async fn serve(self) -> TestServer {
+        let Built(mut server, state) = self;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        server.base = format!("http://{}", listener.local_addr().expect("local addr"));
+        tokio::spawn(fhirbox::http::serve(
+            listener,
+            state,
+            std::future::pending(),
+        ));
+        server
+    }
+}
+
+/// The settings of test servers: small pools, loopback sources allowed, no migration (the
+/// template database is migrated once).
+pub fn test_settings(database: &str) -> AppSettings {
+    let defaults = JobOptions::default();
+    AppSettings {
+        pool_size: 8,
+        pool_wait: Duration::from_secs(10),
+        sql_reader: None,
+        sql_admin: None,
+        sql_max_row_bytes: 64 * 1024 * 1024,
+        roles: fhirbox::store::roles::RoleLimits {
+            temp_file_kb: 1024 * 1024,
+            idle_in_transaction_ms: 60_000,
+        },
+        migrate: false,
+        sources: test_policy(),
+        jobs: fhirbox::bulk::jobs::JobSettings {
+            workers: defaults.workers,
+            lease: Duration::from_secs(5),
+        },
+        exports: fhirbox::bulk::export::ExportSettings {
+            dir: std::env::temp_dir().join(format!(
+                "fhirbox-test-exports-{}-{database}",
+                std::process::id()
+            )),
+            file_size: defaults.file_size,
+            expiry: defaults.expiry,
+        },
+        guard: fhirbox::auth::guard::GuardSettings::default(),
+        allowance: fhirbox::bulk::allowance::AllowanceSettings {
+            total: 8,
+            per_subject: 8,
+        },
+        http: Settings {
+            max_body_bytes: 1024 * 1024,
+            sql_limits: default_sql_limits(),
+            base_url: None,
+        },
+    }
+}
+
 /// Tests allow loopback sources and files under tests/fixtures/.
 fn test_policy() -> SourcePolicy {
     SourcePolicy {
         source_dir: Some(std::fs::canonicalize(fixtures_dir()).expect("fixtures dir")),
         allow_private: true,
+        ..SourcePolicy::default()
     }
 }
 
