@@ -139,6 +139,11 @@ pub struct ServeArgs {
     #[arg(long, env = "FHIRBOX_BASE_URL")]
     pub base_url: Option<String>,
 
+    /// Seconds a connection may take to send a request's headers, or stay idle between
+    /// requests, before it is closed.
+    #[arg(long, env = "FHIRBOX_HTTP_HEADER_TIMEOUT", default_value_t = 30)]
+    pub http_header_timeout: u64,
+
     /// Password checks (argon2, 19 MiB each) running at once; default: one per core.
     #[arg(long, env = "FHIRBOX_AUTH_CONCURRENCY")]
     pub auth_concurrency: Option<usize>,

@@ -136,6 +136,12 @@ pub fn check(
     if let Some(id) = id.as_deref().or(url_id) {
         check_id(resource_type, id)?;
     }
+    if let Some(path) = nul_at(&doc, resource_type.name()) {
+        return Err(CrudError::invalid_at(
+            path,
+            "a string contains \\u0000, which PostgreSQL's jsonb cannot store",
+        ));
+    }
     let mut body = body_for_storage(doc);
     let secret = match resource_type.name() {
         "Client" => take_secret(&mut body)?,
@@ -152,6 +158,40 @@ pub fn check(
         body,
         secret,
     })
+}
+
+/// The path of the first key or string holding a NUL character, if any.
+fn nul_at(doc: &Map<String, Value>, root: &str) -> Option<String> {
+    fn members(map: &Map<String, Value>, path: &mut String) -> bool {
+        map.iter().any(|(key, item)| {
+            let len = path.len();
+            path.push('.');
+            path.push_str(key);
+            let found = key.contains('\0') || value(item, path);
+            if !found {
+                path.truncate(len);
+            }
+            found
+        })
+    }
+    fn value(item: &Value, path: &mut String) -> bool {
+        match item {
+            Value::String(text) => text.contains('\0'),
+            Value::Object(map) => members(map, path),
+            Value::Array(items) => items.iter().enumerate().any(|(i, item)| {
+                let len = path.len();
+                path.push_str(&format!("[{i}]"));
+                let found = value(item, path);
+                if !found {
+                    path.truncate(len);
+                }
+                found
+            }),
+            _ => false,
+        }
+    }
+    let mut path = root.to_string();
+    members(doc, &mut path).then_some(path)
 }
 
 /// A Client's `secret`, taken out of its body (a string, or absent).

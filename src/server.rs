@@ -235,6 +235,9 @@ async fn serve_with_database(
                 max_bytes: args.sql_max_bytes,
             },
             base_url: args.base_url.clone(),
+            connections: http::serve::ConnectionSettings {
+                header_timeout: Duration::from_secs(args.http_header_timeout.max(1)),
+            },
         },
     };
     let root = load_root_password(args)?;

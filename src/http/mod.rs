@@ -29,8 +29,8 @@ mod load;
 mod metadata;
 pub mod normalize;
 mod search;
+pub mod serve;
 
-use std::net::SocketAddr;
 use std::sync::Arc;
 
 use axum::extract::Request;
@@ -75,6 +75,8 @@ pub struct Settings {
     pub sql_limits: crate::bulk::dump_sql::SqlLimits,
     /// Public base URL for links; `None`: from the request's `Host`.
     pub base_url: Option<String>,
+    /// Time limits of connections.
+    pub connections: serve::ConnectionSettings,
 }
 
 /// The application: router, auth and path normalization, ready to serve.
@@ -99,10 +101,8 @@ pub async fn serve(
     state: AppState,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    let service = app(state).into_make_service_with_connect_info::<SocketAddr>();
-    axum::serve(listener, service)
-        .with_graceful_shutdown(shutdown)
-        .await
+    let connections = state.settings.connections.clone();
+    serve::serve_app(listener, app(state), connections, shutdown).await
 }
 
 /// The routes that follow a background job: its status (and cancel), and an export's files.

@@ -3,6 +3,7 @@
 //! or a redirect.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -29,6 +30,13 @@ pub enum Fixture {
     },
     /// Redirects (302) to this URL.
     Redirect(String),
+    /// Sends `chunk` again and again, forever, counting the bytes it sent in `sent`.
+    Endless {
+        chunk: Bytes,
+        sent: Arc<AtomicU64>,
+    },
+    /// Answers 200 and its headers, then sends nothing, ever.
+    Stall,
 }
 
 pub struct FixtureServer {
@@ -77,6 +85,17 @@ fn serve(fixture: Option<Fixture>) -> Response {
                 Err(std::io::Error::other("the fixture breaks off here")),
             ];
             Body::from_stream(futures_util::stream::iter(chunks)).into_response()
+        }
+        Some(Fixture::Endless { chunk, sent }) => {
+            let stream = futures_util::stream::repeat_with(move || {
+                sent.fetch_add(chunk.len() as u64, Ordering::Relaxed);
+                Ok::<_, std::io::Error>(chunk.clone())
+            });
+            Body::from_stream(stream).into_response()
+        }
+        Some(Fixture::Stall) => {
+            Body::from_stream(futures_util::stream::pending::<Result<Bytes, std::io::Error>>())
+                .into_response()
         }
         Some(Fixture::Slow {
             bytes,

@@ -397,6 +397,7 @@ pub fn test_settings(database: &str) -> AppSettings {
             max_body_bytes: 1024 * 1024,
             sql_limits: default_sql_limits(),
             base_url: None,
+            connections: fhirbox::http::serve::ConnectionSettings::default(),
         },
     }
 }

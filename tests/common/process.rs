@@ -22,6 +22,55 @@ pub struct ServerProcess {
 impl ServerProcess {
     /// Starts `fhirbox serve --listen 127.0.0.1:0 ARGS` and waits until it listens.
     pub fn start(args: &[&str]) -> ServerProcess {
+        ServerProcess::start_with_env(args, &[])
+    }
+
+    /// [`ServerProcess::start`] with these environment variables set.
+    pub fn start_with_env(args: &[&str], env: &[(&str, &str)]) -> ServerProcess {
+        let mut command = ServerProcess::command(args, env);
+        let child = command.spawn().expect("start fhirbox");
+        ServerProcess::wait_listening(child)
+    }
+
+    /// Runs `fhirbox serve ... ARGS` expecting it to exit at once; returns how, and its log.
+    pub fn run_to_exit(args: &[&str], limit: Duration) -> (std::process::ExitStatus, String) {
+        let mut command = ServerProcess::command(args, &[]);
+        let mut child = command.spawn().expect("start fhirbox");
+        let deadline = Instant::now() + limit;
+        loop {
+            if let Some(status) = child.try_wait().expect("wait") {
+                let mut log = String::new();
+                if let Some(mut stderr) = child.stderr.take() {
+                    let _ = std::io::Read::read_to_string(&mut stderr, &mut log);
+                }
+                return (status, log);
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                panic!("fhirbox did not exit within {limit:?}");
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// The process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Its peak resident memory so far (`VmHWM`), in bytes.
+    pub fn peak_rss(&self) -> u64 {
+        let status =
+            std::fs::read_to_string(format!("/proc/{}/status", self.pid())).expect("/proc status");
+        status
+            .lines()
+            .find_map(|line| line.strip_prefix("VmHWM:"))
+            .and_then(|kb| kb.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+            .map(|kb| kb * 1024)
+            .expect("VmHWM")
+    }
+
+    fn command(args: &[&str], env: &[(&str, &str)]) -> Command {
         let mut command = Command::new(env!("CARGO_BIN_EXE_fhirbox"));
         command
             .arg("serve")
@@ -37,7 +86,13 @@ impl ServerProcess {
         ] {
             command.env_remove(var);
         }
-        let mut child = command.spawn().expect("start fhirbox");
+        for (name, value) in env {
+            command.env(name, value);
+        }
+        command
+    }
+
+    fn wait_listening(mut child: Child) -> ServerProcess {
         let stdout = child.stdout.take().expect("stdout");
         let (sender, lines) = std::sync::mpsc::channel();
         std::thread::spawn(move || {
