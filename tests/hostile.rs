@@ -387,6 +387,50 @@ async fn slow_bulk_readers_of_one_client_cannot_starve_others() {
     drop(held);
 }
 
+#[tokio::test(flavor = "multi_thread")]
+async fn a_full_pool_says_busy_not_unavailable() {
+    let server = TestServer::start_custom(common::fresh_database().await, |settings| {
+        settings.pool_size = 1;
+        settings.pool_wait = Duration::from_secs(1);
+    })
+    .await;
+    let (status, _) = server
+        .json(Method::PUT, "/Patient/locked", &json!({}))
+        .await;
+    assert_eq!(status, StatusCode::CREATED);
+    // The pool's one connection waits for a row lock the test holds.
+    let mut db = server.db().await;
+    let tx = db.transaction().await.expect("begin");
+    tx.execute("SELECT 1 FROM patient WHERE id = 'locked' FOR UPDATE", &[])
+        .await
+        .expect("lock");
+    let waiting = tokio::spawn(
+        server
+            .request(Method::PUT, "/Patient/locked")
+            .json(&json!({"active": true}))
+            .send(),
+    );
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let response = server
+        .request(Method::GET, "/Patient/locked")
+        .send()
+        .await
+        .expect("sent");
+    assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(
+        response
+            .headers()
+            .get("retry-after")
+            .and_then(|v| v.to_str().ok()),
+        Some("1")
+    );
+    let outcome: Value = response.json().await.expect("json");
+    assert!(diagnostics(&outcome).contains("busy"), "{outcome}");
+    tx.rollback().await.expect("rollback");
+    let updated = waiting.await.expect("task").expect("sent");
+    assert_eq!(updated.status(), StatusCode::OK);
+}
+
 #[tokio::test]
 async fn a_source_that_stalls_fails_the_load() {
     let fixtures = FixtureServer::start(vec![("/stall", Fixture::Stall)]).await;
