@@ -4,7 +4,7 @@
 use std::net::SocketAddr;
 use std::path::PathBuf;
 
-use clap::{Args, Parser, Subcommand};
+use clap::{Args, Parser, Subcommand, ValueEnum};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -23,8 +23,26 @@ pub enum Command {
     Serve(ServeArgs),
 }
 
+/// How the log is written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    /// Lines for people (colored on a terminal only).
+    Text,
+    /// One JSON object per line, for log shippers.
+    Json,
+}
+
 #[derive(Debug, Clone, Args)]
 pub struct ServeArgs {
+    /// How the log (stderr) is written: `text`, or `json` for log shippers.
+    #[arg(long, env = "FHIRBOX_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+
+    /// Serve Prometheus metrics at `GET /metrics` on this address (off by default; it needs
+    /// no credentials, so keep it on a private address).
+    #[arg(long, env = "FHIRBOX_METRICS_LISTEN")]
+    pub metrics_listen: Option<SocketAddr>,
+
     /// Address and port to listen on (port 0 picks a free port; the chosen one is printed).
     #[arg(long, env = "FHIRBOX_LISTEN", default_value = "127.0.0.1:8080")]
     pub listen: SocketAddr,

@@ -30,6 +30,7 @@ pub mod fhir;
 pub mod format;
 pub mod http;
 pub mod json_text;
+pub mod metrics;
 pub mod resource;
 pub mod resource_type;
 pub mod server;

@@ -1,21 +1,34 @@
 //! The `fhirbox` binary: parses the command line and runs the library. Everything else lives in
 //! the library so that tests and benchmarks can drive it in-process.
 
+use std::io::IsTerminal;
+
 use clap::Parser;
-use fhirbox::config::{Cli, Command};
+use fhirbox::config::{Cli, Command, LogFormat};
 use tracing_subscriber::EnvFilter;
 
 fn main() -> anyhow::Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        .init();
     let cli = Cli::parse();
+    let Command::Serve(args) = cli.command;
+    init_logging(args.log_format);
     let runtime = tokio::runtime::Runtime::new()?;
-    match cli.command {
-        Command::Serve(args) => runtime.block_on(fhirbox::server::run(args))?,
-    }
+    runtime.block_on(fhirbox::server::run(args))?;
     Ok(())
+}
+
+/// The log goes to stderr: text (colored only on a terminal, so log files hold no escape
+/// codes) or one JSON object per line, for log shippers. `RUST_LOG` picks the levels.
+fn init_logging(format: LogFormat) {
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.with_ansi(std::io::stderr().is_terminal()).init(),
+        LogFormat::Json => builder
+            .json()
+            .flatten_event(true)
+            .with_current_span(false)
+            .init(),
+    }
 }

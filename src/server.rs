@@ -56,6 +56,8 @@ pub enum ServeError {
     Auth(#[from] AuthError),
     #[error(transparent)]
     App(#[from] AppError),
+    #[error(transparent)]
+    Metrics(#[from] crate::metrics::MetricsError),
     #[error("cannot listen on {addr}: {source}")]
     Listen {
         addr: std::net::SocketAddr,
@@ -240,6 +242,7 @@ async fn serve_with_database(
             },
         },
     };
+    log_configuration(args, &config, &settings);
     let root = load_root_password(args)?;
     let state = app::build(config, root, settings).await?;
     let listener = TcpListener::bind(args.listen)
@@ -248,18 +251,38 @@ async fn serve_with_database(
             addr: args.listen,
             source,
         })?;
-    let local = listener.local_addr().map_err(ServeError::Serve)?;
-    println!("fhirbox listening on http://{local}");
-    let _ = std::io::stdout().flush();
 
     let stopping = state.clone();
-    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let server = tokio::spawn(http::serve(listener, state, async {
-        let _ = stop_rx.await;
+    let stop = CancellationToken::new();
+    if let Some(address) = args.metrics_listen {
+        let handle = crate::metrics::install()?;
+        let metrics = TcpListener::bind(address)
+            .await
+            .map_err(|source| ServeError::Listen {
+                addr: address,
+                source,
+            })?;
+        let local = metrics.local_addr().map_err(ServeError::Serve)?;
+        println!("fhirbox metrics on http://{local}/metrics");
+        let stopped = stop.clone();
+        tokio::spawn(crate::metrics::serve(
+            metrics,
+            handle,
+            state.clone(),
+            async move { stopped.cancelled().await },
+        ));
+    }
+    // Last: tests and scripts wait for this line to know that everything is up.
+    let local = listener.local_addr().map_err(ServeError::Serve)?;
+    println!("fhirbox listening on http://{local}");
+    let stopped = stop.clone();
+    let server = tokio::spawn(http::serve(listener, state, async move {
+        stopped.cancelled().await
     }));
+    let _ = std::io::stdout().flush();
     shutdown_signal().await;
     tracing::info!("shutting down");
-    let _ = stop_tx.send(());
+    stop.cancel();
     match tokio::time::timeout(DRAIN_TIMEOUT, server).await {
         Ok(Ok(Ok(()))) => {}
         Ok(Ok(Err(error))) => return Err(ServeError::Serve(error)),
@@ -290,6 +313,39 @@ fn load_root_password(args: &ServeArgs) -> Result<RootPassword, ServeError> {
         }
     }
     Ok(root)
+}
+
+/// The start-up configuration, in the log (no secrets: the database's password and the root
+/// password are never written).
+fn log_configuration(args: &ServeArgs, config: &tokio_postgres::Config, settings: &AppSettings) {
+    let hosts: Vec<String> = config
+        .get_hosts()
+        .iter()
+        .map(|host| match host {
+            tokio_postgres::config::Host::Tcp(name) => name.clone(),
+            tokio_postgres::config::Host::Unix(path) => path.display().to_string(),
+        })
+        .collect();
+    tracing::info!(
+        listen = %args.listen,
+        data_dir = %args.data_dir.display(),
+        database = format!(
+            "{} db={} user={}",
+            hosts.join(","),
+            config.get_dbname().unwrap_or("-"),
+            config.get_user().unwrap_or("-")
+        ),
+        managed = args.database_url.is_none(),
+        pool = settings.pool_size,
+        bulk_streams = settings.allowance.total,
+        bulk_streams_per_subject = settings.allowance.per_subject,
+        workers = settings.jobs.workers,
+        export_dir = %settings.exports.dir.display(),
+        source_dir = ?settings.sources.source_dir,
+        allow_private_sources = settings.sources.allow_private,
+        metrics = ?args.metrics_listen,
+        "configuration"
+    );
 }
 
 /// Where loads may read from and how, from the command line.

@@ -105,7 +105,7 @@ async fn the_seeds_body_against_local_fixtures() {
     assert_eq!(response.status(), StatusCode::ACCEPTED);
     assert_eq!(
         response.headers()["content-location"],
-        "/BulkImportStatus/synthea"
+        format!("{}/BulkImportStatus/synthea", server.base).as_str()
     );
     let accepted: Value = response.json().await.expect("status");
     assert_eq!(

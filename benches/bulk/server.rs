@@ -9,6 +9,13 @@ use std::time::Duration;
 
 pub const PASSWORD: &str = "bench";
 
+/// The server's log file, in its data directory.
+fn log_file(data_dir: &tempfile::TempDir) -> Stdio {
+    std::fs::File::create(data_dir.path().join("fhirbox.log"))
+        .map(Stdio::from)
+        .unwrap_or_else(|_| Stdio::inherit())
+}
+
 pub struct Server {
     child: Child,
     pub base: String,
@@ -30,10 +37,12 @@ impl Server {
             ])
             .arg("--data-dir")
             .arg(data_dir.path())
+            // Measured as it runs in production: the log at info (to a file) and metrics on.
+            .args(["--metrics-listen", "127.0.0.1:0"])
             .args(extra_args)
-            .env("RUST_LOG", "warn")
+            .env("RUST_LOG", "info")
             .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
+            .stderr(log_file(&data_dir))
             .spawn()
             .expect("start fhirbox (build it with cargo build --release)");
         let stdout = child.stdout.take().expect("stdout");

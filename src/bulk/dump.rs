@@ -20,6 +20,7 @@ use chrono::{DateTime, Utc};
 use futures_util::{Stream, StreamExt};
 
 use super::native_line::{write_native_line, Row};
+use super::report::Report;
 use super::stream::{tuple_batches, ByteStream, Tuple};
 use crate::format::Converter;
 use crate::resource_type::ResourceType;
@@ -39,33 +40,45 @@ pub struct DumpOptions {
     pub fhir: Option<Converter>,
 }
 
-/// Starts a dump. Errors before the first row (the database unreachable) come back here.
+/// Starts a dump, counting its rows into `report`. Errors before the first row (the database
+/// unreachable) come back here.
 pub async fn dump(
     store: &Store,
     rt: ResourceType,
     options: DumpOptions,
+    report: &Report,
 ) -> Result<ByteStream, StoreError> {
     let copy = current_versions(store, rt, options.since.as_ref()).await?;
     Ok(match options.fhir {
-        None => Box::pin(native_lines(copy, rt)),
-        Some(converter) => fhir_lines(copy, rt, converter),
+        None => Box::pin(native_lines(copy, rt, report.clone())),
+        Some(converter) => fhir_lines(copy, rt, converter, report),
     })
 }
 
 /// The FHIR NDJSON lines of a COPY of tuples in the dump's shape ([`fields`]), in batches of
 /// whole lines: `$export` writes its files from this.
-pub fn fhir_lines(copy: CopyOut, rt: ResourceType, converter: Converter) -> ByteStream {
-    Box::pin(to_fhir_in_parallel(native_lines(copy, rt), converter))
+pub fn fhir_lines(
+    copy: CopyOut,
+    rt: ResourceType,
+    converter: Converter,
+    report: &Report,
+) -> ByteStream {
+    Box::pin(to_fhir_in_parallel(
+        native_lines(copy, rt, report.clone()),
+        converter,
+    ))
 }
 
 /// Stage 1: native lines, in batches.
 fn native_lines(
     copy: CopyOut,
     rt: ResourceType,
+    report: Report,
 ) -> impl Stream<Item = Result<Bytes, io::Error>> + Send {
     let resource_type = rt.name();
     tuple_batches(copy, fields::COUNT, BATCH_BYTES).map(move |batch| {
         let batch = batch?;
+        report.rows(batch.len() as u64);
         let mut out = Vec::with_capacity(BATCH_BYTES + BATCH_BYTES / 4);
         for tuple in &batch {
             let written =

@@ -17,6 +17,7 @@ use chrono::{DateTime, Utc};
 use futures_util::StreamExt;
 use serde_json::{Map, Value};
 
+use super::report::Report;
 use super::stream::{tuple_batches, ByteStream, Tuple};
 use crate::resource_type::ResourceType;
 use crate::store::dump_csv::{self, fields};
@@ -36,6 +37,7 @@ pub async fn dump_csv(
     store: &Store,
     rt: ResourceType,
     since: Option<DateTime<Utc>>,
+    report: &Report,
 ) -> Result<ByteStream, StoreError> {
     let (snapshot, paths) = dump_csv::paths(store, rt, since.as_ref()).await?;
     if paths.is_empty() {
@@ -57,11 +59,14 @@ pub async fn dump_csv(
     let copy = dump_csv::rows(snapshot, rt, since.as_ref()).await?;
     let resource_type = rt.name();
     let workers = std::thread::available_parallelism().map_or(2, |n| n.get());
+    let report = report.clone();
     let body = tuple_batches(copy, fields::COUNT, BATCH_BYTES)
         .map(move |batch| {
             let columns = columns.clone();
+            let report = report.clone();
             async move {
                 let batch = batch?;
+                report.rows(batch.len() as u64);
                 tokio::task::spawn_blocking(move || csv_rows(&batch, resource_type, &columns))
                     .await
                     .map_err(io::Error::other)?

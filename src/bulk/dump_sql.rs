@@ -17,6 +17,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use futures_util::{Stream, StreamExt};
 
+use super::report::Report;
 use super::stream::{tuple_batches, ByteStream};
 pub use crate::store::dump_sql::Output as SqlFormat;
 use crate::store::dump_sql::{self, QueryError, Rows};
@@ -64,6 +65,7 @@ pub async fn dump_sql(
     reader: &Store,
     request: SqlDumpRequest,
     limits: &SqlLimits,
+    report: &Report,
 ) -> Result<ByteStream, SqlDumpError> {
     let query = request
         .query
@@ -81,10 +83,12 @@ pub async fn dump_sql(
         limits.timeout,
     )
     .await?;
+    let counted = report.clone();
     let body: ByteStream = match running.rows {
         Rows::CopyText(copy) => {
             // COPY sends one message per row: pass on what is ready together.
-            Box::pin(copy.ready_chunks(READY_ROWS).map(|chunks| {
+            Box::pin(copy.ready_chunks(READY_ROWS).map(move |chunks| {
+                counted.rows(chunks.len() as u64);
                 let mut out = Vec::new();
                 for chunk in chunks {
                     out.extend_from_slice(&chunk.map_err(io::Error::other)?);
@@ -92,15 +96,17 @@ pub async fn dump_sql(
                 Ok(out.into())
             }))
         }
-        Rows::CopyJson(copy) => Box::pin(tuple_batches(copy, 1, BATCH_BYTES).map(|batch| {
+        Rows::CopyJson(copy) => Box::pin(tuple_batches(copy, 1, BATCH_BYTES).map(move |batch| {
+            let batch = batch?;
+            counted.rows(batch.len() as u64);
             let mut out = Vec::with_capacity(BATCH_BYTES + BATCH_BYTES / 4);
-            for tuple in batch? {
+            for tuple in batch {
                 out.extend_from_slice(tuple.text(0).unwrap_or(b"null"));
                 out.push(b'\n');
             }
             Ok(out.into())
         })),
-        Rows::Portal(rows) => Box::pin(lines_from_rows(rows, request.format)),
+        Rows::Portal(rows) => Box::pin(lines_from_rows(rows, request.format, counted)),
     };
     let mut body: ByteStream = Box::pin(limit(body, limits.max_rows, limits.max_bytes));
     // The first chunk decides between an error answer and a 200.
@@ -157,8 +163,10 @@ fn write_tsv_field(out: &mut Vec<u8>, text: &[u8]) {
 fn lines_from_rows(
     rows: crate::store::copy_out::OwnedStream<tokio_postgres::RowStream>,
     format: SqlFormat,
+    report: Report,
 ) -> impl Stream<Item = Result<Bytes, io::Error>> + Send {
     rows.chunks(ROWS_PER_CHUNK).map(move |rows| {
+        report.rows(rows.len() as u64);
         let mut out = Vec::new();
         for row in rows {
             let row = row.map_err(io::Error::other)?;

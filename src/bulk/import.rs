@@ -18,24 +18,41 @@ use futures_util::future::BoxFuture;
 use serde_json::{json, Map, Value};
 
 use super::jobs::{Jobs, Progress, Runner, TaskFailure};
-use super::load::{load_tracked, BeforeCommit, LoadError, LoadRequest};
+use super::load::{account, load_tracked, BeforeCommit, LoadError, LoadRequest};
 use super::prepare::LineRules;
-use super::source::Sources;
+use super::report::Report;
+use super::source::{SourceError, Sources};
 use crate::format::Formats;
 use crate::resource::format_instant;
 use crate::resource_type::ResourceType;
 use crate::store::jobs::{self as sql, Finished, JobKind, JobRow, NewTask, TaskRow};
-use crate::store::resources::replace_in_place;
+use crate::store::resources::{remove, replace_in_place};
 use crate::store::{StoreError, Tx};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ImportError {
     #[error("{0}")]
     Invalid(String),
+    /// An input the source rules refuse (checked at kick-off).
+    #[error("inputs[{index}]: {error}")]
+    Source { index: usize, error: SourceError },
     #[error("an import with id '{0}' already exists")]
     Exists(String),
     #[error(transparent)]
     Store(#[from] StoreError),
+}
+
+/// What `DELETE /BulkImportStatus/<id>` did.
+pub enum Deleted {
+    /// The job was running: now cancelled; its status.
+    Cancelled(Value),
+    /// The job had ended: removed, its id free.
+    Removed,
+    Missing,
+}
+
+fn status_type() -> ResourceType {
+    ResourceType::parse("BulkImportStatus").expect("a fhirbox type")
 }
 
 /// An import request, as `POST /$import` takes it (checked).
@@ -87,41 +104,74 @@ impl Imports {
             created_at: Utc::now(),
             document: Value::Object(request.echo),
         };
+        for (index, (rt, url)) in request.inputs.iter().enumerate() {
+            if let Some(first) = request.inputs[..index]
+                .iter()
+                .position(|(t, u)| t == rt && u == url)
+            {
+                return Err(ImportError::Invalid(format!(
+                    "inputs[{index}] repeats inputs[{first}] ({rt} from {url})"
+                )));
+            }
+            self.sources
+                .check(url)
+                .await
+                .map_err(|error| ImportError::Source { index, error })?;
+        }
         let tasks: Vec<NewTask> = request
             .inputs
             .iter()
             .map(|(rt, url)| NewTask {
                 resource_type: rt.name().to_string(),
                 url: Some(url.clone()),
+                size: None,
             })
             .collect();
         let tx = self.jobs.store().begin().await?;
-        let created = sql::create_job(&*tx, &job, &tasks).await;
-        if !tx.finish(created).await? {
-            return Err(ImportError::Exists(id));
+        let started = async {
+            if !sql::create_job(&*tx, &job, &tasks).await? {
+                return Ok(None);
+            }
+            self.write_status(&tx, &id).await.map(Some)
         }
-        let tx = self.jobs.store().begin().await?;
-        let document = self.write_status(&tx, &id).await;
-        let document = tx.finish(document).await?;
+        .await;
+        let Some(document) = tx.finish(started).await? else {
+            return Err(ImportError::Exists(id));
+        };
+        tracing::info!(job = %id, kind = "import", subject, inputs = tasks.len(), "job created");
         self.jobs.wake();
         Ok((id, document))
     }
 
-    /// Cancels a job: inputs not finished are stopped and their loads rolled back. Returns the
-    /// status, or `None` if there is no such job.
-    pub async fn cancel(&self, id: &str) -> Result<Option<Value>, ImportError> {
+    /// `DELETE` of a job: one still running is cancelled (inputs not finished are stopped and
+    /// their loads rolled back) and its status returned; one that ended (finished, failed or
+    /// cancelled) is removed with its status, and its id may be used again.
+    pub async fn delete(&self, id: &str) -> Result<Deleted, ImportError> {
         let tx = self.jobs.store().begin().await?;
-        let cancelled = async {
-            if !sql::cancel(&*tx, JobKind::Import, id).await? {
-                return Ok(None);
+        let deleted = async {
+            sql::lock_job(&*tx, id).await?;
+            let Some(job) = sql::job(&*tx, JobKind::Import, id).await? else {
+                return Ok(Deleted::Missing);
+            };
+            let tasks = sql::tasks(&*tx, id).await?;
+            let running = !job.cancelled
+                && tasks
+                    .iter()
+                    .any(|t| matches!(t.status.as_str(), "waiting" | "in-progress"));
+            if running {
+                sql::cancel(&*tx, JobKind::Import, id).await?;
+                return self.write_status(&tx, id).await.map(Deleted::Cancelled);
             }
-            self.write_status(&tx, id).await.map(Some)
+            sql::delete(&*tx, id).await?;
+            remove(&*tx, status_type(), id).await?;
+            Ok(Deleted::Removed)
         }
         .await;
-        let Some(status) = tx.finish(cancelled).await? else {
-            return Ok(None);
-        };
-        Ok(Some(status))
+        let deleted = tx.finish(deleted).await?;
+        if let Deleted::Removed = deleted {
+            tracing::info!(job = id, kind = "import", "job removed");
+        }
+        Ok(deleted)
     }
 
     /// Who started a job (`root`, `Client/<id>`), if it exists.
@@ -145,8 +195,7 @@ impl Imports {
             return Ok(Value::Null);
         };
         let document = status_document(&job, &inputs);
-        let rt = ResourceType::parse("BulkImportStatus").expect("a fhirbox type");
-        replace_in_place(client, rt, id, &document).await?;
+        replace_in_place(client, status_type(), id, &document).await?;
         Ok(document)
     }
 
@@ -191,6 +240,7 @@ impl Imports {
                 strip_nulls: false,
                 merge: None,
                 own_types: job.subject == "root",
+                format_check: true,
             },
             keep_history: job.keep_history,
         };
@@ -209,15 +259,17 @@ impl Imports {
                 })
             })
         };
-        load_tracked(
+        let report = Report::start("$import", rt.name(), job.subject.clone(), "in");
+        let loaded = load_tracked(
             self.jobs.store(),
             &self.sources,
             request,
-            progress,
+            progress.clone(),
             Some(before_commit),
         )
-        .await
-        .map(|_| ())
+        .await;
+        account(&report, &progress, &loaded);
+        loaded.map(|_| ())
     }
 }
 
@@ -244,6 +296,7 @@ impl Runner for Imports {
 
 /// The BulkImportStatus document, in the reference product's shape.
 pub fn status_document(job: &JobRow, inputs: &[TaskRow]) -> Value {
+    let inputs_rows = inputs;
     let ended = |i: &TaskRow| matches!(i.status.as_str(), "finished" | "failed" | "cancelled");
     let status = if job.cancelled {
         "cancelled"
@@ -278,6 +331,16 @@ pub fn status_document(job: &JobRow, inputs: &[TaskRow]) -> Value {
             if let Some(bytes) = input.bytes {
                 entry["bytes"] = bytes.into();
             }
+            if let Some(size) = input.size {
+                entry["size"] = size.into();
+            }
+            if let Some(speed) = input_progress(input) {
+                entry["percent"] = speed.percent.into();
+                entry["resourcesPerSecond"] = speed.per_second.into();
+                if let Some(left) = speed.seconds_left {
+                    entry["secondsLeft"] = left.into();
+                }
+            }
             if let (Some(start), Some(end)) = (input.started_at, input.finished_at) {
                 if input.status == "finished" {
                     entry["duration"] = (end - start).num_milliseconds().into();
@@ -303,6 +366,73 @@ pub fn status_document(job: &JobRow, inputs: &[TaskRow]) -> Value {
     document.insert("status".into(), status.into());
     document.insert("update".into(), job.keep_history.into());
     document.insert("time".into(), time);
+    document.insert("progress".into(), job_progress(inputs_rows));
     document.insert("inputs".into(), Value::Array(inputs));
     Value::Object(document)
+}
+
+/// How far an input got, while it runs or when it ended.
+struct InputProgress {
+    /// Of its bytes read (100 once finished; unknown length: by inputs done, 0 or 100).
+    percent: f64,
+    per_second: f64,
+    /// Estimated from the bytes left at the speed so far (while running, length known).
+    seconds_left: Option<i64>,
+}
+
+fn input_progress(input: &TaskRow) -> Option<InputProgress> {
+    let started = input.started_at?;
+    let end = input.finished_at.unwrap_or_else(Utc::now);
+    let seconds = ((end - started).num_milliseconds() as f64 / 1000.0).max(0.001);
+    let total = input.total.unwrap_or(0) as f64;
+    let bytes = input.bytes.unwrap_or(0) as f64;
+    let finished = input.status == "finished";
+    let (percent, seconds_left) = match input.size.filter(|s| *s > 0) {
+        _ if finished => (100.0, None),
+        Some(size) => {
+            let size = size as f64;
+            let left = (bytes > 0.0).then(|| ((size - bytes).max(0.0) / (bytes / seconds)) as i64);
+            ((bytes / size * 100.0).min(100.0), left)
+        }
+        None => (0.0, None),
+    };
+    Some(InputProgress {
+        percent: round1(percent),
+        per_second: round1(total / seconds),
+        seconds_left: seconds_left.filter(|_| input.status == "in-progress"),
+    })
+}
+
+/// The job's progress: resources and bytes so far, and a percentage by bytes when every
+/// input's length is known (else by inputs done).
+fn job_progress(inputs: &[TaskRow]) -> Value {
+    let total: i64 = inputs.iter().filter_map(|i| i.total).sum();
+    let bytes: i64 = inputs.iter().filter_map(|i| i.bytes).sum();
+    let done = |i: &TaskRow| matches!(i.status.as_str(), "finished" | "failed" | "cancelled");
+    let percent = if inputs
+        .iter()
+        .all(|i| i.size.is_some_and(|s| s > 0) || done(i))
+    {
+        let (read, size) = inputs.iter().fold((0.0, 0.0), |(read, size), i| {
+            let whole = i.size.unwrap_or(0).max(i.bytes.unwrap_or(0)) as f64;
+            let got = if done(i) {
+                whole
+            } else {
+                i.bytes.unwrap_or(0) as f64
+            };
+            (read + got, size + whole)
+        });
+        if size > 0.0 {
+            read / size * 100.0
+        } else {
+            100.0
+        }
+    } else {
+        inputs.iter().filter(|i| done(i)).count() as f64 / inputs.len().max(1) as f64 * 100.0
+    };
+    json!({"total": total, "bytes": bytes, "percent": round1(percent.min(100.0))})
+}
+
+fn round1(value: f64) -> f64 {
+    (value * 10.0).round() / 10.0
 }

@@ -185,6 +185,20 @@ impl Jobs {
 
     /// Runs one claimed task, renewing the claim while it runs.
     async fn run(&self, runner: &dyn Runner, task: &TaskRow, worker: &str) {
+        let (job, position, kind) = (
+            task.job_id.as_str(),
+            task.position,
+            task.kind.map_or("?", JobKind::name),
+        );
+        let resource_type = task.resource_type.as_str();
+        tracing::info!(
+            job,
+            task = position,
+            kind,
+            resource_type,
+            attempt = task.attempts,
+            "task started"
+        );
         runner.changed(&task.job_id).await;
         let progress = Arc::new(Progress::default());
         let outcome = tokio::select! {
@@ -192,8 +206,20 @@ impl Jobs {
             // Dropping the runner's future undoes its work (rolls a load back).
             () = self.keep_claim(runner, task, worker, &progress) => Err(TaskFailure::Abandoned),
         };
+        match &outcome {
+            Ok(()) => tracing::info!(job, task = position, kind, resource_type, "task finished"),
+            Err(TaskFailure::Abandoned) => tracing::info!(
+                job,
+                task = position,
+                kind,
+                resource_type,
+                "task given up: its claim was lost (cancelled, or taken over after a stall)"
+            ),
+            Err(TaskFailure::Failed(message)) => tracing::warn!(
+                job, task = position, kind, resource_type, error = %message, "task failed"
+            ),
+        }
         if let Err(TaskFailure::Failed(message)) = outcome {
-            tracing::info!(job = %task.job_id, task = task.position, %message, "a task failed");
             let result = async {
                 let conn = self.store.connection().await?;
                 sql::fail(&conn, task, worker, &message).await
@@ -219,9 +245,10 @@ impl Jobs {
             tokio::time::sleep(every).await;
             let rows = progress.rows.load(Ordering::Relaxed) as i64;
             let bytes = progress.bytes.load(Ordering::Relaxed) as i64;
+            let size = Some(progress.size.load(Ordering::Relaxed) as i64).filter(|s| *s > 0);
             let renewed = async {
                 let conn = self.store.connection().await?;
-                sql::renew(&conn, task, worker, self.settings.lease, rows, bytes).await
+                sql::renew(&conn, task, worker, self.settings.lease, rows, bytes, size).await
             }
             .await;
             match renewed {
@@ -231,6 +258,12 @@ impl Jobs {
                 Err(error) => tracing::warn!(%error, "could not renew a task's claim"),
             }
         }
+    }
+
+    /// How many tasks there are, by job kind and status (the metrics' job queue).
+    pub async fn task_counts(&self) -> Result<Vec<(String, String, i64)>, StoreError> {
+        let conn = self.store.connection().await?;
+        sql::task_counts(&conn).await
     }
 
     /// Marks a task finished, if this worker still holds it (`false`: it does not).

@@ -28,6 +28,7 @@ use futures_util::StreamExt;
 
 use super::lines::{LineBatch, LineReader, LinesError};
 use super::prepare::{LineRules, Prepared};
+use super::report::{Outcome, Report};
 use super::source::{SourceError, Sources};
 use crate::resource_type::ResourceType;
 use crate::store::copy::{TupleWriter, PG_EPOCH_MICROS};
@@ -113,11 +114,26 @@ pub async fn load(
     load_tracked(store, sources, request, Arc::default(), None).await
 }
 
-/// How far a load got: rows written so far, bytes read from the source so far.
+/// Writes a load's outcome into its report: the bytes read, the rows loaded, how it ended.
+pub fn account(report: &Report, progress: &Progress, loaded: &Result<LoadCounts, LoadError>) {
+    report.bytes(progress.bytes.load(Ordering::Relaxed));
+    match loaded {
+        Ok(counts) => {
+            report.rows(counts.values().sum());
+            report.finish(Outcome::Finished, None);
+        }
+        Err(LoadError::Abandoned) => report.finish(Outcome::Abandoned, None),
+        Err(error) => report.finish(Outcome::Failed, Some(&error.to_string())),
+    }
+}
+
+/// How far a load got: rows written so far, bytes read from the source so far, and the
+/// source's length (0: unknown).
 #[derive(Debug, Default)]
 pub struct Progress {
     pub rows: AtomicU64,
     pub bytes: AtomicU64,
+    pub size: AtomicU64,
 }
 
 /// [`load`], counting into `progress` as it goes, and running `before_commit` last.
@@ -129,7 +145,11 @@ pub async fn load_tracked(
     before_commit: Option<BeforeCommit>,
 ) -> Result<LoadCounts, LoadError> {
     let counted = progress.clone();
-    let source = sources.open(&request.source).await?.inspect(move |chunk| {
+    let opened = sources.open(&request.source).await?;
+    progress
+        .size
+        .store(opened.size.unwrap_or(0), Ordering::Relaxed);
+    let source = opened.stream.inspect(move |chunk| {
         if let Ok(bytes) = chunk {
             counted
                 .bytes
@@ -193,7 +213,8 @@ fn prepare_batch(batch: &LineBatch, rules: &LineRules) -> Result<Vec<(u64, Prepa
         .lines()
         .map(|(line, text)| {
             rules
-                .prepare(text)
+                .check_format(line, text)
+                .and_then(|()| rules.prepare(text))
                 .map(|prepared| (line, prepared))
                 .map_err(|e| match e.forbidden {
                     true => LoadError::Forbidden {

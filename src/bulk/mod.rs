@@ -13,6 +13,7 @@ pub mod load;
 pub mod native_line;
 pub mod params;
 pub mod prepare;
+pub mod report;
 pub mod source;
 pub mod stream;
 

@@ -11,6 +11,7 @@
 use serde::de::IgnoredAny;
 use serde_json::{Map, Value};
 
+use crate::format::shape::Shape;
 use crate::format::Converter;
 use crate::json_text::{self, string_inner};
 use crate::resource::{body_for_storage, is_valid_id};
@@ -30,7 +31,13 @@ pub struct LineRules {
     /// Whether lines may be of fhirbox's own types that a load may write (`Attribute`,
     /// `BulkImportStatus`): root's loads only. (`Client` and `AccessPolicy` never.)
     pub own_types: bool,
+    /// Refuse a load whose first lines are plainly in the other format (`format-check`).
+    pub format_check: bool,
 }
+
+/// The lines looked at by the format check: enough to catch a file in the wrong format,
+/// few enough to cost nothing.
+pub const FORMAT_CHECK_LINES: u64 = 10;
 
 /// A line ready to store.
 pub struct Prepared {
@@ -57,6 +64,31 @@ fn error(message: impl Into<String>) -> LineError {
 }
 
 impl LineRules {
+    /// Refuses a line plainly in the other format than the load's (see
+    /// [`crate::format::shape`]); only the first [`FORMAT_CHECK_LINES`] lines are looked at.
+    pub fn check_format(&self, number: u64, line: &[u8]) -> Result<(), LineError> {
+        if !self.format_check || number > FORMAT_CHECK_LINES {
+            return Ok(());
+        }
+        let Ok(Value::Object(mut doc)) = serde_json::from_slice::<Value>(line) else {
+            return Ok(()); // prepare says what is wrong with it
+        };
+        if let Some(rt) = self.only_type {
+            doc.entry("resourceType")
+                .or_insert_with(|| rt.name().into());
+        }
+        let advice = match (crate::format::shape::sign(&doc), self.fhir.is_some()) {
+            (Some(Shape::Fhir(sign)), false) => format!(
+                "this looks like FHIR format ({sign}): load FHIR files through the /fhir/ route (/fhir/$load), or send format-check: false"
+            ),
+            (Some(Shape::Native(sign)), true) => format!(
+                "this looks like the native format ({sign}): load native files through the route without /fhir/, or send format-check: false"
+            ),
+            _ => return Ok(()),
+        };
+        Err(error(advice))
+    }
+
     /// The `merge` option's members as JSON text, checked to be an object.
     pub fn merge_members(merge: &Map<String, Value>) -> Option<String> {
         if merge.is_empty() {
@@ -388,6 +420,7 @@ mod tests {
             strip_nulls: false,
             merge: None,
             own_types: true,
+            format_check: true,
         }
     }
 

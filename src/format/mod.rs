@@ -9,6 +9,7 @@
 //! Attribute takes effect on the next request, in every fhirbox process, without a restart.
 
 pub mod attributes;
+pub mod shape;
 pub mod text;
 pub mod trail;
 pub mod walk;

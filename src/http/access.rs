@@ -25,6 +25,7 @@ use serde_json::{json, Map, Value};
 
 use super::body::{form_urlencoded_pairs, parse, Syntax};
 use super::error::ApiError;
+use super::log::Seen;
 use super::AppState;
 use crate::auth::Subject;
 use crate::store::jobs::JobKind;
@@ -39,10 +40,22 @@ fn is_public(method: &axum::http::Method, path: &str) -> bool {
     method == axum::http::Method::GET && matches!(path, "/health" | "/metadata" | "/fhir/metadata")
 }
 
-/// The middleware.
+/// The middleware. The answer carries who asked and which route it was, for the log.
 pub async fn require_auth(State(state): State<AppState>, request: Request, next: Next) -> Response {
+    let route = route_of(&request);
+    let (mut response, subject) = authorize(state, request, next).await;
+    response.extensions_mut().insert(Seen {
+        subject: subject.unwrap_or_else(|| "-".to_string()),
+        route,
+    });
+    response
+}
+
+/// Authenticates and authorizes the request, and runs it if it may run; the answer, and the
+/// subject when it is known.
+async fn authorize(state: AppState, request: Request, next: Next) -> (Response, Option<String>) {
     if is_public(request.method(), request.uri().path()) {
-        return next.run(request).await;
+        return (next.run(request).await, None);
     }
     let header = request
         .headers()
@@ -54,44 +67,52 @@ pub async fn require_auth(State(state): State<AppState>, request: Request, next:
         .map(|ConnectInfo(address)| address.ip());
     let subject = match state.auth.authenticate(header, address, &state.store).await {
         Ok(subject) => subject,
-        Err(error) => return ApiError::from(error).into_response(),
+        Err(error) => return (ApiError::from(error).into_response(), None),
     };
+    let name = subject.name();
     let request = match &subject {
         Subject::Root => request,
         Subject::Client(client) => {
             let policies = match state.auth.policies.current(&state.store).await {
                 Ok(policies) => policies,
-                Err(error) => return ApiError::from(error).into_response(),
+                Err(error) => return (ApiError::from(error).into_response(), Some(name)),
             };
             let (request, object) =
                 match request_object(request, client, policies.uses_body()).await {
                     Ok(pair) => pair,
-                    Err(response) => return response,
+                    Err(response) => return (response, Some(name)),
                 };
             let route = request.extensions().get::<MatchedPath>().cloned();
             let owner = match owns_job(&state, route.as_ref(), &object, &subject).await {
                 Ok(owner) => owner,
-                Err(response) => return response,
+                Err(response) => return (response, Some(name)),
             };
             if !owner && !policies.allows(client, &object, &state.store).await {
-                return ApiError::new(
+                let denied = ApiError::new(
                     StatusCode::FORBIDDEN,
                     "forbidden",
                     format!(
-                        "{} is not allowed to {} {}",
-                        subject.name(),
+                        "{name} is not allowed to {} {}",
                         request.method(),
                         request.uri().path()
                     ),
-                )
-                .into_response();
+                );
+                return (denied.into_response(), Some(name));
             }
             request
         }
     };
     let mut request = request;
     request.extensions_mut().insert(subject);
-    next.run(request).await
+    (next.run(request).await, Some(name))
+}
+
+/// The matched route's template, for the log and the metrics.
+fn route_of(request: &Request) -> String {
+    request
+        .extensions()
+        .get::<MatchedPath>()
+        .map_or_else(|| "unrouted".to_string(), |m| m.as_str().to_string())
 }
 
 /// Whether the subject started the job a job route ([`super::job_route`]) is about: it may

@@ -90,6 +90,12 @@ impl ApiContext {
         self.converter.as_ref()
     }
 
+    /// An absolute URL for a path relative to the native API's base, whatever this route's.
+    pub fn native_url(&self, relative: &str) -> String {
+        let base = self.base.strip_suffix("/fhir").unwrap_or(&self.base);
+        format!("{base}/{}", relative.trim_start_matches('/'))
+    }
+
     /// An absolute URL for a path relative to this API's base (`Patient/pt-1`).
     pub fn url(&self, relative: &str) -> String {
         format!("{}/{}", self.base, relative.trim_start_matches('/'))

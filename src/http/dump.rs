@@ -13,6 +13,7 @@ use super::AppState;
 use crate::auth::Subject;
 use crate::bulk::dump::{dump as start_dump, DumpOptions};
 use crate::bulk::params::{parse_bool, parse_instant};
+use crate::bulk::report::{reporting, Report};
 use crate::bulk::stream::holding;
 use crate::crud;
 use crate::format::Api;
@@ -34,12 +35,10 @@ pub async fn dump(
             false => None,
         },
     };
-    let body = start_dump(&state.bulk_store, rt, options).await?;
-    Ok(streamed(
-        holding(body, permit),
-        "application/ndjson",
-        params.gzip,
-    ))
+    let report = Report::start("$dump", rt.name(), subject.name(), "out");
+    let body = start_dump(&state.bulk_store, rt, options, &report).await?;
+    let body = holding(reporting(body, report), permit);
+    Ok(streamed(body, "application/ndjson", params.gzip))
 }
 
 /// The parameters of the dumps (`$dump-csv` takes them but `fhir`).

@@ -11,6 +11,7 @@ use super::error::ApiError;
 use super::AppState;
 use crate::auth::Subject;
 use crate::bulk::dump_csv::dump_csv as start;
+use crate::bulk::report::{reporting, Report};
 use crate::bulk::stream::holding;
 use crate::crud;
 
@@ -23,6 +24,8 @@ pub async fn dump_csv(
     let rt = crud::resource_type(&type_name)?;
     let params = DumpParams::parse(query.as_deref(), false)?;
     let permit = state.bulk.start(&subject.name())?;
-    let body = start(&state.bulk_store, rt, params.since).await?;
-    Ok(streamed(holding(body, permit), "text/csv", params.gzip))
+    let report = Report::start("$dump-csv", rt.name(), subject.name(), "out");
+    let body = start(&state.bulk_store, rt, params.since, &report).await?;
+    let body = holding(reporting(body, report), permit);
+    Ok(streamed(body, "text/csv", params.gzip))
 }

@@ -13,6 +13,7 @@ use super::AppState;
 use crate::auth::Subject;
 use crate::bulk::dump_sql::{dump_sql as start, SqlDumpRequest, SqlFormat};
 use crate::bulk::params::parse_bool;
+use crate::bulk::report::{reporting, Outcome, Report};
 use crate::bulk::stream::holding;
 
 pub async fn dump_sql(
@@ -56,8 +57,16 @@ pub async fn dump_sql(
         Subject::Root => &state.sql_admin,
         Subject::Client(_) => &state.sql_reader,
     };
-    let body = start(reader, request, &state.settings.sql_limits).await?;
-    let body = holding(body, permit);
+    let report = Report::start("$dump-sql", "query", subject.name(), "out");
+    let body = start(reader, request, &state.settings.sql_limits, &report).await;
+    let body = match body {
+        Ok(body) => body,
+        Err(error) => {
+            report.finish(Outcome::Failed, Some(&error.to_string()));
+            return Err(error.into());
+        }
+    };
+    let body = holding(reporting(body, report), permit);
     let content_type = match format {
         SqlFormat::Tsv => "text/tab-separated-values",
         SqlFormat::Ndjson => "application/ndjson",

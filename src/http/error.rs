@@ -4,16 +4,11 @@
 //! Error policy: every module below `http` has its own `thiserror` enum; each is converted into
 //! an [`ApiError`] exactly once, by a `From` impl in this file, which picks the status and the
 //! FHIR issue code. Handlers only use `?`. A server-side failure (5xx) keeps its cause for the
-//! log and shows the client a message without internals; [`log_server_errors`] writes it to
-//! the log once, with the request's method and path (and so does it for a streamed body that
-//! fails after its first byte). Nothing else logs a failed request.
+//! log and shows the client a message without internals; the request log ([`super::log`])
+//! writes it once, on the request's own line. Nothing else logs a failed request.
 
-use axum::body::Body;
-use axum::extract::Request;
 use axum::http::{header, HeaderValue, StatusCode};
-use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
-use http_body_util::BodyExt;
 use serde_json::{json, Value};
 
 use crate::auth::AuthError;
@@ -47,10 +42,10 @@ pub struct ApiError {
     cause: Option<String>,
 }
 
-/// The cause of a server error, carried from [`ApiError::into_response`] to
-/// [`log_server_errors`] in the response's extensions.
+/// The cause of a server error, carried from [`ApiError::into_response`] to the request log
+/// ([`super::log`]) in the response's extensions.
 #[derive(Debug, Clone)]
-struct Cause(String);
+pub struct Cause(pub String);
 
 impl ApiError {
     pub fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> ApiError {
@@ -147,28 +142,6 @@ impl IntoResponse for ApiError {
         }
         response
     }
-}
-
-/// The middleware that logs every server error once: a 5xx answer with its cause, and a
-/// streamed body that fails after its first byte (the client sees an aborted transfer).
-pub async fn log_server_errors(request: Request, next: Next) -> Response {
-    let method = request.method().clone();
-    let path = request.uri().path().to_string();
-    let response = next.run(request).await;
-    let status = response.status();
-    if status.is_server_error() {
-        let cause = response
-            .extensions()
-            .get::<Cause>()
-            .map_or("", |cause| cause.0.as_str());
-        tracing::error!(%method, %path, status = status.as_u16(), cause, "request failed");
-    }
-    response.map(|body| {
-        Body::new(body.map_err(move |error| {
-            tracing::error!(%method, %path, %error, "response failed after its first byte");
-            error
-        }))
-    })
 }
 
 impl From<Refused> for ApiError {
@@ -284,7 +257,14 @@ impl From<LoadError> for ApiError {
     fn from(error: LoadError) -> ApiError {
         let message = error.to_string();
         match error {
-            LoadError::Source(SourceError::Status { .. } | SourceError::Http(_)) => ApiError::new(
+            LoadError::Source(
+                SourceError::Status { .. }
+                | SourceError::Http(_)
+                | SourceError::Dns { .. }
+                | SourceError::Connect { .. }
+                | SourceError::Tls { .. }
+                | SourceError::Timeout { .. },
+            ) => ApiError::new(
                 StatusCode::BAD_GATEWAY,
                 "exception",
                 format!("the load failed, nothing was written: {message}"),
@@ -319,6 +299,19 @@ impl From<ImportError> for ApiError {
     fn from(error: ImportError) -> ApiError {
         match error {
             ImportError::Invalid(message) => ApiError::bad_request(message),
+            ImportError::Source { index, error } => {
+                let expression = format!("inputs[{index}].url");
+                let message = format!("inputs[{index}]: {error}");
+                let api = match error {
+                    SourceError::Forbidden(_)
+                    | SourceError::OutsideSourceDir(_)
+                    | SourceError::FilesDisabled => {
+                        ApiError::new(StatusCode::FORBIDDEN, "forbidden", message)
+                    }
+                    _ => ApiError::bad_request(message),
+                };
+                api.with_expression(expression)
+            }
             ImportError::Exists(_) => {
                 ApiError::new(StatusCode::CONFLICT, "duplicate", error.to_string())
             }

@@ -5,7 +5,7 @@
 
 use axum::extract::{Path, State};
 use axum::http::{header, StatusCode};
-use axum::response::Response;
+use axum::response::{IntoResponse, Response};
 use axum::Extension;
 use serde_json::{Map, Value};
 
@@ -15,7 +15,7 @@ use super::context::ApiContext;
 use super::error::ApiError;
 use super::AppState;
 use crate::auth::Subject;
-use crate::bulk::import::ImportRequest;
+use crate::bulk::import::{Deleted, ImportRequest};
 use crate::bulk::prepare::own_type_refusal;
 use crate::crud;
 use crate::format::Api;
@@ -25,6 +25,7 @@ pub async fn start(
     State(state): State<AppState>,
     Extension(api): Extension<Api>,
     Extension(subject): Extension<Subject>,
+    ctx: ApiContext,
     negotiated: Negotiated,
     Document(body): Document,
 ) -> Result<Response, ApiError> {
@@ -40,10 +41,11 @@ pub async fn start(
         StatusCode::ACCEPTED,
         &status_with_id(status, &id),
     );
+    // Absolute, like $export's; the status is a native resource, at the native base.
     set_header(
         &mut response,
         header::CONTENT_LOCATION,
-        &format!("/BulkImportStatus/{id}"),
+        &ctx.native_url(&format!("BulkImportStatus/{id}")),
     );
     Ok(response)
 }
@@ -59,19 +61,21 @@ pub async fn status(
     Ok(ctx.resource_reply(StatusCode::OK, &found))
 }
 
+/// `DELETE`: cancels a running job (200 with its status), removes one that ended (204).
 pub async fn cancel(
     State(state): State<AppState>,
     Path(id): Path<String>,
     negotiated: Negotiated,
 ) -> Result<Response, ApiError> {
-    match state.background.imports.cancel(&id).await? {
-        Some(status) => Ok(reply(
+    match state.background.imports.delete(&id).await? {
+        Deleted::Cancelled(status) => Ok(reply(
             negotiated,
             Api::Native,
             StatusCode::OK,
             &status_with_id(status, &id),
         )),
-        None => Err(ApiError::not_found(format!(
+        Deleted::Removed => Ok(StatusCode::NO_CONTENT.into_response()),
+        Deleted::Missing => Err(ApiError::not_found(format!(
             "BulkImportStatus/{id} not found"
         ))),
     }

@@ -10,6 +10,8 @@
 //!
 //! Answers `{"total": N}` for a one-type load, `{"Patient": N, ...}` for a mixed one.
 
+use std::sync::Arc;
+
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::response::Response;
@@ -20,8 +22,9 @@ use super::body::{reply, Document, Negotiated};
 use super::error::ApiError;
 use super::AppState;
 use crate::auth::Subject;
-use crate::bulk::load::{load, LoadRequest};
+use crate::bulk::load::{account, load_tracked, LoadRequest, Progress};
 use crate::bulk::prepare::{own_type_refusal, LineRules};
+use crate::bulk::report::Report;
 use crate::crud;
 use crate::format::Api;
 use crate::resource_type::ResourceType;
@@ -85,10 +88,23 @@ async fn run(
             strip_nulls: options.strip_nulls,
             merge: options.merge.as_ref().and_then(LineRules::merge_members),
             own_types: matches!(subject, Subject::Root),
+            format_check: options.format_check,
         },
         keep_history: options.update,
     };
-    Ok(load(&state.bulk_store, &state.sources, request).await?)
+    let what = only_type.map_or("mixed", |rt| rt.name());
+    let report = Report::start("$load", what, subject.name(), "in");
+    let progress = Arc::new(Progress::default());
+    let loaded = load_tracked(
+        &state.bulk_store,
+        &state.sources,
+        request,
+        progress.clone(),
+        None,
+    )
+    .await;
+    account(&report, &progress, &loaded);
+    Ok(loaded?)
 }
 
 /// The body of a `$load` request.
@@ -97,6 +113,8 @@ struct LoadOptions {
     update: bool,
     strip_nulls: bool,
     merge: Option<Map<String, Value>>,
+    /// Refuse a file plainly in the other format (default).
+    format_check: bool,
 }
 
 impl LoadOptions {
@@ -111,6 +129,7 @@ impl LoadOptions {
             update: false,
             strip_nulls: false,
             merge: None,
+            format_check: true,
         };
         let flag = |name: &str, value: &Value| {
             value.as_bool().ok_or_else(|| {
@@ -131,6 +150,7 @@ impl LoadOptions {
                 }
                 "update" => options.update = flag(&name, &value)?,
                 "strip-nulls" => options.strip_nulls = flag(&name, &value)?,
+                "format-check" => options.format_check = flag(&name, &value)?,
                 "merge" => match value {
                     Value::Object(merge) => {
                         // Identity and server-kept metadata are the load's, not the caller's.
@@ -152,7 +172,7 @@ impl LoadOptions {
                 },
                 _ => {
                     return Err(ApiError::bad_request(format!(
-                        "unknown option '{name}' (supported: source, update, strip-nulls, merge)"
+                        "unknown option '{name}' (supported: source, update, strip-nulls, merge, format-check)"
                     ))
                     .with_expression(name))
                 }

@@ -1,7 +1,7 @@
 //! HTTP: the route table, shared state and the layers every request passes.
 //!
 //! A request goes through, in order:
-//! 1. [`error::log_server_errors`]: logs a server error once, with the method and path.
+//! 1. [`log::log_requests`]: one log line per request (and its metrics), when its answer ends.
 //! 2. [`normalize::normalize_path`]: the path is percent-decoded once and put in one canonical
 //!    form before routing, so `/Patient/%24dump` and `/Patient/$dump` are the same request for
 //!    the router and for access control, and `.`/`..` tricks are refused.
@@ -26,6 +26,7 @@ mod export;
 mod health;
 mod import;
 mod load;
+pub mod log;
 mod metadata;
 pub mod normalize;
 mod search;
@@ -92,7 +93,7 @@ pub fn app(state: AppState) -> Router {
     Router::new()
         .fallback_service(router)
         .layer(middleware::from_fn(normalize::normalize_path))
-        .layer(middleware::from_fn(error::log_server_errors))
+        .layer(middleware::from_fn(log::log_requests))
 }
 
 /// Serves the application on a bound listener until `shutdown` completes.

@@ -53,6 +53,9 @@ pub struct TaskRow {
     pub worker: Option<String>,
     pub total: Option<i64>,
     pub bytes: Option<i64>,
+    /// What `total`/`bytes` grow towards, when known: an import input's length in bytes, an
+    /// export type's expected rows.
+    pub size: Option<i64>,
     pub started_at: Option<DateTime<Utc>>,
     pub finished_at: Option<DateTime<Utc>>,
     pub error: Option<String>,
@@ -63,7 +66,7 @@ pub struct TaskRow {
 }
 
 const TASK_COLUMNS: &str = "t.job_id, t.position, (SELECT kind FROM fhirbox_job WHERE id = t.job_id), \
-     t.resource_type, t.url, t.status, t.worker, t.total, t.bytes, t.started_at, t.finished_at, t.error, t.result, t.attempts";
+     t.resource_type, t.url, t.status, t.worker, t.total, t.bytes, t.started_at, t.finished_at, t.error, t.result, t.attempts, t.size";
 
 fn task_row(row: &tokio_postgres::Row) -> TaskRow {
     let kind: Option<String> = row.get(2);
@@ -82,6 +85,7 @@ fn task_row(row: &tokio_postgres::Row) -> TaskRow {
         error: row.get(11),
         result: row.get(12),
         attempts: row.get(13),
+        size: row.get(14),
     }
 }
 
@@ -99,10 +103,12 @@ pub struct JobRow {
     pub document: Value,
 }
 
-/// A task to create: its resource type and, for an import, its source.
+/// A task to create: its resource type and, for an import, its source; for an export, the
+/// rows it is expected to write.
 pub struct NewTask {
     pub resource_type: String,
     pub url: Option<String>,
+    pub size: Option<i64>,
 }
 
 /// Creates a job and its tasks; `false` if the id is taken.
@@ -131,11 +137,13 @@ pub async fn create_job(
     }
     let types: Vec<&str> = tasks.iter().map(|t| t.resource_type.as_str()).collect();
     let urls: Vec<Option<&str>> = tasks.iter().map(|t| t.url.as_deref()).collect();
+    let sizes: Vec<Option<i64>> = tasks.iter().map(|t| t.size).collect();
     client
         .execute(
-            "INSERT INTO fhirbox_task (job_id, position, resource_type, url)
-             SELECT $1, (n - 1)::integer, rt, url FROM unnest($2::text[], $3::text[]) WITH ORDINALITY AS t(rt, url, n)",
-            &[&job.id, &types, &urls],
+            "INSERT INTO fhirbox_task (job_id, position, resource_type, url, size)
+             SELECT $1, (n - 1)::integer, rt, url, size
+               FROM unnest($2::text[], $3::text[], $4::bigint[]) WITH ORDINALITY AS t(rt, url, size, n)",
+            &[&job.id, &types, &urls, &sizes],
         )
         .await?;
     Ok(true)
@@ -220,8 +228,9 @@ pub async fn claim(
     Ok(row.as_ref().map(task_row))
 }
 
-/// Renews a claim and records progress. `false`: the claim is lost (expired and taken, or the
-/// job was cancelled): the worker must give the task up.
+/// Renews a claim and records progress (`size`: a size learned while working, like a source's
+/// length). `false`: the claim is lost (expired and taken, or the job was cancelled): the
+/// worker must give the task up.
 pub async fn renew(
     client: &impl GenericClient,
     task: &TaskRow,
@@ -229,16 +238,18 @@ pub async fn renew(
     lease: Duration,
     total: i64,
     bytes: i64,
+    size: Option<i64>,
 ) -> Result<bool, StoreError> {
     let lease_ms = lease.as_millis() as i64;
     let updated = client
         .execute(
             "UPDATE fhirbox_task t
-                SET lease_until = now() + $4::bigint * interval '1 millisecond', total = $5, bytes = $6
+                SET lease_until = now() + $4::bigint * interval '1 millisecond', total = $5, bytes = $6,
+                    size = coalesce($7, t.size)
                FROM fhirbox_job j
               WHERE j.id = t.job_id AND NOT j.cancelled
                 AND t.job_id = $1 AND t.position = $2 AND t.worker = $3 AND t.status = 'in-progress'",
-            &[&task.job_id, &task.position, &worker, &lease_ms, &total, &bytes],
+            &[&task.job_id, &task.position, &worker, &lease_ms, &total, &bytes, &size],
         )
         .await?;
     Ok(updated == 1)
@@ -389,4 +400,36 @@ pub async fn delete(client: &impl GenericClient, job_id: &str) -> Result<(), Sto
         .execute("DELETE FROM fhirbox_job WHERE id = $1", &[&job_id])
         .await?;
     Ok(())
+}
+
+/// How many tasks there are, by job kind and task status (for the metrics).
+pub async fn task_counts(
+    client: &impl GenericClient,
+) -> Result<Vec<(String, String, i64)>, StoreError> {
+    let rows = client
+        .query(
+            "SELECT j.kind, t.status, count(*) FROM fhirbox_task t JOIN fhirbox_job j ON j.id = t.job_id
+              GROUP BY j.kind, t.status",
+            &[],
+        )
+        .await?;
+    Ok(rows
+        .iter()
+        .map(|row| (row.get(0), row.get(1), row.get(2)))
+        .collect())
+}
+
+/// The rows a type's table holds, as the planner estimates them (cheap; for progress).
+pub async fn estimated_rows(
+    client: &impl GenericClient,
+    rt: crate::resource_type::ResourceType,
+) -> Result<i64, StoreError> {
+    let row = client
+        .query_one(
+            "SELECT greatest(c.reltuples, 0)::bigint FROM pg_class c
+              WHERE c.relname = $1 AND c.relnamespace = (SELECT oid FROM pg_namespace WHERE nspname = current_schema())",
+            &[&rt.table_name()],
+        )
+        .await?;
+    Ok(row.get(0))
 }

@@ -276,3 +276,17 @@ pub async fn replace_in_place(
     client.execute(&statement, &[&id, &rt.name(), body]).await?;
     Ok(())
 }
+
+/// Removes a server-managed document and its history entirely (its id may be used again).
+pub async fn remove(
+    client: &impl GenericClient,
+    rt: ResourceType,
+    id: &str,
+) -> Result<(), StoreError> {
+    for table in [rt.table(), rt.history_table()] {
+        let sql = format!("DELETE FROM {table} WHERE id = $1");
+        let statement = client.prepare_cached(&sql).await?;
+        client.execute(&statement, &[&id]).await?;
+    }
+    Ok(())
+}

@@ -68,6 +68,11 @@ const MIGRATIONS: &[(i32, &str, &str)] = &[
          ALTER TABLE fhirbox_task ADD COLUMN result jsonb;
          ALTER INDEX fhirbox_import_input_claimable RENAME TO fhirbox_task_claimable",
     ),
+    (
+        5,
+        "a task's size: an import input's length in bytes, an export type's expected rows",
+        "ALTER TABLE fhirbox_task ADD COLUMN size bigint",
+    ),
 ];
 
 /// Creates the database `name` on the server if it is missing (the managed cluster's first

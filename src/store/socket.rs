@@ -168,11 +168,9 @@ impl AsyncWrite for Socket {
     }
 }
 
-/// Bytes read from the server per read.
-const READ_CHUNK: usize = 64 * 1024;
-
 /// Passes the server's messages through, but none longer than `max` (see the module docs).
-/// Each message's 5-byte header is held back until it is whole and checked.
+/// The server's bytes are read straight into the driver's buffer and checked there; a
+/// message's 5-byte header cut by a read is held back until it is whole and checked.
 pub struct MessageGuard<S> {
     inner: S,
     max: Option<usize>,
@@ -262,6 +260,38 @@ fn refusal(max: usize) -> Vec<u8> {
     out
 }
 
+impl<S> MessageGuard<S> {
+    /// Checks the bytes the driver just received in place, `data` being what follows
+    /// everything checked before. Returns how many of them may pass now: the rest is a header
+    /// held back (incomplete) or replaced by the refusal.
+    fn check_in_place(&mut self, data: &[u8]) -> usize {
+        let mut at = 0;
+        while at < data.len() {
+            if self.remaining > 0 {
+                let n = self.remaining.min(data.len() - at);
+                self.remaining -= n;
+                at += n;
+                continue;
+            }
+            if data.len() - at < 5 {
+                self.header.extend_from_slice(&data[at..]);
+                return at;
+            }
+            let length =
+                u32::from_be_bytes([data[at + 1], data[at + 2], data[at + 3], data[at + 4]]);
+            let body = (length as usize).saturating_sub(4);
+            if self.max.is_some_and(|max| body > max) {
+                self.refused = true;
+                self.out.put_slice(&refusal(self.max.unwrap_or(0)));
+                return at;
+            }
+            self.remaining = body;
+            at += 5;
+        }
+        at
+    }
+}
+
 impl<S: AsyncRead + Unpin> AsyncRead for MessageGuard<S> {
     fn poll_read(
         self: Pin<&mut Self>,
@@ -283,15 +313,36 @@ impl<S: AsyncRead + Unpin> AsyncRead for MessageGuard<S> {
                 // The end of the connection: what the server still sends is never read.
                 return Poll::Ready(Ok(()));
             }
-            let mut chunk = [0u8; READ_CHUNK];
-            let mut read = ReadBuf::new(&mut chunk);
-            match Pin::new(&mut this.inner).poll_read(cx, &mut read) {
-                Poll::Ready(Ok(())) if read.filled().is_empty() => return Poll::Ready(Ok(())),
-                Poll::Ready(Ok(())) => {
-                    let filled = read.filled().to_vec();
-                    this.admit(&filled);
+            if !this.header.is_empty() {
+                // A header cut by the last read: complete it through the slow path, which
+                // holds it until it is whole (rare: a read boundary inside 5 bytes).
+                let mut chunk = [0u8; 64];
+                let mut read = ReadBuf::new(&mut chunk);
+                match Pin::new(&mut this.inner).poll_read(cx, &mut read) {
+                    Poll::Ready(Ok(())) if read.filled().is_empty() => return Poll::Ready(Ok(())),
+                    Poll::Ready(Ok(())) => {
+                        let filled = read.filled().to_vec();
+                        this.admit(&filled);
+                        continue;
+                    }
+                    other => return other,
                 }
+            }
+            // The usual path: the server's bytes go straight into the driver's buffer and are
+            // checked where they are.
+            let before = buf.filled().len();
+            match Pin::new(&mut this.inner).poll_read(cx, buf) {
+                Poll::Ready(Ok(())) => {}
                 other => return other,
+            }
+            let after = buf.filled().len();
+            if after == before {
+                return Poll::Ready(Ok(()));
+            }
+            let passed = this.check_in_place(&buf.filled()[before..after]);
+            buf.set_filled(before + passed);
+            if passed > 0 {
+                return Poll::Ready(Ok(()));
             }
         }
     }
@@ -324,6 +375,65 @@ mod tests {
         out.extend_from_slice(&(body.len() as u32 + 4).to_be_bytes());
         out.extend_from_slice(body);
         out
+    }
+
+    /// Gives its bytes `chunk` at a time.
+    struct Chunked {
+        data: Vec<u8>,
+        at: usize,
+        chunk: usize,
+    }
+
+    impl AsyncRead for Chunked {
+        fn poll_read(
+            self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+            buf: &mut ReadBuf<'_>,
+        ) -> Poll<io::Result<()>> {
+            let this = self.get_mut();
+            let n = this
+                .chunk
+                .min(this.data.len() - this.at)
+                .min(buf.remaining());
+            buf.put_slice(&this.data[this.at..this.at + n]);
+            this.at += n;
+            Poll::Ready(Ok(()))
+        }
+    }
+
+    async fn through_guard(data: &[u8], chunk: usize, max: usize) -> Vec<u8> {
+        use tokio::io::AsyncReadExt;
+        let source = Chunked {
+            data: data.to_vec(),
+            at: 0,
+            chunk,
+        };
+        let mut out = Vec::new();
+        MessageGuard::new(source, Some(max))
+            .read_to_end(&mut out)
+            .await
+            .expect("read");
+        out
+    }
+
+    #[tokio::test]
+    async fn reads_pass_checked_messages_and_refuse_the_first_too_large() {
+        let small: Vec<u8> = (0..20)
+            .flat_map(|i| message(b'd', &vec![b'a' + i; i as usize * 3]))
+            .collect();
+        let mut stream = small.clone();
+        stream.extend(message(b'd', &[b'x'; 100]));
+        stream.extend(message(b'd', b"never seen"));
+        for chunk in [1, 2, 3, 5, 7, 64, 100_000] {
+            assert_eq!(
+                through_guard(&small, chunk, 1000).await,
+                small,
+                "chunks of {chunk}"
+            );
+            let out = through_guard(&stream, chunk, 80).await;
+            assert_eq!(&out[..small.len()], &small[..], "chunks of {chunk}");
+            assert_eq!(&out[small.len()..], &refusal(80)[..], "chunks of {chunk}");
+        }
     }
 
     #[test]

@@ -102,6 +102,7 @@ fn serve(fixture: Option<Fixture>) -> Response {
             chunk,
             every,
         }) => {
+            let length = bytes.len();
             let chunks: Vec<Bytes> = bytes.chunks(chunk).map(Bytes::copy_from_slice).collect();
             let stream =
                 futures_util::stream::unfold(chunks.into_iter(), move |mut chunks| async move {
@@ -109,7 +110,12 @@ fn serve(fixture: Option<Fixture>) -> Response {
                     tokio::time::sleep(every).await;
                     Some((Ok::<_, std::io::Error>(next), chunks))
                 });
-            Body::from_stream(stream).into_response()
+            // With its length, as a file server would send it (clients show progress by it).
+            (
+                [(header::CONTENT_LENGTH, length.to_string())],
+                Body::from_stream(stream),
+            )
+                .into_response()
         }
     }
 }

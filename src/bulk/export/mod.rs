@@ -27,6 +27,7 @@ use serde_json::{json, Value};
 use self::output::{result_document, result_files, Output};
 use self::request::{ExportSpec, Level};
 use super::jobs::{Jobs, Progress, Runner, TaskFailure};
+use super::report::{Outcome, Report};
 use crate::format::Formats;
 use crate::resource::format_instant;
 use crate::resource_type::ResourceType;
@@ -107,14 +108,20 @@ impl Exports {
             }
         }
         let id = crate::resource::new_id();
-        let tasks: Vec<NewTask> = spec
-            .types
-            .iter()
-            .map(|name| NewTask {
+        let mut tasks = Vec::with_capacity(spec.types.len());
+        for name in &spec.types {
+            // The rows a type is expected to give, for the progress (a system export's: the
+            // table's estimate; a compartment's are fewer, which only makes it jump ahead).
+            let size = match ResourceType::parse(name) {
+                Some(rt) => Some(sql::estimated_rows(&conn, rt).await?),
+                None => None,
+            };
+            tasks.push(NewTask {
                 resource_type: name.clone(),
                 url: None,
-            })
-            .collect();
+                size,
+            });
+        }
         let job = JobRow {
             id: id.clone(),
             kind: JobKind::Export,
@@ -134,8 +141,18 @@ impl Exports {
         if !sql::create_job(&conn, &job, &tasks).await? {
             return Err(ExportError::Invalid(format!("export id {id} is taken")));
         }
+        tracing::info!(job = %id, kind = "export", subject, types = tasks.len(), "job created");
         self.jobs.wake();
         Ok(id)
+    }
+
+    /// Who started a task's job, for the log (`?` if that cannot be read).
+    async fn subject_of(&self, task: &TaskRow) -> String {
+        self.subject(&task.job_id)
+            .await
+            .ok()
+            .flatten()
+            .unwrap_or_else(|| "?".to_string())
     }
 
     /// Who started a job (`root`, `Client/<id>`), if it exists.
@@ -174,12 +191,8 @@ impl Exports {
         }
         let done = tasks.iter().filter(|t| t.status == "finished").count();
         if done < tasks.len() {
-            let resources: i64 = tasks.iter().filter_map(|t| t.total).sum();
             return Ok(Some(ExportStatus::InProgress {
-                progress: format!(
-                    "{done} of {} resource types done, {resources} resources written",
-                    tasks.len()
-                ),
+                progress: progress(&tasks),
             }));
         }
         let ended = tasks
@@ -308,6 +321,7 @@ impl Exports {
         task: &TaskRow,
         worker: &str,
         progress: &Progress,
+        report: &Report,
     ) -> Result<(), TaskFailure> {
         let failed = |e: &dyn std::fmt::Display| TaskFailure::Failed(e.to_string());
         let job = {
@@ -356,7 +370,7 @@ impl Exports {
         let copy = crate::store::export::start(self.jobs.store(), &query, source)
             .await
             .map_err(|e| failed(&e))?;
-        let mut lines = super::dump::fhir_lines(copy, rt, converter);
+        let mut lines = super::dump::fhir_lines(copy, rt, converter, report);
         let dir = self.job_dir(&task.job_id);
         // The operator gets the path; the client a message without the server's layout.
         let write_failed = |error: std::io::Error| {
@@ -373,6 +387,7 @@ impl Exports {
             let batch = batch.map_err(|e| failed(&e))?;
             total += output.write(&batch).await.map_err(write_failed)?;
             bytes += batch.len() as u64;
+            report.bytes(batch.len() as u64);
             progress
                 .rows
                 .store(total, std::sync::atomic::Ordering::Relaxed);
@@ -403,7 +418,18 @@ impl Runner for Exports {
         progress: Arc<Progress>,
     ) -> BoxFuture<'a, Result<(), TaskFailure>> {
         Box::pin(async move {
-            let outcome = self.export_type(task, worker, &progress).await;
+            let report = Report::start(
+                "$export",
+                task.resource_type.clone(),
+                self.subject_of(task).await,
+                "out",
+            );
+            let outcome = self.export_type(task, worker, &progress, &report).await;
+            match &outcome {
+                Ok(()) => report.finish(Outcome::Finished, None),
+                Err(TaskFailure::Failed(message)) => report.finish(Outcome::Failed, Some(message)),
+                Err(TaskFailure::Abandoned) => report.finish(Outcome::Abandoned, None),
+            }
             if let Err(TaskFailure::Failed(_)) = &outcome {
                 // The job has failed: the types not started yet are not worth exporting.
                 let reason = format!("not exported: {} failed first", task.resource_type);
@@ -419,6 +445,27 @@ impl Runner for Exports {
             outcome
         })
     }
+}
+
+/// `X-Progress` while an export runs: a percentage by rows (of each type's expected rows; a
+/// finished type counts whole), then the types done and the resources written.
+fn progress(tasks: &[TaskRow]) -> String {
+    let finished = |t: &TaskRow| t.status == "finished";
+    let (written, expected) = tasks.iter().fold((0i64, 0i64), |(written, expected), t| {
+        let total = t.total.unwrap_or(0);
+        let whole = t.size.unwrap_or(0).max(total).max(1);
+        let got = if finished(t) { whole } else { total.min(whole) };
+        (written + got, expected + whole)
+    });
+    let percent = (written as f64 / expected.max(1) as f64 * 100.0)
+        .floor()
+        .min(99.0);
+    let done = tasks.iter().filter(|t| finished(t)).count();
+    let resources: i64 = tasks.iter().filter_map(|t| t.total).sum();
+    format!(
+        "{percent}% ({done} of {} types, {resources} resources written)",
+        tasks.len()
+    )
 }
 
 /// The completion manifest (IG 2.0.0): every non-empty file, in type order.

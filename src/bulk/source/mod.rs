@@ -9,7 +9,7 @@
 //! - `file://` URLs, only under the directory named by `--source-dir` (none by default),
 //!   after resolving symlinks and `..`.
 
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
 use std::sync::Arc;
@@ -18,11 +18,23 @@ use std::time::Duration;
 use bytes::Bytes;
 use futures_util::{Stream, StreamExt, TryStreamExt};
 
+mod address;
+
+pub use address::allowed;
+use address::{check_url_host, CheckedResolver};
+
 /// Redirect hops followed at most.
 const MAX_REDIRECTS: usize = 10;
 
 /// A source's bytes.
 pub type SourceStream = Pin<Box<dyn Stream<Item = Result<Bytes, SourceError>> + Send>>;
+
+/// An opened source: its bytes, and its length when known (HTTP `Content-Length`, a file's
+/// size), for progress.
+pub struct Opened {
+    pub stream: SourceStream,
+    pub size: Option<u64>,
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum SourceError {
@@ -40,6 +52,14 @@ pub enum SourceError {
     Forbidden(String),
     #[error("the source answered HTTP {status} for {url}")]
     Status { status: u16, url: String },
+    #[error("cannot resolve the host name '{host}' (DNS: {reason})")]
+    Dns { host: String, reason: String },
+    #[error("cannot connect to {host}: {reason}")]
+    Connect { host: String, reason: String },
+    #[error("the TLS handshake with {host} failed: {reason}")]
+    Tls { host: String, reason: String },
+    #[error("{host} {what}")]
+    Timeout { host: String, what: String },
     #[error("downloading the source failed: {0}")]
     Http(String),
 }
@@ -113,9 +133,38 @@ impl Sources {
         self.policy.max_line_bytes
     }
 
+    /// Checks what can be checked about a source without reading it (for `$import`'s kick-off):
+    /// the URL and its scheme, a literal address, the addresses a host name resolves to (a
+    /// name that does not resolve now is left to the load, which says so), and for `file://`
+    /// that it names a regular file under the source directory.
+    pub async fn check(&self, url: &str) -> Result<(), SourceError> {
+        let parsed = reqwest::Url::parse(url).map_err(|_| SourceError::BadUrl(url.to_string()))?;
+        match parsed.scheme() {
+            "http" | "https" => {
+                check_url_host(&parsed, &self.policy)?;
+                let Some(url::Host::Domain(name)) = parsed.host() else {
+                    return Ok(());
+                };
+                let port = parsed.port_or_known_default().unwrap_or(80);
+                let Ok(found) = tokio::net::lookup_host((name, port)).await else {
+                    return Ok(());
+                };
+                let found: Vec<SocketAddr> = found.collect();
+                match found.iter().find(|a| !allowed(a.ip(), &self.policy)) {
+                    Some(refused) if found.iter().all(|a| !allowed(a.ip(), &self.policy)) => {
+                        Err(SourceError::Forbidden(format!("{} ({name})", refused.ip())))
+                    }
+                    _ => Ok(()),
+                }
+            }
+            "file" => self.open_file(&parsed).await.map(drop),
+            other => Err(SourceError::Scheme(other.to_string())),
+        }
+    }
+
     /// Opens a source for streaming. Errors that can be known before the first byte (a bad
     /// URL, a refused address, an HTTP error status, a missing file) come back here.
-    pub async fn open(&self, url: &str) -> Result<SourceStream, SourceError> {
+    pub async fn open(&self, url: &str) -> Result<Opened, SourceError> {
         let parsed = reqwest::Url::parse(url).map_err(|_| SourceError::BadUrl(url.to_string()))?;
         match parsed.scheme() {
             "http" | "https" => self.open_http(parsed).await,
@@ -124,14 +173,14 @@ impl Sources {
         }
     }
 
-    async fn open_http(&self, url: reqwest::Url) -> Result<SourceStream, SourceError> {
+    async fn open_http(&self, url: reqwest::Url) -> Result<Opened, SourceError> {
         check_url_host(&url, &self.policy)?;
         let response = self
             .client
             .get(url.clone())
             .send()
             .await
-            .map_err(http_error)?;
+            .map_err(|e| http_error(e, &self.policy))?;
         let status = response.status();
         if !status.is_success() {
             return Err(SourceError::Status {
@@ -139,10 +188,19 @@ impl Sources {
                 url: response.url().to_string(),
             });
         }
-        Ok(Box::pin(response.bytes_stream().map_err(http_error)))
+        let policy = self.policy.clone();
+        let size = response.content_length();
+        Ok(Opened {
+            stream: Box::pin(
+                response
+                    .bytes_stream()
+                    .map_err(move |e| http_error(e, &policy)),
+            ),
+            size,
+        })
     }
 
-    async fn open_file(&self, url: &reqwest::Url) -> Result<SourceStream, SourceError> {
+    async fn open_file(&self, url: &reqwest::Url) -> Result<Opened, SourceError> {
         let root = self
             .policy
             .source_dir
@@ -167,6 +225,7 @@ impl Sources {
             return Err(SourceError::OutsideSourceDir(shown));
         }
         let file = open_regular(&resolved).await.map_err(file_error)?;
+        let size = file.metadata().await.ok().map(|m| m.len());
         let stream =
             tokio_util::io::ReaderStream::with_capacity(file, 256 * 1024).map(move |chunk| {
                 chunk.map_err(|e| SourceError::File {
@@ -174,7 +233,10 @@ impl Sources {
                     reason: e.to_string(),
                 })
             });
-        Ok(Box::pin(stream))
+        Ok(Opened {
+            stream: Box::pin(stream),
+            size,
+        })
     }
 }
 
@@ -214,141 +276,67 @@ async fn open_regular(path: &Path) -> std::io::Result<tokio::fs::File> {
     Ok(tokio::fs::File::from_std(file))
 }
 
-fn http_error(error: reqwest::Error) -> SourceError {
-    // Our own refusals travel inside reqwest's error: surface them as they are.
+/// What went wrong with an http(s) source, in words: our own refusals as they are, then DNS,
+/// TLS, timeouts and refused connections, each naming the host.
+fn http_error(error: reqwest::Error, policy: &SourcePolicy) -> SourceError {
+    let host = error
+        .url()
+        .and_then(|url| {
+            url.host_str().map(|h| match url.port() {
+                Some(port) => format!("{h}:{port}"),
+                None => h.to_string(),
+            })
+        })
+        .unwrap_or_else(|| "the source".to_string());
+    let mut tls = None;
+    let mut io_kind = None;
     let mut source: Option<&(dyn std::error::Error + 'static)> = Some(&error);
     while let Some(current) = source {
-        if let Some(refused) = current.downcast_ref::<SourceError>() {
-            return match refused {
+        if let Some(ours) = current.downcast_ref::<SourceError>() {
+            return match ours {
                 SourceError::Forbidden(address) => SourceError::Forbidden(address.clone()),
+                SourceError::Dns { host, reason } => SourceError::Dns {
+                    host: host.clone(),
+                    reason: reason.clone(),
+                },
                 other => SourceError::Http(other.to_string()),
             };
         }
+        if let Some(rustls) = current.downcast_ref::<rustls::Error>() {
+            tls = Some(rustls.to_string());
+        }
+        if let Some(io) = current.downcast_ref::<std::io::Error>() {
+            io_kind = Some((io.kind(), io.to_string()));
+        }
         source = current.source();
     }
-    SourceError::Http(error.to_string())
-}
-
-/// Refuses a URL whose host is a literal address that is not allowed (names are checked by
-/// the resolver when they are resolved).
-fn check_url_host(url: &reqwest::Url, policy: &SourcePolicy) -> Result<(), SourceError> {
-    match url.scheme() {
-        "http" | "https" => {}
-        other => return Err(SourceError::Scheme(other.to_string())),
+    if let Some(reason) = tls {
+        return SourceError::Tls { host, reason };
     }
-    let address = match url.host() {
-        Some(url::Host::Ipv4(v4)) => Some(IpAddr::V4(v4)),
-        Some(url::Host::Ipv6(v6)) => Some(IpAddr::V6(v6)),
-        Some(url::Host::Domain(_)) => None,
-        None => return Err(SourceError::BadUrl(url.to_string())),
-    };
-    match address {
-        Some(address) if !allowed(address, policy) => {
-            Err(SourceError::Forbidden(address.to_string()))
-        }
-        _ => Ok(()),
+    if error.is_timeout() {
+        let what = match error.is_connect() {
+            true => format!(
+                "did not accept the connection within {} s (--source-connect-timeout)",
+                policy.connect_timeout.as_secs()
+            ),
+            false => format!(
+                "sent nothing for {} s (--source-read-timeout)",
+                policy.read_timeout.as_secs()
+            ),
+        };
+        return SourceError::Timeout { host, what };
     }
-}
-
-/// Whether fhirbox may connect to `address`.
-pub fn allowed(address: IpAddr, policy: &SourcePolicy) -> bool {
-    let address = embedded_ipv4(address).map_or(address, IpAddr::V4);
-    if is_link_local(address) {
-        return false;
-    }
-    policy.allow_private || is_public(address)
-}
-
-/// The IPv4 address an IPv6 address stands for, in the forms that reach it: IPv4-mapped
-/// (`::ffff:a.b.c.d`), IPv4-compatible (`::a.b.c.d`, deprecated but routed by some stacks),
-/// NAT64 (`64:ff9b::a.b.c.d` and the local-use `64:ff9b:1::/48`) and 6to4 (`2002:AABB:CCDD::`).
-/// Each is judged as the IPv4 address it carries.
-fn embedded_ipv4(address: IpAddr) -> Option<std::net::Ipv4Addr> {
-    let IpAddr::V6(v6) = address else {
-        return None;
-    };
-    if let Some(v4) = v6.to_ipv4_mapped() {
-        return Some(v4);
-    }
-    let s = v6.segments();
-    let low = std::net::Ipv4Addr::new((s[6] >> 8) as u8, s[6] as u8, (s[7] >> 8) as u8, s[7] as u8);
-    match s {
-        // IPv4-compatible, but not `::` and `::1` themselves.
-        [0, 0, 0, 0, 0, 0, _, _] if !(s[6] == 0 && s[7] <= 1) => Some(low),
-        [0x64, 0xff9b, 0, 0, 0, 0, _, _] | [0x64, 0xff9b, 1, ..] => Some(low),
-        [0x2002, a, b, ..] => Some(std::net::Ipv4Addr::new(
-            (a >> 8) as u8,
-            a as u8,
-            (b >> 8) as u8,
-            b as u8,
-        )),
-        _ => None,
-    }
-}
-
-fn is_link_local(address: IpAddr) -> bool {
-    match address {
-        IpAddr::V4(v4) => v4.is_link_local(),
-        IpAddr::V6(v6) => (v6.segments()[0] & 0xffc0) == 0xfe80,
-    }
-}
-
-/// A globally routable unicast address.
-fn is_public(address: IpAddr) -> bool {
-    match address {
-        IpAddr::V4(v4) => {
-            let [a, b, ..] = v4.octets();
-            !(v4.is_private()
-                || v4.is_loopback()
-                || v4.is_unspecified()
-                || v4.is_broadcast()
-                || v4.is_multicast()
-                || v4.is_documentation()
-                || a == 0
-                || (a == 100 && (64..128).contains(&b)) // shared address space (CGNAT)
-                || (a == 192 && b == 0 && v4.octets()[2] == 0) // IETF protocol assignments
-                || (a == 198 && (b == 18 || b == 19)) // benchmarking
-                || a >= 240) // reserved
-        }
-        IpAddr::V6(v6) => {
-            let first = v6.segments()[0];
-            !(v6.is_loopback()
-                || v6.is_unspecified()
-                || v6.is_multicast()
-                || (first & 0xfe00) == 0xfc00 // unique local
-                || (first & 0xffc0) == 0xfec0 // site local (deprecated)
-                || first == 0x2001 && v6.segments()[1] == 0x0db8) // documentation
-        }
-    }
-}
-
-/// Resolves names with the system resolver, then keeps only allowed addresses.
-struct CheckedResolver {
-    policy: Arc<SourcePolicy>,
-}
-
-impl reqwest::dns::Resolve for CheckedResolver {
-    fn resolve(&self, name: reqwest::dns::Name) -> reqwest::dns::Resolving {
-        let policy = self.policy.clone();
-        Box::pin(async move {
-            let host = name.as_str().to_string();
-            let found: Vec<SocketAddr> =
-                tokio::net::lookup_host((host.as_str(), 0)).await?.collect();
-            let allowed_addresses: Vec<SocketAddr> = found
-                .iter()
-                .copied()
-                .filter(|a| allowed(a.ip(), &policy))
-                .collect();
-            if allowed_addresses.is_empty() {
-                let shown = found
-                    .first()
-                    .map_or(host, |a| format!("{} ({})", a.ip(), name.as_str()));
-                return Err(Box::new(SourceError::Forbidden(shown))
-                    as Box<dyn std::error::Error + Send + Sync>);
+    if error.is_connect() {
+        let reason = match io_kind {
+            Some((std::io::ErrorKind::ConnectionRefused, _)) => {
+                "the connection was refused".to_string()
             }
-            Ok(Box::new(allowed_addresses.into_iter()) as reqwest::dns::Addrs)
-        })
+            Some((_, text)) => text,
+            None => error.to_string(),
+        };
+        return SourceError::Connect { host, reason };
     }
+    SourceError::Http(error.to_string())
 }
 
 /// reqwest is built without a TLS crypto provider of its own: this installs ring's for the
@@ -360,90 +348,4 @@ pub fn install_crypto_provider() {
 /// The canonical form of a configured source directory.
 pub fn canonical_source_dir(dir: &Path) -> std::io::Result<PathBuf> {
     std::fs::canonicalize(dir)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn address_rules() {
-        let closed = SourcePolicy::default();
-        let open = SourcePolicy {
-            allow_private: true,
-            ..SourcePolicy::default()
-        };
-        let ip = |s: &str| s.parse::<IpAddr>().expect("address");
-        for metadata in [
-            "169.254.169.254",
-            "fe80::1",
-            "::ffff:169.254.169.254",
-            "::a9fe:a9fe",
-            "64:ff9b::a9fe:a9fe",
-            "2002:a9fe:a9fe::1",
-        ] {
-            assert!(!allowed(ip(metadata), &closed), "{metadata}");
-            assert!(
-                !allowed(ip(metadata), &open),
-                "{metadata} is refused even when private is allowed"
-            );
-        }
-        for private in [
-            "10.0.0.1",
-            "172.16.5.4",
-            "192.168.1.1",
-            "127.0.0.1",
-            "::1",
-            "fd00::1",
-            "100.64.0.1",
-            "0.0.0.0",
-            "::ffff:127.0.0.1",
-            "::7f00:1",
-            "::a00:1",
-            "64:ff9b::7f00:1",
-            "64:ff9b:1::a00:1",
-            "2002:7f00:1::1",
-            "2002:c0a8:101::",
-        ] {
-            assert!(!allowed(ip(private), &closed), "{private}");
-            assert!(allowed(ip(private), &open), "{private}");
-        }
-        for public in [
-            "8.8.8.8",
-            "142.250.74.78",
-            "2a00:1450:4001:82b::200e",
-            "64:ff9b::808:808",
-            "2002:808:808::1",
-        ] {
-            assert!(allowed(ip(public), &closed), "{public}");
-        }
-    }
-
-    #[test]
-    fn literal_hosts_are_checked_before_connecting() {
-        let closed = SourcePolicy::default();
-        let url = |s: &str| reqwest::Url::parse(s).expect("url");
-        assert!(matches!(
-            check_url_host(&url("http://169.254.169.254/latest/meta-data"), &closed),
-            Err(SourceError::Forbidden(_))
-        ));
-        assert!(matches!(
-            check_url_host(&url("http://[::1]:8080/x"), &closed),
-            Err(SourceError::Forbidden(_))
-        ));
-        assert!(
-            matches!(
-                check_url_host(&url("http://0x7f.1/x"), &closed),
-                Err(SourceError::Forbidden(_))
-            ),
-            "the URL parser normalizes tricky IPv4 forms"
-        );
-        assert!(
-            check_url_host(&url("https://storage.googleapis.com/x.ndjson.gz"), &closed).is_ok()
-        );
-        assert!(matches!(
-            check_url_host(&url("ftp://x/y"), &closed),
-            Err(SourceError::Scheme(_))
-        ));
-    }
 }

@@ -1,0 +1,117 @@
+//! Prometheus metrics, served at `GET /metrics` on `--metrics-listen` (a separate address:
+//! scrapers rarely authenticate, so the main API's access rules do not apply there; keep it
+//! private). Without that flag no recorder is installed and every call here does nothing.
+//!
+//! Families:
+//!
+//! - `fhirbox_http_requests_total{method, route, status}` and
+//!   `fhirbox_http_request_duration_seconds{method, route}` (route: the route template, so
+//!   labels stay bounded), `fhirbox_http_response_bytes_total{method, route}`;
+//! - `fhirbox_bulk_rows_total{operation, direction}`, `fhirbox_bulk_bytes_total{operation,
+//!   direction}` (direction `in`: into the database, `out`: out of it), counted as they go;
+//!   `fhirbox_bulk_active{operation}`;
+//! - at each scrape: `fhirbox_db_connections{pool, state}` (`in_use`, `idle`, `waiting`) and
+//!   `fhirbox_job_tasks{kind, status}` (the job queue: `waiting` is its depth).
+
+use std::time::Duration;
+
+use axum::extract::State;
+use axum::routing::get;
+use metrics::{counter, gauge, histogram};
+use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+
+use crate::http::AppState;
+
+/// Request latency buckets, in seconds: from a cached read to a long dump.
+const LATENCY_BUCKETS: &[f64] = &[
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0,
+];
+
+pub fn request(method: &str, route: &str, status: u16, bytes: u64, elapsed: Duration) {
+    let (method, route) = (method.to_string(), route.to_string());
+    counter!("fhirbox_http_requests_total", "method" => method.clone(), "route" => route.clone(), "status" => status.to_string())
+        .increment(1);
+    histogram!("fhirbox_http_request_duration_seconds", "method" => method.clone(), "route" => route.clone())
+        .record(elapsed.as_secs_f64());
+    counter!("fhirbox_http_response_bytes_total", "method" => method, "route" => route)
+        .increment(bytes);
+}
+
+pub fn bulk_rows(operation: &'static str, direction: &'static str, rows: u64) {
+    counter!("fhirbox_bulk_rows_total", "operation" => operation, "direction" => direction)
+        .increment(rows);
+}
+
+pub fn bulk_bytes(operation: &'static str, direction: &'static str, bytes: u64) {
+    counter!("fhirbox_bulk_bytes_total", "operation" => operation, "direction" => direction)
+        .increment(bytes);
+}
+
+pub fn bulk_started(operation: &'static str) {
+    gauge!("fhirbox_bulk_active", "operation" => operation).increment(1.0);
+}
+
+pub fn bulk_ended(operation: &'static str) {
+    gauge!("fhirbox_bulk_active", "operation" => operation).decrement(1.0);
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("cannot install the metrics recorder: {0}")]
+pub struct MetricsError(String);
+
+/// Installs the process's recorder (once).
+pub fn install() -> Result<PrometheusHandle, MetricsError> {
+    PrometheusBuilder::new()
+        .set_buckets_for_metric(
+            metrics_exporter_prometheus::Matcher::Full(
+                "fhirbox_http_request_duration_seconds".into(),
+            ),
+            LATENCY_BUCKETS,
+        )
+        .map_err(|e| MetricsError(e.to_string()))?
+        .install_recorder()
+        .map_err(|e| MetricsError(e.to_string()))
+}
+
+/// Serves `GET /metrics` on `listener` until `shutdown`.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    handle: PrometheusHandle,
+    state: AppState,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    let app = axum::Router::new()
+        .route("/metrics", get(scrape))
+        .with_state((handle, state));
+    axum::serve(listener, app)
+        .with_graceful_shutdown(shutdown)
+        .await
+}
+
+async fn scrape(State((handle, state)): State<(PrometheusHandle, AppState)>) -> String {
+    for (pool, store) in [
+        ("interactive", &state.store),
+        ("bulk", &state.bulk_store),
+        ("sql_reader", &state.sql_reader),
+        ("sql_admin", &state.sql_admin),
+    ] {
+        let status = store.status();
+        let in_use = status.size.saturating_sub(status.available);
+        for (kind, value) in [
+            ("in_use", in_use),
+            ("idle", status.available),
+            ("waiting", status.waiting),
+        ] {
+            gauge!("fhirbox_db_connections", "pool" => pool, "state" => kind).set(value as f64);
+        }
+    }
+    match state.background.jobs.task_counts().await {
+        Ok(counts) => {
+            for (kind, status, count) in counts {
+                gauge!("fhirbox_job_tasks", "kind" => kind, "status" => status).set(count as f64);
+            }
+        }
+        Err(error) => tracing::warn!(%error, "could not count the job tasks for the metrics"),
+    }
+    handle.render()
+}
