@@ -16,7 +16,7 @@ use crate::bulk::Background;
 use crate::format::Formats;
 use crate::http::{AppState, Settings};
 use crate::store::roles::{self, RoleLimits, SQL_ADMIN_ROLE, SQL_READER_ROLE};
-use crate::store::{schema, PoolSettings, Store, StoreError};
+use crate::store::{schema, tokens, PoolSettings, Store, StoreError};
 
 /// What a fhirbox is built from.
 #[derive(Debug, Clone)]
@@ -38,6 +38,8 @@ pub struct AppSettings {
     pub jobs: JobSettings,
     pub exports: ExportSettings,
     pub guard: GuardSettings,
+    /// How long SMART access tokens live.
+    pub token_lifetime: Duration,
     pub allowance: AllowanceSettings,
     pub http: Settings,
 }
@@ -60,6 +62,7 @@ pub async fn build(
     root: RootPassword,
     settings: AppSettings,
 ) -> Result<AppState, AppError> {
+    let token_key;
     let store = Store::with_settings(
         config.clone(),
         PoolSettings {
@@ -74,6 +77,7 @@ pub async fn build(
             schema::migrate(&mut conn).await?;
         }
         roles::limit(&conn, &settings.roles).await?;
+        token_key = tokens::signing_key(&conn).await?;
     }
     // Bulk work and the job workers: the allowance, plus a running task's COPY and its
     // claim renewals, plus a little room.
@@ -111,7 +115,12 @@ pub async fn build(
         settings.exports,
     );
     Ok(AppState {
-        auth: Arc::new(Authenticator::new(root, settings.guard)?),
+        auth: Arc::new(Authenticator::new(
+            root,
+            settings.guard,
+            &token_key,
+            settings.token_lifetime,
+        )?),
         bulk: Allowance::new(settings.allowance),
         store,
         bulk_store,

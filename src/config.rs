@@ -157,6 +157,24 @@ pub struct ServeArgs {
     #[arg(long, env = "FHIRBOX_BASE_URL")]
     pub base_url: Option<String>,
 
+    /// Serve HTTPS with this certificate chain (PEM); needs --tls-key. Without it fhirbox speaks
+    /// plain HTTP (for loopback, or behind a TLS-terminating proxy).
+    #[arg(long, env = "FHIRBOX_TLS_CERT", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+
+    /// The private key (PEM) of --tls-cert.
+    #[arg(long, env = "FHIRBOX_TLS_KEY", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+
+    /// Seconds a SMART Backend Services access token lives (the spec recommends 300 at most).
+    #[arg(long, env = "FHIRBOX_ACCESS_TOKEN_LIFETIME", default_value_t = 300)]
+    pub access_token_lifetime: u64,
+
+    /// Certificates (PEM) to trust besides the system's when fetching sources and Clients'
+    /// JWK Sets (a private CA).
+    #[arg(long, env = "FHIRBOX_SOURCE_CA_FILE")]
+    pub source_ca_file: Option<PathBuf>,
+
     /// Seconds a connection may take to send a request's headers, or stay idle between
     /// requests, before it is closed.
     #[arg(long, env = "FHIRBOX_HTTP_HEADER_TIMEOUT", default_value_t = 30)]

@@ -144,7 +144,12 @@ pub fn check(
     }
     let mut body = body_for_storage(doc);
     let secret = match resource_type.name() {
-        "Client" => take_secret(&mut body)?,
+        "Client" => {
+            crate::auth::assertion::check_registration(&body).map_err(|(element, message)| {
+                CrudError::invalid_at(format!("Client.{element}"), message)
+            })?;
+            take_secret(&mut body)?
+        }
         _ => None,
     };
     if resource_type.name() == "AccessPolicy" {

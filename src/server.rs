@@ -58,6 +58,8 @@ pub enum ServeError {
     App(#[from] AppError),
     #[error(transparent)]
     Metrics(#[from] crate::metrics::MetricsError),
+    #[error("TLS: {0}")]
+    Tls(String),
     #[error("cannot listen on {addr}: {source}")]
     Listen {
         addr: std::net::SocketAddr,
@@ -225,6 +227,7 @@ async fn serve_with_database(
             expiry: Duration::from_secs(args.export_expiry),
         },
         guard: guard_settings(args),
+        token_lifetime: Duration::from_secs(args.access_token_lifetime.max(1)),
         allowance: AllowanceSettings {
             total: args.bulk_streams.max(1),
             per_subject: args.bulk_streams_per_subject.max(1),
@@ -239,6 +242,7 @@ async fn serve_with_database(
             base_url: args.base_url.clone(),
             connections: http::serve::ConnectionSettings {
                 header_timeout: Duration::from_secs(args.http_header_timeout.max(1)),
+                tls: tls_config(args)?,
             },
         },
     };
@@ -274,7 +278,12 @@ async fn serve_with_database(
     }
     // Last: tests and scripts wait for this line to know that everything is up.
     let local = listener.local_addr().map_err(ServeError::Serve)?;
-    println!("fhirbox listening on http://{local}");
+    let scheme = if args.tls_cert.is_some() {
+        "https"
+    } else {
+        "http"
+    };
+    println!("fhirbox listening on {scheme}://{local}");
     let stopped = stop.clone();
     let server = tokio::spawn(http::serve(listener, state, async move {
         stopped.cancelled().await
@@ -365,7 +374,29 @@ fn source_policy(args: &ServeArgs) -> Result<SourcePolicy, ServeError> {
         max_line_bytes: args.max_line_bytes,
         connect_timeout: Duration::from_secs(args.source_connect_timeout.max(1)),
         read_timeout: Duration::from_secs(args.source_read_timeout.max(1)),
+        extra_roots: match &args.source_ca_file {
+            Some(file) => {
+                use rustls::pki_types::pem::PemObject;
+                rustls::pki_types::CertificateDer::pem_file_iter(file)
+                    .and_then(|certs| certs.collect::<Result<Vec<_>, _>>())
+                    .map_err(|e| ServeError::Tls(format!("{}: {e}", file.display())))?
+                    .into_iter()
+                    .map(|cert| cert.to_vec())
+                    .collect()
+            }
+            None => Vec::new(),
+        },
     })
+}
+
+/// The TLS configuration of --tls-cert and --tls-key, if given.
+fn tls_config(args: &ServeArgs) -> Result<Option<Arc<rustls::ServerConfig>>, ServeError> {
+    match (&args.tls_cert, &args.tls_key) {
+        (Some(cert), Some(key)) => http::serve::tls_config(cert, key)
+            .map(Some)
+            .map_err(ServeError::Tls),
+        _ => Ok(None),
+    }
 }
 
 /// The limits of password checks, from the command line.

@@ -1,12 +1,15 @@
-//! Authentication and authorization: every request except `GET /health` carries HTTP basic
-//! credentials.
+//! Authentication and authorization: every request but the public ones carries HTTP basic
+//! credentials or a SMART Backend Services access token.
 //!
 //! - The root admin is `root`. Its password comes from configuration or is generated on first
 //!   start; either way only an argon2 hash is kept (on disk, mode 0600, for a generated one).
 //!   Root may do anything.
-//! - A Client authenticates as `id:secret` when `basic` is among its `grant_types`; its
-//!   secret's hash lives apart from the resource ([`crate::store::clients`]). What it may do
-//!   is decided by AccessPolicies ([`policy`]): nothing, unless one allows it.
+//! - A Client authenticates as `id:secret` when `basic` is among its `grant_types` ([`basic`];
+//!   its secret's hash lives apart from the resource, [`crate::store::clients`]), or with a
+//!   bearer token it got from the token endpoint with a signed assertion, when
+//!   `client_credentials` is among them ([`token`], [`assertion`], [`bearer`]). What it may
+//!   do is decided by AccessPolicies ([`policy`]): nothing, unless one allows it; a token's
+//!   [`scope`]s narrow that further.
 //!
 //! Verifying argon2 costs tens of milliseconds, so verified credentials are remembered in a
 //! bounded cache keyed by a keyed hash of the credentials and the version of the Client (see
@@ -15,20 +18,27 @@
 //! user name; and a user name that does not exist costs the same check as one that does (a
 //! hash of a random secret stands in), so timing tells nothing about which names exist.
 
+pub mod assertion;
+mod basic;
+pub mod bearer;
 pub mod cache;
 pub mod guard;
 pub mod policy;
 pub mod root;
+pub mod scope;
 pub mod secret;
+mod token;
 
 use std::net::IpAddr;
-
-use base64::Engine as _;
+use std::time::Duration;
 
 use crate::store::clients::{self, ClientRecord};
 use crate::store::{Store, StoreError};
 
+pub use basic::BasicCredentials;
 pub use root::RootPassword;
+use scope::Scopes;
+pub use token::{TokenRequest, TokenResponse};
 
 /// Who a request comes from.
 #[derive(Debug, Clone)]
@@ -49,12 +59,44 @@ impl Subject {
     }
 }
 
+/// An authenticated request: who, and for a bearer token, the scopes it was granted.
+#[derive(Debug, Clone)]
+pub struct Authenticated {
+    pub subject: Subject,
+    pub scopes: Option<Scopes>,
+}
+
+/// The credentials of a request.
+pub enum Credentials {
+    Basic(BasicCredentials),
+    Bearer(String),
+}
+
+impl Credentials {
+    /// From the `Authorization` header's value, if the request has one.
+    pub fn from_header(value: Option<&[u8]>) -> Result<Credentials, AuthError> {
+        let value = value.ok_or(AuthError::Missing)?;
+        let text = std::str::from_utf8(value).map_err(|_| AuthError::Malformed)?;
+        let (scheme, rest) = text.trim().split_once(' ').ok_or(AuthError::Malformed)?;
+        if scheme.eq_ignore_ascii_case("basic") {
+            return BasicCredentials::decode(rest).map(Credentials::Basic);
+        }
+        if scheme.eq_ignore_ascii_case("bearer") {
+            return Ok(Credentials::Bearer(rest.trim().to_string()));
+        }
+        Err(AuthError::Malformed)
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum AuthError {
-    #[error("authentication required: send HTTP basic credentials")]
+    #[error("authentication required: send HTTP basic credentials or a bearer token")]
     Missing,
-    #[error("the Authorization header is not valid basic credentials")]
+    #[error("the Authorization header is neither basic credentials nor a bearer token")]
     Malformed,
+    /// A bearer token that is not ours, was changed, or expired.
+    #[error("the access token is not valid ({0}); get a new one from the token endpoint")]
+    InvalidToken(String),
     #[error("wrong user name or password")]
     Rejected,
     #[error("password hashing failed: {0}")]
@@ -66,34 +108,6 @@ pub enum AuthError {
     #[error(transparent)]
     Store(#[from] StoreError),
 }
-/// Credentials from an `Authorization: Basic ...` header.
-#[derive(Debug)]
-pub struct BasicCredentials {
-    pub user: String,
-    pub password: String,
-}
-
-impl BasicCredentials {
-    /// From the `Authorization` header's value, if the request has one.
-    pub fn from_header(value: Option<&[u8]>) -> Result<BasicCredentials, AuthError> {
-        let value = value.ok_or(AuthError::Missing)?;
-        let text = std::str::from_utf8(value).map_err(|_| AuthError::Malformed)?;
-        let (scheme, encoded) = text.trim().split_once(' ').ok_or(AuthError::Malformed)?;
-        if !scheme.eq_ignore_ascii_case("basic") {
-            return Err(AuthError::Malformed);
-        }
-        let decoded = base64::engine::general_purpose::STANDARD
-            .decode(encoded.trim())
-            .map_err(|_| AuthError::Malformed)?;
-        let decoded = String::from_utf8(decoded).map_err(|_| AuthError::Malformed)?;
-        let (user, password) = decoded.split_once(':').ok_or(AuthError::Malformed)?;
-        Ok(BasicCredentials {
-            user: user.to_string(),
-            password: password.to_string(),
-        })
-    }
-}
-
 /// The authenticator shared by all requests.
 pub struct Authenticator {
     root: RootPassword,
@@ -102,14 +116,22 @@ pub struct Authenticator {
     /// What a password is checked against when the user name has none: the hash of a random
     /// secret, as slow to check as a real one.
     decoy: String,
+    /// Issues and checks access tokens.
+    bearer: bearer::Bearer,
+    /// The JWK Sets fetched from Clients' `jwks_uri`s.
+    keys: assertion::KeyCache,
     /// The AccessPolicies in force, compiled.
     pub policies: policy::PolicyCache,
 }
 
 impl Authenticator {
+    /// `token_key`: the key access tokens are signed with (the database's); tokens live
+    /// `token_lifetime`.
     pub fn new(
         root: RootPassword,
         limits: guard::GuardSettings,
+        token_key: &[u8],
+        token_lifetime: Duration,
     ) -> Result<Authenticator, AuthError> {
         let decoy = secret::hash_secret(&rand::random::<u64>().to_string())?;
         Ok(Authenticator {
@@ -117,76 +139,41 @@ impl Authenticator {
             verified: cache::VerifiedCache::new(),
             guard: guard::Guard::new(limits),
             decoy: decoy.as_str().to_string(),
+            bearer: bearer::Bearer::new(token_key, token_lifetime),
+            keys: assertion::KeyCache::default(),
             policies: policy::PolicyCache::default(),
         })
     }
 
-    /// Checks the request's credentials (root's, or a Client's) sent from `address`.
+    /// Checks the request's credentials sent from `address`: basic credentials (root's, or a
+    /// Client's) or a bearer token (a Client's, with its scopes).
     pub async fn authenticate(
         &self,
         header: Option<&[u8]>,
         address: Option<IpAddr>,
         store: &Store,
-    ) -> Result<Subject, AuthError> {
-        let credentials = BasicCredentials::from_header(header)?;
-        // Root's hash never changes while the process runs: its cache entries stay valid.
-        const ROOT_GENERATION: i64 = 0;
-        let (subject, hash, generation) = if credentials.user == "root" {
-            (
-                Some(Subject::Root),
-                self.root.hash().to_string(),
-                ROOT_GENERATION,
-            )
-        } else {
-            let conn = store.connection().await?;
-            let client = clients::find(&conn, &credentials.user).await?;
-            drop(conn);
-            match client {
-                Some(client) if accepts_basic(&client) => match client.hash.clone() {
-                    Some(hash) => {
-                        let generation = client.txid;
-                        (Some(Subject::Client(client)), hash, generation)
-                    }
-                    None => (None, self.decoy.clone(), 0),
-                },
-                _ => (None, self.decoy.clone(), 0),
+    ) -> Result<Authenticated, AuthError> {
+        match Credentials::from_header(header)? {
+            Credentials::Basic(credentials) => Ok(Authenticated {
+                subject: self.basic(credentials, address, store).await?,
+                scopes: None,
+            }),
+            Credentials::Bearer(token) => {
+                let grant = self.bearer.check(&token)?;
+                let conn = store.connection().await?;
+                let client = clients::find(&conn, &grant.client_id).await?;
+                // A Client deleted (or no longer allowed client_credentials) since the token
+                // was issued: its tokens die with it.
+                let client = client
+                    .filter(|c| c.has_grant("client_credentials"))
+                    .ok_or_else(|| AuthError::InvalidToken("its Client is gone".into()))?;
+                Ok(Authenticated {
+                    subject: Subject::Client(client),
+                    scopes: Some(grant.scopes),
+                })
             }
-        };
-        if subject.is_some() && self.verified.contains(&credentials, generation) {
-            return subject.ok_or(AuthError::Rejected);
-        }
-        let turn = self.verified.turn(&credentials);
-        let _turn = turn.lock().await;
-        if subject.is_some() && self.verified.contains(&credentials, generation) {
-            // Checked by the request that had the turn before.
-            return subject.ok_or(AuthError::Rejected);
-        }
-        let attempt = self.guard.admit(&credentials.user, address).await?;
-        let password = credentials.password.clone();
-        let matches = self
-            .guard
-            .check(move || secret::verify_secret(&hash, &password))
-            .await?;
-        // A name without a password never matches, whatever the decoy says.
-        let verified = matches && subject.is_some();
-        attempt.finish(verified);
-        match subject {
-            Some(subject) if verified => {
-                self.verified.insert(&credentials, generation);
-                Ok(subject)
-            }
-            _ => Err(AuthError::Rejected),
         }
     }
-}
-
-/// Whether a Client may authenticate with basic credentials.
-fn accepts_basic(client: &ClientRecord) -> bool {
-    client
-        .resource
-        .get("grant_types")
-        .and_then(|g| g.as_array())
-        .is_some_and(|grants| grants.iter().any(|g| g == "basic"))
 }
 
 #[cfg(test)]
@@ -194,20 +181,26 @@ mod tests {
     use super::*;
 
     #[test]
-    fn parses_basic_credentials() {
+    fn parses_basic_and_bearer_headers() {
         // The seed's header for bulk-client:secret.
         let header = b"Basic YnVsay1jbGllbnQ6c2VjcmV0";
-        let credentials = BasicCredentials::from_header(Some(header)).expect("valid header");
+        let Ok(Credentials::Basic(credentials)) = Credentials::from_header(Some(header)) else {
+            panic!("basic credentials")
+        };
         assert_eq!(
             (credentials.user.as_str(), credentials.password.as_str()),
             ("bulk-client", "secret")
         );
         assert!(matches!(
-            BasicCredentials::from_header(Some(b"Bearer abc")),
+            Credentials::from_header(Some(b"Bearer abc")),
+            Ok(Credentials::Bearer(token)) if token == "abc"
+        ));
+        assert!(matches!(
+            Credentials::from_header(Some(b"Digest x")),
             Err(AuthError::Malformed)
         ));
         assert!(matches!(
-            BasicCredentials::from_header(None),
+            Credentials::from_header(None),
             Err(AuthError::Missing)
         ));
     }

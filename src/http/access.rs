@@ -17,7 +17,7 @@ use std::net::SocketAddr;
 
 use axum::body::Body;
 use axum::extract::{ConnectInfo, FromRequestParts, MatchedPath, RawPathParams, Request, State};
-use axum::http::{header, request::Parts, StatusCode};
+use axum::http::{header, request::Parts, Method, StatusCode};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use http_body_util::BodyExt;
@@ -27,17 +27,30 @@ use super::body::{form_urlencoded_pairs, parse, Syntax};
 use super::error::ApiError;
 use super::log::Seen;
 use super::AppState;
-use crate::auth::Subject;
+use crate::auth::scope::{Interaction, Scopes};
+use crate::auth::{Authenticated, Subject};
+use crate::resource_type::ResourceType;
 use crate::store::jobs::JobKind;
 
 /// Bodies larger than this are not read for policies (they see `body: null`).
 const POLICY_BODY_LIMIT: usize = 1024 * 1024;
 
-/// What anyone may read without credentials: the health check, and the CapabilityStatement
-/// (FHIR and SMART clients read it before they authenticate; it says what fhirbox supports
-/// and holds no data).
+/// What anyone may call without credentials: the health check, the CapabilityStatement and
+/// the SMART configuration (clients read them before they authenticate; they say what fhirbox
+/// supports and hold no data), and the token endpoint (its caller authenticates with a signed
+/// assertion instead).
 fn is_public(method: &axum::http::Method, path: &str) -> bool {
-    method == axum::http::Method::GET && matches!(path, "/health" | "/metadata" | "/fhir/metadata")
+    use axum::http::Method;
+    (method == Method::GET
+        && matches!(
+            path,
+            "/health"
+                | "/metadata"
+                | "/fhir/metadata"
+                | "/.well-known/smart-configuration"
+                | "/fhir/.well-known/smart-configuration"
+        ))
+        || (method == Method::POST && path == "/auth/token")
 }
 
 /// The middleware. The answer carries who asked and which route it was, for the log.
@@ -65,10 +78,11 @@ async fn authorize(state: AppState, request: Request, next: Next) -> (Response, 
         .extensions()
         .get::<ConnectInfo<SocketAddr>>()
         .map(|ConnectInfo(address)| address.ip());
-    let subject = match state.auth.authenticate(header, address, &state.store).await {
-        Ok(subject) => subject,
-        Err(error) => return (ApiError::from(error).into_response(), None),
-    };
+    let Authenticated { subject, scopes } =
+        match state.auth.authenticate(header, address, &state.store).await {
+            Ok(authenticated) => authenticated,
+            Err(error) => return (ApiError::from(error).into_response(), None),
+        };
     let name = subject.name();
     let request = match &subject {
         Subject::Root => request,
@@ -87,6 +101,13 @@ async fn authorize(state: AppState, request: Request, next: Next) -> (Response, 
                 Ok(owner) => owner,
                 Err(response) => return (response, Some(name)),
             };
+            if let Some(scopes) = &scopes {
+                let route = route.as_ref().map_or("", |m| m.as_str());
+                if let Some(refusal) = scope_refusal(route, request.method(), &object, scopes) {
+                    let denied = ApiError::new(StatusCode::FORBIDDEN, "forbidden", refusal);
+                    return (denied.into_response(), Some(name));
+                }
+            }
             if !owner && !policies.allows(client, &object, &state.store).await {
                 let denied = ApiError::new(
                     StatusCode::FORBIDDEN,
@@ -104,7 +125,55 @@ async fn authorize(state: AppState, request: Request, next: Next) -> (Response, 
     };
     let mut request = request;
     request.extensions_mut().insert(subject);
+    if let Some(scopes) = scopes {
+        request.extensions_mut().insert(Granted(scopes));
+    }
     (next.run(request).await, Some(name))
+}
+
+/// The scopes of the bearer token a request came with (absent for basic credentials), for the
+/// handlers that check them per resource type (`$export`).
+#[derive(Debug, Clone)]
+pub struct Granted(pub Scopes);
+
+/// Why a token's scopes do not cover a request, if they do not: what each route needs, by its
+/// template (`/fhir` routes as the native ones). The job routes need nothing more (their owner
+/// rule applies); `$export` kick-offs are checked per type by their handler.
+fn scope_refusal(route: &str, method: &Method, object: &Value, scopes: &Scopes) -> Option<String> {
+    use crate::auth::scope::Interaction::{Create, Delete, Read, Search, Update};
+    let route = route.strip_prefix("/fhir").unwrap_or(route);
+    let rt = object["params"]["resource/type"]
+        .as_str()
+        .and_then(ResourceType::parse);
+    let (on, needs): (Option<ResourceType>, &[Interaction]) = match (route, method.as_str()) {
+        ("/{type}", "GET") => (rt, &[Search]),
+        ("/{type}", "POST") => (rt, &[Create]),
+        ("/{type}/{id}", "GET") | ("/{type}/{id}/_history" | "/{type}/{id}/_history/{vid}", _) => {
+            (rt, &[Read])
+        }
+        ("/{type}/{id}", "PUT") => (rt, &[Update]),
+        ("/{type}/{id}", "DELETE") => (rt, &[Delete]),
+        ("/{type}/$dump" | "/{type}/$dump-csv", _) => (rt, &Interaction::READ_ALL),
+        ("/{type}/$load", _) => (rt, &Interaction::WRITE_ALL),
+        ("/$dump-sql", _) => (None, &Interaction::READ_ALL),
+        ("/$load" | "/$import", _) => (None, &Interaction::WRITE_ALL),
+        ("/$export" | "/{type}/$export" | "/{type}/{id}/$export", _) => return None,
+        (route, _)
+            if super::job_route(&format!("/fhir{route}")).is_some()
+                || super::job_route(route).is_some() =>
+        {
+            return None
+        }
+        _ => (None, &[Create, Read, Update, Delete, Search]),
+    };
+    if scopes.allow_all(on, needs) {
+        return None;
+    }
+    let what = on.map_or("every resource type".to_string(), |rt| rt.to_string());
+    Some(format!(
+        "the access token's scope ({scopes}) does not allow {} {what}",
+        method.as_str()
+    ))
 }
 
 /// The matched route's template, for the log and the metrics.

@@ -39,17 +39,7 @@ impl FromRequestParts<AppState> for ApiContext {
             Api::Fhir => Some(state.formats.converter().await?),
             Api::Native => None,
         };
-        let origin = match &state.settings.base_url {
-            Some(base) => base.trim_end_matches('/').to_string(),
-            None => {
-                let host = parts
-                    .headers
-                    .get(header::HOST)
-                    .and_then(|h| h.to_str().ok())
-                    .unwrap_or("localhost");
-                format!("http://{host}")
-            }
-        };
+        let origin = origin(parts, &state.settings);
         let base = match api {
             Api::Fhir => format!("{origin}/fhir"),
             Api::Native => origin,
@@ -90,6 +80,11 @@ impl ApiContext {
         self.converter.as_ref()
     }
 
+    /// An absolute URL for a path relative to the server's origin (`auth/token`).
+    pub fn origin_url(&self, relative: &str) -> String {
+        self.native_url(relative)
+    }
+
     /// An absolute URL for a path relative to the native API's base, whatever this route's.
     pub fn native_url(&self, relative: &str) -> String {
         let base = self.base.strip_suffix("/fhir").unwrap_or(&self.base);
@@ -112,6 +107,25 @@ impl ApiContext {
         set_header(&mut response, header::LAST_MODIFIED, &http_date(&stored.ts));
         response
     }
+}
+
+/// `https://host[:port]`: the configured base URL, else the request's `Host` with the scheme
+/// of the connection.
+pub fn origin(parts: &Parts, settings: &super::Settings) -> String {
+    if let Some(base) = &settings.base_url {
+        return base.trim_end_matches('/').to_string();
+    }
+    let host = parts
+        .headers
+        .get(header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .unwrap_or("localhost");
+    let secure = parts
+        .extensions
+        .get::<super::serve::Secure>()
+        .is_some_and(|s| s.0);
+    let scheme = if secure { "https" } else { "http" };
+    format!("{scheme}://{host}")
 }
 
 /// `W/"481"`: FHIR's weak ETag of a version.

@@ -34,12 +34,30 @@ pub struct ApiError {
     pub message: String,
     /// The element the issue is about, as a FHIRPath-like expression, when there is one.
     pub expression: Option<String>,
-    /// Whether to ask for basic credentials (`WWW-Authenticate`, on 401).
-    pub challenge: bool,
+    /// What to ask for (`WWW-Authenticate`, on 401).
+    pub challenge: Option<Challenge>,
     /// Seconds the client should wait before trying again (`Retry-After`, on 429 and 503).
-    pub retry_after: Option<u64>,
+    pub retry_after: Option<u32>,
     /// What went wrong inside, for the log only (server errors).
     cause: Option<String>,
+}
+
+/// What a 401 asks for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Challenge {
+    /// Basic credentials.
+    Basic,
+    /// A valid bearer token (the one sent was not).
+    InvalidToken,
+}
+
+impl Challenge {
+    fn header(self) -> &'static str {
+        match self {
+            Challenge::Basic => "Basic realm=\"fhirbox\", charset=\"UTF-8\"",
+            Challenge::InvalidToken => "Bearer error=\"invalid_token\"",
+        }
+    }
 }
 
 /// The cause of a server error, carried from [`ApiError::into_response`] to the request log
@@ -54,7 +72,7 @@ impl ApiError {
             code,
             message: message.into(),
             expression: None,
-            challenge: false,
+            challenge: None,
             retry_after: None,
             cause: None,
         }
@@ -79,7 +97,7 @@ impl ApiError {
 
     /// `Retry-After: seconds`.
     pub fn retry_after(mut self, seconds: u64) -> ApiError {
-        self.retry_after = Some(seconds.max(1));
+        self.retry_after = Some(seconds.clamp(1, u32::MAX as u64) as u32);
         self
     }
 
@@ -125,10 +143,10 @@ impl IntoResponse for ApiError {
             body,
         )
             .into_response();
-        if self.challenge {
+        if let Some(challenge) = self.challenge {
             response.headers_mut().insert(
                 header::WWW_AUTHENTICATE,
-                HeaderValue::from_static("Basic realm=\"fhirbox\", charset=\"UTF-8\""),
+                HeaderValue::from_static(challenge.header()),
             );
         }
         if let Some(seconds) = self.retry_after {
@@ -142,6 +160,34 @@ impl IntoResponse for ApiError {
         }
         response
     }
+}
+
+/// An OAuth 2.0 error of the token endpoint (RFC 6749 5.2): `{"error", "error_description"}`,
+/// 400 (429 with `Retry-After` when the address must wait, 500 for fhirbox's own failure).
+pub fn oauth_error(code: &str, description: &str) -> Response {
+    let status = match code {
+        "temporarily_unavailable" => StatusCode::TOO_MANY_REQUESTS,
+        "server_error" => StatusCode::INTERNAL_SERVER_ERROR,
+        _ => StatusCode::BAD_REQUEST,
+    };
+    let mut response = (
+        status,
+        [
+            (
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("application/json"),
+            ),
+            (header::CACHE_CONTROL, HeaderValue::from_static("no-store")),
+        ],
+        json!({"error": code, "error_description": description}).to_string(),
+    )
+        .into_response();
+    if status == StatusCode::TOO_MANY_REQUESTS {
+        response
+            .headers_mut()
+            .insert(header::RETRY_AFTER, HeaderValue::from(10u64));
+    }
+    response
 }
 
 impl From<Refused> for ApiError {
@@ -246,7 +292,12 @@ impl From<AuthError> for ApiError {
             .retry_after(1),
             AuthError::Missing | AuthError::Malformed | AuthError::Rejected => {
                 let mut api = ApiError::new(StatusCode::UNAUTHORIZED, "login", error.to_string());
-                api.challenge = true;
+                api.challenge = Some(Challenge::Basic);
+                api
+            }
+            AuthError::InvalidToken(_) => {
+                let mut api = ApiError::new(StatusCode::UNAUTHORIZED, "login", error.to_string());
+                api.challenge = Some(Challenge::InvalidToken);
                 api
             }
         }

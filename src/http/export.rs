@@ -11,42 +11,72 @@
 //!
 //! Status and files are the job owner's (see `access.rs`), besides what policies allow.
 
-use axum::extract::{OriginalUri, Path, State};
+use axum::extract::{FromRequestParts, OriginalUri, Path, State};
+use axum::http::request::Parts;
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
-use axum::Extension;
 use chrono::Utc;
 use serde_json::json;
 
+use super::access::Granted;
 use super::body::{form_urlencoded_pairs, http_date, prefers, set_header, streamed, MaybeDocument};
 use super::context::ApiContext;
 use super::error::ApiError;
 use super::AppState;
+use crate::auth::scope::Interaction;
 use crate::auth::Subject;
 use crate::bulk::export::request::{parameters_body, specify, KickOff, Level};
 use crate::bulk::export::{is_file_name, ExportStatus};
+use crate::resource_type::ResourceType;
 
 /// Seconds a client should wait between status polls.
 const RETRY_AFTER_SECONDS: &str = "1";
 
+/// What a kick-off reads from its request besides its parameters: who asks (and a token's
+/// scopes), the URL as sent, the headers.
+pub struct Caller {
+    subject: Subject,
+    granted: Option<Granted>,
+    uri: axum::http::Uri,
+    headers: HeaderMap,
+}
+
+impl<S: Send + Sync> FromRequestParts<S> for Caller {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Caller, ApiError> {
+        let subject = parts
+            .extensions
+            .get::<Subject>()
+            .cloned()
+            .ok_or_else(|| ApiError::internal("a kick-off without a subject", "no Subject"))?;
+        let uri = parts
+            .extensions
+            .get::<OriginalUri>()
+            .map_or_else(|| parts.uri.clone(), |OriginalUri(uri)| uri.clone());
+        Ok(Caller {
+            subject,
+            granted: parts.extensions.get::<Granted>().cloned(),
+            uri,
+            headers: parts.headers.clone(),
+        })
+    }
+}
+
 pub async fn system(
     State(state): State<AppState>,
-    Extension(subject): Extension<Subject>,
+    caller: Caller,
     ctx: ApiContext,
-    OriginalUri(uri): OriginalUri,
-    headers: HeaderMap,
     MaybeDocument(body): MaybeDocument,
 ) -> Result<Response, ApiError> {
-    kick_off(&state, &subject, &ctx, Level::System, &uri, &headers, body).await
+    kick_off(&state, caller, &ctx, Level::System, body).await
 }
 
 pub async fn patient(
     State(state): State<AppState>,
-    Extension(subject): Extension<Subject>,
     Path(type_name): Path<String>,
+    caller: Caller,
     ctx: ApiContext,
-    OriginalUri(uri): OriginalUri,
-    headers: HeaderMap,
     MaybeDocument(body): MaybeDocument,
 ) -> Result<Response, ApiError> {
     if type_name != "Patient" {
@@ -54,16 +84,14 @@ pub async fn patient(
             "$export is defined on the system, on Patient and on a Group, not on {type_name}"
         )));
     }
-    kick_off(&state, &subject, &ctx, Level::Patient, &uri, &headers, body).await
+    kick_off(&state, caller, &ctx, Level::Patient, body).await
 }
 
 pub async fn group(
     State(state): State<AppState>,
-    Extension(subject): Extension<Subject>,
     Path((type_name, id)): Path<(String, String)>,
+    caller: Caller,
     ctx: ApiContext,
-    OriginalUri(uri): OriginalUri,
-    headers: HeaderMap,
     MaybeDocument(body): MaybeDocument,
 ) -> Result<Response, ApiError> {
     if type_name != "Group" {
@@ -71,19 +99,23 @@ pub async fn group(
             "$export on an instance is defined for a Group, not for {type_name}"
         )));
     }
-    let level = Level::Group { id };
-    kick_off(&state, &subject, &ctx, level, &uri, &headers, body).await
+    kick_off(&state, caller, &ctx, Level::Group { id }, body).await
 }
 
 async fn kick_off(
     state: &AppState,
-    subject: &Subject,
+    caller: Caller,
     ctx: &ApiContext,
     level: Level,
-    uri: &axum::http::Uri,
-    headers: &HeaderMap,
     body: Option<serde_json::Value>,
 ) -> Result<Response, ApiError> {
+    let Caller {
+        subject,
+        granted,
+        uri,
+        headers,
+    } = caller;
+    let headers = &headers;
     let accepts_fhir_json = headers
         .get_all(header::ACCEPT)
         .iter()
@@ -119,6 +151,22 @@ async fn kick_off(
         now: Utc::now(),
     })
     .map_err(ApiError::bad_request)?;
+    if let Some(Granted(scopes)) = &granted {
+        // A token exports only the types its scopes let it read and search.
+        if let Some(denied) = spec
+            .types
+            .iter()
+            .find(|name| !scopes.allow_all(ResourceType::parse(name), &Interaction::READ_ALL))
+        {
+            return Err(ApiError::new(
+                StatusCode::FORBIDDEN,
+                "forbidden",
+                format!(
+                    "the access token's scope ({scopes}) does not allow exporting {denied}; narrow _type"
+                ),
+            ));
+        }
+    }
     let warnings = spec.warnings.clone();
     let id = state
         .background

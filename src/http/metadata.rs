@@ -80,11 +80,21 @@ fn statement(ctx: &ApiContext) -> Value {
         "rest": [{
             "mode": "server",
             "security": {
-                "service": [{"coding": [{
-                    "system": "http://terminology.hl7.org/CodeSystem/restful-security-service",
-                    "code": "Basic"
-                }]}],
-                "description": "HTTP basic authentication; AccessPolicy resources decide what each client may call"
+                "extension": [{
+                    "url": "http://fhir-registry.smarthealthit.org/StructureDefinition/oauth-uris",
+                    "extension": [{"url": "token", "valueUri": ctx.origin_url("auth/token")}],
+                }],
+                "service": [
+                    {"coding": [{
+                        "system": "http://terminology.hl7.org/CodeSystem/restful-security-service",
+                        "code": "SMART-on-FHIR"
+                    }]},
+                    {"coding": [{
+                        "system": "http://terminology.hl7.org/CodeSystem/restful-security-service",
+                        "code": "Basic"
+                    }]}
+                ],
+                "description": "SMART Backend Services (client_credentials with a signed JWT; see /.well-known/smart-configuration) or HTTP basic authentication; AccessPolicy resources decide what each client may call, a token's scopes narrow it"
             },
             "resource": resources,
             "interaction": [{"code": "transaction"}, {"code": "batch"}],

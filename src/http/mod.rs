@@ -13,7 +13,7 @@
 //! Routes under `/fhir` are the same handlers with [`Api::Fhir`] in the request extensions:
 //! they convert bodies between FHIR and native at the edges (see [`context::ApiContext`]).
 
-mod access;
+pub mod access;
 pub mod body;
 mod bundle;
 pub mod context;
@@ -31,6 +31,7 @@ mod metadata;
 pub mod normalize;
 mod search;
 pub mod serve;
+mod smart;
 
 use std::sync::Arc;
 
@@ -152,6 +153,10 @@ fn routes() -> Router<AppState> {
         .route("/$import", post(import::start))
         .route("/$load", post(load::load_mixed))
         .route("/metadata", get(metadata::capability_statement))
+        .route(
+            "/.well-known/smart-configuration",
+            get(smart::configuration),
+        )
         .route("/$export", get(export::system).post(export::system))
         .route(
             "/{type}/$export",
@@ -167,6 +172,11 @@ fn routes() -> Router<AppState> {
     Router::new()
         .route("/health", get(health::health))
         .route("/metadata", get(metadata::capability_statement))
+        .route(
+            "/.well-known/smart-configuration",
+            get(smart::configuration),
+        )
+        .route("/auth/token", post(smart::token))
         .nest("/fhir", fhir)
         .merge(native)
         .fallback(not_found)

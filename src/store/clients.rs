@@ -18,6 +18,16 @@ pub struct ClientRecord {
     pub hash: Option<String>,
 }
 
+impl ClientRecord {
+    /// Whether the Client's `grant_types` hold `grant` (`basic`, `client_credentials`).
+    pub fn has_grant(&self, grant: &str) -> bool {
+        self.resource
+            .get("grant_types")
+            .and_then(Value::as_array)
+            .is_some_and(|grants| grants.iter().any(|g| g == grant))
+    }
+}
+
 /// Sets (or replaces) a Client's secret hash.
 pub async fn set_secret(
     client: &impl GenericClient,

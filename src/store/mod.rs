@@ -22,6 +22,7 @@ pub mod resources;
 pub mod roles;
 pub mod schema;
 pub mod socket;
+pub mod tokens;
 
 use std::sync::Arc;
 use std::time::Duration;

@@ -73,6 +73,22 @@ const MIGRATIONS: &[(i32, &str, &str)] = &[
         "a task's size: an import input's length in bytes, an export type's expected rows",
         "ALTER TABLE fhirbox_task ADD COLUMN size bigint",
     ),
+    (
+        6,
+        "SMART Backend Services: the access-token signing key, used assertion ids",
+        "CREATE TABLE IF NOT EXISTS fhirbox_token_key (
+             id         integer PRIMARY KEY,
+             secret     bytea NOT NULL,
+             created_at timestamptz NOT NULL DEFAULT now()
+         );
+         CREATE TABLE IF NOT EXISTS fhirbox_jti (
+             client_id  text NOT NULL,
+             jti        text NOT NULL,
+             expires_at timestamptz NOT NULL,
+             PRIMARY KEY (client_id, jti)
+         );
+         CREATE INDEX IF NOT EXISTS fhirbox_jti_expires ON fhirbox_jti (expires_at)",
+    ),
 ];
 
 /// Creates the database `name` on the server if it is missing (the managed cluster's first

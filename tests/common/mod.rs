@@ -389,6 +389,7 @@ pub fn test_settings(database: &str) -> AppSettings {
             expiry: defaults.expiry,
         },
         guard: fhirbox::auth::guard::GuardSettings::default(),
+        token_lifetime: Duration::from_secs(300),
         allowance: fhirbox::bulk::allowance::AllowanceSettings {
             total: 8,
             per_subject: 8,

@@ -77,6 +77,9 @@ pub struct SourcePolicy {
     pub connect_timeout: Duration,
     /// How long an `http(s)` source may send nothing before the load fails.
     pub read_timeout: Duration,
+    /// Certificates (DER) trusted besides the system's, for sources and JWK Set URLs on a
+    /// private CA.
+    pub extra_roots: Vec<Vec<u8>>,
 }
 
 impl Default for SourcePolicy {
@@ -87,6 +90,7 @@ impl Default for SourcePolicy {
             max_line_bytes: 64 * 1024 * 1024,
             connect_timeout: Duration::from_secs(10),
             read_timeout: Duration::from_secs(60),
+            extra_roots: Vec::new(),
         }
     }
 }
@@ -103,7 +107,13 @@ impl Sources {
         let policy = Arc::new(policy);
         install_crypto_provider();
         let redirect_policy = policy.clone();
-        let client = reqwest::Client::builder()
+        let mut builder = reqwest::Client::builder();
+        for der in &policy.extra_roots {
+            let root = reqwest::Certificate::from_der(der)
+                .map_err(|e| SourceError::Http(format!("a --source-ca-file certificate: {e}")))?;
+            builder = builder.add_root_certificate(root);
+        }
+        let client = builder
             .dns_resolver(Arc::new(CheckedResolver {
                 policy: policy.clone(),
             }))
@@ -131,6 +141,53 @@ impl Sources {
     /// The longest line a load accepts.
     pub fn max_line_bytes(&self) -> usize {
         self.policy.max_line_bytes
+    }
+
+    /// Fetches a small document (a Client's JWK Set) from an `https` URL under the source
+    /// rules: at most `limit` bytes; with the `max-age` its `Cache-Control` allows (zero for
+    /// `no-store`/`no-cache`).
+    pub async fn fetch_small(
+        &self,
+        url: &str,
+        limit: usize,
+    ) -> Result<(Vec<u8>, Option<Duration>), SourceError> {
+        let parsed = reqwest::Url::parse(url).map_err(|_| SourceError::BadUrl(url.to_string()))?;
+        if parsed.scheme() != "https" {
+            return Err(SourceError::Scheme(format!(
+                "{} (a JWK Set URL must be https)",
+                parsed.scheme()
+            )));
+        }
+        check_url_host(&parsed, &self.policy)?;
+        let response = self
+            .client
+            .get(parsed)
+            .header(reqwest::header::ACCEPT, "application/json")
+            .send()
+            .await
+            .map_err(|e| http_error(e, &self.policy))?;
+        if !response.status().is_success() {
+            return Err(SourceError::Status {
+                status: response.status().as_u16(),
+                url: response.url().to_string(),
+            });
+        }
+        let max_age = response
+            .headers()
+            .get(reqwest::header::CACHE_CONTROL)
+            .and_then(|v| v.to_str().ok())
+            .and_then(cache_max_age);
+        let mut body = Vec::new();
+        let mut stream = response.bytes_stream();
+        while let Some(chunk) = stream.next().await {
+            body.extend_from_slice(&chunk.map_err(|e| http_error(e, &self.policy))?);
+            if body.len() > limit {
+                return Err(SourceError::Http(format!(
+                    "{url} is larger than {limit} bytes"
+                )));
+            }
+        }
+        Ok((body, max_age))
     }
 
     /// Checks what can be checked about a source without reading it (for `$import`'s kick-off):
@@ -238,6 +295,25 @@ impl Sources {
             size,
         })
     }
+}
+
+/// What a `Cache-Control` header allows: `no-store`/`no-cache` nothing, else its `max-age`.
+fn cache_max_age(value: &str) -> Option<Duration> {
+    let mut max_age = None;
+    for directive in value.split(',').map(str::trim) {
+        if directive.eq_ignore_ascii_case("no-store") || directive.eq_ignore_ascii_case("no-cache")
+        {
+            return Some(Duration::ZERO);
+        }
+        if let Some(seconds) = directive.strip_prefix("max-age=") {
+            max_age = seconds
+                .trim_matches('"')
+                .parse()
+                .ok()
+                .map(Duration::from_secs);
+        }
+    }
+    max_age
 }
 
 /// `path` with `.` and `..` resolved by its text alone.
