@@ -187,3 +187,70 @@ async fn smart_fetch_exports_what_the_database_holds() {
     assert_eq!(cohort["Condition"], expected);
     std::fs::remove_dir_all(&work).expect("clean up");
 }
+
+/// smart-fetch as production runs it: over HTTPS, authenticated with SMART Backend Services
+/// (its key a PEM file, its `kid` the key's thumbprint, as jwcrypto makes it), trusting the
+/// test CA through `SSL_CERT_FILE`.
+#[tokio::test]
+async fn smart_fetch_exports_over_https_with_a_smart_token() {
+    use common::keys::{jwks, SigningKey, Tls};
+    let bin = smart_fetch();
+    let tls = Tls::new();
+    let config = fhirbox::http::serve::tls_config(&tls.cert_file, &tls.key_file).expect("TLS");
+    let mut server = TestServer::start_custom(common::fresh_database().await, |settings| {
+        settings.http.connections.tls = Some(config);
+    })
+    .await;
+    server.client = tls.client();
+    let loaded = load_synthea(&server).await;
+    let key = SigningKey::es384();
+    let client = json!({"resourceType": "Client", "grant_types": ["client_credentials"],
+        "scope": ["system/*.rs"], "jwks": jwks(&[&key])});
+    let (status, body) = server.json(Method::PUT, "/Client/cumulus", &client).await;
+    assert!(status.is_success(), "{body}");
+    let policy = json!({"resourceType": "AccessPolicy", "engine": "allow",
+        "link": [{"resourceType": "Client", "id": "cumulus"}]});
+    let (status, body) = server
+        .json(Method::PUT, "/AccessPolicy/cumulus-may", &policy)
+        .await;
+    assert!(status.is_success(), "{body}");
+
+    let work = tempfile::tempdir().expect("work dir");
+    let key_file = work.path().join("key.pem");
+    std::fs::write(&key_file, &key.pem).expect("key file");
+    let out = work.path().join("out");
+    let mut command = tokio::process::Command::new(&bin);
+    command
+        .arg("bulk")
+        .arg("--fhir-url")
+        .arg(server.url("/fhir"))
+        .arg("--smart-client-id")
+        .arg("cumulus")
+        .arg("--smart-key")
+        .arg(&key_file)
+        .args(["--type", "Patient,Condition,Encounter"])
+        .arg(&out)
+        .env("NO_COLOR", "1")
+        .env("SSL_CERT_FILE", &tls.ca_file)
+        .kill_on_drop(true);
+    let output = tokio::time::timeout(std::time::Duration::from_secs(180), command.output())
+        .await
+        .expect("smart-fetch finished in time")
+        .expect("smart-fetch ran");
+    assert!(
+        output.status.success(),
+        "smart-fetch over HTTPS with SMART failed:\n{}\n{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let exported = read_output(&out);
+    for type_name in ["Patient", "Condition", "Encounter"] {
+        assert!(loaded.contains_key(type_name));
+        let table = type_name.to_lowercase();
+        assert_eq!(
+            exported.get(type_name).cloned().unwrap_or_default(),
+            db_ids(&server, &format!("SELECT id FROM {table}")).await,
+            "{type_name}"
+        );
+    }
+}

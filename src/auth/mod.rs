@@ -77,7 +77,11 @@ impl Credentials {
     pub fn from_header(value: Option<&[u8]>) -> Result<Credentials, AuthError> {
         let value = value.ok_or(AuthError::Missing)?;
         let text = std::str::from_utf8(value).map_err(|_| AuthError::Malformed)?;
-        let (scheme, rest) = text.trim().split_once(' ').ok_or(AuthError::Malformed)?;
+        let text = text.trim();
+        if text.eq_ignore_ascii_case("bearer") {
+            return Ok(Credentials::Bearer(String::new()));
+        }
+        let (scheme, rest) = text.split_once(' ').ok_or(AuthError::Malformed)?;
         if scheme.eq_ignore_ascii_case("basic") {
             return BasicCredentials::decode(rest).map(Credentials::Basic);
         }

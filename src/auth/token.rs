@@ -107,7 +107,7 @@ impl Authenticator {
             return Err(error(
                 "invalid_scope",
                 format!(
-                    "none of the scopes asked for ({asked}) is within Client '{}''s registered scope ({registered})",
+                    "none of the scopes asked for ({asked}) is within the registered scope of Client '{}' ({registered})",
                     client.id
                 ),
             ));

@@ -115,10 +115,12 @@ pub fn origin(parts: &Parts, settings: &super::Settings) -> String {
     if let Some(base) = &settings.base_url {
         return base.trim_end_matches('/').to_string();
     }
+    // HTTP/1.1 names the host in `Host`, HTTP/2 in the `:authority` (the URI's).
     let host = parts
         .headers
         .get(header::HOST)
         .and_then(|h| h.to_str().ok())
+        .or_else(|| parts.uri.authority().map(|a| a.as_str()))
         .unwrap_or("localhost");
     let secure = parts
         .extensions

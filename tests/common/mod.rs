@@ -4,6 +4,7 @@
 #![allow(dead_code)] // each test binary uses its own subset of these helpers
 
 pub mod fixtures;
+pub mod keys;
 pub mod process;
 
 use std::path::PathBuf;
@@ -350,7 +351,11 @@ impl Built {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
             .expect("bind");
-        server.base = format!("http://{}", listener.local_addr().expect("local addr"));
+        let scheme = match state.settings.connections.tls {
+            Some(_) => "https",
+            None => "http",
+        };
+        server.base = format!("{scheme}://{}", listener.local_addr().expect("local addr"));
         tokio::spawn(fhirbox::http::serve(
             listener,
             state,
