@@ -7,11 +7,13 @@
 //! bytes, beside raw PostgreSQL `COPY` of the same rows through `psql` in the same run. It
 //! samples the server's resident memory during each operation and prints one table.
 //!
-//! Operations: `dump`, `dump-sql`, `export`, `import`, `load` (default: all; `import` and
-//! `load` run last, as they empty tables).
+//! Operations: `dump`, `dump-sql`, `export`, `smart` (bearer tokens against basic
+//! credentials, and the token endpoint's latency), `import`, `load` (default: all; `import`
+//! and `load` run last, as they empty tables).
 
 mod server;
 mod setup;
+mod smart;
 
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -555,19 +557,20 @@ fn psql_copy(url: &str, sql: &str) -> Measurement {
     }
 }
 
-/// An HTTP request whose response body is read and dropped.
+/// An HTTP request as root whose response body is read and dropped.
 async fn http(
     server: &Server,
     client: &reqwest::Client,
     request: reqwest::RequestBuilder,
 ) -> Measurement {
     let _ = client;
+    http_as(server, request.basic_auth("root", Some(PASSWORD))).await
+}
+
+/// An HTTP request with its own credentials whose response body is read and dropped.
+async fn http_as(server: &Server, request: reqwest::RequestBuilder) -> Measurement {
     let probe = Probe::start(server);
-    let response = request
-        .basic_auth("root", Some(PASSWORD))
-        .send()
-        .await
-        .expect("request");
+    let response = request.send().await.expect("request");
     assert!(response.status().is_success(), "{}", response.status());
     let mut body = response.bytes_stream();
     let mut bytes = 0u64;
@@ -734,6 +737,10 @@ async fn main() {
                 baseline_seconds: baseline,
             });
         }
+    }
+
+    if selected("smart") {
+        rows.extend(smart::smart_benchmark(&server, &client, &largest, largest_rows).await);
     }
 
     if selected("import") {
