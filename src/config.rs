@@ -152,6 +152,11 @@ pub struct ServeArgs {
     #[arg(long, env = "FHIRBOX_EXPORT_EXPIRY", default_value_t = 24 * 60 * 60)]
     pub export_expiry: u64,
 
+    /// Status polls one `$export` job may have per second (after a burst of 5); faster polls
+    /// get 429 with `Retry-After`, as the IG asks. 0: no limit.
+    #[arg(long, env = "FHIRBOX_EXPORT_POLLS_PER_SECOND", default_value_t = 2.0)]
+    pub export_polls_per_second: f64,
+
     /// Public base URL used in links (`next` pages, `Location` headers); by default built from
     /// the request's `Host` header.
     #[arg(long, env = "FHIRBOX_BASE_URL")]

@@ -225,6 +225,7 @@ async fn serve_with_database(
                 .unwrap_or_else(|| crate::bulk::export::default_dir(&args.data_dir)),
             file_size: args.export_file_size,
             expiry: Duration::from_secs(args.export_expiry),
+            polls_per_second: args.export_polls_per_second,
         },
         guard: guard_settings(args),
         token_lifetime: Duration::from_secs(args.access_token_lifetime.max(1)),

@@ -426,7 +426,7 @@ async fn a_token_opens_export_its_status_and_its_files_over_https() {
             .await
             .expect("sent");
         match response.status() {
-            StatusCode::ACCEPTED => tokio::time::sleep(Duration::from_millis(100)).await,
+            StatusCode::ACCEPTED => tokio::time::sleep(Duration::from_millis(500)).await,
             StatusCode::OK => break response.json().await.expect("manifest"),
             other => panic!("{other}"),
         }

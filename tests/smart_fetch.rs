@@ -1,7 +1,7 @@
 //! A real Bulk Data client nobody here wrote: `smart-fetch` (the SMART/Cumulus bulk exporter,
 //! from PyPI, installed by `scripts/ensure-smart-fetch`) exports from fhirbox, and the files it
-//! writes match the database: a system export, one `--since` a change, and a Group export with
-//! a `--type-filter`.
+//! writes match the database: a system export, one `--since` a change, a Group export with a
+//! `--type-filter`, and a Group export with smart-fetch's default types.
 
 mod common;
 
@@ -185,6 +185,37 @@ async fn smart_fetch_exports_what_the_database_holds() {
     .await;
     assert!(!expected.is_empty());
     assert_eq!(cohort["Condition"], expected);
+
+    // 4. The same Group with smart-fetch's default types (which include Device and types
+    //    outside the Patient compartment): every type it gets is exactly the members' part
+    //    of its table, Device (through Device.patient) included.
+    let defaults = export(
+        &server,
+        &bin,
+        &work,
+        "group-defaults",
+        &["--group", "cohort"],
+    )
+    .await;
+    assert!(defaults.contains_key("Device"), "{:?}", defaults.keys());
+    for (type_name, ids) in &defaults {
+        let table = type_name.to_lowercase();
+        let expected = if type_name == "Patient" {
+            members.iter().cloned().collect()
+        } else {
+            db_ids(
+                &server,
+                &format!(
+                    "SELECT id FROM {table}
+                      WHERE coalesce(resource #>> '{{subject,id}}', resource #>> '{{patient,id}}')
+                            IN ('{}', '{}')",
+                    members[0], members[1]
+                ),
+            )
+            .await
+        };
+        assert_eq!(ids, &expected, "{type_name}");
+    }
     std::fs::remove_dir_all(&work).expect("clean up");
 }
 

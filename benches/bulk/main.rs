@@ -649,9 +649,18 @@ async fn main() {
         .expect("files dir");
     let files_dir = files.path().to_str().expect("utf-8 path").to_string();
     let export_dir = format!("{files_dir}/exports");
+    // The export rounds poll every 50 ms to time exports finely: the per-job poll limit (a
+    // rule for clients, not a cost) is off here.
     let server = Server::start(
         &url,
-        &["--source-dir", &files_dir, "--export-dir", &export_dir],
+        &[
+            "--source-dir",
+            &files_dir,
+            "--export-dir",
+            &export_dir,
+            "--export-polls-per-second",
+            "0",
+        ],
     );
     fhirbox::bulk::source::install_crypto_provider();
     let client = reqwest::Client::new();

@@ -47,6 +47,8 @@ struct Model {
     choice_paths: BTreeMap<String, Vec<String>>,
     repeating: BTreeSet<String>,
     defined_elsewhere: BTreeMap<String, String>,
+    /// Root elements with `min` of at least 1, by resource type (from the snapshots).
+    mandatory: BTreeMap<String, BTreeSet<String>>,
 }
 
 impl Model {
@@ -63,10 +65,14 @@ impl Model {
             choice_paths: serde_json::from_value(load("choiceTypePaths.json")?)?,
             repeating: serde_json::from_value(load("path2Repeating.json")?)?,
             defined_elsewhere: serde_json::from_value(load("pathsDefinedElsewhere.json")?)?,
+            mandatory: BTreeMap::new(),
         })
     }
 
-    /// Marks the contentReference elements that repeat (`max: "*"` in the snapshots).
+    /// Marks the contentReference elements that repeat (`max: "*"` in the snapshots), and
+    /// notes the mandatory root elements of each resource type (`min` >= 1: what `$export`'s
+    /// `_elements` keeps whether asked or not). Only elements the pristine tables also have
+    /// count, which leaves out the Medplum additions.
     fn add_content_reference_cardinality(&mut self, bundle_path: &Path) -> Result<()> {
         use std::io::Read as _;
         let file = std::fs::File::open(bundle_path)
@@ -91,6 +97,17 @@ impl Model {
                     && element["max"] == "*"
                 {
                     self.repeating.insert(path.to_string());
+                }
+                let pristine = self.path_to_type.contains_key(path)
+                    || self.choice_paths.contains_key(path.trim_end_matches("[x]"));
+                if let Some((base, name)) = path.split_once('.') {
+                    if !name.contains('.') && element["min"].as_u64().unwrap_or(0) >= 1 && pristine
+                    {
+                        self.mandatory
+                            .entry(base.to_string())
+                            .or_default()
+                            .insert(name.trim_end_matches("[x]").to_string());
+                    }
                 }
             }
         }
@@ -221,6 +238,23 @@ fn render(model: &Model) -> Result<String> {
             )?;
         }
         writeln!(out, "    ] }},")?;
+    }
+    writeln!(out, "];")?;
+    writeln!(out)?;
+    writeln!(
+        out,
+        "/// The mandatory root elements (`min` >= 1) of each resource type that has any; a"
+    )?;
+    writeln!(out, "/// choice element by its name without `[x]`.")?;
+    writeln!(
+        out,
+        "pub static MANDATORY_ELEMENTS: &[(&str, &[&str])] = &["
+    )?;
+    for (base, names) in &model.mandatory {
+        if resources.contains(&base.as_str()) {
+            let names: Vec<String> = names.iter().cloned().collect();
+            writeln!(out, "    ({base:?}, &[{}]),", quoted_list(&names))?;
+        }
     }
     writeln!(out, "];")?;
     Ok(out)

@@ -1,4 +1,4 @@
-//! FHIR Bulk Data `$export` (IG 2.0.0), on `/fhir/` only:
+//! FHIR Bulk Data `$export` (IG 3.0.0), on `/fhir/` only:
 //!
 //! - kick-off: `GET`/`POST /fhir/$export`, `/fhir/Patient/$export`, `/fhir/Group/<id>/$export`,
 //!   with `Accept: application/fhir+json` and `Prefer: respond-async` (else 400) -> 202 with
@@ -11,7 +11,7 @@
 //!
 //! Status and files are the job owner's (see `access.rs`), besides what policies allow.
 
-use axum::extract::{FromRequestParts, OriginalUri, Path, State};
+use axum::extract::{FromRequestParts, OriginalUri, Path, RawQuery, State};
 use axum::http::request::Parts;
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
@@ -191,18 +191,44 @@ async fn kick_off(
 pub async fn status(
     State(state): State<AppState>,
     Path(id): Path<String>,
+    RawQuery(query): RawQuery,
     ctx: ApiContext,
 ) -> Result<Response, ApiError> {
+    // `page` of a paged manifest (allowPartialManifests); the status URL itself is page 1.
+    let page = match form_urlencoded_pairs(query.as_deref().unwrap_or_default())
+        .into_iter()
+        .find(|(name, _)| name == "page")
+    {
+        None => None,
+        Some((_, value)) => Some(value.parse::<usize>().ok().filter(|n| *n >= 1).ok_or_else(
+            || ApiError::bad_request(format!("page must be a number from 1, not '{value}'")),
+        )?),
+    };
+    if let Err(wait) = state.background.exports.admit_poll(&id) {
+        return Err(ApiError::new(
+            StatusCode::TOO_MANY_REQUESTS,
+            "throttled",
+            format!(
+                "export {id} is polled faster than its Retry-After ({RETRY_AFTER_SECONDS} s) \
+                 asks; wait that long between polls"
+            ),
+        )
+        .retry_after(wait.as_secs_f64().ceil() as u64));
+    }
     let base = ctx.url("/");
     let status = state
         .background
         .exports
-        .status(&id, base.trim_end_matches('/'))
+        .status(&id, base.trim_end_matches('/'), page)
         .await?;
     match status {
         None => Err(no_export(&id)),
-        Some(ExportStatus::InProgress { progress }) => {
-            let mut response = StatusCode::ACCEPTED.into_response();
+        Some(ExportStatus::InProgress { progress, page }) => {
+            let mut response = match page {
+                // allowPartialManifests: the files ready so far.
+                Some(page) => manifest_response(StatusCode::ACCEPTED, &page),
+                None => StatusCode::ACCEPTED.into_response(),
+            };
             set_header(&mut response, header::RETRY_AFTER, RETRY_AFTER_SECONDS);
             set_header(&mut response, "x-progress", &progress);
             Ok(response)
@@ -213,16 +239,29 @@ pub async fn status(
             format!("the export failed: {}", reasons.join("; ")),
         )),
         Some(ExportStatus::Complete { manifest, expires }) => {
-            let mut response = (
-                StatusCode::OK,
-                [(header::CONTENT_TYPE, "application/json")],
-                manifest.to_string(),
-            )
-                .into_response();
+            let mut response = manifest_response(StatusCode::OK, &manifest);
             set_header(&mut response, header::EXPIRES, &http_date(&expires));
             Ok(response)
         }
     }
+}
+
+/// A manifest (or manifest page) as JSON, its `next` link also as a `Link` header.
+fn manifest_response(status: StatusCode, manifest: &serde_json::Value) -> Response {
+    let mut response = (
+        status,
+        [(header::CONTENT_TYPE, "application/json")],
+        manifest.to_string(),
+    )
+        .into_response();
+    if let Some(next) = manifest["link"][0]["url"].as_str() {
+        set_header(
+            &mut response,
+            header::LINK,
+            &format!("<{next}>; rel=\"next\""),
+        );
+    }
+    response
 }
 
 pub async fn cancel(

@@ -7,6 +7,10 @@ use serde_json::{json, Value};
 
 use super::context::ApiContext;
 use crate::resource_type::ResourceType;
+use crate::store::token::token_params_of;
+
+/// Said of every search parameter `$export`'s `_typeFilter` accepts as well.
+const TYPE_FILTER_TOO: &str = "also accepted in $export's _typeFilter";
 
 /// The interactions every resource type supports.
 const TYPE_INTERACTIONS: &[&str] = &[
@@ -45,20 +49,28 @@ fn statement(ctx: &ApiContext) -> Value {
     let resources: Vec<Value> = ResourceType::all()
         .filter(|rt| rt.is_fhir())
         .map(|rt| {
+            // What search and `$export`'s `_typeFilter` accept (the IG: list them, so that
+            // clients can discover the filters).
+            let mut search_params = vec![
+                json!({"name": "_id", "type": "token",
+                       "definition": "http://hl7.org/fhir/SearchParameter/Resource-id",
+                       "documentation": TYPE_FILTER_TOO}),
+                json!({"name": "_lastUpdated", "type": "date",
+                       "definition": "http://hl7.org/fhir/SearchParameter/Resource-lastUpdated",
+                       "documentation": TYPE_FILTER_TOO}),
+                json!({"name": "_count", "type": "number",
+                       "documentation": "page size (default 100, at most 1000)"}),
+            ];
+            search_params.extend(token_params_of(rt.name()).map(
+                |name| json!({"name": name, "type": "token", "documentation": TYPE_FILTER_TOO}),
+            ));
             let mut resource = json!({
                 "type": rt.name(),
                 "interaction": interactions,
                 "versioning": "versioned",
                 "readHistory": true,
                 "updateCreate": true,
-                "searchParam": [
-                    {"name": "_id", "type": "token",
-                     "definition": "http://hl7.org/fhir/SearchParameter/Resource-id"},
-                    {"name": "_lastUpdated", "type": "date",
-                     "definition": "http://hl7.org/fhir/SearchParameter/Resource-lastUpdated"},
-                    {"name": "_count", "type": "number",
-                     "documentation": "page size (default 100, at most 1000)"},
-                ],
+                "searchParam": search_params,
             });
             let operations = type_operations(rt.name());
             if !operations.is_empty() {

@@ -3,8 +3,10 @@
 //!
 //! Paging is by key (`_cursor` = the last id of the previous page), so a page never repeats or
 //! skips a resource because others were written meanwhile, and a deep page costs what the first
-//! does. Search parameters: `_id` (comma-separated ids) and `_lastUpdated` (with the FHIR
-//! prefixes `eq`, `gt`, `ge`, `lt`, `le`, `sa`, `eb`; repeat it for a range). Any other
+//! does. Search parameters: `_id` (comma-separated ids), `_lastUpdated` (with the FHIR
+//! prefixes `eq`, `gt`, `ge`, `lt`, `le`, `sa`, `eb`; repeat it for a range), and the type's
+//! token parameters (`Group?identifier=system|value`, `Observation?category=laboratory`;
+//! comma-separated values, at most [`MAX_TOKEN_VALUES`]; see [`crate::store::token`]). Any other
 //! parameter is answered with 400 (rather than silently ignored, which would return unfiltered
 //! data), unless the client sends `Prefer: handling=lenient`, in which case unknown
 //! parameters are ignored as FHIR allows.
@@ -21,6 +23,7 @@ use super::AppState;
 use crate::bulk::params::last_updated;
 use crate::crud;
 use crate::store::resources::PageFilter;
+use crate::store::token::{token_param, token_params_of, Token};
 
 const DEFAULT_COUNT: i64 = 100;
 const MAX_COUNT: i64 = 1000;
@@ -28,8 +31,11 @@ const MAX_COUNT: i64 = 1000;
 /// Parameters that control the answer rather than filter it.
 const CONTROL_PARAMETERS: &[&str] = &["_count", "_cursor", "_format", "_pretty"];
 
-/// Parameters that filter.
+/// Parameters that filter, besides the type's token parameters.
 const SEARCH_PARAMETERS: &[&str] = &["_id", "_lastUpdated"];
+
+/// Values one token parameter may list.
+const MAX_TOKEN_VALUES: usize = 100;
 
 pub async fn search(
     State(state): State<AppState>,
@@ -44,10 +50,15 @@ pub async fn search(
         if let Some((name, _)) = params.iter().find(|(name, _)| {
             !CONTROL_PARAMETERS.contains(&name.as_str())
                 && !SEARCH_PARAMETERS.contains(&name.as_str())
+                && token_param(rt.name(), name).is_none()
         }) {
+            let tokens: Vec<&str> = token_params_of(rt.name()).collect();
             return Err(ApiError::bad_request(format!(
                 "search parameter '{name}' is not supported yet (supported: _id, _lastUpdated, \
-                 _count, _cursor); send 'Prefer: handling=lenient' to ignore unsupported parameters"
+                 _count, _cursor{}{}); send 'Prefer: handling=lenient' to ignore unsupported \
+                 parameters",
+                if tokens.is_empty() { "" } else { ", " },
+                tokens.join(", ")
             ))
             .with_expression(name.clone()));
         }
@@ -70,7 +81,7 @@ pub async fn search(
             }
         },
     };
-    let (filter, filter_params) = page_filter(&params)?;
+    let (filter, filter_params) = page_filter(rt.name(), &params)?;
     let after = param("_cursor");
     let (page, more) = crud::page(&state.store, rt, &filter, after, count).await?;
     let url = |after: Option<&str>| page_url(&ctx, &type_name, &filter_params, count, after);
@@ -97,8 +108,10 @@ pub async fn search(
     Ok(ctx.reply(StatusCode::OK, &bundle))
 }
 
-/// The `_id` and `_lastUpdated` conditions, and the parameters that say them (for links).
+/// The `_id`, `_lastUpdated` and token conditions, and the parameters that say them (for
+/// links).
 fn page_filter(
+    type_name: &str,
     params: &[(String, String)],
 ) -> Result<(PageFilter, Vec<(String, String)>), ApiError> {
     let mut filter = PageFilter::default();
@@ -124,7 +137,20 @@ fn page_filter(
                     filter.updated_before = Some(filter.updated_before.map_or(to, |t| t.min(to)));
                 }
             }
-            _ => continue,
+            _ => {
+                let Some(paths) = token_param(type_name, name) else {
+                    continue;
+                };
+                let values: Vec<Token> = value.split(',').map(Token::parse).collect();
+                if values.len() > MAX_TOKEN_VALUES {
+                    return Err(ApiError::bad_request(format!(
+                        "{name} lists {} values; at most {MAX_TOKEN_VALUES} are allowed",
+                        values.len()
+                    ))
+                    .with_expression(name.clone()));
+                }
+                filter.tokens.push((paths, values));
+            }
         }
         said.push((name.clone(), value.clone()));
     }

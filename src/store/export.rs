@@ -17,28 +17,35 @@
 
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
-use serde_json::{json, Value};
+use serde_json::Value;
 
 use super::copy_out::{copy_out, copy_out_on, CopyOut};
-use super::{timestamp_literal, Store, StoreError};
-use crate::fhir::r4::{PATIENT_COMPARTMENT, TOKEN_PARAMS};
+pub use super::token::Token;
+use super::token::{token_param, token_path};
+use super::{timestamp_literal, GenericClient, Store, StoreError};
+use crate::fhir::r4::PATIENT_COMPARTMENT;
 use crate::resource_type::ResourceType;
 
-/// The element paths linking a type to its patients, if it is in the Patient compartment.
+/// Types fhirbox adds to the R4 Patient compartment for exports, with their links. R4 leaves
+/// `Device` out, but a Device with `Device.patient` set is that patient's (an implant, a
+/// pump), and bulk clients ask for it at Patient and Group level (smart-fetch's default
+/// types include it). R5 puts Device in the compartment the same way.
+const EXPORT_COMPARTMENT_EXTRAS: &[(&str, &[&str])] = &[("Device", &["patient"])];
+
+/// The element paths linking a type to its patients, if it is in the Patient compartment (as
+/// fhirbox exports it: R4's, plus [`EXPORT_COMPARTMENT_EXTRAS`]).
 pub fn compartment_paths(type_name: &str) -> Option<&'static [&'static str]> {
-    PATIENT_COMPARTMENT
-        .iter()
+    compartment()
         .find(|(name, _)| *name == type_name)
-        .map(|(_, paths)| *paths)
+        .map(|(_, paths)| paths)
 }
 
-/// The token search parameter `code` of a type, if `_typeFilter` supports it: its element
-/// paths with their FHIR types.
-pub fn token_param(type_name: &str, code: &str) -> Option<&'static [(&'static str, &'static str)]> {
-    TOKEN_PARAMS
+/// Every type of the compartment with its paths.
+pub(super) fn compartment() -> impl Iterator<Item = (&'static str, &'static [&'static str])> {
+    PATIENT_COMPARTMENT
         .iter()
-        .find(|(name, param, _)| *name == type_name && *param == code)
-        .map(|(_, _, paths)| *paths)
+        .chain(EXPORT_COMPARTMENT_EXTRAS)
+        .map(|(name, paths)| (*name, *paths))
 }
 
 /// The compartment index of a type, if it has one: `(name, CREATE INDEX statement)`.
@@ -53,7 +60,7 @@ pub fn compartment_index(rt: ResourceType) -> Option<(String, String)> {
     Some((name, create))
 }
 
-fn patients_function(rt: ResourceType) -> String {
+pub(super) fn patients_function(rt: ResourceType) -> String {
     format!("fhirbox_patients_{}", rt.table_name())
 }
 
@@ -63,7 +70,7 @@ fn patients_function(rt: ResourceType) -> String {
 /// changes the function but not what the index already holds.)
 pub fn compartment_ddl() -> String {
     let mut ddl = String::new();
-    for (type_name, paths) in PATIENT_COMPARTMENT {
+    for (type_name, paths) in compartment() {
         let Some(rt) = ResourceType::parse(type_name) else {
             continue;
         };
@@ -125,25 +132,31 @@ pub enum Criterion {
     Token { param: String, values: Vec<Token> },
 }
 
-/// One token value: `code`, `system|code`, `|code` (no system) or `system|`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Token {
-    pub system: Option<String>,
-    pub code: Option<String>,
-    /// `|code`: the coding must have no system.
-    pub no_system: bool,
-}
-
 /// What one export task reads.
 pub struct ExportQuery<'a> {
     pub rt: ResourceType,
-    /// The export's transactionTime: nothing changed after it.
-    pub until: DateTime<Utc>,
+    /// The export's transactionTime: each resource is exported as it was then.
+    pub at: DateTime<Utc>,
     /// `_since`: only resources changed after it.
     pub since: Option<DateTime<Utc>>,
+    /// `_until`: only resources whose version at `at` was written at or before it.
+    pub until: Option<DateTime<Utc>>,
     pub patients: Patients,
     /// `_typeFilter`s of this type: a resource is exported if any filter matches (none: all).
     pub filters: &'a [Vec<Criterion>],
+    /// The versions read: the resources as they were at `at`, or those deleted (after
+    /// `since`, at or before `at`).
+    pub versions: Versions,
+}
+
+/// Which versions an export task reads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Versions {
+    /// Each resource as it was at the transactionTime.
+    AtTime,
+    /// The `deleted` versions of the resources whose last version at the transactionTime is a
+    /// deletion: the manifest's `deleted` files.
+    Deleted,
 }
 
 /// Who the patients of a `Listed` export are: the `member` Patients of a Group (not
@@ -151,6 +164,28 @@ pub struct ExportQuery<'a> {
 pub struct PatientSource<'a> {
     pub group: Option<&'a str>,
     pub ids: Option<&'a [String]>,
+}
+
+/// The ids of a Group's active Patient members, as a jsonpath over the Group.
+const GROUP_MEMBERS: &str =
+    "lax $.member ? (!exists(@.inactive) || @.inactive != true).entity ? (@.resourceType == \"Patient\").id";
+
+/// Of the `patient` parameters of a kick-off, those that name no current Patient, or (with a
+/// Group) no active member of it: the IG wants them refused at kick-off.
+pub async fn unknown_patients(
+    client: &impl GenericClient,
+    ids: &[String],
+    group: Option<&str>,
+) -> Result<Vec<String>, StoreError> {
+    let sql = format!(
+        "SELECT asked FROM unnest($1::text[]) AS asked
+          WHERE NOT EXISTS (SELECT 1 FROM patient WHERE id = asked)
+             OR ($2::text IS NOT NULL AND NOT EXISTS (
+                   SELECT 1 FROM \"group\" g, jsonb_path_query(g.resource, '{GROUP_MEMBERS}') AS p
+                    WHERE g.id = $2 AND p #>> '{{}}' = asked))"
+    );
+    let rows = client.query(&sql, &[&ids, &group]).await?;
+    Ok(rows.iter().map(|row| row.get(0)).collect())
 }
 
 /// Starts the COPY of one export task. When it needs patients or filter values, on its own
@@ -162,10 +197,21 @@ pub async fn start(
     patients: PatientSource<'_>,
 ) -> Result<CopyOut, StoreError> {
     let (sql, values) = export_sql(query)?;
+    run_copy(store, &sql, &values, patients).await
+}
+
+/// Runs an export's COPY, handing the patients and filter values over in temporary tables
+/// when the statement reads them.
+pub(super) async fn run_copy(
+    store: &Store,
+    sql: &str,
+    values: &[ValueRow],
+    patients: PatientSource<'_>,
+) -> Result<CopyOut, StoreError> {
     if !sql.contains("pg_temp.") {
         // Nothing from the request to hand over: a plain COPY on a pooled connection (one
         // statement is one snapshot).
-        return copy_out(store, &sql).await;
+        return copy_out(store, sql).await;
     }
     let conn = store.dedicated().await?;
     conn.batch_execute(
@@ -180,9 +226,8 @@ pub async fn start(
             &format!(
                 "INSERT INTO pg_temp.fhirbox_export_patients
                  SELECT DISTINCT p #>> '{{}}' FROM \"group\" g,
-                        jsonb_path_query(g.resource, '{}') AS p
-                  WHERE g.id = $1 ON CONFLICT DO NOTHING",
-                "lax $.member ? (!exists(@.inactive) || @.inactive != true).entity ? (@.resourceType == \"Patient\").id"
+                        jsonb_path_query(g.resource, '{GROUP_MEMBERS}') AS p
+                  WHERE g.id = $1 ON CONFLICT DO NOTHING"
             ),
             &[&id],
         )
@@ -205,7 +250,7 @@ pub async fn start(
         }
         _ => {}
     }
-    for (key, code, vars) in &values {
+    for (key, code, vars) in values {
         conn.execute(
             "INSERT INTO pg_temp.fhirbox_export_values (key, code, vars) VALUES ($1, $2, $3)",
             &[key, code, vars],
@@ -216,45 +261,140 @@ pub async fn start(
         .await?;
     // (On an error above, dropping `conn` closes it with its transaction.) The COPY ends the
     // connection's use: it holds the transaction and its temporary tables.
-    Ok(copy_out_on(conn, &sql).await?.close_after())
+    Ok(copy_out_on(conn, sql).await?.close_after())
 }
 
 /// A row of the values table: (key, code, jsonpath variables).
-type ValueRow = (i32, Option<String>, Option<Value>);
+pub(super) type ValueRow = (i32, Option<String>, Option<Value>);
 
 /// The COPY statement of a task, and the filter values it reads from the values table.
 fn export_sql(query: &ExportQuery<'_>) -> Result<(String, Vec<ValueRow>), StoreError> {
+    let mut values = Vec::new();
+    let conditions = conditions(query, &mut values)?;
+    let select = match query.versions {
+        Versions::AtTime => at_time_sql(query.rt, &query.at, &conditions),
+        Versions::Deleted => deleted_sql(query.rt, &query.at, query.since.as_ref(), &conditions),
+    };
+    Ok((format!("COPY ({select}) TO STDOUT (FORMAT binary)"), values))
+}
+
+/// What a task's rows must meet besides their version: `_since`, `_until`, the patients,
+/// the `_typeFilter`s (whose values go to `values`). On unqualified `id`, `ts`, `resource`.
+pub(super) fn conditions(
+    query: &ExportQuery<'_>,
+    values: &mut Vec<ValueRow>,
+) -> Result<String, StoreError> {
     let rt = query.rt;
-    let mut conditions = vec![format!("ts <= {}", timestamp_literal(&query.until))];
+    let mut conditions = vec!["true".to_string()];
     if let Some(since) = &query.since {
         conditions.push(format!("ts > {}", timestamp_literal(since)));
+    }
+    if let Some(until) = &query.until {
+        conditions.push(format!("ts <= {}", timestamp_literal(until)));
     }
     if let Some(condition) = patient_condition(rt, &query.patients) {
         conditions.push(condition);
     }
-    let mut values = Vec::new();
     if !query.filters.is_empty() {
         let mut any = Vec::new();
         for filter in query.filters {
             let mut all = vec!["true".to_string()];
             for criterion in filter {
-                all.push(criterion_sql(rt, criterion, &mut values)?);
+                all.push(criterion_sql(rt, criterion, values)?);
             }
             any.push(format!("({})", all.join(" AND ")));
         }
         conditions.push(format!("({})", any.join(" OR ")));
     }
-    let sql = format!(
-        "COPY (SELECT id, txid, cts, ts, resource FROM {} WHERE {}) TO STDOUT (FORMAT binary)",
-        rt.table(),
-        conditions.join(" AND ")
+    Ok(conditions.join(" AND "))
+}
+
+/// The resources of a type as they were at `at` (the IG's transactionTime), meeting
+/// `conditions` (on unqualified `id`, `ts`, `resource`).
+///
+/// A current row written at or before `at` is that version. A resource changed after `at`
+/// (its current row is newer, or it was deleted since) was, at `at`, its newest version in
+/// the history table written at or before `at`, unless that is a deletion. Every CRUD write
+/// and every `$load` with `update: true` keeps the replaced version in history; a `$load`
+/// that replaces without history keeps it too while an export is running (see
+/// `store::load`), so a version is missing only when it was replaced without history before
+/// the export began and after its transactionTime, which cannot happen.
+///
+/// Finding the resources changed after `at` reads the table's `ts` a second time (there is no
+/// index on it: loads would pay for one); the history side is an index lookup by id.
+pub(super) fn at_time_sql(rt: ResourceType, at: &DateTime<Utc>, conditions: &str) -> String {
+    let (table, history) = (rt.table(), rt.history_table());
+    let at = timestamp_literal(at);
+    format!(
+        "SELECT id, txid, cts, ts, resource FROM {table} WHERE ts <= {at} AND {conditions}
+         UNION ALL
+         SELECT id, txid, cts, ts, resource FROM (
+             SELECT DISTINCT ON (h.id) h.id, h.txid, h.cts, h.ts, h.status, h.resource
+               FROM {history} h
+              WHERE h.ts <= {at}
+                AND h.id IN (SELECT id FROM {table} WHERE ts > {at}
+                             UNION SELECT id FROM {history} WHERE ts > {at} AND status = 'deleted')
+              ORDER BY h.id, h.txid DESC
+         ) AS then_
+          WHERE status <> 'deleted'
+            AND NOT EXISTS (SELECT 1 FROM {table} c WHERE c.id = then_.id AND c.ts <= {at})
+            AND {conditions}"
+    )
+}
+
+/// The deletion versions of the resources deleted after `since` whose newest version at `at`
+/// is that deletion (not re-created by then), meeting `conditions` (the patient and filter
+/// conditions apply to the body the deletion kept).
+fn deleted_sql(
+    rt: ResourceType,
+    at: &DateTime<Utc>,
+    since: Option<&DateTime<Utc>>,
+    conditions: &str,
+) -> String {
+    let (table, history) = (rt.table(), rt.history_table());
+    let at = timestamp_literal(at);
+    let after = since.map_or_else(
+        || "true".to_string(),
+        |s| format!("ts > {}", timestamp_literal(s)),
     );
-    Ok((sql, values))
+    let deleted =
+        format!("SELECT id FROM {history} WHERE status = 'deleted' AND {after} AND ts <= {at}");
+    format!(
+        "SELECT id, txid, cts, ts, resource FROM (
+             SELECT DISTINCT ON (v.id) v.id, v.txid, v.cts, v.ts, v.status, v.resource FROM (
+                 SELECT id, txid, cts, ts, status, resource FROM {history}
+                  WHERE ts <= {at} AND id IN ({deleted})
+                 UNION ALL
+                 SELECT id, txid, cts, ts, status, resource FROM {table}
+                  WHERE ts <= {at} AND id IN ({deleted})
+             ) AS v
+             ORDER BY v.id, v.txid DESC
+         ) AS gone
+          WHERE status = 'deleted' AND {conditions}"
+    )
 }
 
 fn patient_condition(rt: ResourceType, patients: &Patients) -> Option<String> {
-    let listed = "(SELECT coalesce(array_agg(id), '{}') FROM pg_temp.fhirbox_export_patients)";
-    let empty = "'[]'::jsonb";
+    let direct = compartment_condition(rt, patients)?;
+    if rt.name() != "Provenance" {
+        return Some(direct);
+    }
+    // The IG: a Patient or Group export includes the Provenance whose target is any exported
+    // compartment resource, not only the Patient itself.
+    let owners = super::export_blocks::provenance_patients("resource");
+    Some(match patients {
+        Patients::Listed => format!("({direct} OR {owners} ?| {LISTED})"),
+        _ => format!("({direct} OR {owners} <> '[]'::jsonb)"),
+    })
+}
+
+/// The export's listed patients, as a text array (for `?|`).
+const LISTED: &str = "(SELECT coalesce(array_agg(id), '{}') FROM pg_temp.fhirbox_export_patients)";
+
+/// Whether a resource of `rt` is in the compartment of the export's patients (`None`: no
+/// condition, every one is).
+fn compartment_condition(rt: ResourceType, patients: &Patients) -> Option<String> {
+    let (listed, empty) = (LISTED, "'[]'::jsonb");
     let function = compartment_paths(rt.name()).map(|_| patients_function(rt));
     let is_patient = rt.name() == "Patient";
     Some(match (patients, function) {
@@ -303,12 +443,7 @@ fn criterion_sql(
                 )));
             };
             for token in tokens {
-                let vars = json!({
-                    "system": token.system,
-                    "code": token.code,
-                    "nosys": token.no_system,
-                });
-                values.push((key, None, Some(vars)));
+                values.push((key, None, Some(token.vars())));
             }
             let tests: Vec<String> = paths
                 .iter()
@@ -327,24 +462,6 @@ fn criterion_sql(
     })
 }
 
-/// The jsonpath that finds a token at a path of FHIR type `kind`, with the variables `$code`,
-/// `$system` (JSON null: any) and `$nosys` (true: the coding must have no system).
-fn token_path(path: &str, kind: &str) -> String {
-    let coded = |code_field: &str| {
-        format!(
-            "($system == null || @.system == $system) && ($code == null || @.{code_field} == $code) \
-             && ($nosys == false || !(exists(@.system)))"
-        )
-    };
-    match kind {
-        "CodeableConcept" => format!("lax $.{path}.coding ? ({})", coded("code")),
-        "Coding" => format!("lax $.{path} ? ({})", coded("code")),
-        "Identifier" => format!("lax $.{path} ? ({})", coded("value")),
-        // A plain code has no system.
-        _ => format!("lax $.{path} ? (($code == null || @ == $code) && $system == null)"),
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -361,10 +478,7 @@ mod tests {
         );
         assert_eq!(compartment_paths("Patient"), Some(&["link.other"][..]));
         assert_eq!(compartment_paths("Organization"), None);
-        assert_eq!(
-            token_param("Observation", "category"),
-            Some(&[("category", "CodeableConcept")][..])
-        );
+        assert_eq!(compartment_paths("Device"), Some(&["patient"][..]));
     }
 
     #[test]
@@ -383,10 +497,12 @@ mod tests {
         let until = Utc::now();
         let query = ExportQuery {
             rt: rt("Observation"),
-            until,
+            at: until,
             since: None,
+            until: None,
             patients: Patients::Listed,
             filters: &filters,
+            versions: Versions::AtTime,
         };
         let (sql, values) = export_sql(&query).expect("builds");
         assert!(!sql.contains("DROP") && !sql.contains("evil") && !sql.contains("laboratory"));

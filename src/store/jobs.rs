@@ -13,7 +13,7 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 use serde_json::Value;
 
-use super::{GenericClient, StoreError};
+use super::{GenericClient, StoreError, Tx};
 
 /// What a job does; stored in `fhirbox_job.kind`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -172,6 +172,65 @@ pub async fn job(
         created_at: row.get(5),
         document: row.get(6),
     }))
+}
+
+/// The manifest pages of a job (`allowPartialManifests`), each the positions of the tasks it
+/// lists, after putting the finished tasks no page lists yet on a new page. A page, once
+/// made, never changes (the IG: a manifest returned is never altered). In `tx`, with the
+/// job's row locked, so that two polls at once cannot make two pages of the same tasks.
+pub async fn manifest_pages(tx: &Tx, job_id: &str) -> Result<Vec<Vec<i32>>, StoreError> {
+    let row = tx
+        .query_opt(
+            "SELECT coalesce(pages, '[]'::jsonb) FROM fhirbox_job WHERE id = $1 FOR NO KEY UPDATE",
+            &[&job_id],
+        )
+        .await?;
+    let Some(row) = row else {
+        return Ok(Vec::new());
+    };
+    let mut pages: Vec<Vec<i32>> = serde_json::from_value(row.get(0)).unwrap_or_default();
+    let paged: std::collections::HashSet<i32> = pages.iter().flatten().copied().collect();
+    let finished: Vec<i32> = tx
+        .query(
+            "SELECT position FROM fhirbox_task WHERE job_id = $1 AND status = 'finished'
+              ORDER BY position",
+            &[&job_id],
+        )
+        .await?
+        .iter()
+        .map(|row| row.get(0))
+        .filter(|position| !paged.contains(position))
+        .collect();
+    if !finished.is_empty() {
+        pages.push(finished);
+        let stored =
+            serde_json::to_value(&pages).map_err(|e| StoreError::Invalid(e.to_string()))?;
+        tx.execute(
+            "UPDATE fhirbox_job SET pages = $2 WHERE id = $1",
+            &[&job_id, &stored],
+        )
+        .await?;
+    }
+    Ok(pages)
+}
+
+/// Whether an `$export` that may read `type_name` has tasks still to run (waiting or in
+/// progress): a patient-block export reads every type from its one task.
+pub async fn export_running(
+    client: &impl GenericClient,
+    type_name: &str,
+) -> Result<bool, StoreError> {
+    let row = client
+        .query_one(
+            "SELECT EXISTS (
+                 SELECT 1 FROM fhirbox_job j JOIN fhirbox_task t ON t.job_id = j.id
+                  WHERE j.kind = 'export' AND NOT j.cancelled
+                    AND t.status IN ('waiting', 'in-progress')
+                    AND (t.resource_type = $1 OR j.document ->> 'byPatient' = 'true'))",
+            &[&type_name],
+        )
+        .await?;
+    Ok(row.get(0))
 }
 
 /// Locks a job's row until the end of the transaction (writers of its status take turns).

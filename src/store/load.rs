@@ -36,6 +36,8 @@ pub struct LoadTx {
     conn: Dedicated,
     /// The transaction's start (`now()`), in PostgreSQL's microseconds since 2000.
     now: i64,
+    /// Per type, whether an `$export` was running when the load first replaced a row of it.
+    exporting: std::sync::Mutex<HashMap<&'static str, bool>>,
 }
 
 impl LoadTx {
@@ -47,6 +49,7 @@ impl LoadTx {
         Ok(LoadTx {
             conn,
             now: now.timestamp_micros() - PG_EPOCH_MICROS,
+            exporting: std::sync::Mutex::new(HashMap::new()),
         })
     }
 
@@ -78,7 +81,32 @@ impl LoadTx {
         ids: &[&str],
         keep_history: bool,
     ) -> Result<HashMap<String, DateTime<Utc>>, StoreError> {
-        take_existing(&*self.conn, rt, ids, keep_history).await
+        let keep = self.keeps_history(rt, keep_history).await?;
+        take_existing(&*self.conn, rt, ids, keep).await
+    }
+
+    /// Whether the versions a load replaces are kept in history: when asked (`update:
+    /// true`), and also while an `$export` of the type runs, which may need them to export
+    /// the resources as they were at its transactionTime (see `store::export`).
+    async fn keeps_history(&self, rt: ResourceType, asked: bool) -> Result<bool, StoreError> {
+        if asked {
+            return Ok(true);
+        }
+        let known = self
+            .exporting
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(rt.name())
+            .copied();
+        if let Some(known) = known {
+            return Ok(known);
+        }
+        let running = super::jobs::export_running(&*self.conn, rt.name()).await?;
+        self.exporting
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(rt.name(), running);
+        Ok(running)
     }
 
     /// Copies a binary COPY stream of fields `id`, `cts`, `ts`, `resource_type`, `status`,
@@ -115,7 +143,8 @@ impl LoadTx {
         rt: ResourceType,
         keep_history: bool,
     ) -> Result<(), StoreError> {
-        apply_stage(&*self.conn, rt, keep_history).await
+        let keep = self.keeps_history(rt, keep_history).await?;
+        apply_stage(&*self.conn, rt, keep).await
     }
 
     /// Runs the hook, then commits; `Ok(false)`: the hook refused, nothing was committed.

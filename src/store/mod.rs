@@ -15,6 +15,7 @@ pub mod dump;
 pub mod dump_csv;
 pub mod dump_sql;
 pub mod export;
+pub mod export_blocks;
 pub mod jobs;
 pub mod load;
 pub mod policy;
@@ -22,6 +23,7 @@ pub mod resources;
 pub mod roles;
 pub mod schema;
 pub mod socket;
+pub mod token;
 pub mod tokens;
 
 use std::sync::Arc;

@@ -13,6 +13,7 @@ use tokio_postgres::Row;
 use crate::resource::StoredResource;
 use crate::resource_type::ResourceType;
 
+use super::token::{token_path, Token, TokenPaths};
 use super::{GenericClient, StoreError, Tx};
 
 /// The columns every read selects, in the order [`from_row`] expects.
@@ -218,12 +219,16 @@ pub async fn version(
     Ok(row.map(|row| from_row(rt, &row)))
 }
 
-/// What a search page is filtered by (`_id`, `_lastUpdated`); `None`: no condition.
+/// What a search page is filtered by (`_id`, `_lastUpdated`, token parameters); `None`: no
+/// condition.
 #[derive(Debug, Default, Clone)]
 pub struct PageFilter {
     pub ids: Option<Vec<String>>,
     pub updated_from: Option<chrono::DateTime<chrono::Utc>>,
     pub updated_before: Option<chrono::DateTime<chrono::Utc>>,
+    /// Token parameters that must all hold, each matching one of its values: the parameter's
+    /// element paths (from the generated table) and the values.
+    pub tokens: Vec<(TokenPaths, Vec<Token>)>,
 }
 
 /// A page of current resources ordered by id, starting after `after` (keyset paging: stable
@@ -236,24 +241,53 @@ pub async fn page(
     after: Option<&str>,
     limit: i64,
 ) -> Result<Vec<StoredResource>, StoreError> {
-    let sql = format!(
+    let mut sql = format!(
         "SELECT {COLUMNS} FROM {} WHERE id > $1
             AND ($3::text[] IS NULL OR id = ANY($3))
             AND ($4::timestamptz IS NULL OR ts >= $4)
-            AND ($5::timestamptz IS NULL OR ts < $5)
-          ORDER BY id LIMIT $2",
+            AND ($5::timestamptz IS NULL OR ts < $5)",
         rt.table()
     );
-    let statement = client.prepare_cached(&sql).await?;
     // Ids are never empty, so '' starts before the first one.
     let after = after.unwrap_or("");
-    let params: [&(dyn tokio_postgres::types::ToSql + Sync); 5] = [
+    let mut params: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> = vec![
         &after,
         &limit,
         &filter.ids,
         &filter.updated_from,
         &filter.updated_before,
     ];
+    // Token values reach the statement as jsonpath variables (bind parameters) only.
+    let vars: Vec<Vec<Value>> = filter
+        .tokens
+        .iter()
+        .map(|(_, values)| values.iter().map(Token::vars).collect())
+        .collect();
+    for ((paths, _), values) in filter.tokens.iter().zip(&vars) {
+        let mut any = Vec::new();
+        for value in values {
+            params.push(value);
+            let n = params.len();
+            any.extend(paths.iter().map(|(path, kind)| {
+                format!(
+                    "jsonb_path_exists(resource, '{}', ${n})",
+                    token_path(path, kind)
+                )
+            }));
+        }
+        if any.is_empty() {
+            any.push("false".to_string());
+        }
+        sql.push_str(&format!(" AND ({})", any.join(" OR ")));
+    }
+    sql.push_str(" ORDER BY id LIMIT $2");
+    // Statements with token conditions vary with the request: not worth caching (and the
+    // cache must not grow with what clients send).
+    let statement = if filter.tokens.is_empty() {
+        client.prepare_cached(&sql).await?
+    } else {
+        client.prepare(&sql).await?
+    };
     let rows = client.query(&statement, &params).await?;
     Ok(rows.iter().map(|row| from_row(rt, row)).collect())
 }

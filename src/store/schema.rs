@@ -89,6 +89,11 @@ const MIGRATIONS: &[(i32, &str, &str)] = &[
          );
          CREATE INDEX IF NOT EXISTS fhirbox_jti_expires ON fhirbox_jti (expires_at)",
     ),
+    (
+        7,
+        "an export's manifest pages (allowPartialManifests): the task positions of each page",
+        "ALTER TABLE fhirbox_job ADD COLUMN pages jsonb",
+    ),
 ];
 
 /// Creates the database `name` on the server if it is missing (the managed cluster's first

@@ -3,6 +3,7 @@
 //! real HTTP server on `127.0.0.1:0` in front of it.
 #![allow(dead_code)] // each test binary uses its own subset of these helpers
 
+pub mod export;
 pub mod fixtures;
 pub mod keys;
 pub mod process;
@@ -392,6 +393,8 @@ pub fn test_settings(database: &str) -> AppSettings {
             )),
             file_size: defaults.file_size,
             expiry: defaults.expiry,
+            // The production default: the tests poll as clients must.
+            polls_per_second: 2.0,
         },
         guard: fhirbox::auth::guard::GuardSettings::default(),
         token_lifetime: Duration::from_secs(300),

@@ -12,31 +12,28 @@
 //! a job live until `expiry` after it ended; a cancelled job's files go at once. The export
 //! directory must be shared by every fhirbox process that serves the same database.
 
+pub mod elements;
+pub mod manifest;
 pub mod output;
+pub mod polls;
 pub mod request;
+pub mod task;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
-use futures_util::future::BoxFuture;
-use futures_util::StreamExt;
-use serde_json::{json, Value};
+use serde_json::Value;
 
-use self::output::{result_document, result_files, Output};
+use self::manifest::{manifest, progress, warnings_ndjson, WARNINGS_FILE};
+use self::output::{result_deleted, result_files};
 use self::request::{ExportSpec, Level};
-use super::jobs::{Jobs, Progress, Runner, TaskFailure};
-use super::report::{Outcome, Report};
+use super::jobs::Jobs;
 use crate::format::Formats;
-use crate::resource::format_instant;
 use crate::resource_type::ResourceType;
-use crate::store::export::{ExportQuery, PatientSource, Patients};
-use crate::store::jobs::{self as sql, Finished, JobKind, JobRow, NewTask, TaskRow};
+use crate::store::jobs::{self as sql, JobKind, JobRow, NewTask, TaskRow};
 use crate::store::StoreError;
-
-/// The file that carries an export's warnings (OperationOutcomes, one per line).
-const WARNINGS_FILE: &str = "OperationOutcome-0-1.ndjson";
 
 /// A directory in the export directory that no job owns is deleted once it has not changed
 /// for this long (long enough that no kick-off or worker is still writing it).
@@ -51,6 +48,8 @@ pub struct ExportSettings {
     pub file_size: u64,
     /// How long the files of an ended job are kept.
     pub expiry: Duration,
+    /// Status polls a job may have per second (after a burst of 5); 0: no limit.
+    pub polls_per_second: f64,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -67,8 +66,10 @@ pub enum ExportError {
 
 /// What the status URL says.
 pub enum ExportStatus {
+    /// Running; with `allowPartialManifests`, the manifest page asked for once it exists.
     InProgress {
         progress: String,
+        page: Option<Value>,
     },
     /// The whole job failed: why.
     Failed(Vec<String>),
@@ -86,6 +87,7 @@ pub struct Exports {
     jobs: Jobs,
     formats: Formats,
     settings: Arc<ExportSettings>,
+    polls: Arc<polls::Polls>,
 }
 
 impl Exports {
@@ -93,8 +95,14 @@ impl Exports {
         Exports {
             jobs,
             formats,
+            polls: Arc::new(polls::Polls::new(settings.polls_per_second)),
             settings: Arc::new(settings),
         }
+    }
+
+    /// Admits a status poll of a job, or says how long its client must wait first.
+    pub fn admit_poll(&self, id: &str) -> Result<(), Duration> {
+        self.polls.admit(id)
     }
 
     /// Creates a job and wakes the workers; returns its id.
@@ -105,6 +113,27 @@ impl Exports {
             let found = crate::store::resources::read(&conn, group, id).await?;
             if !matches!(found, crate::store::resources::Lookup::Found(_)) {
                 return Err(ExportError::NoGroup(id.clone()));
+            }
+        }
+        if let Some(ids) = &spec.patients {
+            let group = match &spec.level {
+                Level::Group { id } => Some(id.as_str()),
+                _ => None,
+            };
+            let unknown = crate::store::export::unknown_patients(&conn, ids, group).await?;
+            if !unknown.is_empty() {
+                let whose = group.map_or_else(
+                    || "no such Patient".to_string(),
+                    |g| format!("no such Patient, or not an active member of Group/{g}"),
+                );
+                return Err(ExportError::Invalid(format!(
+                    "patient {}: {whose}",
+                    unknown
+                        .iter()
+                        .map(|id| format!("Patient/{id}"))
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                )));
             }
         }
         let id = crate::resource::new_id();
@@ -121,6 +150,15 @@ impl Exports {
                 url: None,
                 size,
             });
+        }
+        if spec.by_patient {
+            // Patient blocks mix every type: one task writes them all.
+            let size = tasks.iter().filter_map(|t| t.size).sum();
+            tasks = vec![NewTask {
+                resource_type: "Patient".to_string(),
+                url: None,
+                size: Some(size),
+            }];
         }
         let job = JobRow {
             id: id.clone(),
@@ -164,9 +202,15 @@ impl Exports {
             .map(|job| job.subject))
     }
 
-    /// The status of a job (`None`: no such job, or cancelled, or expired). File URLs start
-    /// with `base` (`http://host/fhir`).
-    pub async fn status(&self, id: &str, base: &str) -> Result<Option<ExportStatus>, StoreError> {
+    /// The status of a job (`None`: no such job, or cancelled, or expired, or no such manifest
+    /// page). File URLs start with `base` (`http://host/fhir`); `page` (from 1) is the
+    /// manifest page asked for.
+    pub async fn status(
+        &self,
+        id: &str,
+        base: &str,
+        page: Option<usize>,
+    ) -> Result<Option<ExportStatus>, StoreError> {
         let Some((job, tasks)) = self.live_job(id).await? else {
             return Ok(None);
         };
@@ -189,10 +233,29 @@ impl Exports {
         if !failed.is_empty() {
             return Ok(Some(ExportStatus::Failed(failed)));
         }
-        let done = tasks.iter().filter(|t| t.status == "finished").count();
-        if done < tasks.len() {
+        let files_base = format!("{base}/$export-file/{id}");
+        let done = tasks.iter().all(|t| t.status == "finished");
+        let paged = if spec.partial_manifests {
+            let tx = self.jobs.store().begin().await?;
+            let pages = sql::manifest_pages(&tx, id).await;
+            let pages = tx.finish(pages).await?;
+            let status_url = format!("{base}/$export-status/{id}");
+            let number = page.unwrap_or(1);
+            match manifest::page(&spec, &tasks, &pages, number, &files_base, &status_url) {
+                Some(manifest) => Some(manifest),
+                // Page 1 before anything finished: in progress, no manifest yet.
+                None if number == 1 && !done => None,
+                None => return Ok(None),
+            }
+        } else if page.is_some_and(|n| n != 1) {
+            return Ok(None);
+        } else {
+            None
+        };
+        if !done {
             return Ok(Some(ExportStatus::InProgress {
                 progress: progress(&tasks),
+                page: paged,
             }));
         }
         let ended = tasks
@@ -202,10 +265,11 @@ impl Exports {
             .unwrap_or(job.created_at);
         let expires = ended
             + chrono::Duration::from_std(self.settings.expiry).unwrap_or(chrono::Duration::MAX);
-        Ok(Some(ExportStatus::Complete {
-            manifest: manifest(&spec, &tasks, &format!("{base}/$export-file/{id}")),
-            expires,
-        }))
+        let manifest = match paged {
+            Some(page) => page,
+            None => manifest(&spec, &tasks.iter().collect::<Vec<_>>(), &files_base),
+        };
+        Ok(Some(ExportStatus::Complete { manifest, expires }))
     }
 
     /// A job that is not cancelled, with its tasks.
@@ -241,7 +305,12 @@ impl Exports {
         let listed = tasks
             .iter()
             .filter(|t| t.status == "finished")
-            .flat_map(|t| result_files(t.result.as_ref()))
+            .flat_map(|t| {
+                let result = t.result.as_ref();
+                result_files(result)
+                    .into_iter()
+                    .chain(result_deleted(result))
+            })
             .any(|f| f.name == name);
         let warnings = name == WARNINGS_FILE
             && serde_json::from_value::<ExportSpec>(job.document)
@@ -314,210 +383,11 @@ impl Exports {
             }
         }
     }
-
-    /// Runs one type of an export.
-    async fn export_type(
-        &self,
-        task: &TaskRow,
-        worker: &str,
-        progress: &Progress,
-        report: &Report,
-    ) -> Result<(), TaskFailure> {
-        let failed = |e: &dyn std::fmt::Display| TaskFailure::Failed(e.to_string());
-        let job = {
-            let conn = self
-                .jobs
-                .store()
-                .connection()
-                .await
-                .map_err(|e| failed(&e))?;
-            sql::job(&conn, JobKind::Export, &task.job_id)
-                .await
-                .map_err(|e| failed(&e))?
-        };
-        let Some(job) = job else {
-            return Err(TaskFailure::Abandoned);
-        };
-        let spec: ExportSpec = serde_json::from_value(job.document).map_err(|e| failed(&e))?;
-        let rt = ResourceType::parse(&task.resource_type)
-            .ok_or_else(|| TaskFailure::Failed(format!("unknown type {}", task.resource_type)))?;
-        let patients = match (&spec.level, &spec.patients) {
-            (Level::System, _) => Patients::Any,
-            (Level::Patient, None) => Patients::Every,
-            _ => Patients::Listed,
-        };
-        let group = match &spec.level {
-            Level::Group { id } => Some(id.as_str()),
-            _ => None,
-        };
-        let filters = spec
-            .filters
-            .get(rt.name())
-            .map(Vec::as_slice)
-            .unwrap_or(&[]);
-        let query = ExportQuery {
-            rt,
-            until: spec.transaction_time,
-            since: spec.since,
-            patients,
-            filters,
-        };
-        let source = PatientSource {
-            group,
-            ids: spec.patients.as_deref(),
-        };
-        let converter = self.formats.converter().await.map_err(|e| failed(&e))?;
-        let copy = crate::store::export::start(self.jobs.store(), &query, source)
-            .await
-            .map_err(|e| failed(&e))?;
-        let mut lines = super::dump::fhir_lines(copy, rt, converter, report);
-        let dir = self.job_dir(&task.job_id);
-        // The operator gets the path; the client a message without the server's layout.
-        let write_failed = |error: std::io::Error| {
-            tracing::error!(%error, dir = %dir.display(), "could not write export files");
-            TaskFailure::Failed(format!(
-                "could not write the export's files ({error}); the server log has the details"
-            ))
-        };
-        let mut output = Output::create(&dir, rt.name(), task.attempts, self.settings.file_size)
-            .await
-            .map_err(write_failed)?;
-        let (mut total, mut bytes) = (0u64, 0u64);
-        while let Some(batch) = lines.next().await {
-            let batch = batch.map_err(|e| failed(&e))?;
-            total += output.write(&batch).await.map_err(write_failed)?;
-            bytes += batch.len() as u64;
-            report.bytes(batch.len() as u64);
-            progress
-                .rows
-                .store(total, std::sync::atomic::Ordering::Relaxed);
-            progress
-                .bytes
-                .store(bytes, std::sync::atomic::Ordering::Relaxed);
-        }
-        let files = output.finish().await.map_err(write_failed)?;
-        let result = result_document(&files);
-        let finished = Finished {
-            total: total as i64,
-            bytes: bytes as i64,
-            result: Some(&result),
-        };
-        match self.jobs.finish(task, worker, finished).await {
-            Ok(true) => Ok(()),
-            Ok(false) => Err(TaskFailure::Abandoned),
-            Err(error) => Err(failed(&error)),
-        }
-    }
 }
 
-impl Runner for Exports {
-    fn run<'a>(
-        &'a self,
-        task: &'a TaskRow,
-        worker: &'a str,
-        progress: Arc<Progress>,
-    ) -> BoxFuture<'a, Result<(), TaskFailure>> {
-        Box::pin(async move {
-            let report = Report::start(
-                "$export",
-                task.resource_type.clone(),
-                self.subject_of(task).await,
-                "out",
-            );
-            let outcome = self.export_type(task, worker, &progress, &report).await;
-            match &outcome {
-                Ok(()) => report.finish(Outcome::Finished, None),
-                Err(TaskFailure::Failed(message)) => report.finish(Outcome::Failed, Some(message)),
-                Err(TaskFailure::Abandoned) => report.finish(Outcome::Abandoned, None),
-            }
-            if let Err(TaskFailure::Failed(_)) = &outcome {
-                // The job has failed: the types not started yet are not worth exporting.
-                let reason = format!("not exported: {} failed first", task.resource_type);
-                let skipped = async {
-                    let conn = self.jobs.store().connection().await?;
-                    sql::fail_waiting(&conn, &task.job_id, &reason).await
-                }
-                .await;
-                if let Err(error) = skipped {
-                    tracing::warn!(%error, "could not skip the rest of a failed export");
-                }
-            }
-            outcome
-        })
-    }
-}
-
-/// `X-Progress` while an export runs: a percentage by rows (of each type's expected rows; a
-/// finished type counts whole), then the types done and the resources written.
-fn progress(tasks: &[TaskRow]) -> String {
-    let finished = |t: &TaskRow| t.status == "finished";
-    let (written, expected) = tasks.iter().fold((0i64, 0i64), |(written, expected), t| {
-        let total = t.total.unwrap_or(0);
-        let whole = t.size.unwrap_or(0).max(total).max(1);
-        let got = if finished(t) { whole } else { total.min(whole) };
-        (written + got, expected + whole)
-    });
-    let percent = (written as f64 / expected.max(1) as f64 * 100.0)
-        .floor()
-        .min(99.0);
-    let done = tasks.iter().filter(|t| finished(t)).count();
-    let resources: i64 = tasks.iter().filter_map(|t| t.total).sum();
-    format!(
-        "{percent}% ({done} of {} types, {resources} resources written)",
-        tasks.len()
-    )
-}
-
-/// The completion manifest (IG 2.0.0): every non-empty file, in type order.
-fn manifest(spec: &ExportSpec, tasks: &[TaskRow], files_base: &str) -> Value {
-    let output: Vec<Value> = tasks
-        .iter()
-        .flat_map(|task| {
-            result_files(task.result.as_ref())
-                .into_iter()
-                .filter(|f| f.count > 0)
-                .map(|f| {
-                    json!({
-                        "type": task.resource_type,
-                        "url": format!("{files_base}/{}", f.name),
-                        "count": f.count,
-                    })
-                })
-        })
-        .collect();
-    let error: Vec<Value> = if spec.warnings.is_empty() {
-        Vec::new()
-    } else {
-        vec![json!({
-            "type": "OperationOutcome",
-            "url": format!("{files_base}/{WARNINGS_FILE}"),
-            "count": spec.warnings.len(),
-        })]
-    };
-    json!({
-        "transactionTime": format_instant(&spec.transaction_time),
-        "request": spec.request,
-        "requiresAccessToken": true,
-        "output": output,
-        "error": error,
-    })
-}
-
-fn warnings_ndjson(warnings: &[String]) -> String {
-    warnings
-        .iter()
-        .map(|message| {
-            let outcome = json!({
-                "resourceType": "OperationOutcome",
-                "issue": [{"severity": "warning", "code": "not-supported", "diagnostics": message}],
-            });
-            format!("{outcome}\n")
-        })
-        .collect()
-}
-
-/// Whether `name` could be an export file's name, `<Type>-<run>-<n>.ndjson` (checked before
-/// any path is built from it).
+/// Whether `name` could be an export file's name, `<stem>-<run>-<n>.ndjson` with a stem of
+/// letters and `_` (`Patient`, `Patient_deleted`, `messages`), checked before any path is
+/// built from it.
 pub fn is_file_name(name: &str) -> bool {
     let number = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit());
     let parts: Vec<&str> = name
@@ -525,9 +395,9 @@ pub fn is_file_name(name: &str) -> bool {
         .map(|stem| stem.split('-').collect())
         .unwrap_or_default();
     match parts.as_slice() {
-        [type_name, run, n] => {
-            !type_name.is_empty()
-                && type_name.bytes().all(|b| b.is_ascii_alphabetic())
+        [stem, run, n] => {
+            !stem.is_empty()
+                && stem.bytes().all(|b| b.is_ascii_alphabetic() || b == b'_')
                 && number(run)
                 && number(n)
         }

@@ -1,5 +1,7 @@
-//! An export task's output files: `<Type>-<attempt>-<n>.ndjson` in the job's directory, a new
-//! file whenever the current one reached the size limit (files split between lines only).
+//! An export task's output files: `<stem>-<attempt>-<n>.ndjson` in the job's directory (the
+//! stem is the type, `<Type>_deleted` for deletions, `patients` for patient blocks), a new
+//! file whenever the current one reached the size limit (files split between lines only, or
+//! between blocks).
 //!
 //! The attempt (how many times the task was claimed) is in the name so that two runs of one
 //! task never write the same file: a worker that stalled past its lease may still be writing
@@ -36,11 +38,11 @@ struct Current {
 }
 
 impl Output {
-    /// Starts a type's output in `dir` for run `attempt` of its task, removing what earlier
-    /// runs left.
+    /// Starts the output of `stem` in `dir` for run `attempt` of its task, removing what
+    /// earlier runs left.
     pub async fn create(
         dir: &Path,
-        type_name: &str,
+        stem: &str,
         attempt: i32,
         limit: u64,
     ) -> std::io::Result<Output> {
@@ -50,7 +52,7 @@ impl Output {
             let name = entry.file_name();
             let earlier = name
                 .to_string_lossy()
-                .strip_prefix(&format!("{type_name}-"))
+                .strip_prefix(&format!("{stem}-"))
                 .and_then(|rest| rest.split_once('-'))
                 .and_then(|(run, _)| run.parse::<i32>().ok())
                 .is_some_and(|run| run < attempt);
@@ -60,7 +62,7 @@ impl Output {
         }
         Ok(Output {
             dir: dir.to_path_buf(),
-            prefix: format!("{type_name}-{attempt}-"),
+            prefix: format!("{stem}-{attempt}-"),
             limit: limit.max(1),
             done: Vec::new(),
             current: None,
@@ -103,6 +105,30 @@ impl Output {
         Ok(lines)
     }
 
+    /// Starts a block of lines that belong together (a patient's, with `organizeOutputBy`):
+    /// a file at its limit is closed first, so blocks are never split across files; a file
+    /// goes over the limit by at most one block.
+    pub async fn start_block(&mut self) -> std::io::Result<()> {
+        if self.current.as_ref().is_some_and(|c| c.bytes >= self.limit) {
+            self.close_current().await?;
+        }
+        Ok(())
+    }
+
+    /// Writes lines into the current file whatever its size (the rest of a block); returns
+    /// how many lines they were.
+    pub async fn append(&mut self, lines: &[u8]) -> std::io::Result<u64> {
+        if self.current.is_none() {
+            self.open_next().await?;
+        }
+        let current = self.current.as_mut().expect("opened above");
+        current.file.write_all(lines).await?;
+        let count = lines.iter().filter(|b| **b == b'\n').count() as u64;
+        current.bytes += lines.len() as u64;
+        current.written.count += count;
+        Ok(count)
+    }
+
     /// Flushes and syncs the last file; returns every file written.
     pub async fn finish(mut self) -> std::io::Result<Vec<Written>> {
         self.close_current().await?;
@@ -130,20 +156,30 @@ impl Output {
     }
 }
 
-/// A task's result as stored: `{"files": [{"name", "count"}]}`.
-pub fn result_document(files: &[Written]) -> Value {
-    json!({
-        "files": files
+/// A task's result as stored: `{"files": [{"name", "count"}], "deleted": [...]}`.
+pub fn result_document(files: &[Written], deleted: &[Written]) -> Value {
+    let list = |files: &[Written]| {
+        files
             .iter()
             .map(|f| json!({"name": f.name, "count": f.count}))
             .collect::<Vec<_>>()
-    })
+    };
+    json!({"files": list(files), "deleted": list(deleted)})
 }
 
-/// The files of a stored task result.
+/// The output files of a stored task result.
 pub fn result_files(result: Option<&Value>) -> Vec<Written> {
+    listed(result, "files")
+}
+
+/// The `deleted` files (Bundles of deletions) of a stored task result.
+pub fn result_deleted(result: Option<&Value>) -> Vec<Written> {
+    listed(result, "deleted")
+}
+
+fn listed(result: Option<&Value>, key: &str) -> Vec<Written> {
     result
-        .and_then(|r| r["files"].as_array())
+        .and_then(|r| r[key].as_array())
         .into_iter()
         .flatten()
         .filter_map(|f| {
@@ -209,7 +245,8 @@ mod tests {
             all.push_str(&std::fs::read_to_string(dir.join(&f.name)).expect("read"));
         }
         assert_eq!(all, "aaa\nbbb\nccc\na-very-long-line\nd\n");
-        assert_eq!(result_files(Some(&result_document(&files))), files);
+        assert_eq!(result_files(Some(&result_document(&files, &[]))), files);
+        assert_eq!(result_deleted(Some(&result_document(&[], &files))), files);
         std::fs::remove_dir_all(&dir).expect("clean up");
     }
 }

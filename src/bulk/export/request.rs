@@ -11,9 +11,11 @@ use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
+use super::elements::Elements;
 use crate::bulk::params::{last_updated, parse_instant};
 use crate::resource_type::ResourceType;
-use crate::store::export::{compartment_paths, token_param, Criterion, Token};
+use crate::store::export::{compartment_paths, Criterion};
+use crate::store::token::{token_param, Token};
 
 /// The output formats the IG names for NDJSON; all mean the same file.
 const OUTPUT_FORMATS: &[&str] = &["application/fhir+ndjson", "application/ndjson", "ndjson"];
@@ -49,6 +51,19 @@ pub struct ExportSpec {
     pub filters: BTreeMap<String, Vec<Vec<Criterion>>>,
     /// What lenient handling left out, for the manifest's error file.
     pub warnings: Vec<String>,
+    /// `_until`: only resources whose version at transactionTime was written at or before it.
+    #[serde(default)]
+    pub until: Option<DateTime<Utc>>,
+    /// `_elements`: the root elements to keep (none: whole resources).
+    #[serde(default, skip_serializing_if = "Elements::is_empty")]
+    pub elements: Elements,
+    /// `organizeOutputBy=Patient`: files of patient blocks instead of files by type.
+    #[serde(default)]
+    pub by_patient: bool,
+    /// `allowPartialManifests=true`: the status shows the files of finished types while the
+    /// export runs, in manifest pages.
+    #[serde(default)]
+    pub partial_manifests: bool,
 }
 
 /// A kick-off as the HTTP layer received it.
@@ -128,7 +143,11 @@ pub fn specify(kick_off: KickOff) -> Result<ExportSpec, String> {
     let mut type_lists = Vec::new();
     let mut filter_texts = Vec::new();
     let mut patients: Option<Vec<String>> = None;
-    let mut associated_data = false;
+    let mut associated_data = Vec::new();
+    let mut until = None;
+    let mut elements = Elements::default();
+    let mut by_patient = false;
+    let mut partial_manifests = false;
     for (name, value) in &params {
         match name.as_str() {
             "_outputFormat" => {
@@ -144,6 +163,38 @@ pub fn specify(kick_off: KickOff) -> Result<ExportSpec, String> {
                     format!("_since '{value}' is not a FHIR instant (like 2024-01-31T12:00:00Z)")
                 })?);
             }
+            "_until" => {
+                until = Some(parse_instant(value).ok_or_else(|| {
+                    format!("_until '{value}' is not a FHIR instant (like 2024-01-31T12:00:00Z)")
+                })?);
+            }
+            "_elements" => {
+                for item in value.split(',').map(str::trim).filter(|i| !i.is_empty()) {
+                    if let Err(message) = elements.add(item) {
+                        refuse(message)?;
+                    }
+                }
+            }
+            "organizeOutputBy" => match (value.as_str(), &level) {
+                ("Patient", Level::Patient | Level::Group { .. }) => by_patient = true,
+                ("Patient", Level::System) => refuse(
+                    "organizeOutputBy=Patient is supported at Patient and Group level \
+                     (/Patient/$export, /Group/<id>/$export), not for a system export"
+                        .to_string(),
+                )?,
+                (other, _) => refuse(format!(
+                    "organizeOutputBy '{other}' is not supported (only Patient is)"
+                ))?,
+            },
+            "allowPartialManifests" => match value.as_str() {
+                "true" => partial_manifests = true,
+                "false" => partial_manifests = false,
+                other => {
+                    return Err(format!(
+                        "allowPartialManifests must be true or false, not '{other}'"
+                    ))
+                }
+            },
             "_type" => type_lists.push(value.clone()),
             "_typeFilter" => filter_texts.push(value.clone()),
             "patient" => {
@@ -152,9 +203,12 @@ pub fn specify(kick_off: KickOff) -> Result<ExportSpec, String> {
                         "the patient parameter applies to Patient and Group exports only".into(),
                     );
                 }
-                patients.get_or_insert_with(Vec::new).push(value.clone());
+                let listed = patients.get_or_insert_with(Vec::new);
+                for reference in value.split(',').map(str::trim).filter(|v| !v.is_empty()) {
+                    listed.push(patient_id(reference)?);
+                }
             }
-            "includeAssociatedData" => associated_data = true,
+            "includeAssociatedData" => associated_data.push(value.clone()),
             other => refuse(format!("the parameter '{other}' is not supported"))?,
         }
     }
@@ -164,6 +218,8 @@ pub fn specify(kick_off: KickOff) -> Result<ExportSpec, String> {
         _ => compartment_paths(name).is_some() || name == "Patient",
     };
     let mut types: Vec<String> = Vec::new();
+    let mut outside: Vec<String> = Vec::new();
+    let mut dropped = None;
     if type_lists.is_empty() {
         types.extend(
             ResourceType::all()
@@ -181,14 +237,30 @@ pub fn specify(kick_off: KickOff) -> Result<ExportSpec, String> {
             }
             match ResourceType::parse(name).filter(|rt| rt.is_fhir()) {
                 None => refuse(format!("_type '{name}' is not a FHIR R4 resource type"))?,
+                // The IG: drop what a Patient or Group export cannot hold and say so; an
+                // error only when nothing asked for is exportable (below).
                 Some(_) if !in_scope(name) => {
-                    refuse(format!("_type '{name}' is not in the Patient compartment"))?
+                    outside.push(name.to_string());
                 }
                 Some(_) => types.push(name.to_string()),
             }
         }
+        if types.is_empty() && !outside.is_empty() {
+            return Err(format!(
+                "none of the types in _type ({}) is in the Patient compartment, so a Patient or \
+                 Group export has nothing to give; export them at system level (/$export)",
+                outside.join(", ")
+            ));
+        }
         if types.is_empty() {
             return Err("_type names no resource type to export".into());
+        }
+        if !outside.is_empty() {
+            dropped = Some(format!(
+                "not exported: {} (not in the Patient compartment; a Patient or Group export \
+                 holds the compartment's types only)",
+                outside.join(", ")
+            ));
         }
     }
 
@@ -206,10 +278,15 @@ pub fn specify(kick_off: KickOff) -> Result<ExportSpec, String> {
         }
     }
 
-    if associated_data {
-        // The IG: a server that does not support it ignores it, with a warning.
-        warnings.push("includeAssociatedData is not supported and was ignored".into());
+    if !associated_data.is_empty() {
+        // The IG: a server that cannot honour it SHOULD refuse it (lenient: ignore and say so).
+        // The Provenance a Patient or Group export includes is the IG's default anyway.
+        refuse(format!(
+            "includeAssociatedData ({}) is not supported",
+            associated_data.join(",")
+        ))?;
     }
+    warnings.extend(dropped);
     Ok(ExportSpec {
         level,
         types,
@@ -219,7 +296,23 @@ pub fn specify(kick_off: KickOff) -> Result<ExportSpec, String> {
         patients,
         filters,
         warnings,
+        until,
+        elements,
+        by_patient,
+        partial_manifests,
     })
+}
+
+/// A `patient` value's id: `Patient/<id>` (the IG's reference) or a bare `<id>`.
+fn patient_id(reference: &str) -> Result<String, String> {
+    let id = reference.strip_prefix("Patient/").unwrap_or(reference);
+    if crate::resource::is_valid_id(id) {
+        Ok(id.to_string())
+    } else {
+        Err(format!(
+            "patient '{reference}' is not a Patient reference (Patient/<id>)"
+        ))
+    }
 }
 
 /// Splits a `_typeFilter` value into filters. Filters are comma-separated; a comma inside a
@@ -287,28 +380,12 @@ fn parse_criterion(type_name: &str, name: &str, value: &str) -> Result<Criterion
         _ if name.contains(':') => Err(format!("search modifiers ('{name}') are not supported")),
         _ if token_param(type_name, name).is_some() => Ok(Criterion::Token {
             param: name.to_string(),
-            values: values.iter().map(|v| token(v)).collect(),
+            values: values.iter().map(|v| Token::parse(v)).collect(),
         }),
         _ => Err(format!(
             "the search parameter '{name}' is not supported (supported: _id, _lastUpdated, and \
              token parameters on codes, Codings, CodeableConcepts and Identifiers)"
         )),
-    }
-}
-
-fn token(text: &str) -> Token {
-    let non_empty = |s: &str| (!s.is_empty()).then(|| s.to_string());
-    match text.split_once('|') {
-        Some((system, code)) => Token {
-            system: non_empty(system),
-            code: non_empty(code),
-            no_system: system.is_empty(),
-        },
-        None => Token {
-            system: None,
-            code: non_empty(text),
-            no_system: false,
-        },
     }
 }
 
@@ -403,35 +480,50 @@ mod tests {
         assert!(kick_off(Level::System, &[("_outputFormat", "text/csv")], true).is_err());
         assert!(kick_off(Level::System, &[("_since", "yesterday")], true).is_err());
         assert!(kick_off(Level::System, &[("_type", "Nope")], false).is_err());
-        assert!(kick_off(Level::Patient, &[("_type", "Organization")], false).is_err());
         assert!(kick_off(Level::System, &[("patient", "p1")], false).is_err());
-        let spec = kick_off(
-            Level::System,
-            &[("includeAssociatedData", "LatestProvenanceResources")],
-            false,
-        )
-        .expect("ignored");
+        let associated = [("includeAssociatedData", "LatestProvenanceResources")];
+        assert!(kick_off(Level::System, &associated, false).is_err());
+        let spec = kick_off(Level::System, &associated, true).expect("ignored");
         assert_eq!(spec.warnings.len(), 1);
     }
 
     #[test]
-    fn tokens_and_dates() {
-        assert_eq!(
-            token("|x"),
-            Token {
-                system: None,
-                code: Some("x".into()),
-                no_system: true
-            }
+    fn types_outside_the_compartment_are_dropped_with_a_warning() {
+        let spec = kick_off(
+            Level::Patient,
+            &[("_type", "Patient,Organization,Device")],
+            false,
+        )
+        .expect("valid");
+        assert_eq!(spec.types, ["Patient", "Device"]);
+        assert_eq!(spec.warnings.len(), 1);
+        assert!(
+            spec.warnings[0].contains("Organization"),
+            "{:?}",
+            spec.warnings
         );
+        let error = kick_off(
+            Level::Group { id: "g".into() },
+            &[("_type", "Organization")],
+            false,
+        )
+        .expect_err("nothing exportable");
+        assert!(error.contains("/$export"), "{error}");
+    }
+
+    #[test]
+    fn patients_are_references_or_ids() {
+        let spec = kick_off(
+            Level::Patient,
+            &[("patient", "Patient/p1,p2"), ("patient", "Patient/p3")],
+            false,
+        )
+        .expect("valid");
         assert_eq!(
-            token("http://loinc.org|"),
-            Token {
-                system: Some("http://loinc.org".into()),
-                code: None,
-                no_system: false
-            }
+            spec.patients,
+            Some(vec!["p1".into(), "p2".into(), "p3".into()])
         );
+        assert!(kick_off(Level::Patient, &[("patient", "Group/g1")], false).is_err());
     }
 
     #[test]

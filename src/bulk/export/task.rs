@@ -1,0 +1,456 @@
+//! One task of an export, as the job machinery runs it: a resource type's files (or, with
+//! `organizeOutputBy=Patient`, the one task's patient blocks), then, with `_since`, the
+//! `deleted` files: Bundles of `DELETE` entries for what was deleted since.
+//!
+//! Everything streams: rows come from one COPY ([`crate::store::export`],
+//! [`crate::store::export_blocks`]) in batches, are converted on blocking threads (one batch
+//! per core at a time, order kept) and written to size-limited files ([`Output`]). Only when
+//! every file is synced is the task marked finished with its files; a task that dies
+//! half-way is run again and rewrites its files from the start.
+
+use std::io;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use futures_util::future::BoxFuture;
+use futures_util::{Stream, StreamExt};
+use serde_json::json;
+
+use super::output::{result_document, Output, Written};
+use super::request::{ExportSpec, Level};
+use super::Exports;
+use crate::bulk::dump::{convert_batch, fhir_lines};
+use crate::bulk::jobs::{Progress, Runner, TaskFailure};
+use crate::bulk::native_line::{write_native_line, Row};
+use crate::bulk::report::{Outcome, Report};
+use crate::bulk::stream::{tuple_batches, Tuple};
+use crate::format::Converter;
+use crate::resource_type::ResourceType;
+use crate::store::copy_out::CopyOut;
+use crate::store::export::{ExportQuery, PatientSource, Patients, Versions};
+use crate::store::export_blocks::fields as block;
+use crate::store::jobs::{self as sql, Finished, JobKind, TaskRow};
+
+/// Tuple data per batch (as `$dump`'s).
+const BATCH_BYTES: usize = 256 * 1024;
+
+/// Deletions per Bundle line of a `deleted` file.
+const DELETIONS_PER_BUNDLE: usize = 1000;
+
+/// The file stem of patient blocks.
+pub const BLOCKS_STEM: &str = "patients";
+
+/// What a task wrote.
+struct TaskOutput {
+    files: Vec<Written>,
+    deleted: Vec<Written>,
+    total: u64,
+    bytes: u64,
+}
+
+impl Exports {
+    /// Runs one task of an export.
+    async fn export_task(
+        &self,
+        task: &TaskRow,
+        worker: &str,
+        progress: &Progress,
+        report: &Report,
+    ) -> Result<(), TaskFailure> {
+        let spec = self.spec_of(task).await?;
+        let written = if spec.by_patient {
+            self.write_blocks(&spec, task, progress, report).await?
+        } else {
+            self.write_type(&spec, task, progress, report).await?
+        };
+        let result = result_document(&written.files, &written.deleted);
+        let finished = Finished {
+            total: written.total as i64,
+            bytes: written.bytes as i64,
+            result: Some(&result),
+        };
+        match self.jobs.finish(task, worker, finished).await {
+            Ok(true) => Ok(()),
+            Ok(false) => Err(TaskFailure::Abandoned),
+            Err(error) => Err(failed(&error)),
+        }
+    }
+
+    /// The specification of a task's job (`Abandoned` if the job is gone).
+    async fn spec_of(&self, task: &TaskRow) -> Result<ExportSpec, TaskFailure> {
+        let conn = self
+            .jobs
+            .store()
+            .connection()
+            .await
+            .map_err(|e| failed(&e))?;
+        let job = sql::job(&conn, JobKind::Export, &task.job_id)
+            .await
+            .map_err(|e| failed(&e))?
+            .ok_or(TaskFailure::Abandoned)?;
+        serde_json::from_value(job.document).map_err(|e| failed(&e))
+    }
+
+    /// A type's files, then its deletions.
+    async fn write_type(
+        &self,
+        spec: &ExportSpec,
+        task: &TaskRow,
+        progress: &Progress,
+        report: &Report,
+    ) -> Result<TaskOutput, TaskFailure> {
+        let rt = ResourceType::parse(&task.resource_type)
+            .ok_or_else(|| TaskFailure::Failed(format!("unknown type {}", task.resource_type)))?;
+        let query = query_of(spec, rt, Versions::AtTime);
+        let converter = self.formats.converter().await.map_err(|e| failed(&e))?;
+        let copy = crate::store::export::start(self.jobs.store(), &query, source_of(spec))
+            .await
+            .map_err(|e| failed(&e))?;
+        let mut lines = fhir_lines(copy, rt, converter, report);
+        let mut output = self.output(task, rt.name()).await?;
+        let (mut total, mut bytes) = (0u64, 0u64);
+        while let Some(batch) = lines.next().await {
+            let batch = batch.map_err(|e| failed(&e))?;
+            let batch = if spec.elements.is_empty() {
+                batch
+            } else {
+                let elements = spec.elements.clone();
+                let name = rt.name();
+                tokio::task::spawn_blocking(move || elements.subset_batch(name, &batch))
+                    .await
+                    .map_err(|e| failed(&e))?
+                    .map_err(|e| failed(&e))?
+            };
+            total += output
+                .write(&batch)
+                .await
+                .map_err(|e| self.write_failed(task, e))?;
+            bytes += batch.len() as u64;
+            count(progress, report, total, bytes, batch.len());
+        }
+        let files = output
+            .finish()
+            .await
+            .map_err(|e| self.write_failed(task, e))?;
+        let deleted = self
+            .write_deletions(spec, task, &format!("{}_deleted", rt.name()), &[rt])
+            .await?;
+        Ok(TaskOutput {
+            files,
+            deleted,
+            total,
+            bytes,
+        })
+    }
+
+    /// With `_since`, the deletions of `types` since then, as Bundles in files of `stem`.
+    async fn write_deletions(
+        &self,
+        spec: &ExportSpec,
+        task: &TaskRow,
+        stem: &str,
+        types: &[ResourceType],
+    ) -> Result<Vec<Written>, TaskFailure> {
+        let mut output = self.output(task, stem).await?;
+        if spec.since.is_some() {
+            for rt in types {
+                self.write_deleted(spec, *rt, &mut output, task).await?;
+            }
+        }
+        output
+            .finish()
+            .await
+            .map_err(|e| self.write_failed(task, e))
+    }
+
+    /// Appends a type's deletions since `_since` to `output`, as Bundles.
+    async fn write_deleted(
+        &self,
+        spec: &ExportSpec,
+        rt: ResourceType,
+        output: &mut Output,
+        task: &TaskRow,
+    ) -> Result<(), TaskFailure> {
+        let query = query_of(spec, rt, Versions::Deleted);
+        let copy = crate::store::export::start(self.jobs.store(), &query, source_of(spec))
+            .await
+            .map_err(|e| failed(&e))?;
+        let mut bundles = std::pin::pin!(deletion_bundles(copy, rt));
+        while let Some(batch) = bundles.next().await {
+            let batch = batch.map_err(|e| failed(&e))?;
+            output
+                .write(&batch)
+                .await
+                .map_err(|e| self.write_failed(task, e))?;
+        }
+        Ok(())
+    }
+
+    /// The one task of an `organizeOutputBy=Patient` export: every type's rows in patient
+    /// blocks, each opened by a `Parameters` header naming its Patient; then the deletions
+    /// of every type.
+    async fn write_blocks(
+        &self,
+        spec: &ExportSpec,
+        task: &TaskRow,
+        progress: &Progress,
+        report: &Report,
+    ) -> Result<TaskOutput, TaskFailure> {
+        let types: Vec<ResourceType> = spec
+            .types
+            .iter()
+            .filter_map(|name| ResourceType::parse(name))
+            .collect();
+        let queries: Vec<ExportQuery> = types
+            .iter()
+            .map(|rt| query_of(spec, *rt, Versions::AtTime))
+            .collect();
+        let converter = self.formats.converter().await.map_err(|e| failed(&e))?;
+        let copy = crate::store::export_blocks::start(self.jobs.store(), &queries, source_of(spec))
+            .await
+            .map_err(|e| failed(&e))?;
+        let mut batches = std::pin::pin!(block_batches(copy, converter, spec, report.clone()));
+        let mut output = self.output(task, BLOCKS_STEM).await?;
+        let (mut total, mut bytes) = (0u64, 0u64);
+        let mut current: Option<String> = None;
+        while let Some(batch) = batches.next().await {
+            let BlockBatch { lines, runs } = batch.map_err(|e| failed(&e))?;
+            let mut at = 0;
+            for (patient, end) in runs {
+                if current.as_deref() != Some(patient.as_str()) {
+                    output
+                        .start_block()
+                        .await
+                        .map_err(|e| self.write_failed(task, e))?;
+                    let header = json!({"resourceType": "Parameters", "parameter": [
+                        {"name": "header", "valueReference": {"reference": format!("Patient/{patient}")}}
+                    ]});
+                    let header = format!("{header}\n");
+                    total += output
+                        .append(header.as_bytes())
+                        .await
+                        .map_err(|e| self.write_failed(task, e))?;
+                    bytes += header.len() as u64;
+                    current = Some(patient);
+                }
+                let part = &lines[at..end];
+                total += output
+                    .append(part)
+                    .await
+                    .map_err(|e| self.write_failed(task, e))?;
+                bytes += part.len() as u64;
+                at = end;
+            }
+            count(progress, report, total, bytes, lines.len());
+        }
+        let files = output
+            .finish()
+            .await
+            .map_err(|e| self.write_failed(task, e))?;
+        let deleted = self.write_deletions(spec, task, "deleted", &types).await?;
+        Ok(TaskOutput {
+            files,
+            deleted,
+            total,
+            bytes,
+        })
+    }
+
+    async fn output(&self, task: &TaskRow, stem: &str) -> Result<Output, TaskFailure> {
+        let dir = self.job_dir(&task.job_id);
+        Output::create(&dir, stem, task.attempts, self.settings.file_size)
+            .await
+            .map_err(|e| self.write_failed(task, e))
+    }
+
+    /// The operator gets the path; the client a message without the server's layout.
+    fn write_failed(&self, task: &TaskRow, error: io::Error) -> TaskFailure {
+        let dir = self.job_dir(&task.job_id);
+        tracing::error!(%error, dir = %dir.display(), "could not write export files");
+        TaskFailure::Failed(format!(
+            "could not write the export's files ({error}); the server log has the details"
+        ))
+    }
+}
+
+fn failed(error: &dyn std::fmt::Display) -> TaskFailure {
+    TaskFailure::Failed(error.to_string())
+}
+
+fn count(progress: &Progress, report: &Report, total: u64, bytes: u64, batch: usize) {
+    report.bytes(batch as u64);
+    progress.rows.store(total, Ordering::Relaxed);
+    progress.bytes.store(bytes, Ordering::Relaxed);
+}
+
+/// What a task of `spec` reads of `rt`.
+fn query_of(spec: &ExportSpec, rt: ResourceType, versions: Versions) -> ExportQuery<'_> {
+    let patients = match (&spec.level, &spec.patients) {
+        (Level::System, _) => Patients::Any,
+        (Level::Patient, None) => Patients::Every,
+        _ => Patients::Listed,
+    };
+    ExportQuery {
+        rt,
+        at: spec.transaction_time,
+        since: spec.since,
+        until: spec.until,
+        patients,
+        filters: spec
+            .filters
+            .get(rt.name())
+            .map(Vec::as_slice)
+            .unwrap_or(&[]),
+        versions,
+    }
+}
+
+fn source_of(spec: &ExportSpec) -> PatientSource<'_> {
+    PatientSource {
+        group: match &spec.level {
+            Level::Group { id } => Some(id.as_str()),
+            _ => None,
+        },
+        ids: spec.patients.as_deref(),
+    }
+}
+
+/// Deletion rows -> Bundle lines of up to [`DELETIONS_PER_BUNDLE`] `DELETE` entries.
+fn deletion_bundles(
+    copy: CopyOut,
+    rt: ResourceType,
+) -> impl Stream<Item = Result<Bytes, io::Error>> + Send {
+    use crate::store::dump::fields;
+    tuple_batches(copy, fields::COUNT, BATCH_BYTES).map(move |batch| {
+        let batch = batch?;
+        let mut out = Vec::new();
+        for chunk in batch.chunks(DELETIONS_PER_BUNDLE) {
+            let entries: Vec<serde_json::Value> = chunk
+                .iter()
+                .filter_map(|tuple| tuple.text(fields::ID))
+                .map(|id| {
+                    let url = format!("{}/{}", rt.name(), String::from_utf8_lossy(id));
+                    json!({"request": {"method": "DELETE", "url": url}})
+                })
+                .collect();
+            let bundle = json!({"resourceType": "Bundle", "type": "transaction", "entry": entries});
+            serde_json::to_writer(&mut out, &bundle).map_err(io::Error::other)?;
+            out.push(b'\n');
+        }
+        Ok(out.into())
+    })
+}
+
+/// A batch of patient-block rows as FHIR lines, and where each patient's run of lines ends
+/// (byte offsets into `lines`), in order.
+struct BlockBatch {
+    lines: Bytes,
+    runs: Vec<(String, usize)>,
+}
+
+/// Block rows -> FHIR lines (one core per batch, order kept), with `_elements` applied.
+fn block_batches(
+    copy: CopyOut,
+    converter: Converter,
+    spec: &ExportSpec,
+    report: Report,
+) -> impl Stream<Item = Result<BlockBatch, io::Error>> + Send {
+    let workers = std::thread::available_parallelism().map_or(2, |n| n.get());
+    let elements = Arc::new(spec.elements.clone());
+    tuple_batches(copy, block::COUNT, BATCH_BYTES)
+        .map(move |batch| {
+            let converter = converter.clone();
+            let elements = elements.clone();
+            let report = report.clone();
+            async move {
+                let batch = batch?;
+                report.rows(batch.len() as u64);
+                tokio::task::spawn_blocking(move || convert_blocks(&batch, &converter, &elements))
+                    .await
+                    .map_err(io::Error::other)?
+            }
+        })
+        .buffered(workers)
+}
+
+/// Converts one batch of block rows, noting where each patient's run ends.
+fn convert_blocks(
+    batch: &[Tuple],
+    converter: &Converter,
+    elements: &super::elements::Elements,
+) -> Result<BlockBatch, io::Error> {
+    let bad =
+        || io::Error::other("a stored row is not a resource (NULL column or non-object jsonb)");
+    let mut lines = Vec::with_capacity(batch.len() * 1024);
+    let mut runs: Vec<(String, usize)> = Vec::new();
+    for tuple in batch {
+        let patient = tuple.text(block::PATIENT).ok_or_else(bad)?;
+        let type_name = std::str::from_utf8(tuple.text(block::TYPE).ok_or_else(bad)?)
+            .map_err(io::Error::other)?;
+        let row = Row {
+            id: tuple.text(block::ID).ok_or_else(bad)?,
+            txid: tuple.i64(block::TXID).ok_or_else(bad)?,
+            cts: tuple.i64(block::CTS).ok_or_else(bad)?,
+            ts: tuple.i64(block::TS).ok_or_else(bad)?,
+            resource: tuple.jsonb(block::RESOURCE).ok_or_else(bad)?,
+        };
+        let mut native = Vec::with_capacity(row.resource.len() + 128);
+        if !write_native_line(&mut native, type_name, &row) {
+            return Err(bad());
+        }
+        let fhir = convert_batch(&native, converter)?;
+        let fhir = if elements.is_empty() {
+            fhir
+        } else {
+            elements.subset_batch(type_name, &fhir)?
+        };
+        lines.extend_from_slice(&fhir);
+        let patient = String::from_utf8_lossy(patient);
+        match runs.last_mut() {
+            Some((last, end)) if *last == patient => *end = lines.len(),
+            _ => runs.push((patient.into_owned(), lines.len())),
+        }
+    }
+    Ok(BlockBatch {
+        lines: lines.into(),
+        runs,
+    })
+}
+
+impl Runner for Exports {
+    fn run<'a>(
+        &'a self,
+        task: &'a TaskRow,
+        worker: &'a str,
+        progress: Arc<Progress>,
+    ) -> BoxFuture<'a, Result<(), TaskFailure>> {
+        Box::pin(async move {
+            let report = Report::start(
+                "$export",
+                task.resource_type.clone(),
+                self.subject_of(task).await,
+                "out",
+            );
+            let outcome = self.export_task(task, worker, &progress, &report).await;
+            match &outcome {
+                Ok(()) => report.finish(Outcome::Finished, None),
+                Err(TaskFailure::Failed(message)) => report.finish(Outcome::Failed, Some(message)),
+                Err(TaskFailure::Abandoned) => report.finish(Outcome::Abandoned, None),
+            }
+            if let Err(TaskFailure::Failed(_)) = &outcome {
+                // The job has failed: the types not started yet are not worth exporting.
+                let reason = format!("not exported: {} failed first", task.resource_type);
+                let skipped = async {
+                    let conn = self.jobs.store().connection().await?;
+                    sql::fail_waiting(&conn, &task.job_id, &reason).await
+                }
+                .await;
+                if let Err(error) = skipped {
+                    tracing::warn!(%error, "could not skip the rest of a failed export");
+                }
+            }
+            outcome
+        })
+    }
+}
