@@ -433,6 +433,36 @@ async fn export_benchmark(
         unindexed.seconds,
         indexes.len()
     );
+    // Every patient's compartment, by type and in patient blocks (organizeOutputBy): the same
+    // resources, one COPY per type against one COPY sorted by patient. Best of two: each is
+    // the whole database.
+    let mut by_type: Option<Measurement> = None;
+    let mut by_patient: Option<Measurement> = None;
+    for _ in 0..2 {
+        let m = export_round(server, client, "/fhir/Patient/$export", None, export_dir).await;
+        if by_type.as_ref().is_none_or(|b| m.seconds < b.seconds) {
+            by_type = Some(m);
+        }
+        let m = export_round(
+            server,
+            client,
+            "/fhir/Patient/$export?organizeOutputBy=Patient",
+            None,
+            export_dir,
+        )
+        .await;
+        if by_patient.as_ref().is_none_or(|b| m.seconds < b.seconds) {
+            by_patient = Some(m);
+        }
+    }
+    let (by_type, by_patient) = (by_type.expect("measured"), by_patient.expect("measured"));
+    eprintln!(
+        "Patient/$export of everything: {:.2} s by type, {:.2} s in patient blocks ({:.2}x)",
+        by_type.seconds,
+        by_patient.seconds,
+        by_patient.seconds / by_type.seconds
+    );
+    let by_type_seconds = by_type.seconds;
     vec![
         Row {
             operation: format!("GET /{largest}/$dump?fhir=true"),
@@ -451,6 +481,18 @@ async fn export_benchmark(
             rows: 0,
             measurement: group,
             baseline_seconds: dump_seconds,
+        },
+        Row {
+            operation: "Patient/$export, all, by type".into(),
+            rows: 0,
+            measurement: by_type,
+            baseline_seconds: by_type_seconds,
+        },
+        Row {
+            operation: "... organizeOutputBy=Patient".into(),
+            rows: 0,
+            measurement: by_patient,
+            baseline_seconds: by_type_seconds,
         },
     ]
 }
