@@ -197,18 +197,19 @@ pub async fn start(
     patients: PatientSource<'_>,
 ) -> Result<CopyOut, StoreError> {
     let (sql, values) = export_sql(query)?;
-    run_copy(store, &sql, &values, patients).await
+    run_copy(store, &sql, &values, patients, None).await
 }
 
 /// Runs an export's COPY, handing the patients and filter values over in temporary tables
-/// when the statement reads them.
+/// when the statement reads them; `sort_memory_mb`: PostgreSQL's `work_mem` for it.
 pub(super) async fn run_copy(
     store: &Store,
     sql: &str,
     values: &[ValueRow],
     patients: PatientSource<'_>,
+    sort_memory_mb: Option<u32>,
 ) -> Result<CopyOut, StoreError> {
-    if !sql.contains("pg_temp.") {
+    if !sql.contains("pg_temp.") && sort_memory_mb.is_none() {
         // Nothing from the request to hand over: a plain COPY on a pooled connection (one
         // statement is one snapshot).
         return copy_out(store, sql).await;
@@ -221,6 +222,11 @@ pub(super) async fn run_copy(
          CREATE TEMP TABLE fhirbox_export_values (key integer NOT NULL, code text, vars jsonb) ON COMMIT DROP",
     )
     .await?;
+    if let Some(mb) = sort_memory_mb {
+        // A number fhirbox chose, not request text.
+        conn.batch_execute(&format!("SET LOCAL work_mem = '{mb}MB'"))
+            .await?;
+    }
     if let Some(id) = patients.group {
         conn.execute(
             &format!(

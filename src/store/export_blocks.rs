@@ -16,6 +16,12 @@ use super::export::{
 use super::{Store, StoreError};
 use crate::resource_type::ResourceType;
 
+/// PostgreSQL's memory for sorting one organized export (its `work_mem`, in the export's own
+/// transaction): the sort holds the whole export, and with the default 4 MB a sort of
+/// gigabytes merges its runs in many passes. It is PostgreSQL's memory, once per running
+/// organized export, not fhirbox's.
+const SORT_MEMORY_MB: u32 = 256;
+
 /// The fields of a block row: the patient, the row's type, then the dump's fields.
 pub mod fields {
     pub const PATIENT: usize = 0;
@@ -36,7 +42,7 @@ pub async fn start(
     patients: PatientSource<'_>,
 ) -> Result<CopyOut, StoreError> {
     let (sql, values) = blocks_sql(queries)?;
-    run_copy(store, &sql, &values, patients).await
+    run_copy(store, &sql, &values, patients, Some(SORT_MEMORY_MB)).await
 }
 
 fn blocks_sql(queries: &[ExportQuery<'_>]) -> Result<(String, Vec<ValueRow>), StoreError> {

@@ -382,7 +382,8 @@ fn convert_blocks(
 ) -> Result<BlockBatch, io::Error> {
     let bad =
         || io::Error::other("a stored row is not a resource (NULL column or non-object jsonb)");
-    let mut lines = Vec::with_capacity(batch.len() * 1024);
+    // Native lines of the whole batch, and each patient's run as a count of lines.
+    let mut native = Vec::with_capacity(batch.len() * 1024);
     let mut runs: Vec<(String, usize)> = Vec::new();
     for tuple in batch {
         let patient = tuple.text(block::PATIENT).ok_or_else(bad)?;
@@ -395,27 +396,48 @@ fn convert_blocks(
             ts: tuple.i64(block::TS).ok_or_else(bad)?,
             resource: tuple.jsonb(block::RESOURCE).ok_or_else(bad)?,
         };
-        let mut native = Vec::with_capacity(row.resource.len() + 128);
         if !write_native_line(&mut native, type_name, &row) {
             return Err(bad());
         }
-        let fhir = convert_batch(&native, converter)?;
-        let fhir = if elements.is_empty() {
-            fhir
-        } else {
-            elements.subset_batch(type_name, &fhir)?
-        };
-        lines.extend_from_slice(&fhir);
         let patient = String::from_utf8_lossy(patient);
         match runs.last_mut() {
-            Some((last, end)) if *last == patient => *end = lines.len(),
-            _ => runs.push((patient.into_owned(), lines.len())),
+            Some((last, lines)) if *last == patient => *lines += 1,
+            _ => runs.push((patient.into_owned(), 1)),
         }
     }
+    // One line out for each line in, so the runs carry over by counting lines.
+    let mut fhir = convert_batch(&native, converter)?;
+    if !elements.is_empty() {
+        fhir = subset_mixed(&fhir, elements)?;
+    }
+    let mut ends = fhir
+        .iter()
+        .enumerate()
+        .filter(|(_, b)| **b == b'\n')
+        .map(|(at, _)| at + 1);
+    let mut byte_runs = Vec::with_capacity(runs.len());
+    for (patient, lines) in runs {
+        let end = ends.nth(lines - 1).ok_or_else(bad)?;
+        byte_runs.push((patient, end));
+    }
     Ok(BlockBatch {
-        lines: lines.into(),
-        runs,
+        lines: fhir,
+        runs: byte_runs,
     })
+}
+
+/// `_elements` on lines of several types, one line at a time (each by its own type).
+fn subset_mixed(lines: &[u8], elements: &super::elements::Elements) -> Result<Bytes, io::Error> {
+    let mut out = Vec::with_capacity(lines.len());
+    for line in lines.split_inclusive(|b| *b == b'\n') {
+        let type_name = serde_json::from_slice::<serde_json::Value>(line)
+            .map_err(io::Error::other)?["resourceType"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string();
+        out.extend_from_slice(&elements.subset_batch(&type_name, line)?);
+    }
+    Ok(out.into())
 }
 
 impl Runner for Exports {
