@@ -19,7 +19,7 @@ use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use super::copy_out::{copy_out, copy_out_on, CopyOut};
+use super::copy_out::{copy_out_on, CopyOut};
 pub use super::token::Token;
 use super::token::{token_param, token_path};
 use super::{timestamp_literal, GenericClient, Store, StoreError};
@@ -188,9 +188,9 @@ pub async fn unknown_patients(
     Ok(rows.iter().map(|row| row.get(0)).collect())
 }
 
-/// Starts the COPY of one export task. When it needs patients or filter values, on its own
-/// connection, in a REPEATABLE READ transaction that holds them in temporary tables; the
-/// connection is closed when the COPY ends (its transaction and tables go with it).
+/// Starts the COPY of one export task, on its own connection, in a REPEATABLE READ
+/// transaction that holds the patients and filter values in temporary tables; the connection
+/// is closed when the COPY ends (its transaction and tables go with it).
 pub async fn start(
     store: &Store,
     query: &ExportQuery<'_>,
@@ -209,14 +209,13 @@ pub(super) async fn run_copy(
     patients: PatientSource<'_>,
     sort_memory_mb: Option<u32>,
 ) -> Result<CopyOut, StoreError> {
-    if !sql.contains("pg_temp.") && sort_memory_mb.is_none() {
-        // Nothing from the request to hand over: a plain COPY on a pooled connection (one
-        // statement is one snapshot).
-        return copy_out(store, sql).await;
-    }
     let conn = store.dedicated().await?;
+    // No JIT: an export statement is planned once and read once, and PostgreSQL compiling
+    // its expressions (hundreds of them in a Provenance or patient-block statement) took
+    // seconds, longer than running them.
     conn.batch_execute(
         "BEGIN ISOLATION LEVEL REPEATABLE READ;
+         SET LOCAL jit = off;
          SET LOCAL client_min_messages = warning;
          CREATE TEMP TABLE fhirbox_export_patients (id text PRIMARY KEY) ON COMMIT DROP;
          CREATE TEMP TABLE fhirbox_export_values (key integer NOT NULL, code text, vars jsonb) ON COMMIT DROP",

@@ -79,7 +79,8 @@ fn blocks_sql(queries: &[ExportQuery<'_>]) -> Result<(String, Vec<ValueRow>), St
     }
     let sql = format!(
         "COPY (SELECT pid, rtype, id, txid, cts, ts, resource FROM ({}) AS rows
-                ORDER BY pid, kind, rtype, id) TO STDOUT (FORMAT binary)",
+                ORDER BY pid COLLATE \"C\", kind, rtype COLLATE \"C\", id COLLATE \"C\")
+              TO STDOUT (FORMAT binary)",
         parts.join("\n UNION ALL\n")
     );
     Ok((sql, values))
@@ -146,6 +147,6 @@ mod tests {
         assert_eq!(values.len(), 3, "one filter value per type that has rows");
         assert!(sql.contains("fhirbox_patients_observation(x.resource)"));
         assert!(!sql.contains("'Organization' AS rtype"));
-        assert!(sql.contains("ORDER BY pid, kind, rtype, id"));
+        assert!(sql.contains("ORDER BY pid COLLATE"));
     }
 }
