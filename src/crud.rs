@@ -152,6 +152,14 @@ pub fn check(
         }
         _ => None,
     };
+    if resource_type.name() == "ViewDefinition" {
+        crate::views::check(&Value::Object(body.clone())).map_err(|error| match error {
+            crate::views::ViewError::Invalid { at, message } => {
+                CrudError::invalid_at(format!("ViewDefinition.{at}"), format!("{at}: {message}"))
+            }
+            other => CrudError::invalid(other.to_string()),
+        })?;
+    }
     if resource_type.name() == "AccessPolicy" {
         crate::auth::policy::Policy::compile(&Value::Object(body.clone())).map_err(|error| {
             CrudError::invalid_at(format!("AccessPolicy.{}", error.path), error.message)

@@ -35,3 +35,4 @@ pub mod resource;
 pub mod resource_type;
 pub mod server;
 pub mod store;
+pub mod views;

@@ -10,7 +10,13 @@ use std::sync::LazyLock;
 use crate::fhir::r4::RESOURCE_TYPES;
 
 /// fhirbox's own resource types (the reference product's names), stored like FHIR resources.
-pub const FHIRBOX_TYPES: &[&str] = &["AccessPolicy", "Attribute", "BulkImportStatus", "Client"];
+pub const FHIRBOX_TYPES: &[&str] = &[
+    "AccessPolicy",
+    "Attribute",
+    "BulkImportStatus",
+    "Client",
+    "ViewDefinition",
+];
 
 /// The name and tables of one resource type.
 #[derive(Debug)]

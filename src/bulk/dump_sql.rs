@@ -108,7 +108,8 @@ pub async fn dump_sql(
         })),
         Rows::Portal(rows) => Box::pin(lines_from_rows(rows, request.format, counted)),
     };
-    let mut body: ByteStream = Box::pin(limit(body, limits.max_rows, limits.max_bytes));
+    // Fused: an empty result is polled again after its end (the chain below).
+    let mut body: ByteStream = Box::pin(limit(body, limits.max_rows, limits.max_bytes).fuse());
     // The first chunk decides between an error answer and a 200.
     let first = match body.next().await {
         Some(Ok(chunk)) => Some(chunk),
@@ -175,7 +176,7 @@ fn lines_from_rows(
                     let text: Option<&str> = row.try_get(0).map_err(io::Error::other)?;
                     out.extend_from_slice(text.unwrap_or("null").as_bytes());
                 }
-                SqlFormat::Tsv => {
+                SqlFormat::Tsv | SqlFormat::Csv { .. } => {
                     let fields: Vec<Option<String>> = row.try_get(0).map_err(io::Error::other)?;
                     for (index, field) in fields.iter().enumerate() {
                         if index > 0 {

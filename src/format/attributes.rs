@@ -35,7 +35,7 @@ pub struct TypeAttributes {
 }
 
 #[derive(Debug)]
-struct Attribute {
+pub struct Attribute {
     /// The native key: the last element of the Attribute's path.
     key: String,
     url: String,
@@ -125,6 +125,27 @@ fn insert(siblings: &mut Vec<Attribute>, parents: &[String], attribute: Attribut
     }
 }
 
+impl Attribute {
+    /// The native field's key.
+    pub fn key(&self) -> &str {
+        &self.key
+    }
+
+    pub fn is_collection(&self) -> bool {
+        self.collection
+    }
+
+    /// The value's FHIR type; `None` for a complex extension (read through its children).
+    pub fn value_type(&self) -> Option<&str> {
+        self.value_type.as_deref()
+    }
+
+    /// The child Attribute for a nested extension's url.
+    pub fn child_by_url(&self, url: &str) -> Option<&Attribute> {
+        self.children.iter().find(|a| a.url == url)
+    }
+}
+
 impl TypeAttributes {
     /// Moves the resource's extensions that Attributes describe into native fields.
     pub fn extensions_to_native(
@@ -174,6 +195,11 @@ impl TypeAttributes {
             doc.insert(attribute.key.clone(), value);
         }
         Ok(())
+    }
+
+    /// The root Attribute for an extension url, for views that read `extension(url)`.
+    pub fn by_url(&self, url: &str) -> Option<&Attribute> {
+        self.roots.iter().find(|a| a.url == url)
     }
 
     /// Whether a root Attribute's native key is `key`.

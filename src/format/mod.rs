@@ -92,6 +92,11 @@ pub struct Converter {
 }
 
 impl Converter {
+    /// The first-class extension rules in force (views read Attributes' native fields).
+    pub fn rules(&self) -> &Rules {
+        &self.rules
+    }
+
     /// A converter with the given rules (tests and benchmarks).
     pub fn with_rules(rules: Rules) -> Converter {
         Converter {

@@ -156,6 +156,14 @@ fn scope_refusal(route: &str, method: &Method, object: &Value, scopes: &Scopes) 
         ("/{type}/$dump" | "/{type}/$dump-csv", _) => (rt, &Interaction::READ_ALL),
         ("/{type}/$load", _) => (rt, &Interaction::WRITE_ALL),
         ("/$dump-sql", _) => (None, &Interaction::READ_ALL),
+        // A view reads its resource type; which one is known only once the view is read.
+        (
+            "/{type}/$viewdefinition-run"
+            | "/{type}/$run"
+            | "/{type}/{id}/$viewdefinition-run"
+            | "/{type}/{id}/$run",
+            _,
+        ) => (None, &Interaction::READ_ALL),
         ("/$load" | "/$import", _) => (None, &Interaction::WRITE_ALL),
         ("/$export" | "/{type}/$export" | "/{type}/{id}/$export", _) => return None,
         (route, _)

@@ -70,6 +70,7 @@ pub async fn dump_sql(
     let content_type = match format {
         SqlFormat::Tsv => "text/tab-separated-values",
         SqlFormat::Ndjson => "application/ndjson",
+        SqlFormat::Csv { .. } => "text/csv",
     };
     Ok(streamed(body, content_type, gzip))
 }

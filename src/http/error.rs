@@ -23,6 +23,7 @@ use crate::crud::CrudError;
 use crate::format::FormatError;
 use crate::store::dump_sql::QueryError;
 use crate::store::StoreError;
+use crate::views::ViewError;
 
 /// An error answered with an OperationOutcome.
 #[derive(Debug)]
@@ -392,6 +393,25 @@ impl From<SqlDumpError> for ApiError {
                 ApiError::bad_request(error.to_string())
             }
             SqlDumpError::Query(query) => query.into(),
+        }
+    }
+}
+
+impl From<ViewError> for ApiError {
+    fn from(error: ViewError) -> ApiError {
+        match error {
+            ViewError::Invalid { .. } => {
+                let at = error.expression().map(str::to_string);
+                let api = ApiError::bad_request(error.to_string());
+                match at {
+                    Some(at) => api.with_expression(at),
+                    None => api,
+                }
+            }
+            ViewError::NotFound(_) => ApiError::not_found(error.to_string()),
+            ViewError::Limit(_) => ApiError::bad_request(error.to_string()),
+            ViewError::Query(query) => query.into(),
+            ViewError::Store(store) => store.into(),
         }
     }
 }

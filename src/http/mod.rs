@@ -32,6 +32,7 @@ pub mod normalize;
 mod search;
 pub mod serve;
 mod smart;
+mod views;
 
 use std::sync::Arc;
 
@@ -139,6 +140,19 @@ fn routes() -> Router<AppState> {
             .route("/{type}/$load", post(load::load_type))
             .route("/{type}/{id}/_history", get(crud::history))
             .route("/{type}/{id}/_history/{vid}", get(crud::vread))
+            .route(
+                "/{type}/$viewdefinition-run",
+                get(views::run_type).post(views::run_type),
+            )
+            .route("/{type}/$run", post(views::run_type))
+            .route(
+                "/{type}/{id}/$viewdefinition-run",
+                get(views::run_instance).post(views::run_instance),
+            )
+            .route(
+                "/{type}/{id}/$run",
+                get(views::run_instance).post(views::run_instance),
+            )
     };
     let native = resources()
         .route("/", post(bundle::post_bundle).put(bundle::put_list))

@@ -25,6 +25,8 @@ pub enum Output {
     Tsv,
     /// One JSON object per row (`row_to_json`).
     Ndjson,
+    /// PostgreSQL's CSV COPY (NULL as an empty field), with a header row when asked.
+    Csv { header: bool },
 }
 
 /// The rows of a running query, in one of three forms.
@@ -134,6 +136,13 @@ pub async fn run(
                 .map_err(|e| QueryError::from_store(e, query_offset(&sql, query)))?;
             (sql, Rows::CopyText(copy.close_after()))
         }
+        (Output::Csv { header }, true) => {
+            let sql = copy_csv_sql(query, header);
+            let copy = copy_out_on(conn, &sql)
+                .await
+                .map_err(|e| QueryError::from_store(e, query_offset(&sql, query)))?;
+            (sql, Rows::CopyText(copy.close_after()))
+        }
         (Output::Ndjson, true) => {
             let sql = copy_ndjson_sql(query);
             let copy = copy_out_on(conn, &sql)
@@ -143,7 +152,7 @@ pub async fn run(
         }
         (output, false) => {
             let sql = match output {
-                Output::Tsv => tsv_rows_sql(query, columns.len()),
+                Output::Tsv | Output::Csv { .. } => tsv_rows_sql(query, columns.len()),
                 Output::Ndjson => ndjson_rows_sql(query),
             };
             let params: Vec<TextParam> = params.into_iter().map(TextParam).collect();
@@ -175,6 +184,11 @@ fn query_offset(wrapped: &str, query: &str) -> usize {
 /// TSV: PostgreSQL's text COPY, with NULL as an empty field.
 fn copy_tsv_sql(query: &str) -> String {
     format!("COPY (\n{query}\n) TO STDOUT (FORMAT text, NULL '')")
+}
+
+/// CSV: PostgreSQL's CSV COPY.
+fn copy_csv_sql(query: &str, header: bool) -> String {
+    format!("COPY (\n{query}\n) TO STDOUT (FORMAT csv, HEADER {header})")
 }
 
 /// NDJSON: one `row_to_json` per row, as binary COPY (so the JSON is not escaped again).

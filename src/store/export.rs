@@ -60,7 +60,7 @@ pub fn compartment_index(rt: ResourceType) -> Option<(String, String)> {
     Some((name, create))
 }
 
-pub(super) fn patients_function(rt: ResourceType) -> String {
+pub(crate) fn patients_function(rt: ResourceType) -> String {
     format!("fhirbox_patients_{}", rt.table_name())
 }
 
@@ -169,6 +169,17 @@ pub struct PatientSource<'a> {
 /// The ids of a Group's active Patient members, as a jsonpath over the Group.
 const GROUP_MEMBERS: &str =
     "lax $.member ? (!exists(@.inactive) || @.inactive != true).entity ? (@.resourceType == \"Patient\").id";
+
+/// The active Patient members of a Group; `None` when there is no such Group.
+pub async fn group_members(store: &Store, id: &str) -> Result<Option<Vec<String>>, StoreError> {
+    let conn = store.connection().await?;
+    let sql = format!(
+        "SELECT coalesce((SELECT array_agg(p #>> '{{}}') FROM jsonb_path_query(g.resource, '{GROUP_MEMBERS}') AS p), '{{}}')
+           FROM \"group\" g WHERE g.id = $1"
+    );
+    let row = conn.query_opt(&sql, &[&id]).await?;
+    Ok(row.map(|row| row.get(0)))
+}
 
 /// Of the `patient` parameters of a kick-off, those that name no current Patient, or (with a
 /// Group) no active member of it: the IG wants them refused at kick-off.

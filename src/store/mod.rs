@@ -25,6 +25,7 @@ pub mod schema;
 pub mod socket;
 pub mod token;
 pub mod tokens;
+pub mod view_sql;
 
 use std::sync::Arc;
 use std::time::Duration;

@@ -158,6 +158,7 @@ pub async fn migrate(conn: &mut Connection) -> Result<(), StoreError> {
     }
     create_missing_resource_tables(&tx).await?;
     tx.batch_execute(&super::export::compartment_ddl()).await?;
+    tx.batch_execute(super::view_sql::FUNCTIONS_DDL).await?;
     super::roles::grant(&tx).await?;
     tx.commit().await?;
     Ok(())

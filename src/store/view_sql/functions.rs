@@ -1,0 +1,307 @@
+//! The FHIRPath functions views may call, each as SQL. [`SUPPORTED`] is the list the
+//! validator checks against and the README prints.
+
+use super::expr::{
+    as_bool, as_many, as_one, compile, json_literal, map_items, of_type, resolve, Focus, Scope,
+    Shape, Ty, Val,
+};
+use crate::fhir::meta::is_r4_resource_type;
+use crate::views::fhirpath::Expr;
+
+/// Every function a view may call.
+pub const SUPPORTED: &[&str] = &[
+    "count",
+    "empty",
+    "exists",
+    "extension",
+    "first",
+    "getReferenceKey",
+    "getResourceKey",
+    "hasValue",
+    "iif",
+    "join",
+    "last",
+    "not",
+    "ofType",
+    "single",
+    "toString",
+    "where",
+];
+
+type Res<T> = Result<T, String>;
+
+fn arity(name: &str, args: &[Expr], min: usize, max: usize) -> Res<()> {
+    if args.len() < min || args.len() > max {
+        let wanted = if min == max {
+            format!("{min}")
+        } else {
+            format!("{min} to {max}")
+        };
+        return Err(format!(
+            "{name}() takes {wanted} argument(s), {} given",
+            args.len()
+        ));
+    }
+    Ok(())
+}
+
+/// A type name argument (`Quantity`, `FHIR.Quantity`).
+fn type_name(name: &str, arg: &Expr) -> Res<String> {
+    match arg {
+        Expr::Member(base, ty) if **base == Expr::This => Ok(ty.clone()),
+        Expr::Member(base, ty) if matches!(&**base, Expr::Member(b, ns) if **b == Expr::This && (ns == "FHIR" || ns == "System")) => {
+            Ok(ty.clone())
+        }
+        _ => Err(format!("{name}() takes a type name, like {name}(Quantity)")),
+    }
+}
+
+/// A string argument: a literal or a string constant.
+fn text_arg(scope: &Scope<'_, '_>, name: &str, arg: &Expr) -> Res<String> {
+    match arg {
+        Expr::Str(text) => Ok(text.clone()),
+        Expr::Var(var) => scope
+            .constants
+            .iter()
+            .find(|c| &c.name == var)
+            .and_then(|c| c.value.as_str())
+            .map(str::to_string)
+            .ok_or_else(|| format!("{name}() takes a string; %{var} is not a string constant")),
+        _ => Err(format!("{name}() takes a string literal")),
+    }
+}
+
+fn boolean<'a>(sql: String) -> Val<'a> {
+    Val::new(sql, Shape::Bool, Ty::Primitive("boolean"))
+}
+
+pub fn call<'a>(
+    scope: &Scope<'a, '_>,
+    focus: &Focus<'a>,
+    base: &Expr,
+    name: &str,
+    args: &[Expr],
+) -> Res<Val<'a>> {
+    if !SUPPORTED.contains(&name) {
+        return Err(format!(
+            "unknown function '{name}' (supported: {})",
+            SUPPORTED.join(", ")
+        ));
+    }
+    if name == "getResourceKey" {
+        arity(name, args, 0, 0)?;
+        return Ok(Val::new(
+            format!("to_jsonb({}.id)", scope.row),
+            Shape::One,
+            Ty::Primitive("id"),
+        ));
+    }
+    let base = compile(scope, focus, base)?;
+    match name {
+        "ofType" => {
+            arity(name, args, 1, 1)?;
+            Ok(of_type(base, &type_name(name, &args[0])?))
+        }
+        "extension" => {
+            arity(name, args, 1, 1)?;
+            extension(scope, base, &text_arg(scope, name, &args[0])?)
+        }
+        "where" => {
+            arity(name, args, 1, 1)?;
+            filter(scope, focus, resolve(base), &args[0])
+        }
+        "exists" | "empty" | "hasValue" => {
+            arity(name, args, 0, if name == "exists" { 1 } else { 0 })?;
+            let base = match args.first() {
+                Some(criteria) => filter(scope, focus, resolve(base), criteria)?,
+                None => resolve(base),
+            };
+            let exists = match base.shape {
+                Shape::Many => format!("coalesce(jsonb_array_length({}) > 0, false)", base.sql),
+                _ => format!("({} IS NOT NULL)", base.sql),
+            };
+            Ok(boolean(if name == "empty" {
+                format!("(NOT {exists})")
+            } else {
+                exists
+            }))
+        }
+        "first" | "single" => {
+            arity(name, args, 0, 0)?;
+            let base = resolve(base);
+            let sql = match &base.path {
+                Some((source, path)) => format!(
+                    "jsonb_path_query_first({source}, {})",
+                    super::expr::literal(path)
+                ),
+                None => as_one(&base),
+            };
+            Ok(Val::new(sql, Shape::One, base.ty))
+        }
+        "last" => {
+            arity(name, args, 0, 0)?;
+            let base = resolve(base);
+            Ok(Val::new(
+                format!("({} -> -1)", as_many(&base)),
+                Shape::One,
+                base.ty,
+            ))
+        }
+        "count" => {
+            arity(name, args, 0, 0)?;
+            let many = as_many(&resolve(base));
+            Ok(Val::new(
+                format!("to_jsonb(coalesce(jsonb_array_length({many}), 0))"),
+                Shape::One,
+                Ty::Primitive("integer"),
+            ))
+        }
+        "not" => {
+            arity(name, args, 0, 0)?;
+            Ok(boolean(format!("(NOT {})", as_bool(&resolve(base)))))
+        }
+        "toString" => {
+            arity(name, args, 0, 0)?;
+            Ok(Val::new(
+                format!("to_jsonb({}#>>'{{}}')", as_one(&resolve(base))),
+                Shape::One,
+                Ty::Primitive("string"),
+            ))
+        }
+        "join" => {
+            arity(name, args, 0, 1)?;
+            let separator = match args.first() {
+                Some(arg) => text_arg(scope, name, arg)?,
+                None => String::new(),
+            };
+            let e = scope.fresh("e");
+            Ok(Val::new(
+                format!(
+                    "(SELECT to_jsonb(coalesce(string_agg({e}.v #>> '{{}}', {} ORDER BY {e}.i), '')) FROM jsonb_array_elements({}) WITH ORDINALITY AS {e}(v, i))",
+                    super::expr::literal(&separator),
+                    as_many(&resolve(base))
+                ),
+                Shape::One,
+                Ty::Primitive("string"),
+            ))
+        }
+        "getReferenceKey" => {
+            arity(name, args, 0, 1)?;
+            let target = match args.first() {
+                Some(arg) => {
+                    let target = type_name(name, arg)?;
+                    if !is_r4_resource_type(&target) {
+                        return Err(format!(
+                            "getReferenceKey(): '{target}' is not a resource type"
+                        ));
+                    }
+                    Some(target)
+                }
+                None => None,
+            };
+            let key = move |x: &str| match &target {
+                Some(t) => format!("CASE WHEN {x}->>'resourceType' = '{t}' THEN {x} -> 'id' END"),
+                None => format!("CASE WHEN {x} ? 'resourceType' THEN {x} -> 'id' END"),
+            };
+            Ok(map_items(scope, resolve(base), key, Ty::Primitive("id")))
+        }
+        "iif" => {
+            arity(name, args, 2, 3)?;
+            let condition = compile(scope, focus, &args[0])?;
+            let then = resolve(compile(scope, focus, &args[1])?);
+            let otherwise = match args.get(2) {
+                Some(arg) => resolve(compile(scope, focus, arg)?),
+                None => Val::new("NULL::jsonb", Shape::One, Ty::Unknown),
+            };
+            let _ = base;
+            Ok(Val::new(
+                format!(
+                    "CASE WHEN {} THEN {} ELSE {} END",
+                    as_bool(&condition),
+                    as_one(&then),
+                    as_one(&otherwise)
+                ),
+                Shape::One,
+                then.ty,
+            ))
+        }
+        _ => Err(format!("unknown function '{name}'")),
+    }
+}
+
+/// `base.where(criteria)`.
+fn filter<'a>(
+    scope: &Scope<'a, '_>,
+    focus: &Focus<'a>,
+    base: Val<'a>,
+    criteria: &Expr,
+) -> Res<Val<'a>> {
+    match base.shape {
+        Shape::Many => {
+            let e = scope.fresh("e");
+            let item = Focus {
+                this: Val::new(format!("{e}.v"), Shape::One, base.ty.clone()),
+                row_index: focus.row_index.clone(),
+            };
+            let test = as_bool(&compile(scope, &item, criteria)?);
+            Ok(Val::new(
+                format!(
+                    "(SELECT jsonb_agg({e}.v ORDER BY {e}.i) FROM jsonb_array_elements({}) WITH ORDINALITY AS {e}(v, i) WHERE {test})",
+                    base.sql
+                ),
+                Shape::Many,
+                base.ty,
+            ))
+        }
+        _ => {
+            let one = as_one(&base);
+            let item = Focus {
+                this: Val::new(one.clone(), Shape::One, base.ty.clone()),
+                row_index: focus.row_index.clone(),
+            };
+            let test = as_bool(&compile(scope, &item, criteria)?);
+            Ok(Val::new(
+                format!("CASE WHEN {test} THEN {one} END"),
+                Shape::One,
+                base.ty,
+            ))
+        }
+    }
+}
+
+/// `base.extension(url)`: the native field of an Attribute for that url when there is one
+/// (on the resource, or inside a complex first-class extension), else FHIR-shaped extensions.
+fn extension<'a>(scope: &Scope<'a, '_>, base: Val<'a>, url: &str) -> Res<Val<'a>> {
+    let attribute = match &base.ty {
+        Ty::Attr(parent) => parent.child_by_url(url),
+        _ if base.root => scope.attributes.and_then(|a| a.by_url(url)),
+        _ => None,
+    };
+    if let Some(attribute) = attribute {
+        // The key comes from a stored Attribute: quoted like any literal.
+        let shape = if attribute.is_collection() {
+            Shape::Many
+        } else {
+            Shape::One
+        };
+        let sql = format!(
+            "({} -> {})",
+            as_one(&base),
+            super::expr::literal(attribute.key())
+        );
+        return Ok(Val::new(sql, shape, Ty::Attr(attribute)));
+    }
+    let vars = format!(
+        "jsonb_build_object('u', {})",
+        json_literal(&serde_json::Value::String(url.into()))
+    );
+    let (source, path) = match base.shape {
+        Shape::Many => (base.sql, "$[*].extension[*] ? (@.url == $u)"),
+        _ => (as_one(&base), "$.extension[*] ? (@.url == $u)"),
+    };
+    Ok(Val::new(
+        format!("jsonb_path_query_array({source}, '{path}', {vars})"),
+        Shape::Many,
+        Ty::Fhir("Extension"),
+    ))
+}

@@ -1,0 +1,331 @@
+//! A ViewDefinition compiled to one PostgreSQL query over the type's table.
+//!
+//! Each `select` becomes a subquery joined `LATERAL` to its parent: `forEach` is
+//! `jsonb_array_elements(..) WITH ORDINALITY` (the ordinality is `%rowIndex`), `forEachOrNull`
+//! the same behind a `LEFT JOIN`, `repeat` a recursive CTE, nested `select`s are cross joins
+//! and `unionAll` a `UNION ALL` of its branches. Columns are jsonb inside and come out as
+//! jsonb (for JSON output) or text (for CSV). The statement reads only the type's table
+//! (`r`), so it runs under `$dump-sql`'s reader role, limits and timeout unchanged.
+
+mod expr;
+mod functions;
+
+pub use functions::SUPPORTED as SUPPORTED_FUNCTIONS;
+
+use std::cell::Cell;
+
+use expr::{as_bool, as_many, as_one, compile as compile_expr, Focus, Scope, Shape, Ty, Val};
+
+use crate::format::attributes::TypeAttributes;
+use crate::resource_type::ResourceType;
+use crate::views::definition::{Iterate, Select, View};
+use crate::views::fhirpath::Expr;
+use crate::views::ViewError;
+
+/// The one helper compiled views call, created (or replaced) at every start-up: a column
+/// that is not a `collection` takes one value, and a row that gives it several is an error
+/// naming the column (the spec's rule; PostgreSQL has no `RAISE` in an expression).
+pub const FUNCTIONS_DDL: &str = "
+CREATE OR REPLACE FUNCTION fhirbox_view_one(items jsonb, what text) RETURNS jsonb
+LANGUAGE plpgsql IMMUTABLE PARALLEL SAFE AS $fn$
+BEGIN
+  IF jsonb_array_length(items) > 1 THEN
+    RAISE EXCEPTION '%: gives % values in a row; a column that is not a collection takes one (set \"collection\": true, or pick one with first() or where(...))',
+      what, jsonb_array_length(items) USING ERRCODE = '22023';
+  END IF;
+  RETURN items -> 0;
+END
+$fn$;
+";
+
+/// How column values leave the query.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Columns {
+    /// jsonb: numbers, booleans and arrays keep their JSON types.
+    Json,
+    /// text: a string's characters, a number's digits, `true`/`false`.
+    Text,
+}
+
+/// Which rows of the table a run reads.
+#[derive(Debug, Clone, Default)]
+pub struct Rows {
+    /// Only these patients' compartment (ids), when given.
+    pub patients: Option<Vec<String>>,
+    /// Only resources changed after this instant (RFC 3339, checked by the caller).
+    pub since: Option<String>,
+    pub limit: Option<u64>,
+}
+
+pub struct Compiled {
+    pub sql: String,
+    pub columns: Vec<String>,
+}
+
+fn invalid(at: &str, message: impl Into<String>) -> ViewError {
+    ViewError::Invalid {
+        at: at.to_string(),
+        message: message.into(),
+    }
+}
+
+/// Compiles the view. `attributes`: the type's first-class extensions now in force.
+pub fn compile(
+    view: &View,
+    attributes: Option<&TypeAttributes>,
+    rows: &Rows,
+    output: Columns,
+) -> Result<Compiled, ViewError> {
+    let rt = ResourceType::parse(&view.resource)
+        .ok_or_else(|| invalid("resource", format!("'{}' is not stored", view.resource)))?;
+    let resource: &'static str = rt.name();
+    let counter = Cell::new(0);
+    let scope = Scope {
+        row: "r",
+        resource,
+        constants: &view.constants,
+        attributes,
+        counter: &counter,
+    };
+    let mut root = Val::new("r.resource", Shape::One, Ty::Complex(resource));
+    root.root = true;
+    let focus = Focus {
+        this: root,
+        row_index: "0".into(),
+    };
+    let top = Select {
+        at: "ViewDefinition".into(),
+        columns: Vec::new(),
+        select: view.select.clone(),
+        iterate: None,
+        union_all: Vec::new(),
+    };
+    let body = select_sql(&scope, &focus, &top)?;
+    let columns: Vec<String> = top
+        .column_names()?
+        .into_iter()
+        .map(|(_, name)| name)
+        .collect();
+    let outer: Vec<String> = columns
+        .iter()
+        .map(|c| match output {
+            Columns::Json => format!("v.\"{c}\""),
+            Columns::Text => format!("v.\"{c}\" #>> '{{}}' AS \"{c}\""),
+        })
+        .collect();
+    let mut conditions = Vec::new();
+    for (at, path) in &view.filters {
+        let val = compile_expr(&scope, &focus, path).map_err(|m| invalid(at, m))?;
+        let boolean =
+            val.shape == Shape::Bool || matches!(val.ty, Ty::Primitive("boolean") | Ty::Unknown);
+        if !boolean {
+            return Err(invalid(at, "a where path must give a boolean"));
+        }
+        conditions.push(as_bool(&val));
+    }
+    conditions.extend(row_conditions(rt, rows)?);
+    let table = rt.table();
+    let mut sql = format!(
+        "SELECT {} FROM {table} AS r CROSS JOIN LATERAL (\n{body}\n) AS v",
+        if outer.is_empty() {
+            "NULL".into()
+        } else {
+            outer.join(", ")
+        }
+    );
+    if !conditions.is_empty() {
+        sql.push_str(&format!("\nWHERE {}", conditions.join(" AND ")));
+    }
+    if let Some(limit) = rows.limit {
+        sql.push_str(&format!("\nLIMIT {limit}"));
+    }
+    Ok(Compiled { sql, columns })
+}
+
+/// The run's row filters: a patient compartment, `_since`.
+fn row_conditions(rt: ResourceType, rows: &Rows) -> Result<Vec<String>, ViewError> {
+    let mut conditions = Vec::new();
+    if let Some(patients) = &rows.patients {
+        let ids: Vec<String> = patients.iter().map(|id| expr::literal(id)).collect();
+        let ids = format!("ARRAY[{}]::text[]", ids.join(", "));
+        if rt.name() == "Patient" {
+            conditions.push(format!("r.id = ANY({ids})"));
+        } else if crate::store::export::compartment_paths(rt.name()).is_some() {
+            let function = crate::store::export::patients_function(rt);
+            conditions.push(format!("{function}(r.resource) ?| {ids}"));
+        } else {
+            return Err(invalid(
+                "patient",
+                format!("{} is not in the Patient compartment: a view of it cannot be limited to patients", rt.name()),
+            ));
+        }
+    }
+    if let Some(since) = &rows.since {
+        conditions.push(format!("r.ts > ({})::timestamptz", expr::literal(since)));
+    }
+    Ok(conditions)
+}
+
+/// One `select` node as a subquery producing its columns (its own, its nested selects',
+/// then its `unionAll`'s), evaluated for one `focus`.
+fn select_sql<'a>(
+    scope: &Scope<'a, '_>,
+    focus: &Focus<'a>,
+    node: &Select,
+) -> Result<String, ViewError> {
+    let s = scope.fresh("s");
+    let (mut from, inner) = match &node.iterate {
+        None => (format!("(SELECT 1) AS {s}"), focus.clone()),
+        Some(Iterate::ForEach(path)) | Some(Iterate::ForEachOrNull(path)) => {
+            let at = format!(
+                "{}.{}",
+                node.at,
+                if matches!(node.iterate, Some(Iterate::ForEach(_))) {
+                    "forEach"
+                } else {
+                    "forEachOrNull"
+                }
+            );
+            let items =
+                expr::resolve(compile_expr(scope, focus, path).map_err(|m| invalid(&at, m))?);
+            let elements = format!(
+                "jsonb_array_elements({}) WITH ORDINALITY AS {s}(v, i)",
+                as_many(&items)
+            );
+            let from = match node.iterate {
+                Some(Iterate::ForEach(_)) => elements,
+                _ => format!("(SELECT 1) AS {s}_d LEFT JOIN LATERAL {elements} ON true"),
+            };
+            let item = Val::new(format!("{s}.v"), Shape::One, items.ty);
+            (
+                from,
+                Focus {
+                    this: item,
+                    row_index: format!("coalesce({s}.i - 1, 0)"),
+                },
+            )
+        }
+        Some(Iterate::Repeat(paths)) => repeat(scope, focus, node, &s, paths)?,
+    };
+    let mut columns = Vec::new();
+    for column in &node.columns {
+        let at = format!("{}.path", column.at);
+        let val =
+            expr::resolve(compile_expr(scope, &inner, &column.path).map_err(|m| invalid(&at, m))?);
+        let sql = if column.collection {
+            format!("coalesce({}, '[]'::jsonb)", as_many(&val))
+        } else {
+            match val.shape {
+                Shape::Many => format!(
+                    "fhirbox_view_one({}, {})",
+                    val.sql,
+                    expr::literal(&format!("{} ({})", at, column.name))
+                ),
+                _ => as_one(&val),
+            }
+        };
+        columns.push(format!("{sql} AS \"{}\"", column.name));
+    }
+    for nested in &node.select {
+        let c = scope.fresh("c");
+        from.push_str(&format!(
+            " CROSS JOIN LATERAL (\n{}\n) AS {c}",
+            select_sql(scope, &inner, nested)?
+        ));
+        for (_, name) in nested.column_names()? {
+            columns.push(format!("{c}.\"{name}\""));
+        }
+    }
+    if let Some(first) = node.union_all.first() {
+        let u = scope.fresh("u");
+        let branches = node
+            .union_all
+            .iter()
+            .map(|branch| select_sql(scope, &inner, branch))
+            .collect::<Result<Vec<_>, _>>()?;
+        from.push_str(&format!(
+            " CROSS JOIN LATERAL (\n{}\n) AS {u}",
+            branches.join("\nUNION ALL\n")
+        ));
+        for (_, name) in first.column_names()? {
+            columns.push(format!("{u}.\"{name}\""));
+        }
+    }
+    let list = if columns.is_empty() {
+        String::new()
+    } else {
+        columns.join(", ")
+    };
+    Ok(format!("SELECT {list} FROM {from}"))
+}
+
+/// `repeat`: every item reached by the paths, at any depth, each level's items in order
+/// (depth first is not promised; `%rowIndex` counts them as they come).
+fn repeat<'a>(
+    scope: &Scope<'a, '_>,
+    focus: &Focus<'a>,
+    node: &Select,
+    s: &str,
+    paths: &[Expr],
+) -> Result<(String, Focus<'a>), ViewError> {
+    let at = |i: usize| format!("{}.repeat[{i}]", node.at);
+    let first_level = paths
+        .iter()
+        .enumerate()
+        .map(|(i, p)| {
+            compile_expr(scope, focus, p)
+                .map(expr::resolve)
+                .map_err(|m| invalid(&at(i), m))
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    let ty = first_level
+        .first()
+        .map(|v| v.ty.clone())
+        .unwrap_or(Ty::Unknown);
+    let x = format!("{s}_x");
+    let item = Focus {
+        this: Val::new(format!("{x}.v"), Shape::One, ty.clone()),
+        row_index: focus.row_index.clone(),
+    };
+    let deeper = paths
+        .iter()
+        .enumerate()
+        .map(|(i, p)| {
+            compile_expr(scope, &item, p)
+                .map(expr::resolve)
+                .map_err(|m| invalid(&at(i), m))
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    // Each item carries its path of (expression, position) pairs from the focus: ordering
+    // by it gives the items depth first, each node before its children (`%rowIndex`).
+    let level = |vals: &[Val<'a>]| -> String {
+        vals.iter()
+            .enumerate()
+            .map(|(p, v)| {
+                format!(
+                    "SELECT {}::bigint AS p, t.v, t.i FROM jsonb_array_elements({}) WITH ORDINALITY AS t(v, i)",
+                    p + 1,
+                    as_many(v)
+                )
+            })
+            .collect::<Vec<_>>()
+            .join(" UNION ALL ")
+    };
+    let from = format!(
+        "(WITH RECURSIVE {s}_r(v, o) AS (\
+         SELECT n.v, ARRAY[n.p, n.i] FROM ({}) AS n \
+         UNION ALL \
+         SELECT n.v, {x}.o || ARRAY[n.p, n.i] FROM {s}_r AS {x} CROSS JOIN LATERAL ({}) AS n\
+         ) SELECT v, row_number() OVER (ORDER BY o) AS i FROM {s}_r) AS {s}",
+        level(&first_level),
+        level(&deeper)
+    );
+    let this = Val::new(format!("{s}.v"), Shape::One, ty);
+    Ok((
+        from,
+        Focus {
+            this,
+            row_index: format!("({s}.i - 1)"),
+        },
+    ))
+}

@@ -1,0 +1,50 @@
+//! SQL on FHIR v2 views: `ViewDefinition` resources ([`definition`], with the FHIRPath
+//! subset in [`fhirpath`]) compiled to one PostgreSQL query (`store::view_sql`) and run
+//! ([`run`]) as CSV, NDJSON or JSON, streamed from COPY like `$dump-sql`, under the same
+//! reader role, timeout and limits.
+
+pub mod definition;
+pub mod fhirpath;
+pub mod run;
+
+use crate::store::dump_sql::QueryError;
+use crate::store::StoreError;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ViewError {
+    /// The view (or a run parameter) is not valid; `at` names the element.
+    #[error("{at}: {message}")]
+    Invalid { at: String, message: String },
+    #[error("ViewDefinition/{0} is not known")]
+    NotFound(String),
+    /// The result broke a limit before its first row.
+    #[error("{0}")]
+    Limit(String),
+    #[error(transparent)]
+    Query(#[from] QueryError),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+impl ViewError {
+    /// The element the error is about, for the OperationOutcome's `expression`.
+    pub fn expression(&self) -> Option<&str> {
+        match self {
+            ViewError::Invalid { at, .. } => Some(at),
+            _ => None,
+        }
+    }
+}
+
+/// Checks a ViewDefinition before it is stored: it parses, and it compiles (functions known,
+/// column names unique, single-valued columns single-valued).
+pub fn check(doc: &serde_json::Value) -> Result<(), ViewError> {
+    let view = definition::View::parse(doc)?;
+    crate::store::view_sql::compile(
+        &view,
+        None,
+        &Default::default(),
+        crate::store::view_sql::Columns::Json,
+    )?;
+    Ok(())
+}

@@ -1,0 +1,118 @@
+//! `$viewdefinition-run`: a view's rows, streamed. The compiled query goes through
+//! `$dump-sql`'s machinery ([`crate::bulk::dump_sql`]): the reader role on a connection of its
+//! own, a read-only transaction, the statement timeout, the row and byte limits, cancelled
+//! when the client leaves. CSV is PostgreSQL's own `COPY ... (FORMAT csv)`; NDJSON is
+//! `row_to_json` per row; JSON is the same rows inside `[...]`.
+
+use bytes::Bytes;
+use futures_util::StreamExt;
+use serde_json::Value;
+
+use super::definition::View;
+use super::ViewError;
+use crate::bulk::dump_sql::{dump_sql, SqlDumpError, SqlDumpRequest, SqlFormat, SqlLimits};
+use crate::bulk::report::Report;
+use crate::bulk::stream::ByteStream;
+use crate::format::Converter;
+use crate::store::view_sql::{self, Columns, Rows};
+use crate::store::Store;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ViewFormat {
+    Csv,
+    Ndjson,
+    Json,
+}
+
+impl ViewFormat {
+    /// `_format`'s values: `csv`, `ndjson`, `json` (and their media types).
+    pub fn parse(text: &str) -> Option<ViewFormat> {
+        match text {
+            "csv" | "text/csv" => Some(ViewFormat::Csv),
+            "ndjson"
+            | "application/ndjson"
+            | "application/x-ndjson"
+            | "application/fhir+ndjson" => Some(ViewFormat::Ndjson),
+            "json" | "application/json" | "application/fhir+json" => Some(ViewFormat::Json),
+            _ => None,
+        }
+    }
+
+    pub fn content_type(self) -> &'static str {
+        match self {
+            ViewFormat::Csv => "text/csv",
+            ViewFormat::Ndjson => "application/x-ndjson",
+            ViewFormat::Json => "application/json",
+        }
+    }
+}
+
+pub struct RunRequest {
+    /// The ViewDefinition (FHIR JSON).
+    pub view: Value,
+    pub format: ViewFormat,
+    /// A CSV header row (the default).
+    pub header: bool,
+    pub rows: Rows,
+}
+
+/// Compiles the view for the Attributes in force and starts streaming its rows. Everything
+/// that can fail before the first row fails here.
+pub async fn run(
+    reader: &Store,
+    converter: &Converter,
+    request: RunRequest,
+    limits: &SqlLimits,
+    report: &Report,
+) -> Result<ByteStream, ViewError> {
+    let view = View::parse(&request.view)?;
+    let attributes = converter.rules().for_type(&view.resource);
+    let columns = match request.format {
+        ViewFormat::Csv => Columns::Text,
+        _ => Columns::Json,
+    };
+    let compiled = view_sql::compile(&view, attributes, &request.rows, columns)?;
+    let format = match request.format {
+        ViewFormat::Csv => SqlFormat::Csv {
+            header: request.header,
+        },
+        _ => SqlFormat::Ndjson,
+    };
+    let sql = SqlDumpRequest {
+        query: compiled.sql,
+        params: Vec::new(),
+        format,
+        header: false,
+    };
+    let body = dump_sql(reader, sql, limits, report)
+        .await
+        .map_err(|error| match error {
+            SqlDumpError::Query(query) => ViewError::Query(query),
+            other => ViewError::Limit(other.to_string()),
+        })?;
+    Ok(match request.format {
+        ViewFormat::Json => json_array(body),
+        _ => body,
+    })
+}
+
+/// NDJSON lines as one JSON array. (A row's JSON never holds a raw newline.)
+fn json_array(body: ByteStream) -> ByteStream {
+    let mut first = true;
+    let rows = body.map(move |chunk| {
+        let chunk = chunk?;
+        let mut out = Vec::with_capacity(chunk.len() + 2);
+        for line in chunk.split(|b| *b == b'\n').filter(|l| !l.is_empty()) {
+            if !first {
+                out.push(b',');
+            }
+            first = false;
+            out.extend_from_slice(line);
+            out.push(b'\n');
+        }
+        Ok(Bytes::from(out))
+    });
+    let open = futures_util::stream::once(async { Ok(Bytes::from_static(b"[")) });
+    let close = futures_util::stream::once(async { Ok(Bytes::from_static(b"]\n")) });
+    Box::pin(open.chain(rows).chain(close))
+}
