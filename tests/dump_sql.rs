@@ -93,6 +93,13 @@ async fn tsv_header_nulls_escapes_ndjson_types_params_and_gzip() {
     );
     let row: Value = serde_json::from_str(body.trim()).expect("one JSON object");
     assert_eq!(row["id"], "pt-3");
+    // An empty result is an empty 200 in both forms (NDJSON once panicked: its row stream
+    // was polled again after its end).
+    for format in ["?_format=ndjson", ""] {
+        let none = json!({"query": "select id from patient where false"});
+        let (status, _, body) = sql(&server, format, none).await;
+        assert_eq!((status, body.as_str()), (StatusCode::OK, ""), "{format}");
+    }
     assert!(row["txid"].is_u64(), "a bigint is a JSON number: {row}");
     assert_eq!(
         row["name"],

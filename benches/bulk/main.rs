@@ -7,13 +7,14 @@
 //! bytes, beside raw PostgreSQL `COPY` of the same rows through `psql` in the same run. It
 //! samples the server's resident memory during each operation and prints one table.
 //!
-//! Operations: `dump`, `dump-sql`, `export`, `smart` (bearer tokens against basic
+//! Operations: `dump`, `dump-sql`, `views` (SQL on FHIR), `export`, `smart` (bearer tokens against basic
 //! credentials, and the token endpoint's latency), `import`, `load` (default: all; `import`
 //! and `load` run last, as they empty tables).
 
 mod server;
 mod setup;
 mod smart;
+mod views;
 
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -788,6 +789,10 @@ async fn main() {
                 baseline_seconds: baseline,
             });
         }
+    }
+
+    if selected("views") {
+        rows.extend(views::views_benchmark(&server, &client, &url, &largest, &table).await);
     }
 
     if selected("smart") {

@@ -1,0 +1,287 @@
+//! SQL on FHIR views over HTTP, on the Synthea sample in testdata/: rows checked against
+//! values read from the source files (a choice element, a reference key, a first-class
+//! extension through an Attribute, a FHIR-shaped nested extension, `forEachOrNull` over an
+//! absent array, `%rowIndex`), the three formats, stored views, validation errors, the
+//! patient restriction.
+
+mod common;
+
+use std::collections::BTreeSet;
+
+use common::{answer, load_synthea, pretty, TestServer};
+use reqwest::{Method, StatusCode};
+use serde_json::{json, Value};
+
+const BIRTHSEX: &str = "http://hl7.org/fhir/us/core/StructureDefinition/us-core-birthsex";
+const RACE: &str = "http://hl7.org/fhir/us/core/StructureDefinition/us-core-race";
+
+/// The source file's resources.
+fn source(type_name: &str) -> Vec<Value> {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join(format!("testdata/synthea-10/{type_name}.000.ndjson.gz"));
+    let bytes = std::fs::read(path).expect("testdata");
+    let mut text = String::new();
+    std::io::Read::read_to_string(&mut flate2::read::GzDecoder::new(&bytes[..]), &mut text)
+        .expect("gunzip");
+    text.lines()
+        .map(|l| serde_json::from_str(l).expect("json"))
+        .collect()
+}
+
+/// Runs an inline view; the status and the body's text.
+async fn run(server: &TestServer, view: &Value, extra: &[(&str, Value)]) -> (StatusCode, String) {
+    let mut parameters = vec![json!({"name": "viewResource", "resource": view})];
+    for (name, value) in extra {
+        let mut parameter = json!({"name": name});
+        let key = match value {
+            Value::Bool(_) => "valueBoolean",
+            Value::Number(_) => "valueInteger",
+            _ => "valueString",
+        };
+        parameter[key] = value.clone();
+        parameters.push(parameter);
+    }
+    let response = server
+        .request(Method::POST, "/fhir/ViewDefinition/$viewdefinition-run")
+        .json(&json!({"resourceType": "Parameters", "parameter": parameters}))
+        .send()
+        .await
+        .expect("send");
+    (response.status(), response.text().await.expect("body"))
+}
+
+fn rows(text: &str) -> BTreeSet<String> {
+    let rows: Vec<Value> = serde_json::from_str(text).expect("a JSON array");
+    rows.iter().map(Value::to_string).collect()
+}
+
+fn condition_view() -> Value {
+    json!({"resourceType": "ViewDefinition", "name": "conditions", "resource": "Condition",
+    "select": [{"column": [
+        {"name": "id", "path": "getResourceKey()"},
+        {"name": "patient", "path": "subject.getReferenceKey(Patient)"},
+        {"name": "subject", "path": "subject.reference"},
+        {"name": "onset", "path": "onset.ofType(dateTime)", "type": "dateTime"},
+        {"name": "code", "path": "code.coding.where(system = 'http://snomed.info/sct').code.first()"}
+    ]}]})
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn views_over_synthea_match_the_source_files() {
+    let server = TestServer::start().await;
+    // birthsex becomes a first-class field of Patient before the data is loaded.
+    let attribute = json!({"resourceType": "Attribute", "resource": {"id": "Patient", "resourceType": "Entity"},
+        "path": ["birthsex"], "type": {"id": "code", "resourceType": "Entity"}, "extensionUrl": BIRTHSEX});
+    let (status, body) = server
+        .json(Method::PUT, "/Attribute/Patient.birthsex", &attribute)
+        .await;
+    assert_eq!(status, StatusCode::CREATED, "{body}");
+    load_synthea(&server).await;
+    let (_, native) = server
+        .get(&format!(
+            "/Patient/{}",
+            source("Patient")[0]["id"].as_str().unwrap()
+        ))
+        .await;
+    assert!(
+        native.get("birthsex").is_some(),
+        "stored first-class: {native}"
+    );
+
+    // A choice element, a reference key and a reference rebuilt from the native form.
+    let (status, text) = run(&server, &condition_view(), &[]).await;
+    assert_eq!(status, StatusCode::OK, "{text}");
+    let expected: BTreeSet<String> = source("Condition")
+        .iter()
+        .map(|c| {
+            let subject = c["subject"]["reference"].as_str().unwrap();
+            let code = c["code"]["coding"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|coding| coding["system"] == "http://snomed.info/sct")
+                .map(|coding| coding["code"].clone())
+                .unwrap_or(Value::Null);
+            json!({"id": c["id"], "patient": subject.strip_prefix("Patient/").unwrap(),
+                "subject": subject, "onset": c["onsetDateTime"], "code": code})
+            .to_string()
+        })
+        .collect();
+    assert!(expected.len() > 100);
+    assert_eq!(rows(&text), expected);
+
+    // A first-class extension, a FHIR-shaped nested one, forEachOrNull over an absent
+    // array (Synthea patients have no contact), forEach over names with %rowIndex.
+    let patient_view = json!({"resourceType": "ViewDefinition", "resource": "Patient", "select": [
+        {"column": [
+            {"name": "id", "path": "id"},
+            {"name": "birthsex", "path": format!("extension('{BIRTHSEX}').value.ofType(code)")},
+            {"name": "race", "path": format!("extension('{RACE}').extension('ombCategory').value.ofType(Coding).code.first()")}
+        ]},
+        {"forEachOrNull": "contact", "column": [{"name": "contact_family", "path": "name.family"}]},
+        {"forEach": "name", "column": [
+            {"name": "name_index", "path": "%rowIndex", "type": "integer"},
+            {"name": "family", "path": "family"}
+        ]}
+    ]});
+    let (status, text) = run(&server, &patient_view, &[]).await;
+    assert_eq!(status, StatusCode::OK, "{text}");
+    let mut expected = BTreeSet::new();
+    for p in source("Patient") {
+        let extension = |url: &str| {
+            p["extension"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|e| e["url"] == url)
+                .cloned()
+                .unwrap_or(Value::Null)
+        };
+        let race = extension(RACE)["extension"]
+            .as_array()
+            .and_then(|x| x.iter().find(|e| e["url"] == "ombCategory"))
+            .map(|e| e["valueCoding"]["code"].clone())
+            .unwrap_or(Value::Null);
+        for (index, name) in p["name"].as_array().unwrap().iter().enumerate() {
+            expected.insert(
+                json!({"id": p["id"], "birthsex": extension(BIRTHSEX)["valueCode"], "race": race,
+                    "contact_family": null, "name_index": index, "family": name["family"]})
+                .to_string(),
+            );
+        }
+    }
+    assert_eq!(rows(&text), expected);
+
+    // CSV (header, text values) and NDJSON carry the same rows; _limit stops early.
+    let (status, csv) = run(&server, &condition_view(), &[("_format", json!("csv"))]).await;
+    assert_eq!(status, StatusCode::OK);
+    let mut lines = csv.lines();
+    assert_eq!(lines.next(), Some("id,patient,subject,onset,code"));
+    assert_eq!(lines.count(), expected_conditions());
+    let (_, ndjson) = run(
+        &server,
+        &condition_view(),
+        &[("_format", json!("ndjson")), ("_limit", json!(3))],
+    )
+    .await;
+    assert_eq!(ndjson.lines().count(), 3);
+    let (_, no_header) = run(
+        &server,
+        &condition_view(),
+        &[("_format", json!("csv")), ("header", json!(false))],
+    )
+    .await;
+    assert_eq!(no_header.lines().count(), expected_conditions());
+
+    // patient=: only that patient's compartment.
+    let one = source("Patient")[0]["id"].as_str().unwrap().to_string();
+    let (status, text) = run(
+        &server,
+        &condition_view(),
+        &[("patient", json!(format!("Patient/{one}")))],
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{text}");
+    let got = rows(&text);
+    let theirs = source("Condition")
+        .iter()
+        .filter(|c| c["subject"]["reference"] == format!("Patient/{one}"))
+        .count();
+    assert_eq!(got.len(), theirs);
+    assert!(theirs > 0);
+}
+
+fn expected_conditions() -> usize {
+    source("Condition").len()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stored_views_run_by_id_and_bad_views_are_refused_with_the_element_named() {
+    let server = TestServer::start().await;
+    let (status, _) = server
+        .json(Method::PUT, "/fhir/Patient/p1", &json!({"resourceType": "Patient", "id": "p1", "gender": "female", "birthDate": "1970-03-04"}))
+        .await;
+    assert_eq!(status, StatusCode::CREATED);
+    let view = json!({"resourceType": "ViewDefinition", "id": "patients", "resource": "Patient",
+        "select": [{"column": [{"name": "id", "path": "id"}, {"name": "born", "path": "birthDate", "type": "date"}]}]});
+    let (status, body) = server
+        .json(Method::PUT, "/fhir/ViewDefinition/patients", &view)
+        .await;
+    assert_eq!(status, StatusCode::CREATED, "{body}");
+    for path in [
+        "/fhir/ViewDefinition/patients/$viewdefinition-run?_format=csv",
+        "/fhir/ViewDefinition/patients/$run?_format=csv",
+        "/ViewDefinition/patients/$viewdefinition-run?_format=csv",
+    ] {
+        let response = server.request(Method::GET, path).send().await.unwrap();
+        assert_eq!(response.status(), StatusCode::OK, "{path}");
+        assert_eq!(response.headers()["content-type"], "text/csv");
+        assert_eq!(
+            response.text().await.unwrap(),
+            "id,born\np1,1970-03-04\n",
+            "{path}"
+        );
+    }
+    let (status, text) = {
+        let body = json!({"resourceType": "Parameters", "parameter": [
+            {"name": "viewReference", "valueReference": {"reference": "ViewDefinition/patients"}},
+            {"name": "_format", "valueCode": "ndjson"}]});
+        let response = server
+            .request(Method::POST, "/fhir/ViewDefinition/$run")
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        (response.status(), response.text().await.unwrap())
+    };
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(text, "{\"id\":\"p1\",\"born\":\"1970-03-04\"}\n");
+
+    // Refused on write and on run, naming the element.
+    let mut answers = Vec::new();
+    let bad = [
+        json!({"resourceType": "ViewDefinition", "resource": "Patient",
+            "select": [{"column": [{"name": "id", "path": "id"}, {"name": "x", "path": "name.foo()"}]}]}),
+        json!({"resourceType": "ViewDefinition", "resource": "Patient",
+            "select": [{"column": [{"name": "id", "path": "id"}, {"name": "id", "path": "gender"}]}]}),
+        json!({"resourceType": "ViewDefinition", "resource": "Patient",
+            "select": [{"column": [{"name": "drop table", "path": "id"}]}]}),
+        json!({"resourceType": "ViewDefinition", "resource": "Patiente",
+            "select": [{"column": [{"name": "id", "path": "id"}]}]}),
+        json!({"resourceType": "ViewDefinition", "resource": "Patient",
+            "select": [{"forEach": "name.where(", "column": [{"name": "id", "path": "id"}]}]}),
+        json!({"resourceType": "ViewDefinition", "resource": "Patient",
+            "select": [{"column": [{"name": "id", "path": "id"}]}], "where": [{"path": "gender"}]}),
+    ];
+    for view in &bad {
+        let (status, body) = server
+            .json(Method::POST, "/fhir/ViewDefinition", view)
+            .await;
+        answers.push(answer("POST /fhir/ViewDefinition", status, &body));
+    }
+    let (status, text) = run(&server, &bad[0], &[]).await;
+    answers.push(answer(
+        "POST /fhir/ViewDefinition/$viewdefinition-run",
+        status,
+        &serde_json::from_str(&text).unwrap(),
+    ));
+    // A column that is not a collection but gets two values in a row fails the run.
+    let two =
+        json!({"resourceType": "Patient", "id": "p2", "name": [{"family": "A"}, {"family": "B"}]});
+    server.json(Method::PUT, "/fhir/Patient/p2", &two).await;
+    let families = json!({"resourceType": "ViewDefinition", "resource": "Patient",
+        "select": [{"column": [{"name": "family", "path": "name.family"}]}]});
+    let (status, text) = run(&server, &families, &[]).await;
+    answers.push(answer(
+        "POST /fhir/ViewDefinition/$viewdefinition-run (two families)",
+        status,
+        &serde_json::from_str(&text).unwrap(),
+    ));
+    // A string constant with quotes reaches SQL as data only.
+    let sneaky = json!({"resourceType": "ViewDefinition", "resource": "Patient",
+        "constant": [{"name": "g", "valueString": "female' OR true --\\"}],
+        "select": [{"column": [{"name": "id", "path": "id"}]}], "where": [{"path": "gender = %g"}]});
+    let (status, text) = run(&server, &sneaky, &[]).await;
+    assert_eq!((status, text.as_str()), (StatusCode::OK, "[]\n"));
+    insta::assert_snapshot!(pretty(&answers));
+}
