@@ -267,6 +267,13 @@ pub async fn update_in(
 ) -> Result<(StoredResource, bool), CrudError> {
     let written = resources::upsert(tx, checked.resource_type, id, &checked.body).await?;
     store_secret(tx, id, checked.secret).await?;
+    if checked.resource_type.name() == "ViewDefinition" {
+        crate::views::materialize::rebuild(tx, id, &Value::Object(checked.body.clone()))
+            .await
+            .map_err(|e| {
+                CrudError::invalid(format!("its materializations cannot be rebuilt: {e}"))
+            })?;
+    }
     Ok(written)
 }
 
@@ -283,6 +290,11 @@ pub async fn delete_in(tx: &Tx, rt: ResourceType, id: &str) -> Result<Deleted, C
     if let Some(version) = resources::delete(tx, rt, id).await? {
         if rt.name() == "Client" {
             resources_clients::delete_secret(&**tx, id).await?;
+        }
+        if rt.name() == "ViewDefinition" {
+            crate::views::materialize::drop_all(&**tx, id)
+                .await
+                .map_err(|e| CrudError::invalid(e.to_string()))?;
         }
         return Ok(Deleted::Now(version));
     }

@@ -285,3 +285,111 @@ async fn stored_views_run_by_id_and_bad_views_are_refused_with_the_element_named
     assert_eq!((status, text.as_str()), (StatusCode::OK, "[]\n"));
     insta::assert_snapshot!(pretty(&answers));
 }
+
+/// `$dump-sql` as root (the SQL admin role, not fhirbox's own): NDJSON rows.
+async fn sql(server: &TestServer, query: &str) -> (StatusCode, String) {
+    let response = server
+        .request(Method::POST, "/$dump-sql?_format=ndjson")
+        .json(&json!({"query": query}))
+        .send()
+        .await
+        .unwrap();
+    (response.status(), response.text().await.unwrap())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn materialized_views_are_read_by_dump_sql_and_follow_their_definition() {
+    let server = TestServer::start().await;
+    for (id, gender, active) in [("p1", "female", true), ("p2", "male", false)] {
+        let patient = json!({"resourceType": "Patient", "id": id, "gender": gender, "active": active,
+            "birthDate": "1970-03-04", "name": [{"family": "F"}, {"family": "G"}]});
+        server
+            .json(Method::PUT, &format!("/fhir/Patient/{id}"), &patient)
+            .await;
+    }
+    let mut view = json!({"resourceType": "ViewDefinition", "name": "patient_demo", "resource": "Patient",
+    "select": [{"column": [
+        {"name": "id", "path": "id", "type": "id"},
+        {"name": "gender", "path": "gender", "type": "code"},
+        {"name": "active", "path": "active", "type": "boolean"},
+        {"name": "names", "path": "name.count()", "type": "integer"},
+        {"name": "born", "path": "birthDate", "type": "date"}
+    ]}]});
+    let (status, body) = server
+        .json(Method::PUT, "/fhir/ViewDefinition/demo", &view)
+        .await;
+    assert_eq!(status, StatusCode::CREATED, "{body}");
+
+    for kind in ["table", "materialized-view", "view"] {
+        let (status, body) = server
+            .json(
+                Method::POST,
+                &format!("/fhir/ViewDefinition/demo/$materialize?type={kind}"),
+                &json!(null),
+            )
+            .await;
+        assert_eq!(status, StatusCode::OK, "{kind}: {body}");
+        assert_eq!(body["parameter"][0]["valueString"], "sof.patient_demo");
+        let (status, text) = sql(&server, "select * from sof.patient_demo order by id").await;
+        assert_eq!(status, StatusCode::OK, "{text}");
+        assert_eq!(
+            text,
+            "{\"id\":\"p1\",\"gender\":\"female\",\"active\":true,\"names\":2,\"born\":\"1970-03-04\"}\n\
+             {\"id\":\"p2\",\"gender\":\"male\",\"active\":false,\"names\":2,\"born\":\"1970-03-04\"}\n",
+            "{kind}: typed columns"
+        );
+    }
+    // Joined with a resource table.
+    let (status, text) = sql(
+        &server,
+        "select v.gender, p.resource->>'birthDate' as b from sof.patient_demo v join patient p using (id) where v.active",
+    )
+    .await;
+    assert_eq!(
+        (status, text.as_str()),
+        (
+            StatusCode::OK,
+            "{\"gender\":\"female\",\"b\":\"1970-03-04\"}\n"
+        )
+    );
+
+    // A changed definition rebuilds it; a deleted one drops it.
+    view["select"][0]["column"]
+        .as_array_mut()
+        .unwrap()
+        .push(json!({"name": "first_family", "path": "name.family.first()", "type": "string"}));
+    let (status, body) = server
+        .json(Method::PUT, "/fhir/ViewDefinition/demo", &view)
+        .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let (_, text) = sql(
+        &server,
+        "select first_family from sof.patient_demo where id = 'p1'",
+    )
+    .await;
+    assert_eq!(text, "{\"first_family\":\"F\"}\n");
+    let (status, _) = server.delete("/fhir/ViewDefinition/demo").await;
+    assert_eq!(status, StatusCode::OK);
+    let (status, text) = sql(&server, "select * from sof.patient_demo").await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{text}");
+    assert!(text.contains("does not exist"), "{text}");
+
+    // Without a name there is nothing to call it.
+    let nameless = json!({"resourceType": "ViewDefinition", "resource": "Patient",
+        "select": [{"column": [{"name": "id", "path": "id"}]}]});
+    server
+        .json(Method::PUT, "/fhir/ViewDefinition/nameless", &nameless)
+        .await;
+    let (status, body) = server
+        .json(
+            Method::POST,
+            "/fhir/ViewDefinition/nameless/$materialize",
+            &json!(null),
+        )
+        .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
+    assert!(
+        common::diagnostics(&body).starts_with("name: materializing needs"),
+        "{body}"
+    );
+}

@@ -153,6 +153,7 @@ fn routes() -> Router<AppState> {
                 "/{type}/{id}/$run",
                 get(views::run_instance).post(views::run_instance),
             )
+            .route("/{type}/{id}/$materialize", post(views::materialize))
     };
     let native = resources()
         .route("/", post(bundle::post_bundle).put(bundle::put_list))

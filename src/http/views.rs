@@ -271,3 +271,75 @@ impl Params {
         Ok(())
     }
 }
+
+/// `POST /fhir/ViewDefinition/<id>/$materialize?type=view|materialized-view|table` (or
+/// `type` in a `Parameters` body; default `view`): creates or replaces `sof.<name>`.
+pub async fn materialize(
+    State(state): State<AppState>,
+    Path((type_name, id)): Path<(String, String)>,
+    RawQuery(query): RawQuery,
+    MaybeDocument(body): MaybeDocument,
+) -> Result<Response, ApiError> {
+    use crate::store::materialized::Kind;
+    if type_name != "ViewDefinition" {
+        return Err(ApiError::not_found(format!(
+            "$materialize is an operation of ViewDefinition, not of {type_name}"
+        )));
+    }
+    let mut kind = None;
+    let mut set = |name: &str, value: Option<&str>| -> Result<(), ApiError> {
+        match name {
+            "type" => {
+                kind = Some(value.and_then(Kind::parse).ok_or_else(|| {
+                    ApiError::bad_request("invalid type: expected view, materialized-view or table")
+                        .with_expression("type")
+                })?);
+                Ok(())
+            }
+            other => Err(ApiError::bad_request(format!(
+                "unknown parameter '{other}' (supported: type)"
+            ))
+            .with_expression(other.to_string())),
+        }
+    };
+    for (name, value) in form_urlencoded_pairs(query.as_deref().unwrap_or_default()) {
+        set(&name, Some(&value))?;
+    }
+    if let Some(body) = body {
+        for parameter in body["parameter"].as_array().into_iter().flatten() {
+            let name = parameter["name"].as_str().unwrap_or_default();
+            let value = parameter
+                .get("valueCode")
+                .or_else(|| parameter.get("valueString"))
+                .and_then(Value::as_str);
+            set(name, value)?;
+        }
+    }
+    let rt = ResourceType::parse("ViewDefinition").expect("a fhirbox type");
+    let stored = crate::crud::read(&state.store, rt, &id).await?;
+    let converter = state.formats.converter().await?;
+    let done = crate::views::materialize::materialize(
+        &state.store,
+        converter.rules(),
+        &id,
+        &stored.to_native(),
+        kind.unwrap_or(Kind::View),
+        state.settings.sql_limits.timeout,
+    )
+    .await?;
+    let columns: Vec<Value> = done
+        .columns
+        .iter()
+        .map(|c| serde_json::json!({"name": "column", "valueString": c}))
+        .collect();
+    let mut parameter = vec![
+        serde_json::json!({"name": "relation", "valueString": done.relation}),
+        serde_json::json!({"name": "type", "valueCode": done.kind.as_str()}),
+    ];
+    parameter.extend(columns);
+    let body = serde_json::json!({"resourceType": "Parameters", "parameter": parameter});
+    Ok(axum::response::IntoResponse::into_response((
+        axum::http::StatusCode::OK,
+        axum::Json(body),
+    )))
+}

@@ -18,6 +18,7 @@ pub mod export;
 pub mod export_blocks;
 pub mod jobs;
 pub mod load;
+pub mod materialized;
 pub mod policy;
 pub mod resources;
 pub mod roles;

@@ -29,7 +29,7 @@ pub const SQL_ADMIN_ROLE: &str = "fhirbox_sql_admin";
 
 /// fhirbox's tables no `$dump-sql` may read.
 const INTERNAL_TABLES: &str =
-    "fhirbox_migrations, fhirbox_client_secret, fhirbox_job, fhirbox_task";
+    "fhirbox_migrations, fhirbox_client_secret, fhirbox_job, fhirbox_task, fhirbox_materialized";
 
 /// The statistics functions that return other sessions' query text.
 const QUERY_TEXT_FUNCTIONS: &[&str] = &[
@@ -87,7 +87,10 @@ pub async fn grant(tx: &Transaction<'_>) -> Result<(), StoreError> {
              EXCEPTION WHEN duplicate_object THEN NULL;
              END $$;
              GRANT USAGE ON SCHEMA {schema} TO {role};
-             REVOKE ALL ON {INTERNAL_TABLES} FROM {role};\n"
+             REVOKE ALL ON {INTERNAL_TABLES} FROM {role};
+             GRANT USAGE ON SCHEMA sof TO {role};
+             GRANT SELECT ON ALL TABLES IN SCHEMA sof TO {role};
+             ALTER DEFAULT PRIVILEGES IN SCHEMA sof GRANT SELECT ON TABLES TO {role};\n"
         ));
         for rt in ResourceType::all() {
             let readable = rt.is_fhir() || role == SQL_ADMIN_ROLE;

@@ -94,6 +94,17 @@ const MIGRATIONS: &[(i32, &str, &str)] = &[
         "an export's manifest pages (allowPartialManifests): the task positions of each page",
         "ALTER TABLE fhirbox_job ADD COLUMN pages jsonb",
     ),
+    (
+        8,
+        "SQL on FHIR views materialized in the sof schema, by the ViewDefinition they come from",
+        "CREATE TABLE IF NOT EXISTS fhirbox_materialized (
+             name       text PRIMARY KEY,
+             view_id    text NOT NULL,
+             kind       text NOT NULL,
+             created_at timestamptz NOT NULL DEFAULT now()
+         );
+         CREATE INDEX IF NOT EXISTS fhirbox_materialized_view ON fhirbox_materialized (view_id)",
+    ),
 ];
 
 /// Creates the database `name` on the server if it is missing (the managed cluster's first
@@ -159,6 +170,7 @@ pub async fn migrate(conn: &mut Connection) -> Result<(), StoreError> {
     create_missing_resource_tables(&tx).await?;
     tx.batch_execute(&super::export::compartment_ddl()).await?;
     tx.batch_execute(super::view_sql::FUNCTIONS_DDL).await?;
+    tx.batch_execute(super::materialized::SCHEMA_DDL).await?;
     super::roles::grant(&tx).await?;
     tx.commit().await?;
     Ok(())

@@ -119,6 +119,24 @@ impl View {
         Ok(view)
     }
 
+    /// Every column definition, in output order (a `unionAll`'s from its first branch).
+    pub fn columns(&self) -> Vec<&Column> {
+        fn walk<'v>(select: &'v Select, out: &mut Vec<&'v Column>) {
+            out.extend(&select.columns);
+            for nested in &select.select {
+                walk(nested, out);
+            }
+            if let Some(first) = select.union_all.first() {
+                walk(first, out);
+            }
+        }
+        let mut out = Vec::new();
+        for select in &self.select {
+            walk(select, &mut out);
+        }
+        out
+    }
+
     /// Column names: unique across the view, usable as SQL identifiers; every branch of a
     /// `unionAll` has the same columns in the same order.
     fn check_names(&self) -> Result<(), ViewError> {

@@ -5,6 +5,7 @@
 
 pub mod definition;
 pub mod fhirpath;
+pub mod materialize;
 pub mod run;
 
 use crate::store::dump_sql::QueryError;

@@ -55,6 +55,11 @@ pub struct Val<'a> {
     /// A path of member steps from an item or array not yet turned into SQL: more steps are
     /// appended, so `name.given` is one `jsonb_path_query_array`.
     pub path: Option<(String, String)>,
+    /// A chain of object keys from a jsonb expression (`r.resource`, `value`, `Quantity`):
+    /// rendered as one `#>` (each `->` would copy the subtree it returns).
+    pub keys: Option<(String, Vec<String>)>,
+    /// The same value as SQL text, when it is cheaper than `#>> '{}'` of `sql`.
+    pub text: Option<String>,
 }
 
 impl<'a> Val<'a> {
@@ -65,6 +70,35 @@ impl<'a> Val<'a> {
             ty,
             root: false,
             path: None,
+            keys: None,
+            text: None,
+        }
+    }
+
+    /// `source #> '{keys}'`. Keys are element names: letters, digits and `_` only.
+    fn chain(source: String, keys: Vec<String>, ty: Ty<'a>, shape: Shape) -> Val<'a> {
+        let (sql, text) = match keys.as_slice() {
+            [key] => (
+                format!("({source} -> '{key}')"),
+                format!("({source} ->> '{key}')"),
+            ),
+            _ => {
+                let list = keys.join(",");
+                (
+                    format!("({source} #> '{{{list}}}')"),
+                    format!("({source} #>> '{{{list}}}')"),
+                )
+            }
+        };
+        let path = (shape == Shape::Many).then(|| (sql.clone(), "$[*]".to_string()));
+        Val {
+            sql,
+            shape,
+            ty,
+            root: false,
+            path,
+            text: (shape == Shape::One).then_some(text),
+            keys: Some((source, keys)),
         }
     }
 
@@ -75,6 +109,8 @@ impl<'a> Val<'a> {
             ty,
             root: false,
             path: Some((source, path)),
+            keys: None,
+            text: None,
         }
     }
 }
@@ -237,15 +273,22 @@ fn step<'a>(base: Val<'a>, accessor: &str, ty: Ty<'a>, array: bool) -> Val<'a> {
             Val::from_path(source, format!("{path}{accessor}{tail}"), ty)
         }
         (Shape::Many, None) => Val::from_path(base.sql, format!("$[*]{accessor}{tail}"), ty),
-        (_, _) if array || !accessor.starts_with(".\"") => Val::from_path(
+        (Shape::One, _) if accessor.starts_with(".\"") => {
+            // An object key: extend the chain; an array element ends it as a collection.
+            let key = accessor
+                .trim_start_matches('.')
+                .trim_matches('"')
+                .to_string();
+            let (source, mut keys) = base.keys.unwrap_or((base.sql, Vec::new()));
+            keys.push(key);
+            let shape = if array { Shape::Many } else { Shape::One };
+            Val::chain(source, keys, ty, shape)
+        }
+        _ => Val::from_path(
             as_one_sql(&base.sql, base.shape),
             format!("${accessor}{tail}"),
             ty,
         ),
-        _ => {
-            let key = accessor.trim_start_matches('.').trim_matches('"');
-            Val::new(format!("({} -> '{key}')", base.sql), Shape::One, ty)
-        }
     }
 }
 
@@ -262,11 +305,7 @@ fn ty_of(element: &Element) -> Ty<'static> {
 /// `base.name`.
 pub fn member<'a>(scope: &Scope<'a, '_>, base: Val<'a>, name: &str) -> Res<Val<'a>> {
     if base.root && name == "id" {
-        return Ok(Val::new(
-            format!("to_jsonb({}.id)", scope.row),
-            Shape::One,
-            Ty::Primitive("id"),
-        ));
+        return Ok(row_id(scope));
     }
     if base.root && name == "resourceType" {
         return Ok(Val::new(
@@ -353,6 +392,26 @@ pub fn member<'a>(scope: &Scope<'a, '_>, base: Val<'a>, name: &str) -> Res<Val<'
     }
     // Unknown to the table: navigate the data as it is.
     Ok(step(base, &format!(".\"{name}\""), Ty::Unknown, true))
+}
+
+/// The resource's id (the row's column).
+pub fn row_id<'a>(scope: &Scope<'a, '_>) -> Val<'a> {
+    let mut id = Val::new(
+        format!("to_jsonb({}.id)", scope.row),
+        Shape::One,
+        Ty::Primitive("id"),
+    );
+    id.text = Some(format!("{}.id", scope.row));
+    id
+}
+
+/// The value as SQL text (strings unquoted, numbers as written), NULL when empty.
+pub fn as_text(val: &Val<'_>) -> String {
+    match (&val.text, val.shape) {
+        (Some(text), _) => text.clone(),
+        (None, Shape::Bool) => format!("({})::text", val.sql),
+        (None, _) => format!("({} #>> '{{}}')", as_one(val)),
+    }
 }
 
 /// `ofType(T)`: on a choice, its `T` key; on a typed value, itself or nothing.

@@ -90,11 +90,7 @@ pub fn call<'a>(
     }
     if name == "getResourceKey" {
         arity(name, args, 0, 0)?;
-        return Ok(Val::new(
-            format!("to_jsonb({}.id)", scope.row),
-            Shape::One,
-            Ty::Primitive("id"),
-        ));
+        return Ok(super::expr::row_id(scope));
     }
     let base = compile(scope, focus, base)?;
     match name {
@@ -199,11 +195,31 @@ pub fn call<'a>(
                 }
                 None => None,
             };
-            let key = move |x: &str| match &target {
+            let key_target = target.clone();
+            let key = move |x: &str| match &key_target {
                 Some(t) => format!("CASE WHEN {x}->>'resourceType' = '{t}' THEN {x} -> 'id' END"),
                 None => format!("CASE WHEN {x} ? 'resourceType' THEN {x} -> 'id' END"),
             };
-            Ok(map_items(scope, resolve(base), key, Ty::Primitive("id")))
+            let base = resolve(base);
+            if let (Shape::One, Some((source, keys))) = (base.shape, &base.keys) {
+                // One reference reached by object keys: two cheap key lookups.
+                let at = |last: &str| format!("'{{{},{last}}}'", keys.join(","));
+                let matches = match &target {
+                    Some(t) => format!("{source} #>> {} = '{t}'", at("resourceType")),
+                    None => format!("{source} #> {} IS NOT NULL", at("resourceType")),
+                };
+                let mut val = Val::new(
+                    format!("CASE WHEN {matches} THEN {source} #> {} END", at("id")),
+                    Shape::One,
+                    Ty::Primitive("id"),
+                );
+                val.text = Some(format!(
+                    "CASE WHEN {matches} THEN {source} #>> {} END",
+                    at("id")
+                ));
+                return Ok(val);
+            }
+            Ok(map_items(scope, base, key, Ty::Primitive("id")))
         }
         "iif" => {
             arity(name, args, 2, 3)?;

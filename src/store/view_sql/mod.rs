@@ -45,6 +45,23 @@ pub enum Columns {
     Json,
     /// text: a string's characters, a number's digits, `true`/`false`.
     Text,
+    /// SQL types from the declared FHIR types (for materializing): `boolean`, `bigint` for
+    /// the integer types, `numeric` for `decimal`, `jsonb` for collections, `text` for the
+    /// rest (dates and times as written: no time zone shift).
+    Typed,
+}
+
+/// A column's SQL type when materialized.
+fn sql_type(fhir_type: Option<&str>, collection: bool) -> &'static str {
+    if collection {
+        return "jsonb";
+    }
+    match fhir_type {
+        Some("boolean") => "boolean",
+        Some("integer" | "positiveInt" | "unsignedInt" | "integer64") => "bigint",
+        Some("decimal") => "numeric",
+        _ => "text",
+    }
 }
 
 /// Which rows of the table a run reads.
@@ -100,19 +117,13 @@ pub fn compile(
         iterate: None,
         union_all: Vec::new(),
     };
-    let body = select_sql(&scope, &focus, &top)?;
+    let body = select_sql(&scope, &focus, &top, output)?;
     let columns: Vec<String> = top
         .column_names()?
         .into_iter()
         .map(|(_, name)| name)
         .collect();
-    let outer: Vec<String> = columns
-        .iter()
-        .map(|c| match output {
-            Columns::Json => format!("v.\"{c}\""),
-            Columns::Text => format!("v.\"{c}\" #>> '{{}}' AS \"{c}\""),
-        })
-        .collect();
+    let outer: Vec<String> = columns.iter().map(|c| format!("v.\"{c}\"")).collect();
     let mut conditions = Vec::new();
     for (at, path) in &view.filters {
         let val = compile_expr(&scope, &focus, path).map_err(|m| invalid(at, m))?;
@@ -172,6 +183,7 @@ fn select_sql<'a>(
     scope: &Scope<'a, '_>,
     focus: &Focus<'a>,
     node: &Select,
+    output: Columns,
 ) -> Result<String, ViewError> {
     let s = scope.fresh("s");
     let (mut from, inner) = match &node.iterate {
@@ -213,15 +225,29 @@ fn select_sql<'a>(
         let val =
             expr::resolve(compile_expr(scope, &inner, &column.path).map_err(|m| invalid(&at, m))?);
         let sql = if column.collection {
-            format!("coalesce({}, '[]'::jsonb)", as_many(&val))
+            let many = format!("coalesce({}, '[]'::jsonb)", as_many(&val));
+            match output {
+                Columns::Text => format!("({many})::text"),
+                _ => many,
+            }
         } else {
-            match val.shape {
-                Shape::Many => format!(
-                    "fhirbox_view_one({}, {})",
-                    val.sql,
-                    expr::literal(&format!("{} ({})", at, column.name))
+            let one = match val.shape {
+                Shape::Many => Val::new(
+                    format!(
+                        "fhirbox_view_one({}, {})",
+                        val.sql,
+                        expr::literal(&format!("{} ({})", at, column.name))
+                    ),
+                    Shape::One,
+                    val.ty.clone(),
                 ),
-                _ => as_one(&val),
+                _ => val,
+            };
+            match (output, sql_type(column.fhir_type.as_deref(), false)) {
+                (Columns::Json, _) => as_one(&one),
+                (Columns::Text, _) | (Columns::Typed, "text") => expr::as_text(&one),
+                (Columns::Typed, "boolean") => format!("({})::boolean", expr::as_bool(&one)),
+                (Columns::Typed, ty) => format!("({})::{ty}", as_one(&one)),
             }
         };
         columns.push(format!("{sql} AS \"{}\"", column.name));
@@ -230,7 +256,7 @@ fn select_sql<'a>(
         let c = scope.fresh("c");
         from.push_str(&format!(
             " CROSS JOIN LATERAL (\n{}\n) AS {c}",
-            select_sql(scope, &inner, nested)?
+            select_sql(scope, &inner, nested, output)?
         ));
         for (_, name) in nested.column_names()? {
             columns.push(format!("{c}.\"{name}\""));
@@ -241,7 +267,7 @@ fn select_sql<'a>(
         let branches = node
             .union_all
             .iter()
-            .map(|branch| select_sql(scope, &inner, branch))
+            .map(|branch| select_sql(scope, &inner, branch, output))
             .collect::<Result<Vec<_>, _>>()?;
         from.push_str(&format!(
             " CROSS JOIN LATERAL (\n{}\n) AS {u}",
@@ -328,4 +354,29 @@ fn repeat<'a>(
             row_index: format!("({s}.i - 1)"),
         },
     ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn print_bench_view() {
+        let view = serde_json::json!({"resourceType": "ViewDefinition", "resource": "Observation", "select": [
+            {"column": [
+                {"name": "id", "path": "getResourceKey()"},
+                {"name": "status", "path": "status"},
+                {"name": "patient", "path": "subject.getReferenceKey(Patient)"},
+                {"name": "effective", "path": "effective.ofType(dateTime)"},
+                {"name": "value", "path": "value.ofType(Quantity).value"}
+            ]},
+            {"forEach": "code.coding", "column": [
+                {"name": "system", "path": "system"},
+                {"name": "code", "path": "code"}
+            ]}
+        ]});
+        let view = View::parse(&view).unwrap();
+        let compiled = compile(&view, None, &Rows::default(), Columns::Text).unwrap();
+        println!("{}", compiled.sql);
+    }
 }

@@ -1,0 +1,141 @@
+//! Views materialized in PostgreSQL: `sof.<name>` as a view, a materialized view or a table,
+//! readable by `$dump-sql`'s roles (the schema's default privileges grant them `SELECT`), and
+//! recorded in `fhirbox_materialized` with the ViewDefinition they come from, so a change of
+//! that ViewDefinition rebuilds them and its deletion drops them.
+//!
+//! The statement inside is a compiled view (`store::view_sql`), whose user literals are
+//! escaped constants; `name` was checked to be an identifier and is quoted besides.
+
+use super::{GenericClient, StoreError};
+
+/// Run at every start-up. A database where fhirbox may not create a schema still starts
+/// (materializing then fails with PostgreSQL's reason).
+pub const SCHEMA_DDL: &str = "
+DO $$ BEGIN
+  CREATE SCHEMA IF NOT EXISTS sof;
+EXCEPTION WHEN insufficient_privilege THEN
+  RAISE WARNING 'fhirbox cannot create the schema sof: views cannot be materialized';
+END $$;
+";
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    View,
+    MaterializedView,
+    Table,
+}
+
+impl Kind {
+    pub fn parse(text: &str) -> Option<Kind> {
+        match text {
+            "view" => Some(Kind::View),
+            "materialized-view" => Some(Kind::MaterializedView),
+            "table" => Some(Kind::Table),
+            _ => None,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Kind::View => "view",
+            Kind::MaterializedView => "materialized-view",
+            Kind::Table => "table",
+        }
+    }
+
+    fn sql(self) -> &'static str {
+        match self {
+            Kind::View => "VIEW",
+            Kind::MaterializedView => "MATERIALIZED VIEW",
+            Kind::Table => "TABLE",
+        }
+    }
+}
+
+/// Drops `sof.<name>` whatever kind of relation it is.
+async fn drop_relation(client: &impl GenericClient, name: &str) -> Result<(), StoreError> {
+    let kind: Option<String> = client
+        .query_opt(
+            "SELECT c.relkind::text FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+              WHERE n.nspname = 'sof' AND c.relname = $1",
+            &[&name],
+        )
+        .await?
+        .map(|row| row.get(0));
+    let what = match kind.as_deref() {
+        Some("v") => "VIEW",
+        Some("m") => "MATERIALIZED VIEW",
+        Some("r") => "TABLE",
+        _ => return Ok(()),
+    };
+    client
+        .batch_execute(&format!("DROP {what} sof.\"{name}\""))
+        .await?;
+    Ok(())
+}
+
+/// Creates (or replaces) `sof.<name>` from a compiled query, in the caller's transaction,
+/// and records it.
+pub async fn create(
+    client: &impl GenericClient,
+    name: &str,
+    kind: Kind,
+    query: &str,
+    view_id: &str,
+) -> Result<(), StoreError> {
+    // One materialization of a name at a time, across processes.
+    client
+        .execute(
+            "SELECT pg_advisory_xact_lock(hashtext('fhirbox_materialized'), hashtext($1))",
+            &[&name],
+        )
+        .await?;
+    drop_relation(client, name).await?;
+    client
+        .batch_execute(&format!("CREATE {} sof.\"{name}\" AS\n{query}", kind.sql()))
+        .await?;
+    client
+        .execute(
+            "INSERT INTO fhirbox_materialized (name, view_id, kind) VALUES ($1, $2, $3)
+             ON CONFLICT (name) DO UPDATE SET view_id = $2, kind = $3, created_at = now()",
+            &[&name, &view_id, &kind.as_str()],
+        )
+        .await?;
+    Ok(())
+}
+
+/// The materializations of one ViewDefinition: (name, kind).
+pub async fn of_view(
+    client: &impl GenericClient,
+    view_id: &str,
+) -> Result<Vec<(String, Kind)>, StoreError> {
+    let rows = client
+        .query(
+            "SELECT name, kind FROM fhirbox_materialized WHERE view_id = $1 ORDER BY name",
+            &[&view_id],
+        )
+        .await?;
+    Ok(rows
+        .iter()
+        .filter_map(|row| Some((row.get(0), Kind::parse(row.get(1))?)))
+        .collect())
+}
+
+/// Drops every materialization of a ViewDefinition (it was deleted).
+pub async fn drop_all(client: &impl GenericClient, view_id: &str) -> Result<(), StoreError> {
+    for (name, _) in of_view(client, view_id).await? {
+        drop_relation(client, &name).await?;
+        client
+            .execute("DELETE FROM fhirbox_materialized WHERE name = $1", &[&name])
+            .await?;
+    }
+    Ok(())
+}
+
+/// Every Attribute body (the first-class extension rules a rebuilt view compiles with).
+pub async fn attribute_bodies(
+    client: &impl GenericClient,
+) -> Result<Vec<serde_json::Value>, StoreError> {
+    let rows = client.query("SELECT resource FROM attribute", &[]).await?;
+    Ok(rows.iter().map(|row| row.get(0)).collect())
+}

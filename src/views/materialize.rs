@@ -1,0 +1,100 @@
+//! `$materialize`: a stored ViewDefinition as `sof.<name>` in PostgreSQL (a view, a
+//! materialized view or a table, with SQL column types from the declared FHIR types), so
+//! `$dump-sql` can join views with each other and with resource tables. The name is the
+//! view's `name`. Running it again rebuilds; writing the ViewDefinition rebuilds every
+//! materialization of it in the same transaction; deleting it drops them.
+
+use std::time::Duration;
+
+use serde_json::Value;
+
+use super::definition::View;
+use super::ViewError;
+use crate::format::attributes::Rules;
+use crate::store::conn::Tx;
+use crate::store::dump_sql::QueryError;
+use crate::store::materialized::{self, Kind};
+use crate::store::view_sql::{self, Columns, Rows};
+use crate::store::{GenericClient, Store};
+
+pub struct Materialized {
+    /// `sof.<name>`.
+    pub relation: String,
+    pub kind: Kind,
+    pub columns: Vec<String>,
+}
+
+/// The compiled statement and the view's name.
+fn compile(doc: &Value, rules: &Rules) -> Result<(String, view_sql::Compiled), ViewError> {
+    let view = View::parse(doc)?;
+    let name = view
+        .name
+        .clone()
+        .filter(|name| super::definition::is_column_name(name))
+        .ok_or_else(|| ViewError::Invalid {
+            at: "name".into(),
+            message:
+                "materializing needs the view's name: letters, digits and _ (it becomes sof.<name>)"
+                    .into(),
+        })?;
+    let compiled = view_sql::compile(
+        &view,
+        rules.for_type(&view.resource),
+        &Rows::default(),
+        Columns::Typed,
+    )?;
+    Ok((name, compiled))
+}
+
+/// Creates `sof.<name>` in a transaction of its own, within `timeout`.
+pub async fn materialize(
+    store: &Store,
+    rules: &Rules,
+    view_id: &str,
+    doc: &Value,
+    kind: Kind,
+    timeout: Duration,
+) -> Result<Materialized, ViewError> {
+    let (name, compiled) = compile(doc, rules)?;
+    let tx = store.begin().await?;
+    let result = async {
+        tx.batch_execute(&format!(
+            "SET LOCAL statement_timeout = {}",
+            timeout.as_millis()
+        ))
+        .await
+        .map_err(|e| ViewError::Store(e.into()))?;
+        materialized::create(&*tx, &name, kind, &compiled.sql, view_id)
+            .await
+            .map_err(|e| ViewError::Query(QueryError::from_store(e, 0)))
+    }
+    .await;
+    tx.finish(result).await?;
+    Ok(Materialized {
+        relation: format!("sof.{name}"),
+        kind,
+        columns: compiled.columns,
+    })
+}
+
+/// A ViewDefinition was written: its materializations are rebuilt from the new body.
+pub async fn rebuild(tx: &Tx, view_id: &str, doc: &Value) -> Result<(), ViewError> {
+    let existing = materialized::of_view(&**tx, view_id).await?;
+    if existing.is_empty() {
+        return Ok(());
+    }
+    let bodies = materialized::attribute_bodies(&**tx).await?;
+    let rules = Rules::from_attributes(&bodies);
+    let (_, compiled) = compile(doc, &rules)?;
+    for (name, kind) in existing {
+        materialized::create(&**tx, &name, kind, &compiled.sql, view_id)
+            .await
+            .map_err(|e| ViewError::Query(QueryError::from_store(e, 0)))?;
+    }
+    Ok(())
+}
+
+/// A ViewDefinition was deleted: its materializations go too.
+pub async fn drop_all(client: &impl GenericClient, view_id: &str) -> Result<(), ViewError> {
+    Ok(materialized::drop_all(client, view_id).await?)
+}
