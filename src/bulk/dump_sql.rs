@@ -39,6 +39,9 @@ pub struct SqlDumpRequest {
     pub format: SqlFormat,
     /// A first row with the column names (TSV only).
     pub header: bool,
+    /// With [`SqlFormat::Fields`]: rows become JSON objects of these columns, each either a
+    /// text written as a JSON string (`true`) or the text of a JSON value (`false`).
+    pub json_fields: Vec<(String, bool)>,
 }
 
 /// Limits from the configuration.
@@ -106,6 +109,16 @@ pub async fn dump_sql(
             }
             Ok(out.into())
         })),
+        Rows::CopyFields(copy) => {
+            let fields = request.json_fields.clone();
+            Box::pin(
+                tuple_batches(copy, fields.len(), BATCH_BYTES).map(move |batch| {
+                    let batch = batch?;
+                    counted.rows(batch.len() as u64);
+                    Ok(json_lines(&batch, &fields).into())
+                }),
+            )
+        }
         Rows::Portal(rows) => Box::pin(lines_from_rows(rows, request.format, counted)),
     };
     // Fused: an empty result is polled again after its end (the chain below).
@@ -120,6 +133,39 @@ pub async fn dump_sql(
         (request.format == SqlFormat::Tsv && request.header).then(|| tsv_header(&running.columns));
     let head = futures_util::stream::iter(header.into_iter().chain(first).map(Ok));
     Ok(Box::pin(head.chain(body)))
+}
+
+/// Tuples of text fields as JSON objects, one per line.
+fn json_lines(batch: &[crate::store::copy::Tuple], fields: &[(String, bool)]) -> Vec<u8> {
+    let keys: Vec<Vec<u8>> = fields
+        .iter()
+        .enumerate()
+        .map(|(i, (name, _))| {
+            let mut key = vec![if i == 0 { b'{' } else { b',' }];
+            serde_json::to_writer(&mut key, name).expect("writing to a Vec");
+            key.push(b':');
+            key
+        })
+        .collect();
+    let mut out = Vec::with_capacity(BATCH_BYTES + BATCH_BYTES / 2);
+    for tuple in batch {
+        for (i, (key, (_, string))) in keys.iter().zip(fields).enumerate() {
+            out.extend_from_slice(key);
+            match tuple.text(i) {
+                None => out.extend_from_slice(b"null"),
+                Some(text) if *string => {
+                    let text = String::from_utf8_lossy(text);
+                    serde_json::to_writer(&mut out, text.as_ref()).expect("writing to a Vec");
+                }
+                Some(json) => out.extend_from_slice(json),
+            }
+        }
+        if fields.is_empty() {
+            out.push(b'{');
+        }
+        out.extend_from_slice(b"}\n");
+    }
+    out
 }
 
 /// An error met at the first chunk: the server's own, if it is one.
@@ -176,7 +222,7 @@ fn lines_from_rows(
                     let text: Option<&str> = row.try_get(0).map_err(io::Error::other)?;
                     out.extend_from_slice(text.unwrap_or("null").as_bytes());
                 }
-                SqlFormat::Tsv | SqlFormat::Csv { .. } => {
+                SqlFormat::Tsv | SqlFormat::Csv { .. } | SqlFormat::Fields => {
                     let fields: Vec<Option<String>> = row.try_get(0).map_err(io::Error::other)?;
                     for (index, field) in fields.iter().enumerate() {
                         if index > 0 {

@@ -71,6 +71,7 @@ pub async fn dump_sql(
         SqlFormat::Tsv => "text/tab-separated-values",
         SqlFormat::Ndjson => "application/ndjson",
         SqlFormat::Csv { .. } => "text/csv",
+        SqlFormat::Fields => "application/ndjson",
     };
     Ok(streamed(body, content_type, gzip))
 }
@@ -122,5 +123,6 @@ fn parse_body(body: Value, format: SqlFormat, header: bool) -> Result<SqlDumpReq
         params,
         format,
         header,
+        json_fields: Vec::new(),
     })
 }

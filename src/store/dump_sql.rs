@@ -27,6 +27,8 @@ pub enum Output {
     Ndjson,
     /// PostgreSQL's CSV COPY (NULL as an empty field), with a header row when asked.
     Csv { header: bool },
+    /// The query's own columns, as binary COPY (text columns: their UTF-8 text).
+    Fields,
 }
 
 /// The rows of a running query, in one of three forms.
@@ -35,6 +37,8 @@ pub enum Rows {
     CopyText(CopyOut),
     /// NDJSON (no parameters): a binary COPY of one text column, the row's JSON.
     CopyJson(CopyOut),
+    /// Fields (no parameters): a binary COPY of the query's columns.
+    CopyFields(CopyOut),
     /// With parameters (COPY takes none), a portal's rows: for TSV one `text[]` of the
     /// columns' text, for NDJSON one text column, the row's JSON.
     Portal(OwnedStream<tokio_postgres::RowStream>),
@@ -143,6 +147,13 @@ pub async fn run(
                 .map_err(|e| QueryError::from_store(e, query_offset(&sql, query)))?;
             (sql, Rows::CopyText(copy.close_after()))
         }
+        (Output::Fields, true) => {
+            let sql = format!("COPY (\n{query}\n) TO STDOUT (FORMAT binary)");
+            let copy = copy_out_on(conn, &sql)
+                .await
+                .map_err(|e| QueryError::from_store(e, query_offset(&sql, query)))?;
+            (sql, Rows::CopyFields(copy.close_after()))
+        }
         (Output::Ndjson, true) => {
             let sql = copy_ndjson_sql(query);
             let copy = copy_out_on(conn, &sql)
@@ -152,7 +163,9 @@ pub async fn run(
         }
         (output, false) => {
             let sql = match output {
-                Output::Tsv | Output::Csv { .. } => tsv_rows_sql(query, columns.len()),
+                Output::Tsv | Output::Csv { .. } | Output::Fields => {
+                    tsv_rows_sql(query, columns.len())
+                }
                 Output::Ndjson => ndjson_rows_sql(query),
             };
             let params: Vec<TextParam> = params.into_iter().map(TextParam).collect();

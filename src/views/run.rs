@@ -76,13 +76,18 @@ pub async fn run(
         ViewFormat::Csv => SqlFormat::Csv {
             header: request.header,
         },
-        _ => SqlFormat::Ndjson,
+        _ => SqlFormat::Fields,
     };
     let sql = SqlDumpRequest {
         query: compiled.sql,
         params: Vec::new(),
         format,
         header: false,
+        json_fields: compiled
+            .columns
+            .into_iter()
+            .zip(compiled.json_strings)
+            .collect(),
     };
     let body = dump_sql(reader, sql, limits, report)
         .await

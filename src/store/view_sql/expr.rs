@@ -134,6 +134,8 @@ pub struct Scope<'a, 'v> {
     pub constants: &'v [Constant],
     pub attributes: Option<&'a TypeAttributes>,
     pub counter: &'v std::cell::Cell<usize>,
+    /// Columns whose SQL value is text to be written as a JSON string (the others are jsonb).
+    pub text_columns: &'v std::cell::RefCell<std::collections::HashSet<String>>,
 }
 
 impl Scope<'_, '_> {
@@ -538,7 +540,7 @@ pub fn as_bool(val: &Val<'_>) -> String {
     }
 }
 
-fn is_text(val: &Val<'_>) -> bool {
+pub fn is_text(val: &Val<'_>) -> bool {
     matches!(val.ty, Ty::Primitive(p) if !matches!(p, "integer" | "decimal" | "positiveInt" | "unsignedInt" | "boolean"))
 }
 

@@ -295,16 +295,27 @@ fn extension<'a>(scope: &Scope<'a, '_>, base: Val<'a>, url: &str) -> Res<Val<'a>
     };
     if let Some(attribute) = attribute {
         // The key comes from a stored Attribute: quoted like any literal.
+        let key = attribute.key();
+        if base.shape == Shape::Many {
+            // Each first-class extension of a collection: the key of each item.
+            let quoted = key.replace('\\', "\\\\").replace('"', "\\\"");
+            let path = format!("$[*].\"{quoted}\"[*]");
+            return Ok(Val::new(
+                format!(
+                    "jsonb_path_query_array({}, {})",
+                    base.sql,
+                    super::expr::literal(&path)
+                ),
+                Shape::Many,
+                Ty::Attr(attribute),
+            ));
+        }
         let shape = if attribute.is_collection() {
             Shape::Many
         } else {
             Shape::One
         };
-        let sql = format!(
-            "({} -> {})",
-            as_one(&base),
-            super::expr::literal(attribute.key())
-        );
+        let sql = format!("({} -> {})", base.sql, super::expr::literal(key));
         return Ok(Val::new(sql, shape, Ty::Attr(attribute)));
     }
     let vars = format!(

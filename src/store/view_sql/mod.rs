@@ -12,7 +12,8 @@ mod functions;
 
 pub use functions::SUPPORTED as SUPPORTED_FUNCTIONS;
 
-use std::cell::Cell;
+use std::cell::{Cell, RefCell};
+use std::collections::HashSet;
 
 use expr::{as_bool, as_many, as_one, compile as compile_expr, Focus, Scope, Shape, Ty, Val};
 
@@ -77,6 +78,9 @@ pub struct Rows {
 pub struct Compiled {
     pub sql: String,
     pub columns: Vec<String>,
+    /// With [`Columns::Json`], per column: a text to write as a JSON string (else the text
+    /// of a JSON value).
+    pub json_strings: Vec<bool>,
 }
 
 fn invalid(at: &str, message: impl Into<String>) -> ViewError {
@@ -97,12 +101,14 @@ pub fn compile(
         .ok_or_else(|| invalid("resource", format!("'{}' is not stored", view.resource)))?;
     let resource: &'static str = rt.name();
     let counter = Cell::new(0);
+    let text_columns = RefCell::new(HashSet::new());
     let scope = Scope {
         row: "r",
         resource,
         constants: &view.constants,
         attributes,
         counter: &counter,
+        text_columns: &text_columns,
     };
     let mut root = Val::new("r.resource", Shape::One, Ty::Complex(resource));
     root.root = true;
@@ -117,13 +123,24 @@ pub fn compile(
         iterate: None,
         union_all: Vec::new(),
     };
-    let body = select_sql(&scope, &focus, &top, output)?;
+    let body = select_sql(&scope, &focus, &top, output, false)?;
     let columns: Vec<String> = top
         .column_names()?
         .into_iter()
         .map(|(_, name)| name)
         .collect();
-    let outer: Vec<String> = columns.iter().map(|c| format!("v.\"{c}\"")).collect();
+    // JSON output: every column as text (binary COPY hands text over as it is), each marked
+    // as a string to quote or JSON to copy.
+    let text_columns = text_columns.borrow().clone();
+    let json_strings: Vec<bool> = columns.iter().map(|c| text_columns.contains(c)).collect();
+    let outer: Vec<String> = columns
+        .iter()
+        .zip(&json_strings)
+        .map(|(c, string)| match output {
+            Columns::Json if !string => format!("v.\"{c}\"::text AS \"{c}\""),
+            _ => format!("v.\"{c}\""),
+        })
+        .collect();
     let mut conditions = Vec::new();
     for (at, path) in &view.filters {
         let val = compile_expr(&scope, &focus, path).map_err(|m| invalid(at, m))?;
@@ -150,7 +167,11 @@ pub fn compile(
     if let Some(limit) = rows.limit {
         sql.push_str(&format!("\nLIMIT {limit}"));
     }
-    Ok(Compiled { sql, columns })
+    Ok(Compiled {
+        sql,
+        columns,
+        json_strings,
+    })
 }
 
 /// The run's row filters: a patient compartment, `_since`.
@@ -184,6 +205,7 @@ fn select_sql<'a>(
     focus: &Focus<'a>,
     node: &Select,
     output: Columns,
+    in_union: bool,
 ) -> Result<String, ViewError> {
     let s = scope.fresh("s");
     let (mut from, inner) = match &node.iterate {
@@ -244,6 +266,13 @@ fn select_sql<'a>(
                 _ => val,
             };
             match (output, sql_type(column.fhir_type.as_deref(), false)) {
+                // A string-typed value as text (row_to_json quotes it): cheaper than a jsonb
+                // subtree turned back into JSON text.
+                // (Not inside a unionAll, whose branches must agree on the SQL type.)
+                (Columns::Json, _) if !in_union && one.text.is_some() && expr::is_text(&one) => {
+                    scope.text_columns.borrow_mut().insert(column.name.clone());
+                    expr::as_text(&one)
+                }
                 (Columns::Json, _) => as_one(&one),
                 (Columns::Text, _) | (Columns::Typed, "text") => expr::as_text(&one),
                 (Columns::Typed, "boolean") => format!("({})::boolean", expr::as_bool(&one)),
@@ -256,7 +285,7 @@ fn select_sql<'a>(
         let c = scope.fresh("c");
         from.push_str(&format!(
             " CROSS JOIN LATERAL (\n{}\n) AS {c}",
-            select_sql(scope, &inner, nested, output)?
+            select_sql(scope, &inner, nested, output, in_union)?
         ));
         for (_, name) in nested.column_names()? {
             columns.push(format!("{c}.\"{name}\""));
@@ -267,7 +296,7 @@ fn select_sql<'a>(
         let branches = node
             .union_all
             .iter()
-            .map(|branch| select_sql(scope, &inner, branch, output))
+            .map(|branch| select_sql(scope, &inner, branch, output, true))
             .collect::<Result<Vec<_>, _>>()?;
         from.push_str(&format!(
             " CROSS JOIN LATERAL (\n{}\n) AS {u}",
