@@ -393,3 +393,71 @@ async fn materialized_views_are_read_by_dump_sql_and_follow_their_definition() {
         "{body}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn parquet_holds_the_same_rows_typed() {
+    use parquet::file::reader::{FileReader, SerializedFileReader};
+    let server = TestServer::start().await;
+    load_synthea(&server).await;
+    let mut view = condition_view();
+    view["select"][0]["column"].as_array_mut().unwrap().extend([
+        json!({"name": "abated", "path": "abatement.exists()", "type": "boolean"}),
+        json!({"name": "codings", "path": "code.coding.count()", "type": "integer"}),
+    ]);
+    let (status, text) = run(&server, &view, &[]).await;
+    assert_eq!(status, StatusCode::OK, "{text}");
+    let expected = rows(&text);
+    let response = server
+        .request(Method::POST, "/fhir/ViewDefinition/$viewdefinition-run")
+        .json(&json!({"resourceType": "Parameters", "parameter": [
+            {"name": "viewResource", "resource": view},
+            {"name": "_format", "valueCode": "parquet"}]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    assert_eq!(
+        response.headers()["content-type"],
+        "application/vnd.apache.parquet"
+    );
+    let bytes = response.bytes().await.unwrap();
+    let reader = SerializedFileReader::new(bytes).expect("a Parquet file");
+    let schema = reader.metadata().file_metadata().schema_descr();
+    let types: Vec<String> = schema
+        .columns()
+        .iter()
+        .map(|c| format!("{} {}", c.name(), c.physical_type()))
+        .collect();
+    assert_eq!(
+        types,
+        [
+            "id BYTE_ARRAY",
+            "patient BYTE_ARRAY",
+            "subject BYTE_ARRAY",
+            "onset BYTE_ARRAY",
+            "code BYTE_ARRAY",
+            "abated BOOLEAN",
+            "codings INT64"
+        ]
+    );
+    let got: BTreeSet<String> = reader
+        .get_row_iter(None)
+        .unwrap()
+        .map(|row| {
+            use parquet::record::Field;
+            let mut map = serde_json::Map::new();
+            for (name, field) in row.unwrap().get_column_iter() {
+                let value = match field {
+                    Field::Null => Value::Null,
+                    Field::Bool(b) => json!(b),
+                    Field::Long(n) => json!(n),
+                    Field::Str(s) => json!(s),
+                    other => panic!("unexpected {other:?}"),
+                };
+                map.insert(name.clone(), value);
+            }
+            Value::Object(map).to_string()
+        })
+        .collect();
+    assert_eq!(got, expected);
+}

@@ -2,7 +2,7 @@
 //! `forEach` over `code.coding`) run as CSV and NDJSON through `$viewdefinition-run`, against
 //! raw `COPY` (CSV, through psql) of a hand-written SQL projection of the same rows and
 //! columns in the same run. The ratio is of times for the same rows (NDJSON carries the
-//! column names in every row, so its bytes differ).
+//! column names in every row, Parquet is compressed, so their bytes differ).
 
 use serde_json::json;
 
@@ -55,7 +55,7 @@ pub async fn views_benchmark(
             {"name": "code", "path": "code"}
         ]}
     ]});
-    for format in ["csv", "ndjson"] {
+    for format in ["csv", "ndjson", "parquet"] {
         let path = format!("{}/fhir/ViewDefinition/$viewdefinition-run", server.base);
         let body = json!({"resourceType": "Parameters", "parameter": [
             {"name": "viewResource", "resource": view},

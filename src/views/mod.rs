@@ -6,6 +6,7 @@
 pub mod definition;
 pub mod fhirpath;
 pub mod materialize;
+pub mod parquet;
 pub mod run;
 
 use crate::store::dump_sql::QueryError;

@@ -2,13 +2,15 @@
 //! `$dump-sql`'s machinery ([`crate::bulk::dump_sql`]): the reader role on a connection of its
 //! own, a read-only transaction, the statement timeout, the row and byte limits, cancelled
 //! when the client leaves. CSV is PostgreSQL's own `COPY ... (FORMAT csv)`; NDJSON is
-//! `row_to_json` per row; JSON is the same rows inside `[...]`.
+//! built from a binary COPY of the columns; JSON is the same rows inside `[...]`; Parquet
+//! is written from them a row group at a time ([`super::parquet`]).
 
 use bytes::Bytes;
 use futures_util::StreamExt;
 use serde_json::Value;
 
 use super::definition::View;
+use super::parquet::{parquet, Physical};
 use super::ViewError;
 use crate::bulk::dump_sql::{dump_sql, SqlDumpError, SqlDumpRequest, SqlFormat, SqlLimits};
 use crate::bulk::report::Report;
@@ -22,6 +24,7 @@ pub enum ViewFormat {
     Csv,
     Ndjson,
     Json,
+    Parquet,
 }
 
 impl ViewFormat {
@@ -34,6 +37,7 @@ impl ViewFormat {
             | "application/x-ndjson"
             | "application/fhir+ndjson" => Some(ViewFormat::Ndjson),
             "json" | "application/json" | "application/fhir+json" => Some(ViewFormat::Json),
+            "parquet" | "application/vnd.apache.parquet" => Some(ViewFormat::Parquet),
             _ => None,
         }
     }
@@ -43,6 +47,7 @@ impl ViewFormat {
             ViewFormat::Csv => "text/csv",
             ViewFormat::Ndjson => "application/x-ndjson",
             ViewFormat::Json => "application/json",
+            ViewFormat::Parquet => "application/vnd.apache.parquet",
         }
     }
 }
@@ -72,6 +77,15 @@ pub async fn run(
         _ => Columns::Json,
     };
     let compiled = view_sql::compile(&view, attributes, &request.rows, columns)?;
+    let physical: Vec<(String, Physical)> = compiled
+        .columns
+        .iter()
+        .zip(view.columns())
+        .map(|(name, column)| {
+            let physical = Physical::of(column.fhir_type.as_deref(), column.collection);
+            (name.clone(), physical)
+        })
+        .collect();
     let format = match request.format {
         ViewFormat::Csv => SqlFormat::Csv {
             header: request.header,
@@ -97,6 +111,9 @@ pub async fn run(
         })?;
     Ok(match request.format {
         ViewFormat::Json => json_array(body),
+        ViewFormat::Parquet => {
+            parquet(body, physical).map_err(|e| ViewError::Limit(e.to_string()))?
+        }
         _ => body,
     })
 }
@@ -109,11 +126,10 @@ fn json_array(body: ByteStream) -> ByteStream {
         let mut out = Vec::with_capacity(chunk.len() + 2);
         for line in chunk.split(|b| *b == b'\n').filter(|l| !l.is_empty()) {
             if !first {
-                out.push(b',');
+                out.extend_from_slice(b",\n");
             }
             first = false;
             out.extend_from_slice(line);
-            out.push(b'\n');
         }
         Ok(Bytes::from(out))
     });

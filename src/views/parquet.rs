@@ -1,0 +1,315 @@
+//! Parquet output of a view: the rows (as the JSON lines `run` produces) written as typed,
+//! nullable columns in row groups of at most [`ROW_GROUP_ROWS`] rows or about
+//! [`ROW_GROUP_BYTES`] of text, each sent as soon as it is written, so memory stays at one
+//! row group whatever the size of the result. Snappy-compressed. Types follow the declared
+//! FHIR types as materialized tables do: `BOOLEAN`, `INT64` for the integer types, `DOUBLE`
+//! for `decimal`, UTF-8 `BYTE_ARRAY` for the rest (a `collection` column holds JSON text).
+
+use std::io::{self, Write};
+use std::sync::{Arc, Mutex};
+
+use bytes::Bytes;
+use futures_util::StreamExt;
+use parquet::basic::Compression;
+use parquet::data_type::{BoolType, ByteArray, ByteArrayType, DoubleType, Int64Type};
+use parquet::file::properties::WriterProperties;
+use parquet::file::writer::SerializedFileWriter;
+use parquet::schema::parser::parse_message_type;
+use serde_json::Value;
+
+use crate::bulk::stream::ByteStream;
+
+pub const ROW_GROUP_ROWS: usize = 64 * 1024;
+pub const ROW_GROUP_BYTES: usize = 32 * 1024 * 1024;
+
+/// A column's Parquet type.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Physical {
+    Boolean,
+    Int64,
+    Double,
+    Text,
+}
+
+impl Physical {
+    pub fn of(fhir_type: Option<&str>, collection: bool) -> Physical {
+        match (fhir_type, collection) {
+            (_, true) => Physical::Text,
+            (Some("boolean"), _) => Physical::Boolean,
+            (Some("integer" | "positiveInt" | "unsignedInt" | "integer64"), _) => Physical::Int64,
+            (Some("decimal"), _) => Physical::Double,
+            _ => Physical::Text,
+        }
+    }
+
+    fn schema(self) -> &'static str {
+        match self {
+            Physical::Boolean => "BOOLEAN",
+            Physical::Int64 => "INT64",
+            Physical::Double => "DOUBLE",
+            Physical::Text => "BYTE_ARRAY",
+        }
+    }
+}
+
+/// The bytes the writer has written since they were last taken.
+#[derive(Clone, Default)]
+struct Shared(Arc<Mutex<Vec<u8>>>);
+
+impl Shared {
+    fn take(&self) -> Bytes {
+        let mut buffer = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        Bytes::from(std::mem::take(&mut *buffer))
+    }
+}
+
+impl Write for Shared {
+    fn write(&mut self, data: &[u8]) -> io::Result<usize> {
+        let mut buffer = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        buffer.extend_from_slice(data);
+        Ok(data.len())
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+/// One column's values of the row group being gathered, with definition levels (0: null).
+enum Values {
+    Boolean(Vec<bool>),
+    Int64(Vec<i64>),
+    Double(Vec<f64>),
+    Text(Vec<ByteArray>),
+}
+
+struct Column {
+    name: String,
+    values: Values,
+    defined: Vec<i16>,
+}
+
+impl Column {
+    fn push(&mut self, value: Option<&Value>) -> Result<usize, String> {
+        let value = match value {
+            None | Some(Value::Null) => {
+                self.defined.push(0);
+                return Ok(0);
+            }
+            Some(value) => value,
+        };
+        let wrong = |what: &str| format!("column {}: {value} is not {what}", self.name);
+        let size = match &mut self.values {
+            Values::Boolean(values) => {
+                values.push(value.as_bool().ok_or_else(|| wrong("a boolean"))?);
+                1
+            }
+            Values::Int64(values) => {
+                values.push(value.as_i64().ok_or_else(|| wrong("an integer"))?);
+                8
+            }
+            Values::Double(values) => {
+                values.push(value.as_f64().ok_or_else(|| wrong("a number"))?);
+                8
+            }
+            Values::Text(values) => {
+                let text = match value {
+                    Value::String(text) => text.clone().into_bytes(),
+                    other => other.to_string().into_bytes(),
+                };
+                let size = text.len();
+                values.push(ByteArray::from(text));
+                size
+            }
+        };
+        self.defined.push(1);
+        Ok(size)
+    }
+
+    fn clear(&mut self) {
+        self.defined.clear();
+        match &mut self.values {
+            Values::Boolean(v) => v.clear(),
+            Values::Int64(v) => v.clear(),
+            Values::Double(v) => v.clear(),
+            Values::Text(v) => v.clear(),
+        }
+    }
+}
+
+struct Writer {
+    file: SerializedFileWriter<Shared>,
+    out: Shared,
+    columns: Vec<Column>,
+    rows: usize,
+    bytes: usize,
+}
+
+fn error(e: impl std::fmt::Display) -> io::Error {
+    io::Error::other(format!("writing Parquet: {e}"))
+}
+
+impl Writer {
+    fn new(columns: &[(String, Physical)]) -> Result<Writer, io::Error> {
+        let fields: Vec<String> = columns
+            .iter()
+            .map(|(name, physical)| {
+                let utf8 = if *physical == Physical::Text {
+                    " (UTF8)"
+                } else {
+                    ""
+                };
+                format!("  OPTIONAL {} {name}{utf8};", physical.schema())
+            })
+            .collect();
+        let schema = parse_message_type(&format!("message view {{\n{}\n}}", fields.join("\n")))
+            .map_err(error)?;
+        let properties = WriterProperties::builder()
+            .set_compression(Compression::SNAPPY)
+            .build();
+        let out = Shared::default();
+        let file = SerializedFileWriter::new(out.clone(), Arc::new(schema), Arc::new(properties))
+            .map_err(error)?;
+        let columns = columns
+            .iter()
+            .map(|(name, physical)| Column {
+                name: name.clone(),
+                values: match physical {
+                    Physical::Boolean => Values::Boolean(Vec::new()),
+                    Physical::Int64 => Values::Int64(Vec::new()),
+                    Physical::Double => Values::Double(Vec::new()),
+                    Physical::Text => Values::Text(Vec::new()),
+                },
+                defined: Vec::new(),
+            })
+            .collect();
+        Ok(Writer {
+            file,
+            out,
+            columns,
+            rows: 0,
+            bytes: 0,
+        })
+    }
+
+    /// One JSON object line.
+    fn push_line(&mut self, line: &[u8]) -> Result<(), io::Error> {
+        let row: serde_json::Map<String, Value> = serde_json::from_slice(line).map_err(error)?;
+        for column in &mut self.columns {
+            self.bytes += column
+                .push(row.get(&column.name))
+                .map_err(io::Error::other)?;
+        }
+        self.rows += 1;
+        Ok(())
+    }
+
+    fn full(&self) -> bool {
+        self.rows >= ROW_GROUP_ROWS || self.bytes >= ROW_GROUP_BYTES
+    }
+
+    /// Writes the gathered rows as a row group; the bytes written so far.
+    fn flush(&mut self) -> Result<Bytes, io::Error> {
+        if self.rows > 0 {
+            let mut group = self.file.next_row_group().map_err(error)?;
+            for column in &mut self.columns {
+                let mut writer = group
+                    .next_column()
+                    .map_err(error)?
+                    .ok_or_else(|| error("fewer columns than the schema"))?;
+                let defined = Some(column.defined.as_slice());
+                match &column.values {
+                    Values::Boolean(v) => writer.typed::<BoolType>().write_batch(v, defined, None),
+                    Values::Int64(v) => writer.typed::<Int64Type>().write_batch(v, defined, None),
+                    Values::Double(v) => writer.typed::<DoubleType>().write_batch(v, defined, None),
+                    Values::Text(v) => writer
+                        .typed::<ByteArrayType>()
+                        .write_batch(v, defined, None),
+                }
+                .map_err(error)?;
+                writer.close().map_err(error)?;
+                column.clear();
+            }
+            group.close().map_err(error)?;
+            self.rows = 0;
+            self.bytes = 0;
+        }
+        Ok(self.out.take())
+    }
+
+    fn finish(mut self) -> Result<Bytes, io::Error> {
+        let mut last = self.flush()?.to_vec();
+        self.file.close().map_err(error)?;
+        last.extend_from_slice(&self.out.take());
+        Ok(last.into())
+    }
+}
+
+/// The rows of `body` (JSON lines) as one Parquet file, streamed a row group at a time.
+pub fn parquet(
+    body: ByteStream,
+    columns: Vec<(String, Physical)>,
+) -> Result<ByteStream, io::Error> {
+    let writer = Writer::new(&columns)?;
+    let state = (body, Some(writer), Vec::<u8>::new());
+    Ok(Box::pin(futures_util::stream::unfold(
+        state,
+        |(mut body, writer, mut partial)| async move {
+            let mut writer = writer?;
+            loop {
+                match body.next().await {
+                    Some(Ok(chunk)) => {
+                        partial.extend_from_slice(&chunk);
+                        let end = partial
+                            .iter()
+                            .rposition(|b| *b == b'\n')
+                            .map_or(0, |i| i + 1);
+                        let result = partial[..end]
+                            .split(|b| *b == b'\n')
+                            .filter(|l| !l.is_empty())
+                            .try_for_each(|line| writer.push_line(line));
+                        partial.drain(..end);
+                        if let Err(e) = result {
+                            return Some((Err(e), (body, None, partial)));
+                        }
+                        if writer.full() {
+                            let bytes = writer.flush();
+                            return Some((bytes, (body, Some(writer), partial)));
+                        }
+                    }
+                    Some(Err(e)) => return Some((Err(e), (body, None, partial))),
+                    None => return Some((writer.finish(), (body, None, partial))),
+                }
+            }
+        },
+    )))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn row_groups_are_bounded_and_sent_as_they_fill() {
+        let columns = vec![
+            ("id".to_string(), Physical::Text),
+            ("n".to_string(), Physical::Int64),
+        ];
+        let mut writer = Writer::new(&columns).unwrap();
+        let mut sent = Vec::new();
+        for i in 0..(ROW_GROUP_ROWS + 10) {
+            let line = format!("{{\"id\":\"r{i}\",\"n\":{i}}}");
+            writer.push_line(line.as_bytes()).unwrap();
+            if writer.full() {
+                sent.push(writer.flush().unwrap().len());
+            }
+        }
+        assert_eq!(sent.len(), 1, "one full row group sent before the end");
+        assert!(sent[0] > 100_000, "{sent:?}");
+        let last = writer.finish().unwrap();
+        assert!(last.ends_with(b"PAR1"));
+        let mut bad = Writer::new(&columns).unwrap();
+        let error = bad.push_line(br#"{"id":"x","n":"seven"}"#).unwrap_err();
+        assert_eq!(error.to_string(), "column n: \"seven\" is not an integer");
+    }
+}
