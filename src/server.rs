@@ -226,6 +226,7 @@ async fn serve_with_database(
             file_size: args.export_file_size,
             expiry: Duration::from_secs(args.export_expiry),
             polls_per_second: args.export_polls_per_second,
+            view_timeout: Duration::from_secs(args.sql_timeout),
         },
         guard: guard_settings(args),
         token_lifetime: Duration::from_secs(args.access_token_lifetime.max(1)),

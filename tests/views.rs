@@ -461,3 +461,99 @@ async fn parquet_holds_the_same_rows_typed() {
         .collect();
     assert_eq!(got, expected);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn views_export_asynchronously_in_one_snapshot() {
+    let server = TestServer::start().await;
+    load_synthea(&server).await;
+    let patients = json!({"resourceType": "ViewDefinition", "name": "patients", "resource": "Patient",
+        "select": [{"column": [{"name": "id", "path": "id"}, {"name": "gender", "path": "gender"}]}]});
+    let (status, _) = server
+        .json(Method::PUT, "/fhir/ViewDefinition/patients", &patients)
+        .await;
+    assert_eq!(status, StatusCode::CREATED);
+    for format in ["csv", "ndjson", "parquet"] {
+        let body = json!({"resourceType": "Parameters", "parameter": [
+            {"name": "view", "part": [{"name": "viewReference", "valueReference": {"reference": "ViewDefinition/patients"}}]},
+            {"name": "view", "part": [{"name": "name", "valueString": "conditions"},
+                                      {"name": "viewResource", "resource": condition_view()}]},
+            {"name": "_format", "valueCode": format}]});
+        let response = server
+            .request(Method::POST, "/fhir/ViewDefinition/$viewdefinition-export")
+            .header("prefer", "respond-async")
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), StatusCode::ACCEPTED, "{format}");
+        let status_url = response.headers()["content-location"]
+            .to_str()
+            .unwrap()
+            .to_string();
+        let manifest = common::export::manifest(&server, &status_url).await;
+        let output = manifest["output"].as_array().unwrap();
+        let listed: Vec<(&str, u64)> = output
+            .iter()
+            .map(|o| (o["type"].as_str().unwrap(), o["count"].as_u64().unwrap()))
+            .collect();
+        assert_eq!(
+            listed,
+            [
+                ("patients", source("Patient").len() as u64),
+                ("conditions", expected_conditions() as u64)
+            ],
+            "{format}"
+        );
+        let url = output[1]["url"].as_str().unwrap();
+        assert!(url.ends_with(&format!(".{format}")), "{url}");
+        let file = common::export::as_root(&server, Method::GET, url)
+            .send()
+            .await
+            .unwrap()
+            .bytes()
+            .await
+            .unwrap();
+        match format {
+            "csv" => {
+                let text = String::from_utf8(file.to_vec()).unwrap();
+                assert!(text.starts_with("id,patient,subject,onset,code\n"));
+                assert_eq!(text.lines().count(), expected_conditions() + 1);
+            }
+            "ndjson" => {
+                let (_, text) = run(&server, &condition_view(), &[]).await;
+                let exported: BTreeSet<String> = String::from_utf8(file.to_vec())
+                    .unwrap()
+                    .lines()
+                    .map(|l| serde_json::from_str::<Value>(l).unwrap().to_string())
+                    .collect();
+                assert_eq!(exported, rows(&text));
+            }
+            _ => assert!(file.ends_with(b"PAR1")),
+        }
+    }
+    // Asynchronous only, and every view is checked at kick-off.
+    let bad = json!({"resourceType": "Parameters", "parameter": [
+        {"name": "view", "part": [{"name": "viewResource", "resource":
+            {"resourceType": "ViewDefinition", "resource": "Patient", "select": [{"column": [{"name": "x", "path": "foo()"}]}]}}]}]});
+    let response = server
+        .request(Method::POST, "/fhir/ViewDefinition/$viewdefinition-export")
+        .json(&bad)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::BAD_REQUEST);
+    let response = server
+        .request(Method::POST, "/fhir/ViewDefinition/$viewdefinition-export")
+        .header("prefer", "respond-async")
+        .json(&bad)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::BAD_REQUEST);
+    let outcome: Value = response.json().await.unwrap();
+    assert!(
+        common::diagnostics(&outcome)
+            .starts_with("parameter[0]: select[0].column[0].path: unknown function 'foo'"),
+        "{outcome}"
+    );
+}

@@ -136,7 +136,10 @@ pub async fn dump_sql(
 }
 
 /// Tuples of text fields as JSON objects, one per line.
-fn json_lines(batch: &[crate::store::copy::Tuple], fields: &[(String, bool)]) -> Vec<u8> {
+pub(crate) fn json_lines(
+    batch: &[crate::store::copy::Tuple],
+    fields: &[(String, bool)],
+) -> Vec<u8> {
     let keys: Vec<Vec<u8>> = fields
         .iter()
         .enumerate()

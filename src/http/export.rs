@@ -311,7 +311,15 @@ pub async fn file(
         file,
         256 * 1024,
     ));
-    let mut response = streamed(body, "application/fhir+ndjson", gzip);
+    // View exports write CSV and Parquet files too.
+    let media = if name.ends_with(".csv") {
+        "text/csv"
+    } else if name.ends_with(".parquet") {
+        "application/vnd.apache.parquet"
+    } else {
+        "application/fhir+ndjson"
+    };
+    let mut response = streamed(body, media, gzip);
     set_header(&mut response, header::VARY, "accept-encoding");
     Ok(response)
 }

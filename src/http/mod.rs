@@ -32,6 +32,7 @@ pub mod normalize;
 mod search;
 pub mod serve;
 mod smart;
+mod view_export;
 mod views;
 
 use std::sync::Arc;
@@ -181,6 +182,8 @@ fn routes() -> Router<AppState> {
             "/{type}/{id}/$export",
             get(export::group).post(export::group),
         )
+        .route("/$viewdefinition-export", post(view_export::export))
+        .route("/{type}/$viewdefinition-export", post(view_export::export))
         .route(EXPORT_STATUS, get(export::status).delete(export::cancel))
         .route(EXPORT_FILE, get(export::file))
         .layer(Extension(Api::Fhir));

@@ -26,6 +26,7 @@ pub mod schema;
 pub mod socket;
 pub mod token;
 pub mod tokens;
+pub mod view_export;
 pub mod view_sql;
 
 use std::sync::Arc;

@@ -19,8 +19,8 @@ use serde_json::Value;
 
 use crate::bulk::stream::ByteStream;
 
-pub const ROW_GROUP_ROWS: usize = 64 * 1024;
-pub const ROW_GROUP_BYTES: usize = 32 * 1024 * 1024;
+pub const ROW_GROUP_ROWS: usize = 32 * 1024;
+pub const ROW_GROUP_BYTES: usize = 16 * 1024 * 1024;
 
 /// A column's Parquet type.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

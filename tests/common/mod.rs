@@ -395,6 +395,7 @@ pub fn test_settings(database: &str) -> AppSettings {
             expiry: defaults.expiry,
             // The production default: the tests poll as clients must.
             polls_per_second: 2.0,
+            view_timeout: Duration::from_secs(60),
         },
         guard: fhirbox::auth::guard::GuardSettings::default(),
         token_lifetime: Duration::from_secs(300),

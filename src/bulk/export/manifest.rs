@@ -54,10 +54,16 @@ pub fn manifest(spec: &ExportSpec, tasks: &[&TaskRow], files_base: &str) -> Valu
         .flat_map(|task| {
             // Patient blocks hold many types: the IG leaves `type` out then.
             let type_name = (!spec.by_patient).then_some(task.resource_type.as_str());
+            // A view export's files are named by their views.
+            let views = !spec.views.is_empty();
             result_files(task.result.as_ref())
                 .into_iter()
-                .filter(|f| f.count > 0)
-                .map(move |f| entry(type_name, &f.name, f.count))
+                // (Every view is listed, an empty one too: its file still names the columns.)
+                .filter(move |f| views || f.count > 0)
+                .map(move |f| {
+                    let view = f.name.split('-').next().unwrap_or_default();
+                    entry(if views { Some(view) } else { type_name }, &f.name, f.count)
+                })
         })
         .collect();
     let deleted: Vec<Value> = tasks

@@ -18,6 +18,7 @@ pub mod output;
 pub mod polls;
 pub mod request;
 pub mod task;
+pub mod views;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -50,6 +51,8 @@ pub struct ExportSettings {
     pub expiry: Duration,
     /// Status polls a job may have per second (after a burst of 5); 0: no limit.
     pub polls_per_second: f64,
+    /// The statement timeout of each view of a `$viewdefinition-export` (`--sql-timeout`).
+    pub view_timeout: Duration,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -150,6 +153,14 @@ impl Exports {
                 url: None,
                 size,
             });
+        }
+        if !spec.views.is_empty() {
+            // Every view of a request reads one snapshot: one task writes them all.
+            tasks = vec![NewTask {
+                resource_type: views::TASK.to_string(),
+                url: None,
+                size: None,
+            }];
         }
         if spec.by_patient {
             // Patient blocks mix every type: one task writes them all.
@@ -390,14 +401,15 @@ impl Exports {
 /// built from it.
 pub fn is_file_name(name: &str) -> bool {
     let number = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit());
-    let parts: Vec<&str> = name
-        .strip_suffix(".ndjson")
+    let parts: Vec<&str> = [".ndjson", ".csv", ".parquet"]
+        .iter()
+        .find_map(|ext| name.strip_suffix(ext))
         .map(|stem| stem.split('-').collect())
         .unwrap_or_default();
     match parts.as_slice() {
         [stem, run, n] => {
             !stem.is_empty()
-                && stem.bytes().all(|b| b.is_ascii_alphabetic() || b == b'_')
+                && stem.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_')
                 && number(run)
                 && number(n)
         }

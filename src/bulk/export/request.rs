@@ -64,6 +64,12 @@ pub struct ExportSpec {
     /// export runs, in manifest pages.
     #[serde(default)]
     pub partial_manifests: bool,
+    /// `$viewdefinition-export`: the views to write instead of resources, one file each.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub views: Vec<super::views::ViewExport>,
+    /// Their format: `csv`, `ndjson`, `parquet`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub view_format: Option<String>,
 }
 
 /// A kick-off as the HTTP layer received it.
@@ -300,6 +306,8 @@ pub fn specify(kick_off: KickOff) -> Result<ExportSpec, String> {
         elements,
         by_patient,
         partial_manifests,
+        views: Vec::new(),
+        view_format: None,
     })
 }
 

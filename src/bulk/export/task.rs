@@ -42,11 +42,11 @@ const DELETIONS_PER_BUNDLE: usize = 1000;
 pub const BLOCKS_STEM: &str = "patients";
 
 /// What a task wrote.
-struct TaskOutput {
-    files: Vec<Written>,
-    deleted: Vec<Written>,
-    total: u64,
-    bytes: u64,
+pub(super) struct TaskOutput {
+    pub files: Vec<Written>,
+    pub deleted: Vec<Written>,
+    pub total: u64,
+    pub bytes: u64,
 }
 
 impl Exports {
@@ -59,7 +59,9 @@ impl Exports {
         report: &Report,
     ) -> Result<(), TaskFailure> {
         let spec = self.spec_of(task).await?;
-        let written = if spec.by_patient {
+        let written = if !spec.views.is_empty() {
+            self.write_views(&spec, task, progress, report).await?
+        } else if spec.by_patient {
             self.write_blocks(&spec, task, progress, report).await?
         } else {
             self.write_type(&spec, task, progress, report).await?
@@ -78,7 +80,7 @@ impl Exports {
     }
 
     /// The specification of a task's job (`Abandoned` if the job is gone).
-    async fn spec_of(&self, task: &TaskRow) -> Result<ExportSpec, TaskFailure> {
+    pub(super) async fn spec_of(&self, task: &TaskRow) -> Result<ExportSpec, TaskFailure> {
         let conn = self
             .jobs
             .store()
@@ -265,7 +267,7 @@ impl Exports {
     }
 
     /// The operator gets the path; the client a message without the server's layout.
-    fn write_failed(&self, task: &TaskRow, error: io::Error) -> TaskFailure {
+    pub(super) fn write_failed(&self, task: &TaskRow, error: io::Error) -> TaskFailure {
         let dir = self.job_dir(&task.job_id);
         tracing::error!(%error, dir = %dir.display(), "could not write export files");
         TaskFailure::Failed(format!(
@@ -274,11 +276,11 @@ impl Exports {
     }
 }
 
-fn failed(error: &dyn std::fmt::Display) -> TaskFailure {
+pub(super) fn failed(error: &dyn std::fmt::Display) -> TaskFailure {
     TaskFailure::Failed(error.to_string())
 }
 
-fn count(progress: &Progress, report: &Report, total: u64, bytes: u64, batch: usize) {
+pub(super) fn count(progress: &Progress, report: &Report, total: u64, bytes: u64, batch: usize) {
     report.bytes(batch as u64);
     progress.rows.store(total, Ordering::Relaxed);
     progress.bytes.store(bytes, Ordering::Relaxed);

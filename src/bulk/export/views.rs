@@ -1,0 +1,149 @@
+//! `$viewdefinition-export`'s one task: every view of the request, each into one file
+//! (`<name>-<run>-1.csv|ndjson|parquet` in the job's directory), all read in one snapshot
+//! ([`crate::store::view_export`]). The views were checked and their references resolved
+//! at kick-off; the job stores their bodies, so a ViewDefinition changed meanwhile does not
+//! change the export.
+
+use std::sync::atomic::Ordering;
+
+use futures_util::StreamExt;
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use tokio::io::AsyncWriteExt;
+
+use super::output::Written;
+use super::request::ExportSpec;
+use super::task::{count, failed, TaskOutput};
+use super::Exports;
+use crate::bulk::jobs::{Progress, TaskFailure};
+use crate::bulk::report::Report;
+use crate::bulk::stream::{tuple_batches, ByteStream};
+use crate::store::jobs::TaskRow;
+use crate::store::view_export;
+use crate::store::view_sql::{self, Columns, Rows};
+use crate::views::definition::View;
+use crate::views::parquet::{parquet, Physical};
+
+/// The name of the one task of a view export.
+pub const TASK: &str = "views";
+
+/// Tuple data per batch.
+const BATCH_BYTES: usize = 256 * 1024;
+
+/// One view of an export: the name of its output and the ViewDefinition.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ViewExport {
+    pub name: String,
+    pub view: Value,
+}
+
+impl Exports {
+    pub(super) async fn write_views(
+        &self,
+        spec: &ExportSpec,
+        task: &TaskRow,
+        progress: &Progress,
+        report: &Report,
+    ) -> Result<TaskOutput, TaskFailure> {
+        let format = spec.view_format.as_deref().unwrap_or("ndjson");
+        let converter = self.formats.converter().await.map_err(|e| failed(&e))?;
+        let store = self.jobs.store();
+        let snapshot = view_export::snapshot(store).await.map_err(|e| failed(&e))?;
+        let dir = self.job_dir(&task.job_id);
+        tokio::fs::create_dir_all(&dir)
+            .await
+            .map_err(|e| self.write_failed(task, e))?;
+        let rows = Rows {
+            patients: spec.patients.clone(),
+            since: spec.since.map(|s| s.to_rfc3339()),
+            limit: None,
+        };
+        let (mut files, mut total, mut bytes) = (Vec::new(), 0u64, 0u64);
+        for export in &spec.views {
+            let view = View::parse(&export.view).map_err(|e| failed(&e))?;
+            let attributes = converter.rules().for_type(&view.resource);
+            let columns = if format == "csv" {
+                Columns::Text
+            } else {
+                Columns::Json
+            };
+            let compiled =
+                view_sql::compile(&view, attributes, &rows, columns).map_err(|e| failed(&e))?;
+            let options = if format == "csv" {
+                "FORMAT csv, HEADER true"
+            } else {
+                "FORMAT binary"
+            };
+            let timeout = self.settings.view_timeout.as_millis();
+            let copy = view_export::copy_in(store, &snapshot, &compiled.sql, options, timeout)
+                .await
+                .map_err(|e| failed(&e))?;
+            let counted = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+            let seen = counted.clone();
+            let mut body: ByteStream = if format == "csv" {
+                // One COPY message per row, the header first.
+                Box::pin(copy.map(move |chunk| {
+                    seen.fetch_add(1, Ordering::Relaxed);
+                    chunk.map_err(std::io::Error::other)
+                }))
+            } else {
+                let fields: Vec<(String, bool)> = compiled
+                    .columns
+                    .iter()
+                    .cloned()
+                    .zip(compiled.json_strings.iter().copied())
+                    .collect();
+                let n = fields.len();
+                let lines: ByteStream =
+                    Box::pin(tuple_batches(copy, n, BATCH_BYTES).map(move |batch| {
+                        let batch = batch?;
+                        seen.fetch_add(batch.len() as u64, Ordering::Relaxed);
+                        Ok(crate::bulk::dump_sql::json_lines(&batch, &fields).into())
+                    }));
+                if format == "parquet" {
+                    let physical = compiled
+                        .columns
+                        .iter()
+                        .zip(view.columns())
+                        .map(|(name, c)| {
+                            (
+                                name.clone(),
+                                Physical::of(c.fhir_type.as_deref(), c.collection),
+                            )
+                        })
+                        .collect();
+                    parquet(lines, physical).map_err(|e| failed(&e))?
+                } else {
+                    lines
+                }
+            };
+            let name = format!("{}-{}-1.{format}", export.name, task.attempts);
+            let path = dir.join(&name);
+            let mut file = tokio::fs::File::create(&path)
+                .await
+                .map_err(|e| self.write_failed(task, e))?;
+            while let Some(chunk) = body.next().await {
+                let chunk = chunk.map_err(|e| failed(&e))?;
+                file.write_all(&chunk)
+                    .await
+                    .map_err(|e| self.write_failed(task, e))?;
+                bytes += chunk.len() as u64;
+                let rows = total + counted.load(Ordering::Relaxed);
+                count(progress, report, rows, bytes, chunk.len());
+            }
+            file.sync_all()
+                .await
+                .map_err(|e| self.write_failed(task, e))?;
+            // A CSV file's header is no row.
+            let rows = counted.load(Ordering::Relaxed) - u64::from(format == "csv");
+            total += rows;
+            files.push(Written { name, count: rows });
+        }
+        Ok(TaskOutput {
+            files,
+            deleted: Vec::new(),
+            total,
+            bytes,
+        })
+    }
+}
