@@ -426,9 +426,10 @@ pub fn of_type<'a>(base: Val<'a>, code: &str) -> Val<'a> {
             let Some(code) = codes.iter().find(|c| c.eq_ignore_ascii_case(code)) else {
                 return Val::new("NULL::jsonb", Shape::One, Ty::Unknown);
             };
+            // Primitive types (lower case) have table entries too: they stay primitive.
             let ty = match type_def(code) {
-                Some(def) => Ty::Complex(def.name),
-                None => Ty::Primitive(code),
+                Some(def) if !code.starts_with(char::is_lowercase) => Ty::Complex(def.name),
+                _ => Ty::Primitive(code),
             };
             step(base, &format!(".\"{code}\""), ty, false)
         }
@@ -437,8 +438,8 @@ pub fn of_type<'a>(base: Val<'a>, code: &str) -> Val<'a> {
                 return Val::new("NULL::jsonb", Shape::One, Ty::Unknown);
             };
             let ty = match type_def(code) {
-                Some(def) => Ty::Fhir(def.name),
-                None => Ty::Primitive(code),
+                Some(def) if !code.starts_with(char::is_lowercase) => Ty::Fhir(def.name),
+                _ => Ty::Primitive(code),
             };
             let key = format!("{name}{}", crate::format::walk::capitalize(code));
             step(
@@ -453,8 +454,8 @@ pub fn of_type<'a>(base: Val<'a>, code: &str) -> Val<'a> {
         }
         Ty::AttrValue(attribute) => {
             let ty = match attribute.value_type().and_then(type_def) {
-                Some(def) => Ty::Complex(def.name),
-                None => Ty::Primitive(static_primitive(attribute.value_type())),
+                Some(def) if !def.name.starts_with(char::is_lowercase) => Ty::Complex(def.name),
+                _ => Ty::Primitive(static_primitive(attribute.value_type())),
             };
             Val { ty, ..base }
         }

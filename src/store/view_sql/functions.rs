@@ -18,9 +18,11 @@ pub const SUPPORTED: &[&str] = &[
     "getReferenceKey",
     "getResourceKey",
     "hasValue",
+    "highBoundary",
     "iif",
     "join",
     "last",
+    "lowBoundary",
     "not",
     "ofType",
     "single",
@@ -221,6 +223,37 @@ pub fn call<'a>(
             }
             Ok(map_items(scope, base, key, Ty::Primitive("id")))
         }
+        "lowBoundary" | "highBoundary" => {
+            arity(name, args, 0, 1)?;
+            let base = resolve(base);
+            let low = name == "lowBoundary";
+            let text = super::expr::as_text(&base);
+            let (sql, ty) = match &base.ty {
+                Ty::Primitive("decimal") => {
+                    let sign = if low { "-" } else { "+" };
+                    let x = format!("({text})::numeric");
+                    (
+                        format!("to_jsonb(trim_scale({x} {sign} 0.5 * power(10::numeric, -scale({x}))))"),
+                        "decimal",
+                    )
+                }
+                Ty::Primitive("date") => (format!("to_jsonb({})", date_boundary(&text, low)), "date"),
+                Ty::Primitive("dateTime" | "instant") => {
+                    (format!("to_jsonb({})", date_time_boundary(&text, low)), "dateTime")
+                }
+                Ty::Primitive("time") => (format!("to_jsonb({})", time_boundary(&text, low)), "time"),
+                _ => {
+                    return Err(format!(
+                        "{name}() applies to a decimal, date, dateTime or time (use ofType(...) on a choice)"
+                    ))
+                }
+            };
+            Ok(Val::new(
+                format!("CASE WHEN {text} IS NOT NULL THEN {sql} END"),
+                Shape::One,
+                Ty::Primitive(ty),
+            ))
+        }
         "iif" => {
             arity(name, args, 2, 3)?;
             let condition = compile(scope, focus, &args[0])?;
@@ -243,6 +276,47 @@ pub fn call<'a>(
         }
         _ => Err(format!("unknown function '{name}'")),
     }
+}
+
+/// The first or last day a partial date (`1970`, `1970-06`, `1970-06-15`) can mean.
+fn date_boundary(t: &str, low: bool) -> String {
+    if low {
+        format!("CASE length({t}) WHEN 4 THEN {t} || '-01-01' WHEN 7 THEN {t} || '-01' ELSE left({t}, 10) END")
+    } else {
+        format!(
+            "CASE length({t}) WHEN 4 THEN {t} || '-12-31' \
+             WHEN 7 THEN to_char(({t} || '-01')::date + interval '1 month' - interval '1 day', 'YYYY-MM-DD') \
+             ELSE left({t}, 10) END"
+        )
+    }
+}
+
+/// The first or last instant a partial time (`12`, `12:34`, `12:34:56`) can mean.
+fn time_boundary(t: &str, low: bool) -> String {
+    let (hh, mm, ss) = if low {
+        (":00:00.000", ":00.000", ".000")
+    } else {
+        (":59:59.999", ":59.999", ".999")
+    };
+    format!("CASE length({t}) WHEN 2 THEN {t} || '{hh}' WHEN 5 THEN {t} || '{mm}' WHEN 8 THEN {t} || '{ss}' ELSE {t} END")
+}
+
+/// The earliest or latest instant a partial dateTime can mean; without a time zone, the
+/// earliest zone (+14:00) or the latest (-12:00).
+fn date_time_boundary(t: &str, low: bool) -> String {
+    let (midnight, zone) = if low {
+        ("T00:00:00.000", "+14:00")
+    } else {
+        ("T23:59:59.999", "-12:00")
+    };
+    let tz = format!("substring({t} from '(Z|[+-][0-9][0-9]:[0-9][0-9])$')");
+    let time = format!("regexp_replace(substr({t}, 12), '(Z|[+-][0-9][0-9]:[0-9][0-9])$', '')");
+    format!(
+        "CASE WHEN strpos({t}, 'T') = 0 THEN {} || '{midnight}{zone}' \
+         ELSE left({t}, 10) || 'T' || {} || coalesce({tz}, '{zone}') END",
+        date_boundary(t, low),
+        time_boundary(&time, low)
+    )
 }
 
 /// `base.where(criteria)`.
