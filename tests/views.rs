@@ -189,6 +189,40 @@ async fn views_over_synthea_match_the_source_files() {
         .count();
     assert_eq!(got.len(), theirs);
     assert!(theirs > 0);
+    // group=: its members' compartments.
+    let group = json!({"resourceType": "Group", "id": "cohort", "type": "person", "actual": true,
+        "member": [{"entity": {"reference": format!("Patient/{one}")}}]});
+    let (status, _) = server.json(Method::PUT, "/fhir/Group/cohort", &group).await;
+    assert_eq!(status, StatusCode::CREATED);
+    let (status, text) = run(
+        &server,
+        &condition_view(),
+        &[("group", json!("Group/cohort"))],
+    )
+    .await;
+    assert_eq!((status, rows(&text)), (StatusCode::OK, got));
+    let (status, _) = run(
+        &server,
+        &condition_view(),
+        &[("group", json!("Group/nobody"))],
+    )
+    .await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    // _since: changed after an instant.
+    let (_, text) = run(
+        &server,
+        &condition_view(),
+        &[("_since", json!("2000-01-01T00:00:00Z"))],
+    )
+    .await;
+    assert_eq!(rows(&text).len(), expected_conditions());
+    let (_, text) = run(
+        &server,
+        &condition_view(),
+        &[("_since", json!("2999-01-01T00:00:00Z"))],
+    )
+    .await;
+    assert_eq!(text, "[]\n");
 }
 
 fn expected_conditions() -> usize {

@@ -81,10 +81,36 @@ enum Token {
     Sym(&'static str),
 }
 
+/// The longest expression accepted, in bytes.
+pub const MAX_LENGTH: usize = 4096;
+
+/// The most tokens (names, literals, operators) accepted: compiling recurses along a path.
+pub const MAX_TOKENS: usize = 256;
+
+/// The deepest nesting (parentheses, arguments, operands) accepted: the parser and the
+/// compiler recurse, and a hostile `((((...` must not exhaust the stack.
+pub const MAX_DEPTH: usize = 32;
+
 /// Parses a whole expression; the error says what is wrong and where (1-based character).
 pub fn parse(text: &str) -> Result<Expr, String> {
+    if text.len() > MAX_LENGTH {
+        return Err(format!(
+            "the expression is {} bytes long; at most {MAX_LENGTH} are accepted",
+            text.len()
+        ));
+    }
     let tokens = lex(text)?;
-    let mut parser = Parser { tokens, at: 0 };
+    if tokens.len() > MAX_TOKENS {
+        return Err(format!(
+            "the expression has {} tokens; at most {MAX_TOKENS} are accepted",
+            tokens.len()
+        ));
+    }
+    let mut parser = Parser {
+        tokens,
+        at: 0,
+        depth: 0,
+    };
     let expr = parser.binary(0)?;
     match parser.tokens.get(parser.at) {
         None => Ok(expr),
@@ -221,6 +247,8 @@ fn lex(text: &str) -> Result<Vec<(Token, usize)>, String> {
 struct Parser {
     tokens: Vec<(Token, usize)>,
     at: usize,
+    /// Nested `binary` calls now open.
+    depth: usize,
 }
 
 impl Parser {
@@ -257,6 +285,20 @@ impl Parser {
     }
 
     fn binary(&mut self, level: usize) -> Result<Expr, String> {
+        if level == 0 {
+            self.depth += 1;
+            if self.depth > MAX_DEPTH {
+                return Err(format!("the expression nests more than {MAX_DEPTH} deep"));
+            }
+            let result = self.level(0);
+            self.depth -= 1;
+            return result;
+        }
+        self.level(level)
+    }
+
+    /// The operators of one precedence level, left-associative.
+    fn level(&mut self, level: usize) -> Result<Expr, String> {
         let Some(ops) = LEVELS.get(level) else {
             return self.unary();
         };
@@ -387,5 +429,17 @@ mod tests {
         assert_eq!(parse("name.").unwrap_err(), "expected a name at the end");
         assert_eq!(parse("a b").unwrap_err(), "unexpected 'b' at 3");
         assert!(parse("name.\"x\"").is_err());
+        let deep = format!("{}1{}", "(".repeat(40), ")".repeat(40));
+        assert_eq!(
+            parse(&deep).unwrap_err(),
+            "the expression nests more than 32 deep"
+        );
+        let long = vec!["a"; 200].join(".");
+        assert!(parse(&long)
+            .unwrap_err()
+            .starts_with("the expression has 399 tokens"));
+        assert!(parse(&"a".repeat(5000))
+            .unwrap_err()
+            .starts_with("the expression is 5000 bytes"));
     }
 }

@@ -155,7 +155,22 @@ pub struct Focus<'a> {
 
 type Res<T> = Result<T, String>;
 
+/// The most SQL one expression may compile to: some functions repeat their operand, so a
+/// hostile nesting could otherwise grow the statement exponentially.
+pub const MAX_EXPRESSION_SQL: usize = 256 * 1024;
+
 pub fn compile<'a>(scope: &Scope<'a, '_>, focus: &Focus<'a>, expr: &Expr) -> Res<Val<'a>> {
+    let val = compile_node(scope, focus, expr)?;
+    if val.sql.len() > MAX_EXPRESSION_SQL {
+        return Err(format!(
+            "the expression compiles to more than {} KB of SQL; simplify it",
+            MAX_EXPRESSION_SQL / 1024
+        ));
+    }
+    Ok(val)
+}
+
+fn compile_node<'a>(scope: &Scope<'a, '_>, focus: &Focus<'a>, expr: &Expr) -> Res<Val<'a>> {
     match expr {
         Expr::This => Ok(focus.this.clone()),
         Expr::Var(name) => variable(scope, focus, name),

@@ -75,6 +75,7 @@ pub struct Rows {
     pub limit: Option<u64>,
 }
 
+#[derive(Debug)]
 pub struct Compiled {
     pub sql: String,
     pub columns: Vec<String>,
@@ -388,6 +389,23 @@ fn repeat<'a>(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn hostile_nesting_is_refused_before_it_grows() {
+        // Each where on one item repeats its base three times: 3^n copies of the first.
+        let mut path = "gender".to_string();
+        for _ in 0..25 {
+            path = format!("({path}).where($this = $this)");
+        }
+        let view = serde_json::json!({"resourceType": "ViewDefinition", "resource": "Patient",
+            "select": [{"column": [{"name": "g", "path": path}]}]});
+        let view = View::parse(&view).unwrap();
+        let error = compile(&view, None, &Rows::default(), Columns::Json).unwrap_err();
+        assert!(
+            error.to_string().contains("compiles to more than 256 KB"),
+            "{error}"
+        );
+    }
 
     #[test]
     fn print_bench_view() {
