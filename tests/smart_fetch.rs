@@ -14,8 +14,14 @@ use common::{load_synthea, TestServer, ROOT_PASSWORD};
 use reqwest::{Method, StatusCode};
 use serde_json::{json, Value};
 
-/// The smart-fetch executable, installed on first use.
+/// The smart-fetch executable, installed on first use (once per test process; the script
+/// also locks, for test processes running at once).
 fn smart_fetch() -> PathBuf {
+    static INSTALLED: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    INSTALLED.get_or_init(install).clone()
+}
+
+fn install() -> PathBuf {
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/ensure-smart-fetch");
     let output = Command::new("bash")
         .arg(&script)

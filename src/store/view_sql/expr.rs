@@ -13,7 +13,7 @@
 use crate::fhir::meta::{type_def, Element, Kind};
 use crate::format::attributes::{Attribute, TypeAttributes};
 use crate::views::definition::Constant;
-use crate::views::fhirpath::{Expr, Op};
+use crate::views::fhirpath::Expr;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Shape {
@@ -224,7 +224,7 @@ fn compile_node<'a>(scope: &Scope<'a, '_>, focus: &Focus<'a>, expr: &Expr) -> Re
         Expr::Binary(op, left, right) => {
             let left = resolve(compile(scope, focus, left)?);
             let right = resolve(compile(scope, focus, right)?);
-            Ok(binary(*op, left, right))
+            Ok(super::operators::binary(*op, left, right))
         }
         Expr::Neg(inner) => {
             let inner = resolve(compile(scope, focus, inner)?);
@@ -553,66 +553,5 @@ pub fn as_bool(val: &Val<'_>) -> String {
     match val.shape {
         Shape::Bool => val.sql.clone(),
         _ => format!("({} <> 'false'::jsonb)", as_one(val)),
-    }
-}
-
-pub fn is_text(val: &Val<'_>) -> bool {
-    matches!(val.ty, Ty::Primitive(p) if !matches!(p, "integer" | "decimal" | "positiveInt" | "unsignedInt" | "boolean"))
-}
-
-fn binary<'a>(op: Op, left: Val<'a>, right: Val<'a>) -> Val<'a> {
-    let bool_op = |sql: String| Val::new(sql, Shape::Bool, Ty::Primitive("boolean"));
-    let (l, r) = (as_one(&left), as_one(&right));
-    let num = |sql: String| {
-        Val::new(
-            format!("to_jsonb({sql})"),
-            Shape::One,
-            Ty::Primitive("decimal"),
-        )
-    };
-    match op {
-        Op::And => bool_op(format!("({} AND {})", as_bool(&left), as_bool(&right))),
-        Op::Or => bool_op(format!("({} OR {})", as_bool(&left), as_bool(&right))),
-        Op::Xor => bool_op(format!("({} <> {})", as_bool(&left), as_bool(&right))),
-        Op::Implies => bool_op(format!("(NOT {} OR {})", as_bool(&left), as_bool(&right))),
-        Op::Eq => bool_op(format!("({l} = {r})")),
-        Op::Ne => bool_op(format!("({l} <> {r})")),
-        Op::Lt => bool_op(format!("({l} < {r})")),
-        Op::Gt => bool_op(format!("({l} > {r})")),
-        Op::Le => bool_op(format!("({l} <= {r})")),
-        Op::Ge => bool_op(format!("({l} >= {r})")),
-        Op::In => bool_op(format!(
-            "CASE WHEN {l} IS NOT NULL THEN coalesce({} @> jsonb_build_array({l}), false) END",
-            as_many(&right)
-        )),
-        Op::Contains => bool_op(format!(
-            "CASE WHEN {r} IS NOT NULL THEN coalesce({} @> jsonb_build_array({r}), false) END",
-            as_many(&left)
-        )),
-        Op::Union => Val::new(
-            format!(
-                "(coalesce({}, '[]') || coalesce({}, '[]'))",
-                as_many(&left),
-                as_many(&right)
-            ),
-            Shape::Many,
-            Ty::Unknown,
-        ),
-        Op::Concat => Val::new(
-            format!("to_jsonb(coalesce({l}#>>'{{}}', '') || coalesce({r}#>>'{{}}', ''))"),
-            Shape::One,
-            Ty::Primitive("string"),
-        ),
-        Op::Add if is_text(&left) || is_text(&right) => Val::new(
-            format!("to_jsonb(({l}#>>'{{}}') || ({r}#>>'{{}}'))"),
-            Shape::One,
-            Ty::Primitive("string"),
-        ),
-        Op::Add => num(format!("({l})::numeric + ({r})::numeric")),
-        Op::Sub => num(format!("({l})::numeric - ({r})::numeric")),
-        Op::Mul => num(format!("({l})::numeric * ({r})::numeric")),
-        Op::Div => num(format!("({l})::numeric / nullif(({r})::numeric, 0)")),
-        Op::IntDiv => num(format!("div(({l})::numeric, nullif(({r})::numeric, 0))")),
-        Op::Mod => num(format!("mod(({l})::numeric, nullif(({r})::numeric, 0))")),
     }
 }

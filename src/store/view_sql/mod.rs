@@ -9,6 +9,7 @@
 
 mod expr;
 mod functions;
+mod operators;
 
 pub use functions::SUPPORTED as SUPPORTED_FUNCTIONS;
 
@@ -270,7 +271,9 @@ fn select_sql<'a>(
                 // A string-typed value as text (row_to_json quotes it): cheaper than a jsonb
                 // subtree turned back into JSON text.
                 // (Not inside a unionAll, whose branches must agree on the SQL type.)
-                (Columns::Json, _) if !in_union && one.text.is_some() && expr::is_text(&one) => {
+                (Columns::Json, _)
+                    if !in_union && one.text.is_some() && operators::is_text(&one) =>
+                {
                     scope.text_columns.borrow_mut().insert(column.name.clone());
                     expr::as_text(&one)
                 }
