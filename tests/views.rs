@@ -271,6 +271,24 @@ async fn stored_views_run_by_id_and_bad_views_are_refused_with_the_element_named
     assert_eq!(status, StatusCode::OK);
     assert_eq!(text, "{\"id\":\"p1\",\"born\":\"1970-03-04\"}\n");
 
+    // The CapabilityStatement says so.
+    let (_, statement) = server.get("/fhir/metadata").await;
+    let operations: Vec<&str> = statement["rest"][0]["operation"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|o| o["name"].as_str())
+        .collect();
+    assert_eq!(
+        operations,
+        [
+            "export",
+            "viewdefinition-run",
+            "viewdefinition-export",
+            "materialize"
+        ]
+    );
+
     // Refused on write and on run, naming the element.
     let mut answers = Vec::new();
     let bad = [

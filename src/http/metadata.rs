@@ -28,6 +28,11 @@ const EXPORT: &str = "http://hl7.org/fhir/uv/bulkdata/OperationDefinition/export
 const PATIENT_EXPORT: &str = "http://hl7.org/fhir/uv/bulkdata/OperationDefinition/patient-export";
 const GROUP_EXPORT: &str = "http://hl7.org/fhir/uv/bulkdata/OperationDefinition/group-export";
 
+/// The SQL on FHIR operations (on ViewDefinition, a type of fhirbox's own).
+const VIEW_RUN: &str = "http://sql-on-fhir.org/OperationDefinition/$viewdefinition-run";
+const VIEW_EXPORT: &str = "http://sql-on-fhir.org/OperationDefinition/$viewdefinition-export";
+const MATERIALIZE: &str = "http://sql-on-fhir.org/OperationDefinition/$materialize";
+
 /// The operations a type has besides the interactions.
 fn type_operations(type_name: &str) -> Vec<Value> {
     match type_name {
@@ -110,7 +115,15 @@ fn statement(ctx: &ApiContext) -> Value {
             },
             "resource": resources,
             "interaction": [{"code": "transaction"}, {"code": "batch"}],
-            "operation": [{"name": "export", "definition": EXPORT}],
+            "operation": [
+                {"name": "export", "definition": EXPORT},
+                {"name": "viewdefinition-run", "definition": VIEW_RUN,
+                 "documentation": "on ViewDefinition (type and instance level); _format csv, ndjson, json or parquet"},
+                {"name": "viewdefinition-export", "definition": VIEW_EXPORT,
+                 "documentation": "on ViewDefinition; asynchronous, answered like $export; _format ndjson, csv or parquet; viewReference as ViewDefinition/<id>"},
+                {"name": "materialize", "definition": MATERIALIZE,
+                 "documentation": "on a ViewDefinition instance, synchronous: type = view, materialized-view or table creates sof.<name>"}
+            ],
         }],
     })
 }
