@@ -35,6 +35,27 @@ fn install() -> PathBuf {
     PathBuf::from(String::from_utf8_lossy(&output.stdout).trim())
 }
 
+/// Runs a prepared smart-fetch command (3 minutes at most), which must succeed; the ids it
+/// wrote into `out`, by type.
+async fn finish(
+    mut command: tokio::process::Command,
+    what: &str,
+    out: &Path,
+) -> BTreeMap<String, BTreeSet<String>> {
+    command.kill_on_drop(true);
+    let output = tokio::time::timeout(std::time::Duration::from_secs(180), command.output())
+        .await
+        .expect("smart-fetch finished in time")
+        .expect("smart-fetch ran");
+    assert!(
+        output.status.success(),
+        "smart-fetch {what} failed:\n{}\n{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    read_output(out)
+}
+
 /// Runs `smart-fetch bulk` as root into a fresh directory; returns the ids it wrote, by type.
 async fn export(
     server: &TestServer,
@@ -57,19 +78,8 @@ async fn export(
         .arg(&password)
         .args(args)
         .arg(&out)
-        .env("NO_COLOR", "1")
-        .kill_on_drop(true);
-    let output = tokio::time::timeout(std::time::Duration::from_secs(180), command.output())
-        .await
-        .expect("smart-fetch finished in time")
-        .expect("smart-fetch ran");
-    assert!(
-        output.status.success(),
-        "smart-fetch {args:?} failed:\n{}\n{}",
-        String::from_utf8_lossy(&output.stdout),
-        String::from_utf8_lossy(&output.stderr)
-    );
-    read_output(&out)
+        .env("NO_COLOR", "1");
+    finish(command, &format!("{args:?}"), &out).await
 }
 
 /// Every resource in the NDJSON(.gz) files smart-fetch wrote (its log aside).
@@ -268,19 +278,8 @@ async fn smart_fetch_exports_over_https_with_a_smart_token() {
         .args(["--type", "Patient,Condition,Encounter"])
         .arg(&out)
         .env("NO_COLOR", "1")
-        .env("SSL_CERT_FILE", &tls.ca_file)
-        .kill_on_drop(true);
-    let output = tokio::time::timeout(std::time::Duration::from_secs(180), command.output())
-        .await
-        .expect("smart-fetch finished in time")
-        .expect("smart-fetch ran");
-    assert!(
-        output.status.success(),
-        "smart-fetch over HTTPS with SMART failed:\n{}\n{}",
-        String::from_utf8_lossy(&output.stdout),
-        String::from_utf8_lossy(&output.stderr)
-    );
-    let exported = read_output(&out);
+        .env("SSL_CERT_FILE", &tls.ca_file);
+    let exported = finish(command, "over HTTPS with SMART", &out).await;
     for type_name in ["Patient", "Condition", "Encounter"] {
         assert!(loaded.contains_key(type_name));
         let table = type_name.to_lowercase();

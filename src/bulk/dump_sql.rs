@@ -109,16 +109,9 @@ pub async fn dump_sql(
             }
             Ok(out.into())
         })),
-        Rows::CopyFields(copy) => {
-            let fields = request.json_fields.clone();
-            Box::pin(
-                tuple_batches(copy, fields.len(), BATCH_BYTES).map(move |batch| {
-                    let batch = batch?;
-                    counted.rows(batch.len() as u64);
-                    Ok(json_lines(&batch, &fields).into())
-                }),
-            )
-        }
+        Rows::CopyFields(copy) => json_rows(copy, request.json_fields.clone(), move |rows| {
+            counted.rows(rows)
+        }),
         Rows::Portal(rows) => Box::pin(lines_from_rows(rows, request.format, counted)),
     };
     // Fused: an empty result is polled again after its end (the chain below).
@@ -135,11 +128,24 @@ pub async fn dump_sql(
     Ok(Box::pin(head.chain(body)))
 }
 
+/// A binary COPY of text fields as JSON objects, one per line; `counted` hears of each
+/// batch's rows.
+pub(crate) fn json_rows(
+    copy: crate::store::copy_out::CopyOut,
+    fields: Vec<(String, bool)>,
+    counted: impl Fn(u64) + Send + 'static,
+) -> ByteStream {
+    Box::pin(
+        tuple_batches(copy, fields.len(), BATCH_BYTES).map(move |batch| {
+            let batch = batch?;
+            counted(batch.len() as u64);
+            Ok(json_lines(&batch, &fields).into())
+        }),
+    )
+}
+
 /// Tuples of text fields as JSON objects, one per line.
-pub(crate) fn json_lines(
-    batch: &[crate::store::copy::Tuple],
-    fields: &[(String, bool)],
-) -> Vec<u8> {
+fn json_lines(batch: &[crate::store::copy::Tuple], fields: &[(String, bool)]) -> Vec<u8> {
     let keys: Vec<Vec<u8>> = fields
         .iter()
         .enumerate()

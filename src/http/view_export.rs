@@ -44,6 +44,8 @@ pub async fn export(
     let mut views: Vec<ViewExport> = Vec::new();
     let mut format = None;
     let mut patients: Vec<String> = Vec::new();
+    // `patient` or `group` restrict (a Group without members: to nobody).
+    let mut restricted = false;
     let mut since = None;
     let bad = |at: String, message: String| {
         ApiError::bad_request(format!("{at}: {message}")).with_expression(at)
@@ -91,20 +93,15 @@ pub async fn export(
                 let reference = parameter["valueReference"]["reference"].as_str().or(text);
                 let id = reference.map(|r| r.strip_prefix("Patient/").unwrap_or(r).to_string());
                 patients.push(id.ok_or_else(|| bad(at, "patient: expected Patient/<id>".into()))?);
+                restricted = true;
             }
             "group" => {
                 let reference = parameter["valueReference"]["reference"].as_str().or(text);
                 let id = reference
                     .map(|r| r.strip_prefix("Group/").unwrap_or(r).to_string())
                     .ok_or_else(|| bad(at.clone(), "group: expected Group/<id>".into()))?;
-                let members = crate::store::export::group_members(&state.store, &id)
-                    .await?
-                    .ok_or_else(|| ApiError::not_found(format!("Group/{id} is not known")))?;
-                patients.extend(members);
-                if patients.is_empty() {
-                    // A Group without members restricts to nobody.
-                    patients.push(String::new());
-                }
+                patients.extend(super::views::group_members(&state, &id).await?);
+                restricted = true;
             }
             "_since" => {
                 let instant = text
@@ -130,7 +127,7 @@ pub async fn export(
         since,
         transaction_time: Utc::now(),
         request: ctx.url("$viewdefinition-export"),
-        patients: (!patients.is_empty()).then_some(patients),
+        patients: restricted.then_some(patients),
         filters: Default::default(),
         warnings: Vec::new(),
         until: None,

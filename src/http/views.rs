@@ -94,19 +94,18 @@ async fn run(
             stored.to_native()
         }
     };
+    // `patient` or `group` restrict (a Group without members: to nobody).
+    let restricted = !params.patients.is_empty() || params.group.is_some();
     let mut patients = params.patients;
-    if let Some(group) = params.group {
-        let members = crate::store::export::group_members(&state.store, &group)
-            .await?
-            .ok_or_else(|| ApiError::not_found(format!("Group/{group} is not known")))?;
-        patients.extend(members);
+    if let Some(group) = &params.group {
+        patients.extend(group_members(&state, group).await?);
     }
     let request = RunRequest {
         view,
         format: params.format.unwrap_or(ViewFormat::Json),
         header: params.header.unwrap_or(true),
         rows: Rows {
-            patients: (!patients.is_empty() || params.group_given).then_some(patients),
+            patients: restricted.then_some(patients),
             since: params.since,
             limit: params.limit,
         },
@@ -138,6 +137,13 @@ async fn run(
     Ok(streamed(body, format.content_type(), false))
 }
 
+/// The active Patient members of a Group (404 when there is no such Group).
+pub(super) async fn group_members(state: &AppState, id: &str) -> Result<Vec<String>, ApiError> {
+    crate::store::export::group_members(&state.store, id)
+        .await?
+        .ok_or_else(|| ApiError::not_found(format!("Group/{id} is not known")))
+}
+
 #[derive(Default)]
 struct Params {
     view: Option<Value>,
@@ -146,7 +152,6 @@ struct Params {
     header: Option<bool>,
     patients: Vec<String>,
     group: Option<String>,
-    group_given: bool,
     since: Option<String>,
     limit: Option<u64>,
 }
@@ -207,7 +212,6 @@ impl Params {
                 }
             }
             "group" => {
-                self.group_given = true;
                 self.group = Some(reference_id(&value, "Group").ok_or_else(|| invalid("expected Group/<id>"))?)
             }
             "_since" => {
@@ -276,6 +280,7 @@ impl Params {
 /// `type` in a `Parameters` body; default `view`): creates or replaces `sof.<name>`.
 pub async fn materialize(
     State(state): State<AppState>,
+    ctx: super::context::ApiContext,
     Path((type_name, id)): Path<(String, String)>,
     RawQuery(query): RawQuery,
     MaybeDocument(body): MaybeDocument,
@@ -338,8 +343,5 @@ pub async fn materialize(
     ];
     parameter.extend(columns);
     let body = serde_json::json!({"resourceType": "Parameters", "parameter": parameter});
-    Ok(axum::response::IntoResponse::into_response((
-        axum::http::StatusCode::OK,
-        axum::Json(body),
-    )))
+    Ok(ctx.reply(axum::http::StatusCode::OK, &body))
 }

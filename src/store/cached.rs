@@ -32,7 +32,7 @@ async fn stamp_of(client: &impl GenericClient, rt: ResourceType) -> Result<Stamp
 }
 
 /// Every current resource of the table: (id, body).
-async fn all_of(
+pub async fn all_of(
     client: &impl GenericClient,
     rt: ResourceType,
 ) -> Result<Vec<(String, Value)>, StoreError> {

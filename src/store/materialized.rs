@@ -131,11 +131,3 @@ pub async fn drop_all(client: &impl GenericClient, view_id: &str) -> Result<(), 
     }
     Ok(())
 }
-
-/// Every Attribute body (the first-class extension rules a rebuilt view compiles with).
-pub async fn attribute_bodies(
-    client: &impl GenericClient,
-) -> Result<Vec<serde_json::Value>, StoreError> {
-    let rows = client.query("SELECT resource FROM attribute", &[]).await?;
-    Ok(rows.iter().map(|row| row.get(0)).collect())
-}

@@ -11,6 +11,7 @@ use serde_json::Value;
 use super::definition::View;
 use super::ViewError;
 use crate::format::attributes::Rules;
+use crate::resource_type::ResourceType;
 use crate::store::conn::Tx;
 use crate::store::dump_sql::QueryError;
 use crate::store::materialized::{self, Kind};
@@ -83,8 +84,9 @@ pub async fn rebuild(tx: &Tx, view_id: &str, doc: &Value) -> Result<(), ViewErro
     if existing.is_empty() {
         return Ok(());
     }
-    let bodies = materialized::attribute_bodies(&**tx).await?;
-    let rules = Rules::from_attributes(&bodies);
+    let attribute = ResourceType::parse("Attribute").expect("a fhirbox type");
+    let attributes = crate::store::cached::all_of(&**tx, attribute).await?;
+    let rules = Rules::from_attributes(attributes.iter().map(|(_, body)| body));
     let (_, compiled) = compile(doc, &rules)?;
     for (name, kind) in existing {
         materialized::create(&**tx, &name, kind, &compiled.sql, view_id)

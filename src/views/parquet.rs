@@ -17,7 +17,9 @@ use parquet::file::writer::SerializedFileWriter;
 use parquet::schema::parser::parse_message_type;
 use serde_json::Value;
 
+use super::definition::View;
 use crate::bulk::stream::ByteStream;
+use crate::store::view_sql::Compiled;
 
 pub const ROW_GROUP_ROWS: usize = 32 * 1024;
 pub const ROW_GROUP_BYTES: usize = 16 * 1024 * 1024;
@@ -32,14 +34,30 @@ pub enum Physical {
 }
 
 impl Physical {
+    /// As a materialized column's SQL type (`view_sql::sql_type`): `numeric` is `DOUBLE`,
+    /// `jsonb` (a collection) JSON text.
     pub fn of(fhir_type: Option<&str>, collection: bool) -> Physical {
-        match (fhir_type, collection) {
-            (_, true) => Physical::Text,
-            (Some("boolean"), _) => Physical::Boolean,
-            (Some("integer" | "positiveInt" | "unsignedInt" | "integer64"), _) => Physical::Int64,
-            (Some("decimal"), _) => Physical::Double,
+        match crate::store::view_sql::sql_type(fhir_type, collection) {
+            "boolean" => Physical::Boolean,
+            "bigint" => Physical::Int64,
+            "numeric" => Physical::Double,
             _ => Physical::Text,
         }
+    }
+
+    /// The Parquet columns of a compiled view, in output order.
+    pub fn columns(view: &View, compiled: &Compiled) -> Vec<(String, Physical)> {
+        compiled
+            .columns
+            .iter()
+            .zip(view.columns())
+            .map(|(name, c)| {
+                (
+                    name.clone(),
+                    Physical::of(c.fhir_type.as_deref(), c.collection),
+                )
+            })
+            .collect()
     }
 
     fn schema(self) -> &'static str {

@@ -77,15 +77,8 @@ pub async fn run(
         _ => Columns::Json,
     };
     let compiled = view_sql::compile(&view, attributes, &request.rows, columns)?;
-    let physical: Vec<(String, Physical)> = compiled
-        .columns
-        .iter()
-        .zip(view.columns())
-        .map(|(name, column)| {
-            let physical = Physical::of(column.fhir_type.as_deref(), column.collection);
-            (name.clone(), physical)
-        })
-        .collect();
+    let physical = Physical::columns(&view, &compiled);
+    let json_fields = compiled.json_fields();
     let format = match request.format {
         ViewFormat::Csv => SqlFormat::Csv {
             header: request.header,
@@ -97,11 +90,7 @@ pub async fn run(
         params: Vec::new(),
         format,
         header: false,
-        json_fields: compiled
-            .columns
-            .into_iter()
-            .zip(compiled.json_strings)
-            .collect(),
+        json_fields,
     };
     let body = dump_sql(reader, sql, limits, report)
         .await

@@ -17,7 +17,7 @@ use super::task::{count, failed, TaskOutput};
 use super::Exports;
 use crate::bulk::jobs::{Progress, TaskFailure};
 use crate::bulk::report::Report;
-use crate::bulk::stream::{tuple_batches, ByteStream};
+use crate::bulk::stream::ByteStream;
 use crate::store::jobs::TaskRow;
 use crate::store::view_export;
 use crate::store::view_sql::{self, Columns, Rows};
@@ -26,9 +26,6 @@ use crate::views::parquet::{parquet, Physical};
 
 /// The name of the one task of a view export.
 pub const TASK: &str = "views";
-
-/// Tuple data per batch.
-const BATCH_BYTES: usize = 256 * 1024;
 
 /// One view of an export: the name of its output and the ViewDefinition.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -87,32 +84,12 @@ impl Exports {
                     chunk.map_err(std::io::Error::other)
                 }))
             } else {
-                let fields: Vec<(String, bool)> = compiled
-                    .columns
-                    .iter()
-                    .cloned()
-                    .zip(compiled.json_strings.iter().copied())
-                    .collect();
-                let n = fields.len();
-                let lines: ByteStream =
-                    Box::pin(tuple_batches(copy, n, BATCH_BYTES).map(move |batch| {
-                        let batch = batch?;
-                        seen.fetch_add(batch.len() as u64, Ordering::Relaxed);
-                        Ok(crate::bulk::dump_sql::json_lines(&batch, &fields).into())
-                    }));
+                let lines =
+                    crate::bulk::dump_sql::json_rows(copy, compiled.json_fields(), move |rows| {
+                        seen.fetch_add(rows, Ordering::Relaxed);
+                    });
                 if format == "parquet" {
-                    let physical = compiled
-                        .columns
-                        .iter()
-                        .zip(view.columns())
-                        .map(|(name, c)| {
-                            (
-                                name.clone(),
-                                Physical::of(c.fhir_type.as_deref(), c.collection),
-                            )
-                        })
-                        .collect();
-                    parquet(lines, physical).map_err(|e| failed(&e))?
+                    parquet(lines, Physical::columns(&view, &compiled)).map_err(|e| failed(&e))?
                 } else {
                     lines
                 }

@@ -53,8 +53,8 @@ pub enum Columns {
     Typed,
 }
 
-/// A column's SQL type when materialized.
-fn sql_type(fhir_type: Option<&str>, collection: bool) -> &'static str {
+/// A column's SQL type when materialized (Parquet's types follow it).
+pub fn sql_type(fhir_type: Option<&str>, collection: bool) -> &'static str {
     if collection {
         return "jsonb";
     }
@@ -83,6 +83,17 @@ pub struct Compiled {
     /// With [`Columns::Json`], per column: a text to write as a JSON string (else the text
     /// of a JSON value).
     pub json_strings: Vec<bool>,
+}
+
+impl Compiled {
+    /// The columns with their JSON kind, as `bulk::dump_sql::json_rows` writes them.
+    pub fn json_fields(&self) -> Vec<(String, bool)> {
+        self.columns
+            .iter()
+            .cloned()
+            .zip(self.json_strings.iter().copied())
+            .collect()
+    }
 }
 
 fn invalid(at: &str, message: impl Into<String>) -> ViewError {
@@ -411,7 +422,7 @@ mod tests {
     }
 
     #[test]
-    fn print_bench_view() {
+    fn single_values_are_key_chains_and_arrays_are_unnested_directly() {
         let view = serde_json::json!({"resourceType": "ViewDefinition", "resource": "Observation", "select": [
             {"column": [
                 {"name": "id", "path": "getResourceKey()"},
@@ -427,6 +438,19 @@ mod tests {
         ]});
         let view = View::parse(&view).unwrap();
         let compiled = compile(&view, None, &Rows::default(), Columns::Text).unwrap();
-        println!("{}", compiled.sql);
+        // What a hand-written projection would say (the benchmark's view is this shape).
+        let sql = compiled.sql;
+        for part in [
+            "r.id AS \"id\"",
+            "(r.resource ->> 'status')",
+            "(r.resource #>> '{effective,dateTime}')",
+            "(r.resource #>> '{value,Quantity,value}')",
+            "r.resource #>> '{subject,resourceType}' = 'Patient'",
+            "jsonb_array_elements((r.resource #> '{code,coding}'))",
+            "(s5.v ->> 'code')",
+        ] {
+            assert!(sql.contains(part), "{part} in {sql}");
+        }
+        assert!(!sql.contains("jsonb_path_query"), "{sql}");
     }
 }
