@@ -112,6 +112,15 @@ pub struct ServeArgs {
     #[arg(long, env = "FHIRBOX_SQL_MAX_ROW_BYTES", default_value_t = 64 * 1024 * 1024)]
     pub sql_max_row_bytes: usize,
 
+    /// Rows in one Parquet row group of a view (`_format=parquet`): a group is gathered in
+    /// memory, then written and sent.
+    #[arg(long, env = "FHIRBOX_PARQUET_ROW_GROUP_ROWS", default_value_t = 32 * 1024)]
+    pub parquet_row_group_rows: usize,
+
+    /// Bytes of values in one Parquet row group of a view, at most (about).
+    #[arg(long, env = "FHIRBOX_PARQUET_ROW_GROUP_BYTES", default_value_t = 16 * 1024 * 1024)]
+    pub parquet_row_group_bytes: usize,
+
     /// Temp-file space one `$dump-sql` query may use on the database server, in bytes
     /// (PostgreSQL's temp_file_limit for the $dump-sql roles; needs a superuser to set).
     #[arg(long, env = "FHIRBOX_SQL_TEMP_FILE_BYTES", default_value_t = 1024 * 1024 * 1024)]

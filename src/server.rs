@@ -227,6 +227,7 @@ async fn serve_with_database(
             expiry: Duration::from_secs(args.export_expiry),
             polls_per_second: args.export_polls_per_second,
             view_timeout: Duration::from_secs(args.sql_timeout),
+            parquet: parquet_row_groups(args),
         },
         guard: guard_settings(args),
         token_lifetime: Duration::from_secs(args.access_token_lifetime.max(1)),
@@ -241,6 +242,7 @@ async fn serve_with_database(
                 max_rows: args.sql_max_rows,
                 max_bytes: args.sql_max_bytes,
             },
+            parquet: parquet_row_groups(args),
             base_url: args.base_url.clone(),
             connections: http::serve::ConnectionSettings {
                 header_timeout: Duration::from_secs(args.http_header_timeout.max(1)),
@@ -428,5 +430,12 @@ async fn shutdown_signal() {
     tokio::select! {
         _ = tokio::signal::ctrl_c() => {}
         _ = terminate => {}
+    }
+}
+
+fn parquet_row_groups(args: &ServeArgs) -> crate::views::parquet::RowGroups {
+    crate::views::parquet::RowGroups {
+        rows: args.parquet_row_group_rows.max(1),
+        bytes: args.parquet_row_group_bytes.max(1),
     }
 }

@@ -449,7 +449,14 @@ async fn materialized_views_are_read_by_dump_sql_and_follow_their_definition() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn parquet_holds_the_same_rows_typed() {
     use parquet::file::reader::{FileReader, SerializedFileReader};
-    let server = TestServer::start().await;
+    // Small row groups (--parquet-row-group-rows): the file holds several.
+    let server = TestServer::start_custom(common::fresh_database().await, |settings| {
+        settings.http.parquet = fhirbox::views::parquet::RowGroups {
+            rows: 100,
+            bytes: 1024 * 1024,
+        }
+    })
+    .await;
     load_synthea(&server).await;
     let mut view = condition_view();
     view["select"][0]["column"].as_array_mut().unwrap().extend([
@@ -474,6 +481,16 @@ async fn parquet_holds_the_same_rows_typed() {
     );
     let bytes = response.bytes().await.unwrap();
     let reader = SerializedFileReader::new(bytes).expect("a Parquet file");
+    let groups: Vec<i64> = reader
+        .metadata()
+        .row_groups()
+        .iter()
+        .map(|g| g.num_rows())
+        .collect();
+    assert!(
+        groups.len() > 1 && groups.iter().all(|rows| *rows <= 100),
+        "{groups:?}"
+    );
     let schema = reader.metadata().file_metadata().schema_descr();
     let types: Vec<String> = schema
         .columns()

@@ -77,6 +77,8 @@ pub struct AppState {
 pub struct Settings {
     pub max_body_bytes: usize,
     pub sql_limits: crate::bulk::dump_sql::SqlLimits,
+    /// Parquet row groups of `$viewdefinition-run`.
+    pub parquet: crate::views::parquet::RowGroups,
     /// Public base URL for links; `None`: from the request's `Host`.
     pub base_url: Option<String>,
     /// Time limits of connections.

@@ -109,6 +109,7 @@ async fn run(
             since: params.since,
             limit: params.limit,
         },
+        row_groups: state.settings.parquet,
     };
     let format = request.format;
     let permit = state.bulk.start(&subject.name())?;

@@ -1,6 +1,6 @@
 //! Parquet output of a view: the rows (as the JSON lines `run` produces) written as typed,
-//! nullable columns in row groups of at most [`ROW_GROUP_ROWS`] rows or about
-//! [`ROW_GROUP_BYTES`] of text, each sent as soon as it is written, so memory stays at one
+//! nullable columns in row groups of at most [`RowGroups`] rows or bytes (32 Ki rows, 16 MiB
+//! by default), each sent as soon as it is written, so memory stays at one
 //! row group whatever the size of the result. Snappy-compressed. Types follow the declared
 //! FHIR types as materialized tables do: `BOOLEAN`, `INT64` for the integer types, `DOUBLE`
 //! for `decimal`, UTF-8 `BYTE_ARRAY` for the rest (a `collection` column holds JSON text).
@@ -21,8 +21,23 @@ use super::definition::View;
 use crate::bulk::stream::ByteStream;
 use crate::store::view_sql::Compiled;
 
-pub const ROW_GROUP_ROWS: usize = 32 * 1024;
-pub const ROW_GROUP_BYTES: usize = 16 * 1024 * 1024;
+/// How large a row group may grow before it is written and sent
+/// (`--parquet-row-group-rows`, `--parquet-row-group-bytes`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RowGroups {
+    pub rows: usize,
+    /// Of text values (numbers and booleans count 8 and 1).
+    pub bytes: usize,
+}
+
+impl Default for RowGroups {
+    fn default() -> RowGroups {
+        RowGroups {
+            rows: 32 * 1024,
+            bytes: 16 * 1024 * 1024,
+        }
+    }
+}
 
 /// A column's Parquet type.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -161,6 +176,7 @@ struct Writer {
     columns: Vec<Column>,
     rows: usize,
     bytes: usize,
+    limits: RowGroups,
 }
 
 fn error(e: impl std::fmt::Display) -> io::Error {
@@ -168,7 +184,7 @@ fn error(e: impl std::fmt::Display) -> io::Error {
 }
 
 impl Writer {
-    fn new(columns: &[(String, Physical)]) -> Result<Writer, io::Error> {
+    fn new(columns: &[(String, Physical)], limits: RowGroups) -> Result<Writer, io::Error> {
         let fields: Vec<String> = columns
             .iter()
             .map(|(name, physical)| {
@@ -207,6 +223,7 @@ impl Writer {
             columns,
             rows: 0,
             bytes: 0,
+            limits,
         })
     }
 
@@ -223,7 +240,7 @@ impl Writer {
     }
 
     fn full(&self) -> bool {
-        self.rows >= ROW_GROUP_ROWS || self.bytes >= ROW_GROUP_BYTES
+        self.rows >= self.limits.rows.max(1) || self.bytes >= self.limits.bytes.max(1)
     }
 
     /// Writes the gathered rows as a row group; the bytes written so far.
@@ -267,36 +284,42 @@ impl Writer {
 pub fn parquet(
     body: ByteStream,
     columns: Vec<(String, Physical)>,
+    limits: RowGroups,
 ) -> Result<ByteStream, io::Error> {
-    let writer = Writer::new(&columns)?;
-    let state = (body, Some(writer), Vec::<u8>::new());
+    let writer = Writer::new(&columns, limits)?;
+    let state = (body, Some(writer), Vec::<u8>::new(), false);
     Ok(Box::pin(futures_util::stream::unfold(
         state,
-        |(mut body, writer, mut partial)| async move {
+        |(mut body, writer, mut partial, mut ended)| async move {
             let mut writer = writer?;
             loop {
-                match body.next().await {
-                    Some(Ok(chunk)) => {
-                        partial.extend_from_slice(&chunk);
-                        let end = partial
-                            .iter()
-                            .rposition(|b| *b == b'\n')
-                            .map_or(0, |i| i + 1);
-                        let result = partial[..end]
-                            .split(|b| *b == b'\n')
-                            .filter(|l| !l.is_empty())
-                            .try_for_each(|line| writer.push_line(line));
-                        partial.drain(..end);
-                        if let Err(e) = result {
-                            return Some((Err(e), (body, None, partial)));
-                        }
-                        if writer.full() {
-                            let bytes = writer.flush();
-                            return Some((bytes, (body, Some(writer), partial)));
-                        }
+                // The whole lines already here, until the row group is full.
+                let mut used = 0;
+                while !writer.full() {
+                    let Some(end) = partial[used..].iter().position(|b| *b == b'\n') else {
+                        break;
+                    };
+                    let line = &partial[used..used + end];
+                    used += end + 1;
+                    if let Err(e) = (!line.is_empty())
+                        .then(|| writer.push_line(line))
+                        .transpose()
+                    {
+                        return Some((Err(e), (body, None, partial, ended)));
                     }
-                    Some(Err(e)) => return Some((Err(e), (body, None, partial))),
-                    None => return Some((writer.finish(), (body, None, partial))),
+                }
+                partial.drain(..used);
+                if writer.full() {
+                    let bytes = writer.flush();
+                    return Some((bytes, (body, Some(writer), partial, ended)));
+                }
+                if ended {
+                    return Some((writer.finish(), (body, None, partial, ended)));
+                }
+                match body.next().await {
+                    Some(Ok(chunk)) => partial.extend_from_slice(&chunk),
+                    Some(Err(e)) => return Some((Err(e), (body, None, partial, ended))),
+                    None => ended = true,
                 }
             }
         },
@@ -313,9 +336,10 @@ mod tests {
             ("id".to_string(), Physical::Text),
             ("n".to_string(), Physical::Int64),
         ];
-        let mut writer = Writer::new(&columns).unwrap();
+        let limits = RowGroups::default();
+        let mut writer = Writer::new(&columns, limits).unwrap();
         let mut sent = Vec::new();
-        for i in 0..(ROW_GROUP_ROWS + 10) {
+        for i in 0..(limits.rows + 10) {
             let line = format!("{{\"id\":\"r{i}\",\"n\":{i}}}");
             writer.push_line(line.as_bytes()).unwrap();
             if writer.full() {
@@ -326,7 +350,7 @@ mod tests {
         assert!(sent[0] > 100_000, "{sent:?}");
         let last = writer.finish().unwrap();
         assert!(last.ends_with(b"PAR1"));
-        let mut bad = Writer::new(&columns).unwrap();
+        let mut bad = Writer::new(&columns, limits).unwrap();
         let error = bad.push_line(br#"{"id":"x","n":"seven"}"#).unwrap_err();
         assert_eq!(error.to_string(), "column n: \"seven\" is not an integer");
     }

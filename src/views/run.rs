@@ -59,6 +59,8 @@ pub struct RunRequest {
     /// A CSV header row (the default).
     pub header: bool,
     pub rows: Rows,
+    /// Parquet row groups.
+    pub row_groups: super::parquet::RowGroups,
 }
 
 /// Compiles the view for the Attributes in force and starts streaming its rows. Everything
@@ -100,9 +102,8 @@ pub async fn run(
         })?;
     Ok(match request.format {
         ViewFormat::Json => json_array(body),
-        ViewFormat::Parquet => {
-            parquet(body, physical).map_err(|e| ViewError::Limit(e.to_string()))?
-        }
+        ViewFormat::Parquet => parquet(body, physical, request.row_groups)
+            .map_err(|e| ViewError::Limit(e.to_string()))?,
         _ => body,
     })
 }

@@ -396,6 +396,7 @@ pub fn test_settings(database: &str) -> AppSettings {
             // The production default: the tests poll as clients must.
             polls_per_second: 2.0,
             view_timeout: Duration::from_secs(60),
+            parquet: Default::default(),
         },
         guard: fhirbox::auth::guard::GuardSettings::default(),
         token_lifetime: Duration::from_secs(300),
@@ -406,6 +407,7 @@ pub fn test_settings(database: &str) -> AppSettings {
         http: Settings {
             max_body_bytes: 1024 * 1024,
             sql_limits: default_sql_limits(),
+            parquet: Default::default(),
             base_url: None,
             connections: fhirbox::http::serve::ConnectionSettings::default(),
         },

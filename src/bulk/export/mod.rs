@@ -53,6 +53,8 @@ pub struct ExportSettings {
     pub polls_per_second: f64,
     /// The statement timeout of each view of a `$viewdefinition-export` (`--sql-timeout`).
     pub view_timeout: Duration,
+    /// Parquet row groups of view exports (`--parquet-row-group-rows`/`-bytes`).
+    pub parquet: crate::views::parquet::RowGroups,
 }
 
 #[derive(Debug, thiserror::Error)]

@@ -89,7 +89,8 @@ impl Exports {
                         seen.fetch_add(rows, Ordering::Relaxed);
                     });
                 if format == "parquet" {
-                    parquet(lines, Physical::columns(&view, &compiled)).map_err(|e| failed(&e))?
+                    let columns = Physical::columns(&view, &compiled);
+                    parquet(lines, columns, self.settings.parquet).map_err(|e| failed(&e))?
                 } else {
                     lines
                 }
