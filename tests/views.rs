@@ -373,11 +373,15 @@ async fn materialized_views_are_read_by_dump_sql_and_follow_their_definition() {
     assert_eq!(status, StatusCode::CREATED, "{body}");
 
     for kind in ["table", "materialized-view", "view"] {
+        // A `view` parameter at instance level is ignored, as the spec says.
+        let parameters = json!({"resourceType": "Parameters", "parameter": [
+            {"name": "view", "part": [{"name": "viewReference",
+                "valueReference": {"reference": "ViewDefinition/other"}}]}]});
         let (status, body) = server
             .json(
                 Method::POST,
                 &format!("/fhir/ViewDefinition/demo/$materialize?type={kind}"),
-                &json!(null),
+                &parameters,
             )
             .await;
         assert_eq!(status, StatusCode::OK, "{kind}: {body}");

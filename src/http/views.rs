@@ -302,6 +302,8 @@ pub async fn materialize(
                 })?);
                 Ok(())
             }
+            // The spec: at instance level a `view` parameter SHALL be ignored.
+            "view" => Ok(()),
             other => Err(ApiError::bad_request(format!(
                 "unknown parameter '{other}' (supported: type)"
             ))
