@@ -106,19 +106,46 @@ pub struct Inbound<'a> {
     pub keep_post_ids: bool,
 }
 
-/// `POST /`: runs a transaction or batch Bundle.
+/// A Bundle, read but not run: its kind and its entries.
+pub struct Parsed {
+    pub kind: BundleKind,
+    pub entries: Vec<RawEntry>,
+}
+
+/// What an entry would be as a request of its own: its method, type and id (for its
+/// authorization). `None`: its URL is not one fhirbox runs (the entry fails when planned).
+pub fn entry_request(entry: &RawEntry) -> Option<(&str, ResourceType, Option<String>)> {
+    let (rt, id) = parse_entry_url(&entry.url).ok()?;
+    Some((entry.method.as_str(), rt, id))
+}
+
+/// `POST /`: runs a transaction or batch Bundle. `refused[i]`: why entry `i` may not run, if
+/// it may not (its authorization, decided by the caller): a transaction with a refused entry
+/// is refused whole before anything runs; in a batch that entry alone fails, with 403.
 pub async fn process(
     store: &Store,
-    bundle: Value,
+    bundle: Parsed,
     inbound: Inbound<'_>,
+    refused: Vec<Option<String>>,
 ) -> Result<(BundleKind, Vec<Result<EntryResult, CrudError>>), BundleError> {
-    let (kind, entries) = parse(bundle)?;
+    let Parsed { kind, entries } = bundle;
+    let refusal = |index: usize| refused.get(index).cloned().flatten();
+    if kind == BundleKind::Transaction {
+        if let Some((index, why)) = (0..entries.len()).find_map(|i| refusal(i).map(|r| (i, r))) {
+            return Err(BundleError::entry(index, CrudError::Forbidden(why)));
+        }
+    }
     let mut planned = Vec::with_capacity(entries.len());
     for (index, entry) in entries.into_iter().enumerate() {
-        planned.push(plan(entry, &inbound).map_err(|e| BundleError::entry(index, e))?);
+        planned.push(match refusal(index) {
+            // Not even checked: a refused entry learns nothing about its resource.
+            Some(why) => Err(CrudError::Forbidden(why)),
+            None => Ok(plan(entry, &inbound).map_err(|e| BundleError::entry(index, e))?),
+        });
     }
     match kind {
         BundleKind::Transaction => {
+            let mut planned: Vec<Op> = planned.into_iter().flatten().collect();
             resolve_full_urls(&mut planned);
             let tx = store.begin().await?;
             let mut results = Vec::with_capacity(planned.len());
@@ -134,7 +161,10 @@ pub async fn process(
         BundleKind::Batch => {
             let mut results = Vec::with_capacity(planned.len());
             for op in planned {
-                results.push(run_alone(store, op).await);
+                results.push(match op {
+                    Ok(op) => run_alone(store, op).await,
+                    Err(refused) => Err(refused),
+                });
             }
             Ok((kind, results))
         }
@@ -142,14 +172,16 @@ pub async fn process(
 }
 
 /// An entry as found in the Bundle.
-struct RawEntry {
+pub struct RawEntry {
     full_url: Option<String>,
     method: String,
     url: String,
-    resource: Option<Value>,
+    /// The entry's resource as sent.
+    pub resource: Option<Value>,
 }
 
-fn parse(bundle: Value) -> Result<(BundleKind, Vec<RawEntry>), BundleError> {
+/// Reads a Bundle's kind and entries (nothing is checked or run yet).
+pub fn parse(bundle: Value) -> Result<Parsed, BundleError> {
     let invalid = |message: &str| BundleError::Invalid(message.to_string());
     let Value::Object(mut bundle) = bundle else {
         return Err(invalid("POST / takes a Bundle (a JSON object)"));
@@ -198,7 +230,7 @@ fn parse(bundle: Value) -> Result<(BundleKind, Vec<RawEntry>), BundleError> {
             resource: entry.shift_remove("resource"),
         });
     }
-    Ok((kind, raw))
+    Ok(Parsed { kind, entries: raw })
 }
 
 /// One entry, checked and with its id decided.

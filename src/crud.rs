@@ -27,6 +27,9 @@ pub enum CrudError {
         /// The offending element, e.g. `Patient.id`.
         expression: Option<String>,
     },
+    /// The subject may not do this (a Bundle entry its authorization refused).
+    #[error("{0}")]
+    Forbidden(String),
     #[error(transparent)]
     Store(#[from] StoreError),
     #[error(transparent)]

@@ -89,6 +89,12 @@ impl ResourceType {
     pub fn is_fhir(self) -> bool {
         self.0.fhir
     }
+
+    /// Whether this type configures the server or records its jobs (`Client`, `AccessPolicy`,
+    /// `Attribute`, `BulkImportStatus`): a token's scope must name it, `*` never covers it.
+    pub fn is_server_config(self) -> bool {
+        !self.0.fhir && self.0.name != "ViewDefinition"
+    }
 }
 
 impl PartialEq for ResourceType {

@@ -148,7 +148,13 @@ async fn the_seeds_bulk_client_policy_table() {
             None,
             Expect::Denied,
         ),
-        (Method::GET, "/BulkImportStatus/x", None, Expect::Denied),
+        // Someone else's job (or none): the 404 of a job that does not exist.
+        (
+            Method::GET,
+            "/BulkImportStatus/x",
+            None,
+            Expect::Status(404),
+        ),
         (Method::GET, "/fhir/metadata", None, Expect::Status(200)),
         (Method::POST, "/Patient/$dump", None, Expect::Denied),
         (Method::GET, "/$dump-sql", None, Expect::Denied),

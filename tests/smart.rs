@@ -7,92 +7,13 @@ mod common;
 
 use std::time::Duration;
 
+use common::diagnostics;
 use common::keys::{jwks, SigningKey, Tls};
-use common::{diagnostics, TestServer};
+use common::smart::{
+    access_token, https_server, register, token_request, token_url, token_with, with_token,
+};
 use reqwest::{Method, StatusCode};
 use serde_json::{json, Value};
-
-/// A fhirbox over HTTPS (its client trusts the test CA), with `tune` applied.
-async fn https_server(tls: &Tls, tune: impl FnOnce(&mut common::AppSettings)) -> TestServer {
-    let config = fhirbox::http::serve::tls_config(&tls.cert_file, &tls.key_file).expect("TLS");
-    let mut server = TestServer::start_custom(common::fresh_database().await, |settings| {
-        settings.http.connections.tls = Some(config);
-        settings.sources.extra_roots = vec![tls.ca_der.clone()];
-        tune(settings);
-    })
-    .await;
-    server.client = tls.client();
-    server
-}
-
-/// Registers a Backend Services Client (and an AccessPolicy that allows it everything: the
-/// scopes do the narrowing) as root.
-async fn register(server: &TestServer, id: &str, client: Value) {
-    let mut body = client;
-    body["resourceType"] = json!("Client");
-    let (status, outcome) = server
-        .json(Method::PUT, &format!("/Client/{id}"), &body)
-        .await;
-    assert!(status.is_success(), "{outcome}");
-    let policy = json!({"resourceType": "AccessPolicy", "engine": "allow", "link": [{"resourceType": "Client", "id": id}]});
-    let (status, outcome) = server
-        .json(Method::PUT, &format!("/AccessPolicy/{id}-may"), &policy)
-        .await;
-    assert!(status.is_success(), "{outcome}");
-}
-
-fn token_url(server: &TestServer) -> String {
-    server.url("/auth/token")
-}
-
-/// POSTs a token request (form-encoded) without credentials; status and JSON body.
-async fn token_request(server: &TestServer, form: &[(&str, &str)]) -> (StatusCode, Value) {
-    let response = server
-        .client
-        .post(token_url(server))
-        .form(form)
-        .send()
-        .await
-        .expect("sent");
-    let status = response.status();
-    (status, response.json().await.unwrap_or(Value::Null))
-}
-
-async fn token_with(server: &TestServer, assertion: &str, scope: &str) -> (StatusCode, Value) {
-    token_request(
-        server,
-        &[
-            ("grant_type", "client_credentials"),
-            (
-                "client_assertion_type",
-                "urn:ietf:params:oauth:client-assertion-type:jwt-bearer",
-            ),
-            ("client_assertion", assertion),
-            ("scope", scope),
-        ],
-    )
-    .await
-}
-
-/// An access token for `client` signed by `key`.
-async fn access_token(server: &TestServer, client: &str, key: &SigningKey, scope: &str) -> String {
-    let assertion = key.assertion(client, &token_url(server), 240);
-    let (status, body) = token_with(server, &assertion, scope).await;
-    assert_eq!(status, StatusCode::OK, "{body}");
-    body["access_token"].as_str().expect("a token").to_string()
-}
-
-fn with_token(
-    server: &TestServer,
-    method: Method,
-    path: &str,
-    token: &str,
-) -> reqwest::RequestBuilder {
-    server
-        .client
-        .request(method, server.url(path))
-        .bearer_auth(token)
-}
 
 #[tokio::test]
 async fn discovery_is_public_and_names_the_token_endpoint() {

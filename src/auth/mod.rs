@@ -18,6 +18,7 @@
 //! user name; and a user name that does not exist costs the same check as one that does (a
 //! hash of a random secret stands in), so timing tells nothing about which names exist.
 
+pub mod access;
 pub mod assertion;
 mod basic;
 pub mod bearer;

@@ -78,6 +78,8 @@ impl Scope {
 
     fn intersect(&self, other: &Scope) -> Option<Scope> {
         let resource_type = match (self.resource_type, other.resource_type) {
+            // `*` never stands for fhirbox's configuration, on either side.
+            (None, Some(rt)) | (Some(rt), None) if rt.is_server_config() => return None,
             (None, rt) | (rt, None) => rt,
             (Some(a), Some(b)) if a == b => Some(a),
             _ => return None,
@@ -91,7 +93,9 @@ impl Scope {
 
     fn covers(&self, rt: Option<ResourceType>, interaction: Interaction) -> bool {
         let type_ok = match (self.resource_type, rt) {
-            (None, _) => true,
+            // fhirbox's configuration only by a scope that names it.
+            (None, Some(wanted)) => !wanted.is_server_config(),
+            (None, None) => true,
             (Some(mine), Some(wanted)) => mine == wanted,
             (Some(_), None) => false,
         };
@@ -253,5 +257,21 @@ mod tests {
         assert!(!scopes.allow(rt("Patient"), Interaction::Update));
         assert!(!scopes.allow(None, Interaction::Read), "not every type");
         assert!(Scopes::parse("system/*.rs").allow_all(None, &Interaction::READ_ALL));
+    }
+
+    #[test]
+    fn fhirbox_configuration_needs_a_scope_that_names_it() {
+        let all = Scopes::parse("system/*.cruds");
+        for own in ["Client", "AccessPolicy", "Attribute", "BulkImportStatus"] {
+            assert!(!all.allow(rt(own), Interaction::Read), "{own}");
+            assert!(Scopes::parse(&format!("system/{own}.r")).allow(rt(own), Interaction::Read));
+        }
+        assert!(all.allow(rt("ViewDefinition"), Interaction::Read));
+        let asked = Scopes::parse("system/Client.rs");
+        assert!(
+            asked.intersect(&all).is_empty(),
+            "a * registration grants no Client"
+        );
+        assert!(all.allow(rt("Patient"), Interaction::Read));
     }
 }

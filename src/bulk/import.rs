@@ -22,6 +22,7 @@ use super::load::{account, load_tracked, BeforeCommit, LoadError, LoadRequest};
 use super::prepare::LineRules;
 use super::report::Report;
 use super::source::{SourceError, Sources};
+use crate::auth::access::JobFacts;
 use crate::format::Formats;
 use crate::resource::format_instant;
 use crate::resource_type::ResourceType;
@@ -174,12 +175,24 @@ impl Imports {
         Ok(deleted)
     }
 
-    /// Who started a job (`root`, `Client/<id>`), if it exists.
-    pub async fn subject(&self, id: &str) -> Result<Option<String>, StoreError> {
+    /// Who started a job and which types it writes, for its routes' authorization
+    /// (`owner: None`: no such job).
+    pub async fn facts(&self, id: &str) -> Result<JobFacts, StoreError> {
         let conn = self.jobs.store().connection().await?;
-        Ok(sql::job(&conn, JobKind::Import, id)
+        let Some(job) = sql::job(&conn, JobKind::Import, id).await? else {
+            return Ok(JobFacts::default());
+        };
+        let mut types: Vec<ResourceType> = sql::tasks(&conn, id)
             .await?
-            .map(|job| job.subject))
+            .iter()
+            .filter_map(|task| ResourceType::parse(&task.resource_type))
+            .collect();
+        types.dedup();
+        Ok(JobFacts {
+            owner: Some(job.subject),
+            types,
+            writes: true,
+        })
     }
 
     /// Rewrites the job's BulkImportStatus from its rows. Must run in a transaction: it locks

@@ -1,9 +1,10 @@
 //! Authentication and access control of every request (but `GET /health` and the
-//! CapabilityStatement, `GET /metadata`), after routing:
-//! root passes; a Client passes if an AccessPolicy allows the request (or if it asks for the
-//! status of an import or export it started, and an export's files); anything else is 401
-//! (no or bad credentials, with `WWW-Authenticate: Basic`) or 403 (saying which subject was
-//! denied which method and path, and nothing else).
+//! CapabilityStatement, `GET /metadata`), after routing: credentials first (401 without or
+//! with bad ones, with `WWW-Authenticate: Basic`), then the one authorization decision,
+//! [`crate::auth::Authenticator::authorize`] (its rules are written there), which Bundle
+//! entries go through too ([`super::bundle`]): 403 saying which subject was denied which
+//! method and path, and nothing else; on a job route about someone else's job, the 404 of a
+//! job that does not exist.
 //!
 //! The request object the policies see, as the reference product defines it:
 //! `request-method` (lower case), `uri` (the normalized path, no query string),
@@ -17,7 +18,7 @@ use std::net::SocketAddr;
 
 use axum::body::Body;
 use axum::extract::{ConnectInfo, FromRequestParts, MatchedPath, RawPathParams, Request, State};
-use axum::http::{header, request::Parts, Method, StatusCode};
+use axum::http::{header, request::Parts, StatusCode};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use http_body_util::BodyExt;
@@ -27,9 +28,9 @@ use super::body::{form_urlencoded_pairs, parse, Syntax};
 use super::error::ApiError;
 use super::log::Seen;
 use super::AppState;
-use crate::auth::scope::{Interaction, Scopes};
+use crate::auth::access::{Ask, Denied, JobFacts};
+use crate::auth::scope::Scopes;
 use crate::auth::{Authenticated, Subject};
-use crate::resource_type::ResourceType;
 use crate::store::jobs::JobKind;
 
 /// Bodies larger than this are not read for policies (they see `body: null`).
@@ -87,38 +88,42 @@ async fn authorize(state: AppState, request: Request, next: Next) -> (Response, 
     let request = match &subject {
         Subject::Root => request,
         Subject::Client(client) => {
-            let policies = match state.auth.policies.current(&state.store).await {
-                Ok(policies) => policies,
+            let uses_body = match state.auth.policies.current(&state.store).await {
+                Ok(policies) => policies.uses_body(),
                 Err(error) => return (ApiError::from(error).into_response(), Some(name)),
             };
-            let (request, object) =
-                match request_object(request, client, policies.uses_body()).await {
-                    Ok(pair) => pair,
-                    Err(response) => return (response, Some(name)),
-                };
-            let route = request.extensions().get::<MatchedPath>().cloned();
-            let owner = match owns_job(&state, route.as_ref(), &object, &subject).await {
-                Ok(owner) => owner,
+            let (request, object) = match request_object(request, client, uses_body).await {
+                Ok(pair) => pair,
                 Err(response) => return (response, Some(name)),
             };
-            if let Some(scopes) = &scopes {
-                let route = route.as_ref().map_or("", |m| m.as_str());
-                if let Some(refusal) = scope_refusal(route, request.method(), &object, scopes) {
-                    let denied = ApiError::new(StatusCode::FORBIDDEN, "forbidden", refusal);
-                    return (denied.into_response(), Some(name));
-                }
+            let matched = request
+                .extensions()
+                .get::<MatchedPath>()
+                .map_or(String::new(), |m| m.as_str().to_string());
+            let job = match job_facts(&state, &matched, &object).await {
+                Ok(job) => job,
+                Err(error) => return (error.into_response(), Some(name)),
+            };
+            let ask = Ask {
+                method: request.method().as_str(),
+                route: matched.strip_prefix("/fhir").unwrap_or(&matched),
+                object: &object,
+                job: job.as_ref(),
+            };
+            let decided = state
+                .auth
+                .authorize(&state.store, &subject, scopes.as_ref(), &ask)
+                .await;
+            if let Err(denied) = decided {
+                let error = refusal(denied, &matched, &object);
+                return (error.into_response(), Some(name));
             }
-            if !owner && !policies.allows(client, &object, &state.store).await {
-                let denied = ApiError::new(
-                    StatusCode::FORBIDDEN,
-                    "forbidden",
-                    format!(
-                        "{name} is not allowed to {} {}",
-                        request.method(),
-                        request.uri().path()
-                    ),
-                );
-                return (denied.into_response(), Some(name));
+            let mut request = request;
+            if matched == "/" || matched == "/fhir" || matched == "/fhir/" {
+                // Each entry of a Bundle is authorized on its own, with this request's facts.
+                let mut object = object;
+                object["body"] = Value::Null;
+                request.extensions_mut().insert(Asked(object));
             }
             request
         }
@@ -131,57 +136,44 @@ async fn authorize(state: AppState, request: Request, next: Next) -> (Response, 
     (next.run(request).await, Some(name))
 }
 
+/// The request object of a Client's `POST /` or `PUT /` (without its body), from which each
+/// entry's own is made ([`entry_object`]).
+#[derive(Debug, Clone)]
+pub struct Asked(pub Value);
+
 /// The scopes of the bearer token a request came with (absent for basic credentials), for the
 /// handlers that check them per resource type (`$export`).
 #[derive(Debug, Clone)]
 pub struct Granted(pub Scopes);
 
-/// Why a token's scopes do not cover a request, if they do not: what each route needs, by its
-/// template (`/fhir` routes as the native ones). The job routes need nothing more (their owner
-/// rule applies); `$export` kick-offs are checked per type by their handler.
-fn scope_refusal(route: &str, method: &Method, object: &Value, scopes: &Scopes) -> Option<String> {
-    use crate::auth::scope::Interaction::{Create, Delete, Read, Search, Update};
-    let route = route.strip_prefix("/fhir").unwrap_or(route);
-    let rt = object["params"]["resource/type"]
-        .as_str()
-        .and_then(ResourceType::parse);
-    let (on, needs): (Option<ResourceType>, &[Interaction]) = match (route, method.as_str()) {
-        ("/{type}", "GET") => (rt, &[Search]),
-        ("/{type}", "POST") => (rt, &[Create]),
-        ("/{type}/{id}", "GET") | ("/{type}/{id}/_history" | "/{type}/{id}/_history/{vid}", _) => {
-            (rt, &[Read])
+/// A refusal as an answer: 403 naming who was refused what; on a job route about a job this
+/// subject did not start, the very 404 that route gives for a job that does not exist.
+pub fn refusal(denied: Denied, matched: &str, object: &Value) -> ApiError {
+    match denied {
+        Denied::Forbidden(message) => ApiError::new(StatusCode::FORBIDDEN, "forbidden", message),
+        Denied::NoSuchJob => {
+            let param = |name: &str| object["params"][name].as_str().unwrap_or_default();
+            super::no_such_job(matched, param("resource/id"), param("name"))
         }
-        ("/{type}/{id}", "PUT") => (rt, &[Update]),
-        ("/{type}/{id}", "DELETE") => (rt, &[Delete]),
-        ("/{type}/$dump" | "/{type}/$dump-csv", _) => (rt, &Interaction::READ_ALL),
-        ("/{type}/$load", _) => (rt, &Interaction::WRITE_ALL),
-        ("/$dump-sql", _) => (None, &Interaction::READ_ALL),
-        // A view reads its resource type; which one is known only once the view is read.
-        (
-            "/{type}/$viewdefinition-run"
-            | "/{type}/$run"
-            | "/{type}/{id}/$viewdefinition-run"
-            | "/{type}/{id}/$run",
-            _,
-        ) => (None, &Interaction::READ_ALL),
-        ("/$load" | "/$import", _) => (None, &Interaction::WRITE_ALL),
-        ("/$export" | "/{type}/$export" | "/{type}/{id}/$export", _) => return None,
-        (route, _)
-            if super::job_route(&format!("/fhir{route}")).is_some()
-                || super::job_route(route).is_some() =>
-        {
-            return None
-        }
-        _ => (None, &[Create, Read, Update, Delete, Search]),
-    };
-    if scopes.allow_all(on, needs) {
-        return None;
+        Denied::Store(error) => error.into(),
     }
-    let what = on.map_or("every resource type".to_string(), |rt| rt.to_string());
-    Some(format!(
-        "the access token's scope ({scopes}) does not allow {} {what}",
-        method.as_str()
-    ))
+}
+
+/// On a job route, what authorization needs to know about the job.
+async fn job_facts(
+    state: &AppState,
+    matched: &str,
+    object: &Value,
+) -> Result<Option<JobFacts>, ApiError> {
+    let Some(kind) = super::job_route(matched) else {
+        return Ok(None);
+    };
+    let id = object["params"]["resource/id"].as_str().unwrap_or_default();
+    let facts = match kind {
+        JobKind::Import => state.background.imports.facts(id).await?,
+        JobKind::Export => state.background.exports.facts(id).await?,
+    };
+    Ok(Some(facts))
 }
 
 /// The matched route's template, for the log and the metrics.
@@ -190,30 +182,6 @@ fn route_of(request: &Request) -> String {
         .extensions()
         .get::<MatchedPath>()
         .map_or_else(|| "unrouted".to_string(), |m| m.as_str().to_string())
-}
-
-/// Whether the subject started the job a job route ([`super::job_route`]) is about: it may
-/// follow its own job without a policy for it. Nobody else may, unless a policy allows it.
-/// The job's id is the route's `{id}`, as the request object has it.
-async fn owns_job(
-    state: &AppState,
-    route: Option<&MatchedPath>,
-    object: &Value,
-    subject: &Subject,
-) -> Result<bool, Response> {
-    let kind = route.and_then(|matched| super::job_route(matched.as_str()));
-    let id = object["params"]["resource/id"].as_str();
-    let (Some(kind), Some(id)) = (kind, id) else {
-        return Ok(false);
-    };
-    let owner = match kind {
-        JobKind::Import => state.background.imports.subject(id).await,
-        JobKind::Export => state.background.exports.subject(id).await,
-    };
-    match owner {
-        Ok(owner) => Ok(owner.as_deref() == Some(subject.name().as_str())),
-        Err(error) => Err(ApiError::from(error).into_response()),
-    }
 }
 
 /// Builds the request object (reading the body when asked) and gives the request back.
@@ -320,4 +288,23 @@ async fn build(
         "user": null,
         "remote-addr": remote,
     })
+}
+
+/// The request object of a Bundle entry (or a `PUT /` element): the Bundle request's own
+/// (its headers, client, address), as if the entry had been sent on its own: its method, its
+/// path, its route parameters and its resource as the body.
+pub fn entry_object(
+    bundle: &Value,
+    method: &str,
+    path: &str,
+    params: Map<String, Value>,
+    body: Value,
+) -> Value {
+    let mut object = bundle.clone();
+    object["request-method"] = Value::String(method.to_ascii_lowercase());
+    object["uri"] = Value::String(path.to_string());
+    object["query-string"] = Value::String(String::new());
+    object["params"] = Value::Object(params);
+    object["body"] = body;
+    object
 }

@@ -233,6 +233,7 @@ impl From<CrudError> for ApiError {
             CrudError::UnknownType(name) => ApiError::unknown_type(&name),
             CrudError::NotFound { .. } => ApiError::not_found(message),
             CrudError::Gone { .. } => ApiError::new(StatusCode::GONE, "deleted", message),
+            CrudError::Forbidden(_) => ApiError::new(StatusCode::FORBIDDEN, "forbidden", message),
             CrudError::Invalid { expression, .. } => {
                 let error = ApiError::bad_request(message);
                 match expression {

@@ -285,7 +285,7 @@ pub async fn file(
     Path((id, name)): Path<(String, String)>,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
-    let not_found = || ApiError::not_found(format!("export {id} has no file {name}"));
+    let not_found = || no_file(&id, &name);
     if !is_file_name(&name) {
         return Err(not_found());
     }
@@ -324,7 +324,11 @@ pub async fn file(
     Ok(response)
 }
 
-fn no_export(id: &str) -> ApiError {
+pub(super) fn no_file(id: &str, name: &str) -> ApiError {
+    ApiError::not_found(format!("export {id} has no file {name}"))
+}
+
+pub(super) fn no_export(id: &str) -> ApiError {
     ApiError::not_found(format!(
         "no export {id} (it may have been cancelled, or its files expired)"
     ))

@@ -75,10 +75,13 @@ pub async fn cancel(
             &status_with_id(status, &id),
         )),
         Deleted::Removed => Ok(StatusCode::NO_CONTENT.into_response()),
-        Deleted::Missing => Err(ApiError::not_found(format!(
-            "BulkImportStatus/{id} not found"
-        ))),
+        Deleted::Missing => Err(no_import(&id)),
     }
+}
+
+/// What an import's routes answer for a job that does not exist.
+pub(super) fn no_import(id: &str) -> ApiError {
+    ApiError::not_found(format!("BulkImportStatus/{id} not found"))
 }
 
 fn status_type() -> ResourceType {

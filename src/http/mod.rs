@@ -130,6 +130,16 @@ fn job_route(matched: &str) -> Option<JobKind> {
     (fhir == EXPORT_STATUS || fhir == EXPORT_FILE).then_some(JobKind::Export)
 }
 
+/// The 404 a job route gives for a job that does not exist (or that the caller may not know
+/// of: the same answer, so the two cannot be told apart). `name`: an export file's.
+fn no_such_job(matched: &str, id: &str, name: &str) -> ApiError {
+    match matched.strip_prefix("/fhir") {
+        Some(EXPORT_FILE) => export::no_file(id, name),
+        Some(_) => export::no_export(id),
+        None => import::no_import(id),
+    }
+}
+
 /// The route table: every endpoint fhirbox serves, in one place.
 fn routes() -> Router<AppState> {
     let resources = || {

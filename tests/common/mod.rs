@@ -7,6 +7,7 @@ pub mod export;
 pub mod fixtures;
 pub mod keys;
 pub mod process;
+pub mod smart;
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicUsize, Ordering};

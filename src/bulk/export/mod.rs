@@ -31,6 +31,7 @@ use self::manifest::{manifest, progress, warnings_ndjson, WARNINGS_FILE};
 use self::output::{result_deleted, result_files};
 use self::request::{ExportSpec, Level};
 use super::jobs::Jobs;
+use crate::auth::access::JobFacts;
 use crate::format::Formats;
 use crate::resource_type::ResourceType;
 use crate::store::jobs::{self as sql, JobKind, JobRow, NewTask, TaskRow};
@@ -208,11 +209,38 @@ impl Exports {
 
     /// Who started a job (`root`, `Client/<id>`), if it exists.
     pub async fn subject(&self, id: &str) -> Result<Option<String>, StoreError> {
+        Ok(self.facts(id).await?.owner)
+    }
+
+    /// Who started a job and which types it reads, for its routes' authorization (`owner:
+    /// None`: no such job, or cancelled).
+    pub async fn facts(&self, id: &str) -> Result<JobFacts, StoreError> {
         let conn = self.jobs.store().connection().await?;
-        Ok(sql::job(&conn, JobKind::Export, id)
-            .await?
-            .filter(|job| !job.cancelled)
-            .map(|job| job.subject))
+        let job = sql::job(&conn, JobKind::Export, id).await?;
+        let Some(job) = job.filter(|job| !job.cancelled) else {
+            return Ok(JobFacts::default());
+        };
+        // A spec this version cannot read names no types: only root and the owner's scope
+        // for every type would do, and the owner rule still holds.
+        let spec = serde_json::from_value::<ExportSpec>(job.document).ok();
+        let mut types: Vec<ResourceType> = spec
+            .iter()
+            .flat_map(|spec| {
+                let views = spec
+                    .views
+                    .iter()
+                    .filter_map(|v| v.view["resource"].as_str());
+                spec.types.iter().map(String::as_str).chain(views)
+            })
+            .filter_map(ResourceType::parse)
+            .collect();
+        types.sort_by_key(|rt| rt.name());
+        types.dedup();
+        Ok(JobFacts {
+            owner: Some(job.subject),
+            types,
+            writes: false,
+        })
     }
 
     /// The status of a job (`None`: no such job, or cancelled, or expired, or no such manifest
@@ -306,6 +334,7 @@ impl Exports {
         if !live || !sql::cancel(&conn, JobKind::Export, id).await? {
             return Ok(false);
         }
+        self.polls.forget(id);
         self.remove_files(id).await;
         Ok(true)
     }

@@ -67,6 +67,16 @@ impl Polls {
     }
 }
 
+impl Polls {
+    /// Forgets a job's polls (it was cancelled: its status is a plain 404 from now on).
+    pub fn forget(&self, job: &str) {
+        self.jobs
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(job);
+    }
+}
+
 /// Drops the buckets that are full again (their jobs are not being polled), or, if none are,
 /// the half that was polled longest ago.
 fn forget_idle(jobs: &mut HashMap<String, Bucket>, now: Instant, per_second: f64) {
