@@ -126,7 +126,18 @@ pub struct ServeArgs {
     #[arg(long, env = "FHIRBOX_SQL_TEMP_FILE_BYTES", default_value_t = 1024 * 1024 * 1024)]
     pub sql_temp_file_bytes: u64,
 
-    /// `$dump-sql` statement timeout, in seconds.
+    /// Memory of each sort or hash of a `$dump-sql` query, a view's statement or an export's
+    /// COPY before it spills to temp files, in bytes (PostgreSQL's work_mem for them).
+    #[arg(long, env = "FHIRBOX_SQL_WORK_MEM", default_value_t = 64 * 1024 * 1024)]
+    pub sql_work_mem: u64,
+
+    /// Temp-file space the COPY of one `$export` type may use on the database server, in
+    /// bytes (patient blocks sort every row by patient; needs a superuser to set).
+    #[arg(long, env = "FHIRBOX_EXPORT_TEMP_FILE_BYTES", default_value_t = 64 * 1024 * 1024 * 1024)]
+    pub export_temp_file_bytes: u64,
+
+    /// `$dump-sql` statement timeout, in seconds (also each view of a run, an export or a
+    /// materialization).
     #[arg(long, env = "FHIRBOX_SQL_TIMEOUT", default_value_t = 600)]
     pub sql_timeout: u64,
 
@@ -138,6 +149,23 @@ pub struct ServeArgs {
     /// Most bytes a `$dump-sql` result may have (none by default).
     #[arg(long, env = "FHIRBOX_SQL_MAX_BYTES")]
     pub sql_max_bytes: Option<u64>,
+
+    /// Most bytes of SQL one view (a run, an export's view, a materialization) may compile
+    /// to; a larger view is refused (400) before anything reaches PostgreSQL.
+    #[arg(long, env = "FHIRBOX_VIEW_MAX_SQL_BYTES", default_value_t = 1024 * 1024)]
+    pub view_max_sql_bytes: usize,
+
+    /// Most columns one view may define (every select and unionAll branch counted).
+    #[arg(long, env = "FHIRBOX_VIEW_MAX_COLUMNS", default_value_t = 1000)]
+    pub view_max_columns: usize,
+
+    /// Most unionAll branches one view may have (counted over the whole view).
+    #[arg(long, env = "FHIRBOX_VIEW_MAX_UNION_BRANCHES", default_value_t = 100)]
+    pub view_max_union_branches: usize,
+
+    /// How deep the selects and unionAlls of one view may nest.
+    #[arg(long, env = "FHIRBOX_VIEW_MAX_DEPTH", default_value_t = 16)]
+    pub view_max_depth: usize,
 
     /// Background tasks (`$import` inputs, `$export` resource types) this process runs at once.
     #[arg(long, env = "FHIRBOX_IMPORT_WORKERS", default_value_t = 2)]
@@ -193,6 +221,20 @@ pub struct ServeArgs {
     /// requests, before it is closed.
     #[arg(long, env = "FHIRBOX_HTTP_HEADER_TIMEOUT", default_value_t = 30)]
     pub http_header_timeout: u64,
+
+    /// Connections held at once; more are closed as soon as they are accepted. At most the
+    /// process's open-file limit (raised to its hard limit at start) less a reserve of 512
+    /// for the database, files and /health.
+    #[arg(long, env = "FHIRBOX_MAX_CONNECTIONS", default_value_t = 4096)]
+    pub max_connections: usize,
+
+    /// Connections held at once from one client address (IPv6: one /64).
+    #[arg(
+        long,
+        env = "FHIRBOX_MAX_CONNECTIONS_PER_ADDRESS",
+        default_value_t = 256
+    )]
+    pub max_connections_per_address: usize,
 
     /// Password checks (argon2, 19 MiB each) running at once; default: one per core.
     #[arg(long, env = "FHIRBOX_AUTH_CONCURRENCY")]

@@ -28,6 +28,7 @@ use crate::cluster::{ClusterError, ManagedCluster, StartOutcome};
 use crate::config::ServeArgs;
 use crate::http::{self, Settings};
 use crate::store::roles::RoleLimits;
+use crate::store::session::SessionLimits;
 use crate::store::{schema, StoreError};
 
 /// How long requests in flight (a long `$dump`) may run on after a shutdown signal.
@@ -210,6 +211,7 @@ async fn serve_with_database(
         sql_max_row_bytes: args.sql_max_row_bytes,
         roles: RoleLimits {
             temp_file_kb: args.sql_temp_file_bytes.div_ceil(1024),
+            work_mem_kb: args.sql_work_mem.div_ceil(1024),
             idle_in_transaction_ms: 60_000,
         },
         migrate: true,
@@ -226,8 +228,14 @@ async fn serve_with_database(
             file_size: args.export_file_size,
             expiry: Duration::from_secs(args.export_expiry),
             polls_per_second: args.export_polls_per_second,
-            view_timeout: Duration::from_secs(args.sql_timeout),
+            session: SessionLimits {
+                temp_file_bytes: args.export_temp_file_bytes,
+                work_mem_bytes: args.sql_work_mem,
+                timeout: None,
+            },
+            view_session: view_session(args),
             parquet: parquet_row_groups(args),
+            views: view_limits(args),
         },
         guard: guard_settings(args),
         token_lifetime: Duration::from_secs(args.access_token_lifetime.max(1)),
@@ -243,10 +251,14 @@ async fn serve_with_database(
                 max_bytes: args.sql_max_bytes,
             },
             parquet: parquet_row_groups(args),
+            views: view_limits(args),
+            view_session: view_session(args),
             base_url: args.base_url.clone(),
             connections: http::serve::ConnectionSettings {
                 header_timeout: Duration::from_secs(args.http_header_timeout.max(1)),
                 tls: tls_config(args)?,
+                max_connections: connection_bound(args.max_connections),
+                max_per_address: args.max_connections_per_address.max(1),
             },
         },
     };
@@ -430,6 +442,43 @@ async fn shutdown_signal() {
     tokio::select! {
         _ = tokio::signal::ctrl_c() => {}
         _ = terminate => {}
+    }
+}
+
+/// Descriptors kept for everything but client connections: database connections, export
+/// files, sources, and room to accept (and close) one more connection.
+const FD_RESERVE: u64 = 512;
+
+/// The connection bound in force: the flag, within the open-file limit (raised to the hard
+/// limit first) less [`FD_RESERVE`].
+fn connection_bound(asked: usize) -> usize {
+    let files = http::admission::raise_fd_limit();
+    let room = files.saturating_sub(FD_RESERVE).max(16) as usize;
+    if asked > room {
+        tracing::warn!(
+            asked,
+            open_files = files,
+            "--max-connections is over the open-file limit less a reserve: {room} connections at most"
+        );
+    }
+    asked.min(room).max(1)
+}
+
+/// What a view's statement may take on the database server.
+fn view_session(args: &ServeArgs) -> SessionLimits {
+    SessionLimits {
+        temp_file_bytes: args.sql_temp_file_bytes,
+        work_mem_bytes: args.sql_work_mem,
+        timeout: Some(Duration::from_secs(args.sql_timeout.max(1))),
+    }
+}
+
+fn view_limits(args: &ServeArgs) -> crate::store::view_sql::ViewLimits {
+    crate::store::view_sql::ViewLimits {
+        sql_bytes: args.view_max_sql_bytes.max(1),
+        columns: args.view_max_columns.max(1),
+        union_branches: args.view_max_union_branches,
+        depth: args.view_max_depth.max(1),
     }
 }
 

@@ -315,6 +315,8 @@ async fn an_abandoned_dump_sql_is_cancelled_and_leaves_nothing_to_the_next_query
 async fn one_query_cannot_fill_the_disk_with_temp_files() {
     let server = TestServer::start_custom(common::fresh_database().await, |settings| {
         settings.roles.temp_file_kb = 1024;
+        // Sorts spill to temp files past work_mem: keep it small so this one does.
+        settings.roles.work_mem_kb = 1024;
     })
     .await;
     let (status, outcome) = server

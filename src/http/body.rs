@@ -72,6 +72,7 @@ impl FromRequest<AppState> for Document {
 
     async fn from_request(request: Request, state: &AppState) -> Result<Self, Self::Rejection> {
         let declared = Syntax::from_headers(request.headers())?;
+        refuse_declared_excess(&request, state.settings.max_body_bytes)?;
         let bytes = read_limited(request.into_body(), state.settings.max_body_bytes).await?;
         let syntax = declared.unwrap_or_else(|| sniff(&bytes));
         Ok(Document(parse_body(bytes, syntax).await?))
@@ -88,6 +89,7 @@ impl FromRequest<AppState> for MaybeDocument {
 
     async fn from_request(request: Request, state: &AppState) -> Result<Self, Self::Rejection> {
         let declared = Syntax::from_headers(request.headers())?;
+        refuse_declared_excess(&request, state.settings.max_body_bytes)?;
         let bytes = read_limited(request.into_body(), state.settings.max_body_bytes).await?;
         if bytes.iter().all(u8::is_ascii_whitespace) {
             return Ok(MaybeDocument(None));
@@ -107,15 +109,34 @@ async fn parse_body(bytes: bytes::Bytes, syntax: Syntax) -> Result<Value, ApiErr
         .map_err(|error| ApiError::internal("the body parser failed", error))?
 }
 
+/// A body whose `Content-Length` is over `limit` is refused before a byte of it is read: the
+/// client that sent `Expect: 100-continue` gets the 413 instead of `100 Continue` (hyper
+/// sends that only once the body is read).
+fn refuse_declared_excess(request: &Request, limit: usize) -> Result<(), ApiError> {
+    let declared = request
+        .headers()
+        .get(axum::http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<u64>().ok());
+    match declared {
+        Some(length) if length > limit as u64 => Err(too_large(limit)),
+        _ => Ok(()),
+    }
+}
+
+fn too_large(limit: usize) -> ApiError {
+    ApiError::new(
+        StatusCode::PAYLOAD_TOO_LARGE,
+        "too-costly",
+        format!("the request body is larger than the limit of {limit} bytes"),
+    )
+}
+
 /// Reads a whole body, refusing more than `limit` bytes.
 async fn read_limited(body: Body, limit: usize) -> Result<bytes::Bytes, ApiError> {
     match Limited::new(body, limit).collect().await {
         Ok(collected) => Ok(collected.to_bytes()),
-        Err(error) if error.downcast_ref::<LengthLimitError>().is_some() => Err(ApiError::new(
-            StatusCode::PAYLOAD_TOO_LARGE,
-            "too-costly",
-            format!("the request body is larger than the limit of {limit} bytes"),
-        )),
+        Err(error) if error.downcast_ref::<LengthLimitError>().is_some() => Err(too_large(limit)),
         Err(error) => Err(ApiError::bad_request(format!(
             "could not read the request body: {error}"
         ))),

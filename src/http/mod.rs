@@ -14,6 +14,7 @@
 //! they convert bodies between FHIR and native at the edges (see [`context::ApiContext`]).
 
 pub mod access;
+pub mod admission;
 pub mod body;
 mod bundle;
 pub mod context;
@@ -79,6 +80,11 @@ pub struct Settings {
     pub sql_limits: crate::bulk::dump_sql::SqlLimits,
     /// Parquet row groups of `$viewdefinition-run`.
     pub parquet: crate::views::parquet::RowGroups,
+    /// How big a view may compile (`--view-max-*`).
+    pub views: crate::store::view_sql::ViewLimits,
+    /// What a `$materialize` may take on the database server (`--sql-timeout`,
+    /// `--sql-temp-file-bytes`, `--sql-work-mem`).
+    pub view_session: crate::store::session::SessionLimits,
     /// Public base URL for links; `None`: from the request's `Host`.
     pub base_url: Option<String>,
     /// Time limits of connections.

@@ -77,7 +77,8 @@ pub async fn export(
                     return Err(bad(at, format!("output name '{name}' must be unique and hold only letters, digits and _")));
                 }
                 let attributes = converter.rules().for_type(&parsed.resource);
-                view_sql::compile(&parsed, attributes, &Rows::default(), Columns::Json)
+                let limits = &state.settings.views;
+                view_sql::compile(&parsed, attributes, &Rows::default(), Columns::Json, limits)
                     .map_err(|e| bad(at, e.to_string()))?;
                 views.push(ViewExport { name, view });
             }

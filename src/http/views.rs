@@ -110,6 +110,7 @@ async fn run(
             limit: params.limit,
         },
         row_groups: state.settings.parquet,
+        limits: state.settings.views,
     };
     let format = request.format;
     let permit = state.bulk.start(&subject.name())?;
@@ -332,7 +333,8 @@ pub async fn materialize(
         &id,
         &stored.to_native(),
         kind.unwrap_or(Kind::View),
-        state.settings.sql_limits.timeout,
+        &state.settings.view_session,
+        &state.settings.views,
     )
     .await?;
     let columns: Vec<Value> = done

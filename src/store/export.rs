@@ -20,6 +20,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use super::copy_out::{copy_out_on, CopyOut};
+use super::session::SessionLimits;
 pub use super::token::Token;
 use super::token::{token_param, token_path};
 use super::{timestamp_literal, GenericClient, Store, StoreError};
@@ -206,18 +207,21 @@ pub async fn start(
     store: &Store,
     query: &ExportQuery<'_>,
     patients: PatientSource<'_>,
+    limits: &SessionLimits,
 ) -> Result<CopyOut, StoreError> {
     let (sql, values) = export_sql(query)?;
-    run_copy(store, &sql, &values, patients, None).await
+    run_copy(store, &sql, &values, patients, limits, None).await
 }
 
-/// Runs an export's COPY, handing the patients and filter values over in temporary tables
-/// when the statement reads them; `sort_memory_mb`: PostgreSQL's `work_mem` for it.
+/// Runs an export's COPY under `limits`, handing the patients and filter values over in
+/// temporary tables when the statement reads them; `sort_memory_mb`: PostgreSQL's `work_mem`
+/// for it, over the limits' own.
 pub(super) async fn run_copy(
     store: &Store,
     sql: &str,
     values: &[ValueRow],
     patients: PatientSource<'_>,
+    limits: &SessionLimits,
     sort_memory_mb: Option<u32>,
 ) -> Result<CopyOut, StoreError> {
     let conn = store.dedicated().await?;
@@ -232,6 +236,7 @@ pub(super) async fn run_copy(
          CREATE TEMP TABLE fhirbox_export_values (key integer NOT NULL, code text, vars jsonb) ON COMMIT DROP",
     )
     .await?;
+    limits.apply(&*conn).await?;
     if let Some(mb) = sort_memory_mb {
         // A number fhirbox chose, not request text.
         conn.batch_execute(&format!("SET LOCAL work_mem = '{mb}MB'"))

@@ -40,9 +40,10 @@ pub async fn start(
     store: &Store,
     queries: &[ExportQuery<'_>],
     patients: PatientSource<'_>,
+    limits: &super::session::SessionLimits,
 ) -> Result<CopyOut, StoreError> {
     let (sql, values) = blocks_sql(queries)?;
-    run_copy(store, &sql, &values, patients, Some(SORT_MEMORY_MB)).await
+    run_copy(store, &sql, &values, patients, limits, Some(SORT_MEMORY_MB)).await
 }
 
 fn blocks_sql(queries: &[ExportQuery<'_>]) -> Result<(String, Vec<ValueRow>), StoreError> {

@@ -23,6 +23,7 @@ pub mod policy;
 pub mod resources;
 pub mod roles;
 pub mod schema;
+pub mod session;
 pub mod socket;
 pub mod token;
 pub mod tokens;

@@ -42,6 +42,8 @@ const QUERY_TEXT_FUNCTIONS: &[&str] = &[
 pub struct RoleLimits {
     /// The most temp-file space one query may use, in kB.
     pub temp_file_kb: u64,
+    /// The memory of one sort or hash before it spills, in kB.
+    pub work_mem_kb: u64,
     /// A session idle inside a transaction this long is ended, in ms.
     pub idle_in_transaction_ms: u64,
 }
@@ -147,6 +149,13 @@ pub async fn limit(conn: &Connection, limits: &RoleLimits) -> Result<(), StoreEr
     for role in [SQL_READER_ROLE, SQL_ADMIN_ROLE] {
         for (setting, value) in [
             ("temp_file_limit", format!("{}kB", limits.temp_file_kb)),
+            ("work_mem", format!("{}kB", limits.work_mem_kb.max(64))),
+            // A query whose fhirbox went away is noticed within a second, not when it
+            // next writes.
+            ("client_connection_check_interval", "1000".to_string()),
+            // No JIT: compiling a view's large expressions (or a client's) took more memory
+            // and time than running them.
+            ("jit", "off".to_string()),
             (
                 "idle_in_transaction_session_timeout",
                 format!("{}ms", limits.idle_in_transaction_ms),

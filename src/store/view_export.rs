@@ -31,13 +31,14 @@ pub async fn snapshot(store: &Store) -> Result<Snapshot, StoreError> {
 }
 
 /// Starts `COPY (query) TO STDOUT` with `options` (`FORMAT csv, HEADER true`) in the
-/// snapshot, with a statement timeout; the connection closes when the COPY ends.
+/// snapshot, under `limits` (a view's: its statement timeout, temp files, work memory); the
+/// connection closes when the COPY ends.
 pub async fn copy_in(
     store: &Store,
     snapshot: &Snapshot,
     query: &str,
     options: &str,
-    timeout_ms: u128,
+    limits: &super::session::SessionLimits,
 ) -> Result<CopyOut, StoreError> {
     let conn = store.dedicated().await?;
     // The snapshot id is PostgreSQL's own text (hex digits and dashes), checked besides.
@@ -53,11 +54,11 @@ pub async fn copy_in(
     }
     conn.batch_execute(&format!(
         "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY;
-         SET TRANSACTION SNAPSHOT '{}';
-         SET LOCAL statement_timeout = {timeout_ms}",
+         SET TRANSACTION SNAPSHOT '{}';",
         snapshot.id
     ))
     .await?;
+    limits.apply(&*conn).await?;
     let copy = copy_out_on(conn, &format!("COPY (\n{query}\n) TO STDOUT ({options})")).await?;
     Ok(copy.close_after())
 }

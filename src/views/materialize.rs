@@ -4,8 +4,6 @@
 //! view's `name`. Running it again rebuilds; writing the ViewDefinition rebuilds every
 //! materialization of it in the same transaction; deleting it drops them.
 
-use std::time::Duration;
-
 use serde_json::Value;
 
 use super::definition::View;
@@ -15,7 +13,8 @@ use crate::resource_type::ResourceType;
 use crate::store::conn::Tx;
 use crate::store::dump_sql::QueryError;
 use crate::store::materialized::{self, Kind};
-use crate::store::view_sql::{self, Columns, Rows};
+use crate::store::session::SessionLimits;
+use crate::store::view_sql::{self, Columns, Rows, ViewLimits};
 use crate::store::{GenericClient, Store};
 
 pub struct Materialized {
@@ -26,7 +25,11 @@ pub struct Materialized {
 }
 
 /// The compiled statement and the view's name.
-fn compile(doc: &Value, rules: &Rules) -> Result<(String, view_sql::Compiled), ViewError> {
+fn compile(
+    doc: &Value,
+    rules: &Rules,
+    limits: &ViewLimits,
+) -> Result<(String, view_sql::Compiled), ViewError> {
     let view = View::parse(doc)?;
     let name = view
         .name
@@ -43,6 +46,7 @@ fn compile(doc: &Value, rules: &Rules) -> Result<(String, view_sql::Compiled), V
         rules.for_type(&view.resource),
         &Rows::default(),
         Columns::Typed,
+        limits,
     )?;
     Ok((name, compiled))
 }
@@ -54,17 +58,13 @@ pub async fn materialize(
     view_id: &str,
     doc: &Value,
     kind: Kind,
-    timeout: Duration,
+    session: &SessionLimits,
+    limits: &ViewLimits,
 ) -> Result<Materialized, ViewError> {
-    let (name, compiled) = compile(doc, rules)?;
+    let (name, compiled) = compile(doc, rules, limits)?;
     let tx = store.begin().await?;
     let result = async {
-        tx.batch_execute(&format!(
-            "SET LOCAL statement_timeout = {}",
-            timeout.as_millis()
-        ))
-        .await
-        .map_err(|e| ViewError::Store(e.into()))?;
+        session.apply(&*tx).await?;
         materialized::create(&*tx, &name, kind, &compiled.sql, view_id)
             .await
             .map_err(|e| ViewError::Query(QueryError::from_store(e, 0)))
@@ -87,7 +87,8 @@ pub async fn rebuild(tx: &Tx, view_id: &str, doc: &Value) -> Result<(), ViewErro
     let attribute = ResourceType::parse("Attribute").expect("a fhirbox type");
     let attributes = crate::store::cached::all_of(&**tx, attribute).await?;
     let rules = Rules::from_attributes(attributes.iter().map(|(_, body)| body));
-    let (_, compiled) = compile(doc, &rules)?;
+    let (_, compiled) = compile(doc, &rules, &ViewLimits::ceiling())?;
+    SessionLimits::view_defaults().apply(&**tx).await?;
     for (name, kind) in existing {
         materialized::create(&**tx, &name, kind, &compiled.sql, view_id)
             .await

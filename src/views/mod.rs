@@ -39,7 +39,9 @@ impl ViewError {
 }
 
 /// Checks a ViewDefinition before it is stored: it parses, and it compiles (functions known,
-/// column names unique, single-valued columns single-valued).
+/// column names unique, single-valued columns single-valued) within the generous
+/// [`ViewLimits::ceiling`](crate::store::view_sql::ViewLimits::ceiling); each run is checked
+/// against the limits in force.
 pub fn check(doc: &serde_json::Value) -> Result<(), ViewError> {
     let view = definition::View::parse(doc)?;
     crate::store::view_sql::compile(
@@ -47,6 +49,7 @@ pub fn check(doc: &serde_json::Value) -> Result<(), ViewError> {
         None,
         &Default::default(),
         crate::store::view_sql::Columns::Json,
+        &crate::store::view_sql::ViewLimits::ceiling(),
     )?;
     Ok(())
 }

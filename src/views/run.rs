@@ -61,6 +61,8 @@ pub struct RunRequest {
     pub rows: Rows,
     /// Parquet row groups.
     pub row_groups: super::parquet::RowGroups,
+    /// How big the view may compile.
+    pub limits: view_sql::ViewLimits,
 }
 
 /// Compiles the view for the Attributes in force and starts streaming its rows. Everything
@@ -78,7 +80,7 @@ pub async fn run(
         ViewFormat::Csv => Columns::Text,
         _ => Columns::Json,
     };
-    let compiled = view_sql::compile(&view, attributes, &request.rows, columns)?;
+    let compiled = view_sql::compile(&view, attributes, &request.rows, columns, &request.limits)?;
     let physical = Physical::columns(&view, &compiled);
     let json_fields = compiled.json_fields();
     let format = match request.format {

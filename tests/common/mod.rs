@@ -3,6 +3,7 @@
 //! real HTTP server on `127.0.0.1:0` in front of it.
 #![allow(dead_code)] // each test binary uses its own subset of these helpers
 
+pub mod backends;
 pub mod export;
 pub mod fixtures;
 pub mod keys;
@@ -379,6 +380,7 @@ pub fn test_settings(database: &str) -> AppSettings {
         sql_max_row_bytes: 64 * 1024 * 1024,
         roles: fhirbox::store::roles::RoleLimits {
             temp_file_kb: 1024 * 1024,
+            work_mem_kb: 64 * 1024,
             idle_in_transaction_ms: 60_000,
         },
         migrate: false,
@@ -396,8 +398,14 @@ pub fn test_settings(database: &str) -> AppSettings {
             expiry: defaults.expiry,
             // The production default: the tests poll as clients must.
             polls_per_second: 2.0,
-            view_timeout: Duration::from_secs(60),
+            session: fhirbox::store::session::SessionLimits {
+                temp_file_bytes: 64 << 30,
+                work_mem_bytes: 64 << 20,
+                timeout: None,
+            },
+            view_session: view_session(),
             parquet: Default::default(),
+            views: Default::default(),
         },
         guard: fhirbox::auth::guard::GuardSettings::default(),
         token_lifetime: Duration::from_secs(300),
@@ -409,9 +417,20 @@ pub fn test_settings(database: &str) -> AppSettings {
             max_body_bytes: 1024 * 1024,
             sql_limits: default_sql_limits(),
             parquet: Default::default(),
+            views: Default::default(),
+            view_session: view_session(),
             base_url: None,
             connections: fhirbox::http::serve::ConnectionSettings::default(),
         },
+    }
+}
+
+/// What a view's statement may take in tests: the production defaults, a minute.
+pub fn view_session() -> fhirbox::store::session::SessionLimits {
+    fhirbox::store::session::SessionLimits {
+        temp_file_bytes: 1 << 30,
+        work_mem_bytes: 64 << 20,
+        timeout: Some(Duration::from_secs(60)),
     }
 }
 

@@ -32,6 +32,24 @@ impl ServerProcess {
         ServerProcess::wait_listening(child)
     }
 
+    /// [`ServerProcess::start`] with the soft limit of open files lowered to `soft` (the hard
+    /// limit unchanged), as many systems start services.
+    pub fn start_with_soft_fd_limit(args: &[&str], soft: u64) -> ServerProcess {
+        use std::os::unix::process::CommandExt;
+        let mut command = ServerProcess::command(args, &[]);
+        // SAFETY: setrlimit is async-signal-safe; nothing else runs between fork and exec.
+        unsafe {
+            command.pre_exec(move || {
+                use nix::sys::resource::{getrlimit, setrlimit, Resource};
+                let (_, hard) = getrlimit(Resource::RLIMIT_NOFILE)?;
+                setrlimit(Resource::RLIMIT_NOFILE, soft.min(hard), hard)?;
+                Ok(())
+            });
+        }
+        let child = command.spawn().expect("start fhirbox");
+        ServerProcess::wait_listening(child)
+    }
+
     /// Runs `fhirbox serve ... ARGS` expecting it to exit at once; returns how, and its log.
     pub fn run_to_exit(args: &[&str], limit: Duration) -> (std::process::ExitStatus, String) {
         let mut command = ServerProcess::command(args, &[]);

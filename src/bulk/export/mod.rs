@@ -52,10 +52,16 @@ pub struct ExportSettings {
     pub expiry: Duration,
     /// Status polls a job may have per second (after a burst of 5); 0: no limit.
     pub polls_per_second: f64,
-    /// The statement timeout of each view of a `$viewdefinition-export` (`--sql-timeout`).
-    pub view_timeout: Duration,
+    /// What the COPY of an export's type may take on the database server (temp files
+    /// `--export-temp-file-bytes`, work memory `--sql-work-mem`).
+    pub session: crate::store::session::SessionLimits,
+    /// What each view of a `$viewdefinition-export` may take (`--sql-timeout`,
+    /// `--sql-temp-file-bytes`, `--sql-work-mem`).
+    pub view_session: crate::store::session::SessionLimits,
     /// Parquet row groups of view exports (`--parquet-row-group-rows`/`-bytes`).
     pub parquet: crate::views::parquet::RowGroups,
+    /// How big a view of a `$viewdefinition-export` may compile (`--view-max-*`).
+    pub views: crate::store::view_sql::ViewLimits,
 }
 
 #[derive(Debug, thiserror::Error)]

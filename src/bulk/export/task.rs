@@ -106,9 +106,14 @@ impl Exports {
             .ok_or_else(|| TaskFailure::Failed(format!("unknown type {}", task.resource_type)))?;
         let query = query_of(spec, rt, Versions::AtTime);
         let converter = self.formats.converter().await.map_err(|e| failed(&e))?;
-        let copy = crate::store::export::start(self.jobs.store(), &query, source_of(spec))
-            .await
-            .map_err(|e| failed(&e))?;
+        let copy = crate::store::export::start(
+            self.jobs.store(),
+            &query,
+            source_of(spec),
+            &self.settings.session,
+        )
+        .await
+        .map_err(|e| failed(&e))?;
         let mut lines = fhir_lines(copy, rt, converter, report);
         let mut output = self.output(task, rt.name()).await?;
         let (mut total, mut bytes) = (0u64, 0u64);
@@ -175,9 +180,14 @@ impl Exports {
         task: &TaskRow,
     ) -> Result<(), TaskFailure> {
         let query = query_of(spec, rt, Versions::Deleted);
-        let copy = crate::store::export::start(self.jobs.store(), &query, source_of(spec))
-            .await
-            .map_err(|e| failed(&e))?;
+        let copy = crate::store::export::start(
+            self.jobs.store(),
+            &query,
+            source_of(spec),
+            &self.settings.session,
+        )
+        .await
+        .map_err(|e| failed(&e))?;
         let mut bundles = std::pin::pin!(deletion_bundles(copy, rt));
         while let Some(batch) = bundles.next().await {
             let batch = batch.map_err(|e| failed(&e))?;
@@ -209,9 +219,14 @@ impl Exports {
             .map(|rt| query_of(spec, *rt, Versions::AtTime))
             .collect();
         let converter = self.formats.converter().await.map_err(|e| failed(&e))?;
-        let copy = crate::store::export_blocks::start(self.jobs.store(), &queries, source_of(spec))
-            .await
-            .map_err(|e| failed(&e))?;
+        let copy = crate::store::export_blocks::start(
+            self.jobs.store(),
+            &queries,
+            source_of(spec),
+            &self.settings.session,
+        )
+        .await
+        .map_err(|e| failed(&e))?;
         let mut batches = std::pin::pin!(block_batches(copy, converter, spec, report.clone()));
         let mut output = self.output(task, BLOCKS_STEM).await?;
         let (mut total, mut bytes) = (0u64, 0u64);

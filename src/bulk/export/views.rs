@@ -65,14 +65,15 @@ impl Exports {
                 Columns::Json
             };
             let compiled =
-                view_sql::compile(&view, attributes, &rows, columns).map_err(|e| failed(&e))?;
+                view_sql::compile(&view, attributes, &rows, columns, &self.settings.views)
+                    .map_err(|e| failed(&e))?;
             let options = if format == "csv" {
                 "FORMAT csv, HEADER true"
             } else {
                 "FORMAT binary"
             };
-            let timeout = self.settings.view_timeout.as_millis();
-            let copy = view_export::copy_in(store, &snapshot, &compiled.sql, options, timeout)
+            let limits = &self.settings.view_session;
+            let copy = view_export::copy_in(store, &snapshot, &compiled.sql, options, limits)
                 .await
                 .map_err(|e| failed(&e))?;
             let counted = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));

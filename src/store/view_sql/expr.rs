@@ -136,6 +136,10 @@ pub struct Scope<'a, 'v> {
     pub counter: &'v std::cell::Cell<usize>,
     /// Columns whose SQL value is text to be written as a JSON string (the others are jsonb).
     pub text_columns: &'v std::cell::RefCell<std::collections::HashSet<String>>,
+    /// The SQL the whole statement may still take.
+    pub budget: &'v super::limits::Budget,
+    /// Whether each select is planned on its own (a large view).
+    pub fence: bool,
 }
 
 impl Scope<'_, '_> {
@@ -165,6 +169,12 @@ pub fn compile<'a>(scope: &Scope<'a, '_>, focus: &Focus<'a>, expr: &Expr) -> Res
         return Err(format!(
             "the expression compiles to more than {} KB of SQL; simplify it",
             MAX_EXPRESSION_SQL / 1024
+        ));
+    }
+    if val.sql.len() > scope.budget.limit {
+        return Err(format!(
+            "the expression compiles to more than {} bytes of SQL (--view-max-sql-bytes); simplify it",
+            scope.budget.limit
         ));
     }
     Ok(val)

@@ -1,0 +1,376 @@
+//! Attacks on resources that got through in the second round (issue "Safe to expose, round
+//! 2"), each performed against the real server: views that exhaust a PostgreSQL backend,
+//! connections that never end, jobs that crowd out others, outputs without end, loads that
+//! race on their tables. Memory is read where it is spent (a backend's `VmHWM`), and the
+//! tests that would hurt the machine if the fix regressed run under a watchdog that kills the
+//! backend they started and fails.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::backends;
+use common::keys::Tls;
+use common::process::ServerProcess;
+use common::smart::https_server;
+use common::{diagnostics, TestServer};
+use reqwest::{Method, StatusCode};
+use serde_json::{json, Value};
+
+const MIB: u64 = 1024 * 1024;
+const GIB: u64 = 1024 * MIB;
+
+/// A Client `reader` (secret `pw`) allowed to run views and nothing else.
+async fn reader(server: &TestServer) {
+    let (status, body) = server
+        .json(
+            Method::PUT,
+            "/",
+            &json!([
+                {"resourceType": "Client", "id": "reader", "secret": "pw", "grant_types": ["basic"]},
+                {"resourceType": "AccessPolicy", "id": "reader-runs", "engine": "matcho",
+                 "matcho": {"uri": "#\\$viewdefinition-run$"},
+                 "link": [{"resourceType": "Client", "id": "reader"}]}
+            ]),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+}
+
+/// Runs an inline view as `reader`; the status and the body.
+async fn run_view(server: &TestServer, view: &Value, format: &str) -> (StatusCode, String) {
+    let response = server
+        .client
+        .post(server.url(&format!(
+            "/fhir/ViewDefinition/$viewdefinition-run?_format={format}"
+        )))
+        .basic_auth("reader", Some("pw"))
+        .json(&json!({"resourceType": "Parameters",
+                      "parameter": [{"name": "viewResource", "resource": view}]}))
+        .send()
+        .await
+        .expect("sent");
+    let status = response.status();
+    (status, response.text().await.unwrap_or_default())
+}
+
+/// `gender` wrapped `depth` times in `(...).where($this = $this)`: each level repeats its
+/// operand, so the SQL grows 3^depth.
+fn nested_gender(depth: usize) -> String {
+    let mut path = "gender".to_string();
+    for _ in 0..depth {
+        path = format!("({path}).where($this = $this)");
+    }
+    path
+}
+
+fn wide_view(columns: usize, depth: usize) -> Value {
+    let path = nested_gender(depth);
+    let columns: Vec<Value> = (0..columns)
+        .map(|i| json!({"name": format!("c{i}"), "path": path}))
+        .collect();
+    json!({"resourceType": "ViewDefinition", "resource": "Patient", "select": [{"column": columns}]})
+}
+
+async fn patients(server: &TestServer, n: usize) {
+    let list: Vec<Value> = (0..n)
+        .map(|i| json!({"resourceType": "Patient", "id": format!("p{i}"), "gender": if i % 2 == 0 {"female"} else {"male"}}))
+        .collect();
+    let (status, body) = server.json(Method::PUT, "/", &Value::Array(list)).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+}
+
+// Row 1: the whole compiled statement is bounded before it reaches PostgreSQL.
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_wide_view_of_nested_wheres_is_refused_before_postgres_sees_it() {
+    let server = TestServer::start().await;
+    reader(&server).await;
+    patients(&server, 10).await;
+    let watch = backends::watch(&server.database, 2 * GIB).await;
+    let view = wide_view(150, 8);
+    assert!(
+        view.to_string().len() < 40_000,
+        "the attack's body is small"
+    );
+    let started = Instant::now();
+    let (status, body) = run_view(&server, &view, "json").await;
+    let watched = watch.finish().await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
+    let outcome: Value = serde_json::from_str(&body).expect("an OperationOutcome");
+    assert!(
+        diagnostics(&outcome).contains("--view-max-sql-bytes"),
+        "{outcome}"
+    );
+    assert!(started.elapsed() < Duration::from_secs(10));
+    assert!(!watched.killed, "a backend grew past 2 GB");
+    assert!(
+        watched.peak < 200 * MIB,
+        "no backend worked on it: {} MiB",
+        watched.peak / MIB
+    );
+}
+
+#[tokio::test]
+async fn two_thousand_union_branches_are_refused() {
+    let server = TestServer::start().await;
+    reader(&server).await;
+    let branches: Vec<Value> = (0..2000)
+        .map(|_| json!({"column": [{"name": "g", "path": "gender"}]}))
+        .collect();
+    let view = json!({"resourceType": "ViewDefinition", "resource": "Patient",
+                      "select": [{"unionAll": branches}]});
+    let (status, body) = run_view(&server, &view, "json").await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
+    let outcome: Value = serde_json::from_str(&body).expect("an OperationOutcome");
+    insta::assert_snapshot!(common::pretty(&outcome));
+    // Nesting too: selects in selects, deeper than allowed.
+    let mut select = json!({"column": [{"name": "g", "path": "gender"}]});
+    for _ in 0..20 {
+        select = json!({"select": [select]});
+    }
+    let view = json!({"resourceType": "ViewDefinition", "resource": "Patient", "select": [select]});
+    let (status, body) = run_view(&server, &view, "json").await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
+    assert!(body.contains("--view-max-depth"), "{body}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_largest_view_allowed_keeps_its_backend_under_a_gigabyte() {
+    let server = TestServer::start().await;
+    reader(&server).await;
+    patients(&server, 2000).await;
+    // As large as the default bounds let these shapes be: four columns of 240 KB of SQL
+    // each, and 100 unionAll branches of nested wheres.
+    let branches: Vec<Value> = (0..100)
+        .map(|_| json!({"column": [{"name": "g", "path": nested_gender(4)}]}))
+        .collect();
+    let union = json!({"resourceType": "ViewDefinition", "resource": "Patient",
+                       "select": [{"unionAll": branches}]});
+    for (view, rows) in [(wide_view(4, 8), 2000), (union, 200_000)] {
+        let watch = backends::watch(&server.database, 2 * GIB).await;
+        let (status, body) = run_view(&server, &view, "csv").await;
+        let watched = watch.finish().await;
+        assert_eq!(status, StatusCode::OK, "{}", &body[..body.len().min(2000)]);
+        assert_eq!(body.lines().count(), rows + 1, "a header and the rows");
+        assert!(!watched.killed, "a backend grew past 2 GB");
+        eprintln!(
+            "largest backend: {} MiB over {} backends",
+            watched.peak / MIB,
+            watched.backends
+        );
+        assert!(watched.peak < GIB, "{} MiB", watched.peak / MIB);
+    }
+}
+
+// Row 3: connections that say nothing are closed, over TLS too, and one address cannot hold
+// every descriptor.
+
+/// Completes a TLS handshake with the server (offering `alpn`), then says nothing; how long
+/// the server keeps the connection open (up to `limit`).
+async fn silent_tls(
+    server: &TestServer,
+    tls: &Tls,
+    alpn: Option<&[u8]>,
+    limit: Duration,
+) -> Duration {
+    use tokio::io::AsyncReadExt;
+    let mut roots = rustls::RootCertStore::empty();
+    roots
+        .add(rustls::pki_types::CertificateDer::from(tls.ca_der.clone()))
+        .expect("CA");
+    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+    let mut config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .expect("versions")
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    config.alpn_protocols = alpn.map(|p| vec![p.to_vec()]).unwrap_or_default();
+    let connector = tokio_rustls::TlsConnector::from(std::sync::Arc::new(config));
+    let address = server.base.trim_start_matches("https://");
+    let tcp = tokio::net::TcpStream::connect(address)
+        .await
+        .expect("connect");
+    let name = rustls::pki_types::ServerName::try_from("localhost").expect("name");
+    let mut stream = connector.connect(name, tcp).await.expect("handshake");
+    if let Some(alpn) = alpn {
+        assert_eq!(stream.get_ref().1.alpn_protocol(), Some(alpn));
+    }
+    let started = Instant::now();
+    let mut byte = [0u8; 1];
+    let _ = tokio::time::timeout(limit, stream.read(&mut byte)).await;
+    started.elapsed()
+}
+
+#[tokio::test]
+async fn a_tls_connection_that_says_nothing_after_its_handshake_is_closed() {
+    let tls = Tls::new();
+    let server = https_server(&tls, |settings| {
+        settings.http.connections.header_timeout = Duration::from_secs(2);
+    })
+    .await;
+    for alpn in [None, Some(&b"h2"[..]), Some(&b"http/1.1"[..])] {
+        let open = silent_tls(&server, &tls, alpn, Duration::from_secs(15)).await;
+        assert!(
+            open < Duration::from_secs(5),
+            "ALPN {alpn:?}: open for {open:?}"
+        );
+    }
+    // A request still works, and an HTTP/2 connection idle after it is closed too.
+    let (status, _) = server.get("/health").await;
+    assert_eq!(status, StatusCode::OK);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_flood_of_silent_connections_from_one_address_cannot_take_the_descriptors() {
+    let database = common::fresh_database().await;
+    let url = common::cluster().url(&database);
+    let dir = tempfile::tempdir().expect("dir");
+    let data = dir.path().to_str().expect("utf-8").to_string();
+    // Started as many services are, with a soft limit of 1024 open files.
+    let server = ServerProcess::start_with_soft_fd_limit(
+        &[
+            "--database-url",
+            &url,
+            "--data-dir",
+            &data,
+            "--admin-password",
+            "root-pw",
+            "--max-connections-per-address",
+            "50",
+        ],
+        1024,
+    );
+    let limits = std::fs::read_to_string(format!("/proc/{}/limits", server.pid())).expect("limits");
+    let files = limits
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .expect("Max open files")
+        .split_whitespace()
+        .skip(3)
+        .take(2)
+        .map(|n| n.parse::<u64>().unwrap_or(0))
+        .collect::<Vec<_>>();
+    assert_eq!(
+        files[0], files[1],
+        "the soft limit is raised to the hard one: {files:?}"
+    );
+    let address = server.base.trim_start_matches("http://").to_string();
+    let local = std::net::SocketAddr::new("127.0.0.1".parse().expect("ip"), 0);
+    let mut held = Vec::new();
+    for _ in 0..400 {
+        let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+        socket.bind(local).expect("bind");
+        if let Ok(stream) = socket.connect(address.parse().expect("address")).await {
+            held.push(stream);
+        }
+    }
+    // Past the first 50, each is closed at once.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let closed = held
+        .iter()
+        .filter(|stream| {
+            let mut byte = [0u8; 1];
+            match stream.try_read(&mut byte) {
+                Ok(0) => true,
+                Err(error) => error.kind() != std::io::ErrorKind::WouldBlock,
+                Ok(_) => false,
+            }
+        })
+        .count();
+    assert!(closed >= 340, "closed at once: {closed} of {}", held.len());
+    let fds = std::fs::read_dir(format!("/proc/{}/fd", server.pid()))
+        .expect("fds")
+        .count();
+    assert!(fds < 200, "{fds} descriptors open");
+    // Anyone else still gets in, at once.
+    let started = Instant::now();
+    let response = client_from("127.0.0.2")
+        .get(format!("{}/health", server.base))
+        .send()
+        .await
+        .expect("health");
+    assert_eq!(response.status(), StatusCode::OK);
+    assert!(started.elapsed() < Duration::from_secs(2));
+    drop(held);
+}
+
+/// A client whose requests come from `address` (any of 127.0.0.0/8 is this machine).
+fn client_from(address: &str) -> reqwest::Client {
+    common::http_client();
+    reqwest::Client::builder()
+        .local_address(address.parse::<std::net::IpAddr>().expect("address"))
+        .build()
+        .expect("client")
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_view_run_whose_client_left_is_cancelled_within_a_second() {
+    let server = TestServer::start().await;
+    reader(&server).await;
+    patients(&server, 2000).await;
+    let branches: Vec<Value> = (0..100)
+        .map(|_| json!({"column": [{"name": "g", "path": nested_gender(5)}]}))
+        .collect();
+    let view = json!({"resourceType": "ViewDefinition", "resource": "Patient",
+                      "select": [{"unionAll": branches}]});
+    let mut response = server
+        .client
+        .post(server.url("/fhir/ViewDefinition/$viewdefinition-run?_format=ndjson"))
+        .basic_auth("reader", Some("pw"))
+        .json(&json!({"resourceType": "Parameters",
+                      "parameter": [{"name": "viewResource", "resource": view}]}))
+        .send()
+        .await
+        .expect("sent");
+    assert_eq!(response.status(), StatusCode::OK);
+    response.chunk().await.expect("a chunk").expect("rows");
+    let db = server.db().await;
+    let running = || async {
+        db.query_one(
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND usename = 'fhirbox_sql_reader' AND state = 'active'",
+            &[],
+        )
+        .await
+        .expect("activity")
+        .get::<_, i64>(0)
+    };
+    assert_eq!(running().await, 1, "the view's query runs");
+    drop(response);
+    let left = Instant::now();
+    while running().await > 0 {
+        assert!(
+            left.elapsed() < Duration::from_secs(1),
+            "the query still runs a second after its client left"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+// Row 13: a body declared over the limit is refused before `100 Continue`.
+
+#[tokio::test]
+async fn an_oversized_body_is_refused_before_100_continue() {
+    use base64::Engine as _;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let server = TestServer::start().await;
+    let address = server.base.trim_start_matches("http://");
+    let mut stream = tokio::net::TcpStream::connect(address)
+        .await
+        .expect("connect");
+    let credentials =
+        base64::engine::general_purpose::STANDARD.encode(format!("root:{}", common::ROOT_PASSWORD));
+    let request = format!(
+        "POST /Patient HTTP/1.1\r\nHost: {address}\r\nAuthorization: Basic {credentials}\r\n\
+         Content-Type: application/json\r\nContent-Length: {}\r\nExpect: 100-continue\r\n\r\n",
+        200 * MIB
+    );
+    stream.write_all(request.as_bytes()).await.expect("write");
+    let mut head = vec![0u8; 64];
+    let n = tokio::time::timeout(Duration::from_secs(5), stream.read(&mut head))
+        .await
+        .expect("an answer without the body")
+        .expect("read");
+    let head = String::from_utf8_lossy(&head[..n]);
+    assert!(head.starts_with("HTTP/1.1 413"), "{head}");
+}
