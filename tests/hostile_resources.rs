@@ -374,3 +374,145 @@ async fn an_oversized_body_is_refused_before_100_continue() {
     let head = String::from_utf8_lossy(&head[..n]);
     assert!(head.starts_with("HTTP/1.1 413"), "{head}");
 }
+
+// Row 14: loads of one type at once never race on the table's DDL.
+
+/// The lines of a test data file, split in `parts` (the usual shape of a bulk export).
+fn split_testdata(name: &str, parts: usize) -> Vec<Vec<u8>> {
+    use std::io::BufRead;
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("testdata/smart-bulk-data-server-100")
+        .join(name);
+    let file = std::fs::File::open(path).expect("testdata");
+    let lines: Vec<String> = std::io::BufReader::new(flate2::read::MultiGzDecoder::new(file))
+        .lines()
+        .map_while(Result::ok)
+        .filter(|l| !l.trim().is_empty())
+        .collect();
+    let size = lines.len().div_ceil(parts);
+    lines
+        .chunks(size)
+        .map(|chunk| (chunk.join("\n") + "\n").into_bytes())
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_import_with_two_files_per_type_into_empty_tables_loads_them_all() {
+    use common::fixtures::{Fixture, FixtureServer};
+    let types = [
+        "AllergyIntolerance",
+        "Condition",
+        "Encounter",
+        "Immunization",
+        "Observation",
+        "Procedure",
+    ];
+    let mut files = Vec::new();
+    let mut expected = std::collections::BTreeMap::new();
+    for rt in types {
+        for (i, part) in split_testdata(&format!("{rt}.000.ndjson.gz"), 2)
+            .into_iter()
+            .enumerate()
+        {
+            *expected.entry(rt).or_insert(0) += part
+                .split(|b| *b == b'\n')
+                .filter(|l| !l.is_empty())
+                .count();
+            files.push((format!("/{rt}.{i:03}.ndjson"), Fixture::Bytes(part)));
+        }
+    }
+    let fixtures =
+        FixtureServer::start(files.iter().map(|(p, f)| (p.as_str(), f.clone())).collect()).await;
+    // Twice, each on a new server with empty tables: the race needs no luck to show.
+    for round in 0..2 {
+        let server = TestServer::start().await;
+        let inputs: Vec<Value> = files
+            .iter()
+            .map(|(path, _)| {
+                let rt = path
+                    .trim_start_matches('/')
+                    .split('.')
+                    .next()
+                    .expect("type");
+                json!({"resourceType": rt, "url": fixtures.url(path)})
+            })
+            .collect();
+        let (status, body) = server
+            .json(
+                Method::POST,
+                "/fhir/$import",
+                &json!({"id": "split", "inputs": inputs}),
+            )
+            .await;
+        assert_eq!(status, StatusCode::ACCEPTED, "{body}");
+        let deadline = Instant::now() + Duration::from_secs(120);
+        let done = loop {
+            let (_, status) = server.get("/BulkImportStatus/split").await;
+            if status["status"] != "in-progress" {
+                break status;
+            }
+            assert!(Instant::now() < deadline, "round {round}: {status}");
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        };
+        assert_eq!(done["status"], "finished", "round {round}: {done}");
+        for (rt, lines) in &expected {
+            assert_eq!(
+                server.count(&rt.to_ascii_lowercase()).await,
+                *lines as i64,
+                "round {round}: {rt}"
+            );
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn concurrent_loads_into_the_empty_tables_of_a_new_server_all_land() {
+    use common::fixtures::{Fixture, FixtureServer};
+    let files: Vec<(String, Fixture)> = (0..4)
+        .map(|i| {
+            let lines: String = (0..2000)
+                .map(|n| format!("{{\"resourceType\":\"Observation\",\"id\":\"o{i}-{n}\",\"status\":\"final\",\"code\":{{\"text\":\"x\"}},\"subject\":{{\"reference\":\"Patient/p{n}\"}}}}\n"))
+                .collect();
+            (format!("/obs{i}.ndjson"), Fixture::Bytes(lines.into_bytes()))
+        })
+        .collect();
+    let fixtures =
+        FixtureServer::start(files.iter().map(|(p, f)| (p.as_str(), f.clone())).collect()).await;
+    for round in 0..3 {
+        let server = TestServer::start().await;
+        // Both routes: one type, and mixed.
+        let loads = files.iter().enumerate().map(|(i, (path, _))| {
+            let route = if i % 2 == 0 {
+                "/fhir/Observation/$load"
+            } else {
+                "/fhir/$load"
+            };
+            let request = server
+                .request(Method::POST, route)
+                .json(&json!({"source": fixtures.url(path)}));
+            async move {
+                let response = request.send().await.expect("sent");
+                (response.status(), response.text().await.unwrap_or_default())
+            }
+        });
+        for (status, body) in futures_util::future::join_all(loads).await {
+            assert_eq!(status, StatusCode::OK, "round {round}: {body}");
+        }
+        assert_eq!(server.count("observation").await, 8000, "round {round}");
+    }
+}
+
+#[test]
+fn a_database_error_in_a_job_is_said_in_words() {
+    // What the failed input of the deadlock said, and what it says now.
+    let load = fhirbox::bulk::load::LoadError::Statement {
+        doing: "dropping AllergyIntolerance's compartment index".into(),
+        error: fhirbox::store::StoreError::Invalid(
+            "PostgreSQL: deadlock detected [SQLSTATE 40P01]".into(),
+        ),
+    };
+    assert_eq!(
+        load.to_string(),
+        "while dropping AllergyIntolerance's compartment index: PostgreSQL: deadlock detected [SQLSTATE 40P01]"
+    );
+}

@@ -675,9 +675,8 @@ async fn a_load_into_an_empty_table_rebuilds_the_compartment_index() {
     )
     .await;
     assert_eq!(status, StatusCode::OK, "{body}");
-    // It tried for a second (the drop's lock timeout), then went on.
-    assert!(started.elapsed() >= Duration::from_secs(1));
-    assert!(started.elapsed() < Duration::from_secs(10));
+    // It did not wait for the reader's lock (NOWAIT), it went on at once.
+    assert!(started.elapsed() < Duration::from_secs(5));
     reader.batch_execute("COMMIT").await.expect("release");
     assert!(has_compartment_index(&server).await);
     assert_eq!(patient_rows_found_by_index(&server, "pa").await, 500);

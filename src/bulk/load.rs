@@ -68,6 +68,23 @@ pub enum LoadError {
     Abandoned,
     #[error(transparent)]
     Store(StoreError),
+    /// A statement of the load failed: what it was doing, and PostgreSQL's reason.
+    #[error("while {doing}: {error}")]
+    Statement { doing: String, error: StoreError },
+}
+
+impl LoadError {
+    /// A database error of one step of the load, said with the step (`copying rows into
+    /// Observation`) unless it is about the data (a conflict, a value PostgreSQL refused).
+    fn during(doing: impl Into<String>) -> impl FnOnce(StoreError) -> LoadError {
+        let doing = doing.into();
+        move |error| match LoadError::from(error) {
+            LoadError::Store(error) if !error.is_unavailable() => {
+                LoadError::Statement { doing, error }
+            }
+            other => other,
+        }
+    }
 }
 
 impl From<LinesError> for LoadError {
@@ -158,7 +175,8 @@ pub async fn load_tracked(
     });
     let source: super::source::SourceStream = Box::pin(source);
     let reader = LineReader::new(source, BATCH_BYTES, sources.max_line_bytes()).await?;
-    let mut writer = Writer::begin(store, request.keep_history).await?;
+    let single_type = request.rules.only_type.is_some();
+    let mut writer = Writer::begin(store, request.keep_history, single_type).await?;
     let workers = std::thread::available_parallelism().map_or(2, |n| n.get());
     let rules = request.rules;
     let batches = futures_util::stream::unfold(Some(reader), |reader| async move {
@@ -253,13 +271,20 @@ struct Writer {
     counts: LoadCounts,
     /// Types whose compartment index is dropped until the end of the load (they were empty).
     suspended_indexes: Vec<ResourceType>,
+    /// The load writes one type only (an `$import` input, `/[type]/$load`).
+    single_type: bool,
 }
 
 impl Writer {
-    async fn begin(store: &Store, keep_history: bool) -> Result<Writer, LoadError> {
+    async fn begin(
+        store: &Store,
+        keep_history: bool,
+        single_type: bool,
+    ) -> Result<Writer, LoadError> {
         Ok(Writer {
             tx: LoadTx::begin(store).await?,
             keep_history,
+            single_type,
             buffers: HashMap::new(),
             buffered: 0,
             seen: IdFilter::new(),
@@ -286,11 +311,23 @@ impl Writer {
             HashMap::new();
         for (rt, ids) in by_type {
             if !self.buffers.contains_key(&rt) {
-                let mut had_rows = !self.tx.is_empty(rt).await?;
-                if !had_rows && self.tx.suspend_index(rt).await? {
+                let mut had_rows = !self
+                    .tx
+                    .is_empty(rt)
+                    .await
+                    .map_err(LoadError::during(format!("reading whether {rt} is empty")))?;
+                let suspended = !had_rows
+                    && self.tx.suspend_index(rt, self.single_type).await.map_err(
+                        LoadError::during(format!("dropping {rt}'s compartment index")),
+                    )?;
+                if suspended {
                     self.suspended_indexes.push(rt);
                     // Rows committed before the drop got its lock are visible now.
-                    had_rows = !self.tx.is_empty(rt).await?;
+                    had_rows = !self
+                        .tx
+                        .is_empty(rt)
+                        .await
+                        .map_err(LoadError::during(format!("reading whether {rt} is empty")))?;
                 }
                 let buffers = TypeBuffers {
                     direct: TupleWriter::new(),
@@ -305,7 +342,14 @@ impl Writer {
             if self.buffers[&rt].had_rows {
                 let mut found = HashMap::new();
                 for chunk in ids.chunks(DELETE_CHUNK) {
-                    found.extend(self.tx.take_existing(rt, chunk, self.keep_history).await?);
+                    found.extend(
+                        self.tx
+                            .take_existing(rt, chunk, self.keep_history)
+                            .await
+                            .map_err(LoadError::during(format!(
+                                "replacing existing {rt} resources"
+                            )))?,
+                    );
                 }
                 replaced.insert(rt, found);
             }
@@ -361,10 +405,16 @@ impl Writer {
                 (direct, stage, needs_stage)
             };
             if let Some(data) = direct {
-                self.tx.copy_rows(rt, data).await?;
+                self.tx
+                    .copy_rows(rt, data)
+                    .await
+                    .map_err(LoadError::during(format!("copying rows into {rt}")))?;
             }
             if let Some(data) = stage {
-                self.tx.copy_staged(rt, data, needs_stage).await?;
+                self.tx
+                    .copy_staged(rt, data, needs_stage)
+                    .await
+                    .map_err(LoadError::during(format!("staging repeated {rt} ids")))?;
             }
         }
         self.buffered = 0;
@@ -384,13 +434,26 @@ impl Writer {
             .map(|(rt, _)| *rt)
             .collect();
         for rt in staged {
-            self.tx.apply_stage(rt, self.keep_history).await?;
+            self.tx
+                .apply_stage(rt, self.keep_history)
+                .await
+                .map_err(LoadError::during(format!("writing repeated {rt} ids")))?;
         }
         for rt in std::mem::take(&mut self.suspended_indexes) {
-            self.tx.restore_index(rt).await?;
+            self.tx
+                .restore_index(rt)
+                .await
+                .map_err(LoadError::during(format!(
+                    "building {rt}'s compartment index"
+                )))?;
         }
         let counts = std::mem::take(&mut self.counts);
-        if !self.tx.commit(&counts, before_commit).await? {
+        let committed = self
+            .tx
+            .commit(&counts, before_commit)
+            .await
+            .map_err(LoadError::during("committing"))?;
+        if !committed {
             return Err(LoadError::Abandoned);
         }
         Ok(counts)

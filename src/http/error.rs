@@ -344,6 +344,14 @@ impl From<LoadError> for ApiError {
                 format!("{message}; nothing was written, try again"),
             ),
             LoadError::Store(store) => store.into(),
+            LoadError::Statement { error, .. } => {
+                let api = ApiError::from(error);
+                // The step is for the log; the client's 500 says no more than before.
+                ApiError {
+                    cause: Some(format!("the load failed {message}")),
+                    ..api
+                }
+            }
         }
     }
 }

@@ -64,9 +64,13 @@ impl LoadTx {
         is_empty(&*self.conn, rt).await
     }
 
-    /// See [`suspend_index`].
-    pub async fn suspend_index(&self, rt: ResourceType) -> Result<bool, StoreError> {
-        suspend_index(&*self.conn, rt).await
+    /// See [`suspend_index`]. `single_type`: this load writes `rt` only.
+    pub async fn suspend_index(
+        &self,
+        rt: ResourceType,
+        single_type: bool,
+    ) -> Result<bool, StoreError> {
+        suspend_index(&*self.conn, rt, single_type).await
     }
 
     /// See [`restore_index`].
@@ -175,21 +179,51 @@ async fn is_empty(client: &impl GenericClient, rt: ResourceType) -> Result<bool,
 /// Drops `rt`'s compartment index for the rest of this transaction, so that a load into an
 /// empty table builds it once at the end ([`restore_index`]) instead of updating it row by
 /// row (about a fifth of such a load's time). The drop locks the table until the load
-/// commits; if another transaction holds the table (a `$dump` reading it), the drop gives up
-/// after a second and the load keeps the index up to date as usual. `false`: not dropped.
-async fn suspend_index(client: &impl GenericClient, rt: ResourceType) -> Result<bool, StoreError> {
+/// commits. `false`: not dropped, and the load keeps the index up to date as usual.
+///
+/// Loads run at once (two inputs of one type in an `$import`, concurrent `$load`s) must not
+/// deadlock on this DDL, so a load drops an index only when nothing can wait for it in a
+/// cycle:
+/// - only one load at a time per table may try (an advisory lock, not waited for), and it
+///   takes the table's lock without waiting (`NOWAIT`: another load or a `$dump` already in
+///   the table means no drop);
+/// - a load of several types (a mixed `$load`, which may go on to wait for another table)
+///   may drop only while no other mixed load holds a dropped index (one more advisory lock).
+///
+/// So whoever holds a dropped index either touches no other table or is the only mixed load
+/// doing so: others may wait for it, it waits for no one who waits for it.
+async fn suspend_index(
+    client: &impl GenericClient,
+    rt: ResourceType,
+    single_type: bool,
+) -> Result<bool, StoreError> {
     let Some((name, _)) = super::export::compartment_index(rt) else {
         return Ok(false);
     };
+    // Both keys are fhirbox's constants and a table name from the closed type list.
+    let allowed: bool = client
+        .query_one(
+            "SELECT pg_try_advisory_xact_lock(hashtext('fhirbox_suspend_index'), hashtext($1))
+                AND ($2 OR pg_try_advisory_xact_lock(hashtext('fhirbox_suspend_index'), 0))",
+            &[&rt.table_name(), &single_type],
+        )
+        .await?
+        .get(0);
+    if !allowed {
+        return Ok(false);
+    }
     client
-        .batch_execute("SAVEPOINT fhirbox_suspend_index; SET LOCAL lock_timeout = '1s'")
+        .batch_execute("SAVEPOINT fhirbox_suspend_index")
         .await?;
     // The index name is built from the closed type list, never from a request.
     let dropped = client
-        .batch_execute(&format!("DROP INDEX IF EXISTS {name}"))
+        .batch_execute(&format!(
+            "LOCK TABLE {} IN ACCESS EXCLUSIVE MODE NOWAIT; DROP INDEX IF EXISTS {name}",
+            rt.table()
+        ))
         .await;
     let restore = match &dropped {
-        Ok(()) => "SET LOCAL lock_timeout TO DEFAULT; RELEASE SAVEPOINT fhirbox_suspend_index",
+        Ok(()) => "RELEASE SAVEPOINT fhirbox_suspend_index",
         Err(_) => {
             "ROLLBACK TO SAVEPOINT fhirbox_suspend_index; RELEASE SAVEPOINT fhirbox_suspend_index"
         }

@@ -54,13 +54,29 @@ pub enum StoreError {
     Pool(#[from] deadpool_postgres::PoolError),
     #[error("could not set up the connection pool: {0}")]
     PoolBuild(#[from] deadpool_postgres::BuildError),
-    #[error("database error: {0}")]
+    #[error("{}", describe(.0))]
     Db(#[from] tokio_postgres::Error),
     #[error("{resource_type}/{id} already exists")]
     AlreadyExists { resource_type: String, id: String },
     /// A request fhirbox should have refused earlier reached the database layer.
     #[error("{0}")]
     Invalid(String),
+}
+
+/// A database error in words: PostgreSQL's message and SQLSTATE when the server refused a
+/// statement (tokio-postgres alone says only "db error"), else what broke.
+fn describe(error: &tokio_postgres::Error) -> String {
+    match error.as_db_error() {
+        Some(db) => format!(
+            "PostgreSQL: {} [SQLSTATE {}]",
+            db.message(),
+            db.code().code()
+        ),
+        None => match std::error::Error::source(error) {
+            Some(source) => format!("database connection: {error}: {source}"),
+            None => format!("database connection: {error}"),
+        },
+    }
 }
 
 impl StoreError {
