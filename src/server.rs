@@ -203,6 +203,15 @@ async fn serve_with_database(
             .transpose()
             .map_err(ServeError::DatabaseUrl)
     };
+    // Bound first: the address it got (port 0 picks one) is the public base SMART falls back
+    // on without --base-url.
+    let listener = TcpListener::bind(args.listen)
+        .await
+        .map_err(|source| ServeError::Listen {
+            addr: args.listen,
+            source,
+        })?;
+    let bound = listener.local_addr().map_err(ServeError::Serve)?;
     let settings = AppSettings {
         pool_size: args.db_pool_size,
         pool_wait: Duration::from_secs(args.db_wait.max(1)),
@@ -254,6 +263,14 @@ async fn serve_with_database(
             views: view_limits(args),
             view_session: view_session(args),
             base_url: args.base_url.clone(),
+            listen_base: (!bound.ip().is_unspecified()).then(|| {
+                let scheme = if args.tls_cert.is_some() {
+                    "https"
+                } else {
+                    "http"
+                };
+                format!("{scheme}://{bound}")
+            }),
             connections: http::serve::ConnectionSettings {
                 header_timeout: Duration::from_secs(args.http_header_timeout.max(1)),
                 tls: tls_config(args)?,
@@ -265,12 +282,6 @@ async fn serve_with_database(
     log_configuration(args, &config, &settings);
     let root = load_root_password(args)?;
     let state = app::build(config, root, settings).await?;
-    let listener = TcpListener::bind(args.listen)
-        .await
-        .map_err(|source| ServeError::Listen {
-            addr: args.listen,
-            source,
-        })?;
 
     let stopping = state.clone();
     let stop = CancellationToken::new();
@@ -371,6 +382,11 @@ fn log_configuration(args: &ServeArgs, config: &tokio_postgres::Config, settings
         metrics = ?args.metrics_listen,
         "configuration"
     );
+    if args.base_url.is_none() && args.listen.ip().is_unspecified() {
+        tracing::warn!(
+            "no --base-url and no one listen address: the SMART token endpoint refuses every request (it checks an assertion's aud against the public base URL, never against Host)"
+        );
+    }
 }
 
 /// Where loads may read from and how, from the command line.

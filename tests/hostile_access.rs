@@ -5,6 +5,8 @@
 
 mod common;
 
+use std::time::{Duration, Instant};
+
 use common::keys::{jwks, SigningKey, Tls};
 use common::smart::{access_token, https_server, register, with_token};
 use common::{diagnostics, TestServer};
@@ -397,4 +399,375 @@ async fn a_star_scope_does_not_read_clients_or_policies() {
         .await;
     assert_eq!(status, StatusCode::OK, "{body}");
     assert!(body.get("secret").is_none());
+}
+
+// Row 5: the token endpoint's audience is the configured base URL, never `Host`.
+
+#[tokio::test]
+async fn an_assertion_for_another_host_gets_no_token_whatever_host_says() {
+    let tls = Tls::new();
+    let key = SigningKey::es384();
+    let server = smart_server(&tls, &key, "system/*.rs", 0).await;
+    let evil = key.assertion("reader", "https://evil.example/auth/token", 120);
+    let response = server
+        .client
+        .post(server.url("/auth/token"))
+        .header("host", "evil.example")
+        .form(&[
+            ("grant_type", "client_credentials"),
+            (
+                "client_assertion_type",
+                "urn:ietf:params:oauth:client-assertion-type:jwt-bearer",
+            ),
+            ("client_assertion", evil.as_str()),
+            ("scope", "system/*.rs"),
+        ])
+        .send()
+        .await
+        .expect("sent");
+    assert_eq!(response.status(), StatusCode::BAD_REQUEST);
+    let body: Value = response.json().await.expect("json");
+    assert_eq!(body["error"], "invalid_client", "{body}");
+}
+
+#[tokio::test]
+async fn without_a_base_url_the_token_endpoint_says_it_needs_one() {
+    let database = common::fresh_database().await;
+    let url = common::cluster().url(&database);
+    let dir = tempfile::tempdir().expect("dir");
+    let data = dir.path().to_str().expect("utf-8").to_string();
+    // Listening on every address: no one address to be the public base either.
+    let server = common::process::ServerProcess::start(&[
+        "--listen",
+        "0.0.0.0:0",
+        "--database-url",
+        &url,
+        "--data-dir",
+        &data,
+        "--admin-password",
+        "root-pw",
+    ]);
+    assert!(
+        server.log().iter().any(|l| l.contains("no --base-url")),
+        "a warning at start-up"
+    );
+    let response = common::http_client()
+        .post(format!("{}/auth/token", server.base))
+        .header("host", "evil.example")
+        .form(&[("grant_type", "client_credentials")])
+        .send()
+        .await
+        .expect("sent");
+    let body: Value = response.json().await.expect("json");
+    assert!(
+        body["error_description"]
+            .as_str()
+            .is_some_and(|d| d.contains("--base-url")),
+        "{body}"
+    );
+}
+
+// Row 9: a JWK Set fetched over https never continues over plain http.
+
+#[tokio::test]
+async fn a_jwks_uri_redirecting_to_plain_http_is_refused() {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Arc;
+    let tls = Tls::new();
+    let key = SigningKey::es384();
+    // The JWK Set in clear, counting who reads it.
+    let hits = Arc::new(AtomicUsize::new(0));
+    let counted = hits.clone();
+    let set = jwks(&[&key]).to_string();
+    let plain = axum::Router::new().route(
+        "/jwks.json",
+        axum::routing::get(move || {
+            counted.fetch_add(1, Ordering::SeqCst);
+            let set = set.clone();
+            async move { set }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let plain_url = format!(
+        "http://{}/jwks.json",
+        listener.local_addr().expect("address")
+    );
+    tokio::spawn(async move { axum::serve(listener, plain).await });
+    let redirect = axum::Router::new().route(
+        "/jwks.json",
+        axum::routing::get(move || {
+            let to = plain_url.clone();
+            async move { axum::response::Redirect::temporary(&to) }
+        }),
+    );
+    let base = common::smart::https_app(&tls, redirect).await;
+    let server = https_server(&tls, |_| {}).await;
+    register(
+        &server,
+        "hosted",
+        json!({"grant_types": ["client_credentials"], "scope": ["system/*.rs"], "jwks_uri": format!("{base}/jwks.json")}),
+    )
+    .await;
+    let assertion = key.assertion("hosted", &common::smart::token_url(&server), 120);
+    let (status, body) = common::smart::token_with(&server, &assertion, "system/*.rs").await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
+    assert_eq!(
+        hits.load(Ordering::SeqCst),
+        0,
+        "the JWK Set never travelled in clear"
+    );
+}
+
+// Row 10: throttled per address and per client, one answer for every failure, bounded and
+// shared JWK fetches.
+
+#[tokio::test(flavor = "multi_thread")]
+async fn one_address_failing_does_not_slow_other_clients() {
+    let tls = Tls::new();
+    let key = SigningKey::es384();
+    let server = smart_server(&tls, &key, "system/*.rs", 0).await;
+    let url = common::smart::token_url(&server);
+    let stranger = SigningKey::es384();
+    let attacker = common::smart::client_from(&tls, "127.0.0.3");
+    for _ in 0..28 {
+        let forged = stranger.assertion("reader", &url, 60);
+        let _ = attacker
+            .post(&url)
+            .form(&[
+                ("grant_type", "client_credentials"),
+                (
+                    "client_assertion_type",
+                    "urn:ietf:params:oauth:client-assertion-type:jwt-bearer",
+                ),
+                ("client_assertion", forged.as_str()),
+                ("scope", "system/*.rs"),
+            ])
+            .send()
+            .await
+            .expect("sent");
+    }
+    // Another client, from another address.
+    register(
+        &server,
+        "bystander",
+        json!({"grant_types": ["client_credentials"], "jwks": jwks(&[&key]), "scope": "system/*.rs"}),
+    )
+    .await;
+    let started = Instant::now();
+    let response = common::smart::client_from(&tls, "127.0.0.4")
+        .post(&url)
+        .form(&[
+            ("grant_type", "client_credentials"),
+            (
+                "client_assertion_type",
+                "urn:ietf:params:oauth:client-assertion-type:jwt-bearer",
+            ),
+            (
+                "client_assertion",
+                key.assertion("bystander", &url, 60).as_str(),
+            ),
+            ("scope", "system/*.rs"),
+        ])
+        .send()
+        .await
+        .expect("sent");
+    assert_eq!(response.status(), StatusCode::OK);
+    assert!(
+        started.elapsed() < Duration::from_millis(500),
+        "{:?}",
+        started.elapsed()
+    );
+}
+
+#[tokio::test]
+async fn every_refused_assertion_gets_the_same_answer() {
+    let tls = Tls::new();
+    let key = SigningKey::es384();
+    let server = smart_server(&tls, &key, "system/*.rs", 0).await;
+    register(
+        &server,
+        "basic-only",
+        json!({"grant_types": ["basic"], "secret": "s", "jwks": jwks(&[&key])}),
+    )
+    .await;
+    let url = common::smart::token_url(&server);
+    let stranger = SigningKey::es384();
+    let mut answers = Vec::new();
+    for assertion in [
+        stranger.assertion("reader", &url, 60),
+        key.assertion("nobody", &url, 60),
+        key.assertion("basic-only", &url, 60),
+    ] {
+        let (status, body) = common::smart::token_with(&server, &assertion, "system/*.rs").await;
+        assert_eq!(status, StatusCode::BAD_REQUEST);
+        assert!(!body.to_string().contains(&key.kid), "no kid named: {body}");
+        answers.push(body);
+    }
+    assert!(answers.iter().all(|a| *a == answers[0]), "{answers:?}");
+}
+
+/// An HTTPS JWK Set server that answers after `delay` (or trickles forever), counting hits.
+async fn jwks_server(
+    tls: &Tls,
+    key: &SigningKey,
+    trickle: bool,
+) -> (String, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let hits = std::sync::Arc::new(AtomicUsize::new(0));
+    let counted = hits.clone();
+    let set = jwks(&[key]).to_string();
+    let app = axum::Router::new().route(
+        "/jwks.json",
+        axum::routing::get(move || {
+            counted.fetch_add(1, Ordering::SeqCst);
+            let set = set.clone();
+            async move {
+                let body = if trickle {
+                    // One byte a second, for ever.
+                    let bytes = futures_util::stream::unfold((), |()| async {
+                        tokio::time::sleep(Duration::from_secs(1)).await;
+                        Some((Ok::<_, std::io::Error>(bytes::Bytes::from_static(b" ")), ()))
+                    });
+                    axum::body::Body::from_stream(bytes)
+                } else {
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                    axum::body::Body::from(set)
+                };
+                (
+                    [
+                        ("content-type", "application/json"),
+                        ("cache-control", "max-age=60"),
+                    ],
+                    body,
+                )
+            }
+        }),
+    );
+    let base = common::smart::https_app(tls, app).await;
+    (format!("{base}/jwks.json"), hits)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn jwk_fetches_have_a_deadline_and_are_shared() {
+    use std::sync::atomic::Ordering;
+    let tls = Tls::new();
+    let key = SigningKey::es384();
+    let server = https_server(&tls, |_| {}).await;
+    let url = common::smart::token_url(&server);
+    // A trickling JWK server does not hold a token request for long.
+    let (slow_uri, _) = jwks_server(&tls, &key, true).await;
+    register(&server, "trickler", json!({"grant_types": ["client_credentials"], "scope": ["system/*.rs"], "jwks_uri": slow_uri})).await;
+    let started = Instant::now();
+    let (status, _) =
+        common::smart::token_with(&server, &key.assertion("trickler", &url, 60), "system/*.rs")
+            .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    assert!(
+        started.elapsed() < Duration::from_secs(15),
+        "{:?}",
+        started.elapsed()
+    );
+    // Eight token requests at once make one fetch.
+    let (uri, hits) = jwks_server(&tls, &key, false).await;
+    register(
+        &server,
+        "hosted",
+        json!({"grant_types": ["client_credentials"], "scope": ["system/*.rs"], "jwks_uri": uri}),
+    )
+    .await;
+    let requests = (0..8).map(|_| {
+        let assertion = key.assertion("hosted", &url, 60);
+        let server = &server;
+        async move {
+            common::smart::token_with(server, &assertion, "system/*.rs")
+                .await
+                .0
+        }
+    });
+    let statuses = futures_util::future::join_all(requests).await;
+    assert!(
+        statuses.iter().all(|s| *s == StatusCode::OK),
+        "{statuses:?}"
+    );
+    assert_eq!(hits.load(Ordering::SeqCst), 1);
+}
+
+// Row 11: tokens and assertions from the future, and tokens of a Client that changed.
+
+#[tokio::test]
+async fn assertions_from_the_future_are_refused() {
+    let tls = Tls::new();
+    let key = SigningKey::es384();
+    let server = smart_server(&tls, &key, "system/*.rs", 0).await;
+    let url = common::smart::token_url(&server);
+    let now = chrono::Utc::now().timestamp();
+    for (what, extra) in [
+        ("nbf", json!({"nbf": now + 200})),
+        ("iat", json!({"iat": now + 10_000})),
+    ] {
+        let mut claims = json!({"iss": "reader", "sub": "reader", "aud": url, "exp": now + 120,
+                                "jti": uuid::Uuid::new_v4().to_string()});
+        claims[what] = extra[what].clone();
+        let (status, body) =
+            common::smart::token_with(&server, &key.sign(&claims), "system/*.rs").await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{what}: {body}");
+    }
+}
+
+#[tokio::test]
+async fn a_token_dies_when_its_client_changes() {
+    let tls = Tls::new();
+    let key = SigningKey::es384();
+    let server = smart_server(&tls, &key, "system/*.rs", 0).await;
+    let works = |token: String| {
+        let request = with_token(&server, Method::GET, "/Patient", &token);
+        async move { request.send().await.expect("sent").status() }
+    };
+    let client = |scope: &str, keys: Value| json!({"resourceType": "Client", "grant_types": ["client_credentials"], "jwks": keys, "scope": scope});
+    // The scope narrowed.
+    let token = access_token(&server, "reader", &key, "system/*.rs").await;
+    assert_eq!(works(token.clone()).await, StatusCode::OK);
+    let (status, _) = server
+        .json(
+            Method::PUT,
+            "/Client/reader",
+            &client("system/Patient.rs", jwks(&[&key])),
+        )
+        .await;
+    assert!(status.is_success());
+    assert_eq!(works(token).await, StatusCode::UNAUTHORIZED);
+    // Its keys removed.
+    let token = access_token(&server, "reader", &key, "system/Patient.rs").await;
+    let (status, _) = server
+        .json(
+            Method::PUT,
+            "/Client/reader",
+            &client("system/Patient.rs", json!({"keys": []})),
+        )
+        .await;
+    assert!(status.is_success());
+    assert_eq!(works(token).await, StatusCode::UNAUTHORIZED);
+    // Deleted and created again, the same.
+    let (status, _) = server
+        .json(
+            Method::PUT,
+            "/Client/reader",
+            &client("system/Patient.rs", jwks(&[&key])),
+        )
+        .await;
+    assert!(status.is_success());
+    let token = access_token(&server, "reader", &key, "system/Patient.rs").await;
+    assert_eq!(works(token.clone()).await, StatusCode::OK);
+    assert_eq!(server.delete("/Client/reader").await.0, StatusCode::OK);
+    let (status, _) = server
+        .json(
+            Method::PUT,
+            "/Client/reader",
+            &client("system/Patient.rs", jwks(&[&key])),
+        )
+        .await;
+    assert_eq!(status, StatusCode::CREATED);
+    assert_eq!(works(token).await, StatusCode::UNAUTHORIZED);
 }

@@ -25,11 +25,20 @@ pub struct Server {
 impl Server {
     pub fn start(database_url: &str, extra_args: &[&str]) -> Server {
         let data_dir = tempfile::tempdir().expect("temp dir");
+        // A port chosen here, so the public base URL (which SMART needs) is known up front.
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("a free port")
+            .port();
+        let listen = format!("127.0.0.1:{port}");
+        let base_url = format!("http://{listen}");
         let mut child = Command::new(env!("CARGO_BIN_EXE_fhirbox"))
             .arg("serve")
             .args([
                 "--listen",
-                "127.0.0.1:0",
+                &listen,
+                "--base-url",
+                &base_url,
                 "--database-url",
                 database_url,
                 "--admin-password",

@@ -11,7 +11,7 @@
 //! for this client within its lifetime (kept in the database, so across processes).
 
 use std::collections::HashMap;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use base64::Engine as _;
@@ -69,13 +69,26 @@ fn invalid_client(description: impl Into<String>) -> OAuthError {
 struct Claims {
     iss: Option<String>,
     exp: Option<i64>,
+    iat: Option<i64>,
     jti: Option<String>,
 }
+
+/// How long fetching a JWK Set may take in all (a server that trickles its answer must not
+/// hold a token request for minutes).
+const FETCH_DEADLINE: Duration = Duration::from_secs(10);
 
 /// Fetched JWK Sets by URL.
 #[derive(Default)]
 pub struct KeyCache {
     sets: Mutex<HashMap<String, (JwkSet, Instant, Duration)>>,
+    /// One fetch at a time per URL: token requests arriving together wait for it and share it.
+    fetching: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+}
+
+/// The `iss` an assertion claims, before anything is verified (to count failures per
+/// client), if it has one.
+pub fn claimed_issuer(assertion: &str) -> Option<String> {
+    payload(assertion).ok()?.iss
 }
 
 /// Checks a Client's SMART registration when it is written: `jwks` a JWK Set whose keys are
@@ -184,6 +197,13 @@ pub async fn verify(
         return Err(invalid_client("the client_assertion needs exp and jti"));
     };
     let now = chrono::Utc::now().timestamp();
+    // RFC 7523: an assertion issued in the future is refused (`nbf` is checked with the
+    // signature).
+    if claims.iat.is_some_and(|iat| iat > now + LEEWAY as i64) {
+        return Err(invalid_client(
+            "the client_assertion's iat is in the future",
+        ));
+    }
     if exp > now + MAX_LIFETIME + LEEWAY as i64 {
         return Err(invalid_client(
             "the client_assertion's exp is more than five minutes ahead",
@@ -234,6 +254,7 @@ fn check_signature(
     validation.sub = Some(client_id.to_string());
     validation.set_required_spec_claims(&["exp", "iss", "sub", "aud"]);
     validation.leeway = LEEWAY;
+    validation.validate_nbf = true;
     decode::<Claims>(assertion, key, &validation)
         .map(|data| data.claims)
         .map_err(|e| {
@@ -246,6 +267,7 @@ fn check_signature(
                     format!("its aud is not the token endpoint ({token_url})")
                 }
                 ErrorKind::ExpiredSignature => "it has expired".to_string(),
+                ErrorKind::ImmatureSignature => "its nbf is in the future".to_string(),
                 ErrorKind::InvalidIssuer => "its iss is not the client id".to_string(),
                 ErrorKind::InvalidSubject => "its sub is not the client id".to_string(),
                 ErrorKind::MissingRequiredClaim(claim) => format!("it has no {claim}"),
@@ -306,8 +328,27 @@ impl KeyCache {
                 Err(_) => {}
             }
         }
-        let (body, max_age) = fetch(uri.to_string())
+        // One fetch per URL at a time; whoever waited for it reads what it cached.
+        let turn = self.turn(uri);
+        let _turn = turn.lock().await;
+        let fresh = self
+            .lock()
+            .get(uri)
+            .filter(|(_, at, max_age)| {
+                at.elapsed() < *max_age && cached.as_ref().is_none_or(|(_, before)| at > before)
+            })
+            .map(|(set, _, _)| set.clone());
+        if let Some(set) = fresh {
+            return pick(&set, kid, alg);
+        }
+        let (body, max_age) = tokio::time::timeout(FETCH_DEADLINE, fetch(uri.to_string()))
             .await
+            .map_err(|_| {
+                invalid_client(format!(
+                    "the Client's jwks_uri did not answer within {} s",
+                    FETCH_DEADLINE.as_secs()
+                ))
+            })?
             .map_err(|e| invalid_client(format!("the Client's jwks_uri cannot be read: {e}")))?;
         let set: JwkSet = serde_json::from_slice(&body)
             .map_err(|e| invalid_client(format!("the Client's jwks_uri is not a JWK Set: {e}")))?;
@@ -315,6 +356,14 @@ impl KeyCache {
         self.lock()
             .insert(uri.to_string(), (set.clone(), Instant::now(), max_age));
         pick(&set, kid, alg)
+    }
+
+    /// The lock fetches of `uri` take turns on.
+    fn turn(&self, uri: &str) -> Arc<tokio::sync::Mutex<()>> {
+        let mut fetching = self.fetching.lock().unwrap_or_else(|p| p.into_inner());
+        // Forget the turns nobody waits on (bounded by the registered jwks_uris anyway).
+        fetching.retain(|_, turn| Arc::strong_count(turn) > 1);
+        fetching.entry(uri.to_string()).or_default().clone()
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, (JwkSet, Instant, Duration)>> {

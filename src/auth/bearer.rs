@@ -24,6 +24,9 @@ struct Claims {
     exp: i64,
     iat: i64,
     jti: String,
+    /// The Client's generation when the token was issued (see `ClientRecord::generation`).
+    #[serde(default)]
+    gen: String,
 }
 
 /// Issues and checks access tokens.
@@ -38,6 +41,8 @@ pub struct Bearer {
 pub struct Grant {
     pub client_id: String,
     pub scopes: Scopes,
+    /// The generation of the Client it was issued to; the Client must still have it.
+    pub generation: String,
 }
 
 impl Bearer {
@@ -54,8 +59,13 @@ impl Bearer {
         self.lifetime.as_secs()
     }
 
-    /// A token for `client_id` with `scopes`.
-    pub fn issue(&self, client_id: &str, scopes: &Scopes) -> Result<String, AuthError> {
+    /// A token for `client_id` (now at `generation`) with `scopes`.
+    pub fn issue(
+        &self,
+        client_id: &str,
+        generation: &str,
+        scopes: &Scopes,
+    ) -> Result<String, AuthError> {
         let now = chrono::Utc::now().timestamp();
         let claims = Claims {
             iss: ISSUER.to_string(),
@@ -64,6 +74,7 @@ impl Bearer {
             exp: now + self.lifetime.as_secs() as i64,
             iat: now,
             jti: crate::resource::new_id(),
+            gen: generation.to_string(),
         };
         encode(&Header::new(Algorithm::HS256), &claims, &self.encoding)
             .map_err(|e| AuthError::Hashing(e.to_string()))
@@ -81,6 +92,7 @@ impl Bearer {
         Ok(Grant {
             client_id: data.claims.sub,
             scopes: Scopes::parse(&data.claims.scope),
+            generation: data.claims.gen,
         })
     }
 }
@@ -96,7 +108,7 @@ mod tests {
             Duration::from_secs(300),
         );
         let scopes = Scopes::parse("system/Patient.rs");
-        let token = bearer.issue("bulk", &scopes).expect("issued");
+        let token = bearer.issue("bulk", "g1", &scopes).expect("issued");
         let grant = bearer.check(&token).expect("valid");
         assert_eq!(grant.client_id, "bulk");
         assert_eq!(grant.scopes, scopes);
@@ -112,7 +124,7 @@ mod tests {
         tampered.insert(token.find('.').expect("a dot") + 3, 'x');
         assert!(bearer.check(&tampered).is_err());
         let expired = Bearer::new(b"0123456789abcdef0123456789abcdef", Duration::ZERO);
-        let token = expired.issue("bulk", &scopes).expect("issued");
+        let token = expired.issue("bulk", "g1", &scopes).expect("issued");
         std::thread::sleep(Duration::from_millis(1100));
         assert!(expired.check(&token).is_err());
     }

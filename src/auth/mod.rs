@@ -168,10 +168,16 @@ impl Authenticator {
                 let conn = store.connection().await?;
                 let client = clients::find(&conn, &grant.client_id).await?;
                 // A Client deleted (or no longer allowed client_credentials) since the token
-                // was issued: its tokens die with it.
+                // was issued: its tokens die with it. So do they when its scope, keys or
+                // grants changed, or when it was deleted and created again.
                 let client = client
                     .filter(|c| c.has_grant("client_credentials"))
                     .ok_or_else(|| AuthError::InvalidToken("its Client is gone".into()))?;
+                if client.generation() != grant.generation {
+                    return Err(AuthError::InvalidToken(
+                        "its Client's registration changed since it was issued".into(),
+                    ));
+                }
                 Ok(Authenticated {
                     subject: Subject::Client(client),
                     scopes: Some(grant.scopes),

@@ -13,6 +13,9 @@ use super::scope::Scopes;
 use super::{AuthError, Authenticator};
 use crate::store::Store;
 
+/// What the token endpoint says of any assertion it does not accept.
+pub const REFUSED: &str = "the client assertion was not accepted (the server's log says why)";
+
 /// The only client assertion type.
 pub const JWT_BEARER: &str = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer";
 
@@ -78,9 +81,12 @@ impl Authenticator {
                 "scope is missing or has no system/ scope fhirbox knows (system/Patient.rs, system/*.rs, system/*.read)",
             ));
         }
+        // Failures count against the client address and against the client id the
+        // assertion claims (its back-off), never against one key shared by everyone.
+        let claimed = assertion::claimed_issuer(&assertion).unwrap_or_default();
         let attempt = self
             .guard
-            .admit("token endpoint", address)
+            .admit(&format!("Client/{claimed}"), address)
             .await
             .map_err(|e| match e {
                 AuthError::Throttled { retry_after } => error(
@@ -94,7 +100,16 @@ impl Authenticator {
             })?;
         let verified = assertion::verify(&assertion, token_url, store, &self.keys, fetch).await;
         attempt.finish(verified.is_ok());
-        let client = verified?;
+        // Every way an assertion fails is one answer, which tells a caller nothing about
+        // which clients exist or which keys they have; the reason goes to the log.
+        let client = verified.map_err(|refused| {
+            tracing::info!(
+                client = %claimed,
+                reason = %refused.description,
+                "a client assertion was refused"
+            );
+            error("invalid_client", REFUSED)
+        })?;
         let registered = match client.resource.get("scope") {
             Some(serde_json::Value::String(text)) => Scopes::parse(text),
             Some(serde_json::Value::Array(items)) => {
@@ -114,7 +129,7 @@ impl Authenticator {
         }
         let access_token = self
             .bearer
-            .issue(&client.id, &granted)
+            .issue(&client.id, &client.generation(), &granted)
             .map_err(|e| error("server_error", e.to_string()))?;
         Ok(TokenResponse {
             access_token,

@@ -87,6 +87,9 @@ pub struct Settings {
     pub view_session: crate::store::session::SessionLimits,
     /// Public base URL for links; `None`: from the request's `Host`.
     pub base_url: Option<String>,
+    /// Without `base_url`, the URL of the address fhirbox listens on, when that is one
+    /// address (not `0.0.0.0`): what SMART's token endpoint is, since `Host` may not say.
+    pub listen_base: Option<String>,
     /// Time limits of connections.
     pub connections: serve::ConnectionSettings,
 }
@@ -115,6 +118,17 @@ pub async fn serve(
 ) -> std::io::Result<()> {
     let connections = state.settings.connections.clone();
     serve::serve_app(listener, app(state), connections, shutdown).await
+}
+
+impl Settings {
+    /// The public base URL that security decisions use (SMART's `aud`): `--base-url`, else
+    /// the one address fhirbox listens on; never `Host`.
+    pub fn trusted_base(&self) -> Option<&str> {
+        self.base_url
+            .as_deref()
+            .or(self.listen_base.as_deref())
+            .map(|base| base.trim_end_matches('/'))
+    }
 }
 
 /// The routes that follow a background job: its status (and cancel), and an export's files.

@@ -26,7 +26,11 @@ const MAX_JWKS: usize = 256 * 1024;
 
 pub async fn configuration(State(state): State<AppState>, request: Request) -> Response {
     let (parts, _) = request.into_parts();
-    let origin = origin(&parts, &state.settings);
+    // The token endpoint that checks assertions against it; else where the caller came.
+    let origin = match state.settings.trusted_base() {
+        Some(base) => base.to_string(),
+        None => origin(&parts, &state.settings),
+    };
     let document = json!({
         "issuer": origin,
         "token_endpoint": format!("{origin}/auth/token"),
@@ -49,7 +53,17 @@ pub async fn configuration(State(state): State<AppState>, request: Request) -> R
 
 pub async fn token(State(state): State<AppState>, request: Request) -> Response {
     let (mut parts, body) = request.into_parts();
-    let token_url = format!("{}/auth/token", origin(&parts, &state.settings));
+    // The assertion's aud must be this endpoint's public URL, which only the configuration
+    // can say: the Host header is the caller's to choose.
+    let Some(base) = state.settings.trusted_base() else {
+        return oauth_error(
+            "server_error",
+            "the token endpoint needs fhirbox's public base URL (serve --base-url, or \
+             FHIRBOX_BASE_URL) to check an assertion's aud; SMART Backend Services is off \
+             until it is set",
+        );
+    };
+    let token_url = format!("{base}/auth/token");
     let address = ConnectInfo::<SocketAddr>::from_request_parts(&mut parts, &state)
         .await
         .ok()

@@ -12,6 +12,8 @@ pub struct ClientRecord {
     pub id: String,
     /// The version: a change of the Client invalidates cached verifications.
     pub txid: i64,
+    /// When this Client was created (a Client deleted and created again is another one).
+    pub created: chrono::DateTime<chrono::Utc>,
     /// The Client resource (without its secret, which is never in it).
     pub resource: Value,
     /// The secret's argon2 hash, if it has one.
@@ -19,6 +21,33 @@ pub struct ClientRecord {
 }
 
 impl ClientRecord {
+    /// What the Client's access tokens are bound to: a digest of when it was created and of
+    /// what it may do and how it proves who it is (`scope`, `grant_types`, `jwks`,
+    /// `jwks_uri`). Narrowing its scope, changing its keys or grants, or deleting and
+    /// creating it again changes it, and its tokens stop working at once.
+    pub fn generation(&self) -> String {
+        use sha2::{Digest, Sha256};
+        let mut digest = Sha256::new();
+        digest.update(self.created.timestamp_micros().to_le_bytes());
+        for key in ["scope", "grant_types", "jwks", "jwks_uri"] {
+            digest.update(key.as_bytes());
+            digest.update(
+                self.resource
+                    .get(key)
+                    .map(Value::to_string)
+                    .unwrap_or_default()
+                    .as_bytes(),
+            );
+            digest.update([0]);
+        }
+        digest
+            .finalize()
+            .iter()
+            .take(12)
+            .map(|b| format!("{b:02x}"))
+            .collect()
+    }
+
     /// Whether the Client's `grant_types` hold `grant` (`basic`, `client_credentials`).
     pub fn has_grant(&self, grant: &str) -> bool {
         self.resource
@@ -60,7 +89,7 @@ pub async fn find(
 ) -> Result<Option<ClientRecord>, StoreError> {
     let statement = client
         .prepare_cached(
-            "SELECT c.txid, c.resource, s.hash
+            "SELECT c.txid, c.resource, s.hash, c.cts
                FROM client c LEFT JOIN fhirbox_client_secret s ON s.id = c.id
               WHERE c.id = $1",
         )
@@ -71,5 +100,6 @@ pub async fn find(
         txid: row.get(0),
         resource: row.get(1),
         hash: row.get(2),
+        created: row.get(3),
     }))
 }

@@ -359,6 +359,11 @@ impl Built {
             None => "http",
         };
         server.base = format!("{scheme}://{}", listener.local_addr().expect("local addr"));
+        // As a deployment must for SMART (the token endpoint checks aud against it).
+        let mut state = state;
+        if state.settings.base_url.is_none() {
+            std::sync::Arc::make_mut(&mut state.settings).base_url = Some(server.base.clone());
+        }
         tokio::spawn(fhirbox::http::serve(
             listener,
             state,
@@ -420,6 +425,7 @@ pub fn test_settings(database: &str) -> AppSettings {
             views: Default::default(),
             view_session: view_session(),
             base_url: None,
+            listen_base: None,
             connections: fhirbox::http::serve::ConnectionSettings::default(),
         },
     }

@@ -93,3 +93,34 @@ pub fn with_token(
         .request(method, server.url(path))
         .bearer_auth(token)
 }
+
+/// Serves `app` over HTTPS with the test CA's certificate (a client's JWK Set server); its
+/// base URL.
+pub async fn https_app(tls: &Tls, app: axum::Router) -> String {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let base = format!("https://{}", listener.local_addr().expect("address"));
+    let settings = fhirbox::http::serve::ConnectionSettings {
+        tls: Some(fhirbox::http::serve::tls_config(&tls.cert_file, &tls.key_file).expect("TLS")),
+        ..Default::default()
+    };
+    tokio::spawn(fhirbox::http::serve::serve_app(
+        listener,
+        app,
+        settings,
+        std::future::pending(),
+    ));
+    base
+}
+
+/// A client whose requests come from `address` (any of 127.0.0.0/8 is this machine) and
+/// that trusts the test CA.
+pub fn client_from(tls: &Tls, address: &str) -> reqwest::Client {
+    super::http_client();
+    reqwest::Client::builder()
+        .add_root_certificate(reqwest::Certificate::from_der(&tls.ca_der).expect("CA"))
+        .local_address(address.parse::<std::net::IpAddr>().expect("address"))
+        .build()
+        .expect("client")
+}

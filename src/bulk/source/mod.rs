@@ -123,6 +123,17 @@ impl Sources {
                         "more than {MAX_REDIRECTS} redirects"
                     )));
                 }
+                // What started over TLS stays over TLS (a JWK Set, a source): no hop may
+                // take it to plain http.
+                let secure_before = attempt.previous().iter().any(|u| u.scheme() == "https");
+                if secure_before && attempt.url().scheme() != "https" {
+                    let refused = format!(
+                        "{} (a redirect from https to {} is refused)",
+                        attempt.url().scheme(),
+                        attempt.url()
+                    );
+                    return attempt.error(SourceError::Scheme(refused));
+                }
                 match check_url_host(attempt.url(), &redirect_policy) {
                     Ok(()) => attempt.follow(),
                     Err(error) => attempt.error(error),
