@@ -167,6 +167,38 @@ pub struct ServeArgs {
     #[arg(long, env = "FHIRBOX_VIEW_MAX_DEPTH", default_value_t = 16)]
     pub view_max_depth: usize,
 
+    /// Most rows one view may output: a run, each view of an export, a materialization.
+    #[arg(long, env = "FHIRBOX_VIEW_MAX_ROWS", default_value_t = 100_000_000)]
+    pub view_max_rows: u64,
+
+    /// Most bytes one view may output (a materialization: bytes of its rows as PostgreSQL
+    /// stores them).
+    #[arg(long, env = "FHIRBOX_VIEW_MAX_BYTES", default_value_t = 10 * 1024 * 1024 * 1024)]
+    pub view_max_bytes: u64,
+
+    /// Most resources one `$export` job may write.
+    #[arg(
+        long,
+        env = "FHIRBOX_EXPORT_MAX_ROWS",
+        default_value_t = 10_000_000_000
+    )]
+    pub export_max_rows: u64,
+
+    /// Most bytes one `$export` job (or view export) may write.
+    #[arg(long, env = "FHIRBOX_EXPORT_MAX_BYTES", default_value_t = 1024 * 1024 * 1024 * 1024)]
+    pub export_max_bytes: u64,
+
+    /// Jobs (`$import`, `$export`, view exports) one subject may have waiting or running;
+    /// more kick-offs get 429 with Retry-After.
+    #[arg(long, env = "FHIRBOX_JOBS_PER_SUBJECT", default_value_t = 8)]
+    pub jobs_per_subject: usize,
+
+    /// Tasks of one subject's jobs running at once, across every fhirbox process on the
+    /// database; the others wait, and a free worker takes the task of the subject running the
+    /// fewest.
+    #[arg(long, env = "FHIRBOX_JOB_TASKS_PER_SUBJECT", default_value_t = 2)]
+    pub job_tasks_per_subject: usize,
+
     /// Background tasks (`$import` inputs, `$export` resource types) this process runs at once.
     #[arg(long, env = "FHIRBOX_IMPORT_WORKERS", default_value_t = 2)]
     pub import_workers: usize,

@@ -20,6 +20,7 @@ use crate::auth::guard::GuardSettings;
 use crate::auth::root::Origin;
 use crate::auth::{AuthError, RootPassword};
 use crate::bulk::allowance::AllowanceSettings;
+use crate::bulk::bounds::OutputBounds;
 use crate::bulk::dump_sql::SqlLimits;
 use crate::bulk::export::ExportSettings;
 use crate::bulk::jobs::JobSettings;
@@ -228,6 +229,8 @@ async fn serve_with_database(
         jobs: JobSettings {
             workers: args.import_workers,
             lease: Duration::from_secs(args.import_lease.max(1)),
+            jobs_per_subject: args.jobs_per_subject.max(1),
+            tasks_per_subject: args.job_tasks_per_subject.max(1),
         },
         exports: ExportSettings {
             dir: args
@@ -245,6 +248,8 @@ async fn serve_with_database(
             view_session: view_session(args),
             parquet: parquet_row_groups(args),
             views: view_limits(args),
+            view_output: OutputBounds::views(args.view_max_rows, args.view_max_bytes),
+            output: OutputBounds::exports(args.export_max_rows, args.export_max_bytes),
         },
         guard: guard_settings(args),
         token_lifetime: Duration::from_secs(args.access_token_lifetime.max(1)),
@@ -262,6 +267,7 @@ async fn serve_with_database(
             parquet: parquet_row_groups(args),
             views: view_limits(args),
             view_session: view_session(args),
+            view_output: OutputBounds::views(args.view_max_rows, args.view_max_bytes),
             base_url: args.base_url.clone(),
             listen_base: (!bound.ip().is_unspecified()).then(|| {
                 let scheme = if args.tls_cert.is_some() {

@@ -516,3 +516,472 @@ fn a_database_error_in_a_job_is_said_in_words() {
         "while dropping AllergyIntolerance's compartment index: PostgreSQL: deadlock detected [SQLSTATE 40P01]"
     );
 }
+
+// Row 12: a materialized name belongs to one ViewDefinition.
+
+#[tokio::test]
+async fn a_second_view_cannot_take_over_a_materialized_name() {
+    let server = TestServer::start().await;
+    patients(&server, 5).await;
+    let (status, body) = server
+        .json(Method::PUT, "/", &json!([{"resourceType": "Observation", "id": "o1", "status": "final", "code": {"text": "x"}}]))
+        .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    for (id, resource) in [("first", "Patient"), ("second", "Observation")] {
+        let view = json!({"resourceType": "ViewDefinition", "name": "shared", "resource": resource,
+                          "select": [{"column": [{"name": "id", "path": "getResourceKey()"}]}]});
+        let (status, body) = server
+            .json(Method::PUT, &format!("/fhir/ViewDefinition/{id}"), &view)
+            .await;
+        assert!(status.is_success(), "{body}");
+    }
+    let materialize = |id: &'static str| {
+        let request = server.request(
+            Method::POST,
+            &format!("/fhir/ViewDefinition/{id}/$materialize?type=table"),
+        );
+        async move {
+            let response = request.send().await.expect("sent");
+            (
+                response.status(),
+                response.json::<Value>().await.unwrap_or_default(),
+            )
+        }
+    };
+    let rows = || async {
+        server
+            .db()
+            .await
+            .query_one("SELECT count(*) FROM sof.shared", &[])
+            .await
+            .map(|row| row.get::<_, i64>(0))
+            .ok()
+    };
+    assert_eq!(materialize("first").await.0, StatusCode::OK);
+    assert_eq!(rows().await, Some(5));
+    let (status, outcome) = materialize("second").await;
+    assert_eq!(status, StatusCode::CONFLICT, "{outcome}");
+    assert!(
+        diagnostics(&outcome).contains("ViewDefinition/first"),
+        "{outcome}"
+    );
+    assert_eq!(
+        rows().await,
+        Some(5),
+        "the first view's rows are still there"
+    );
+    // Deleting the owner drops its relation; then the name is free.
+    assert_eq!(
+        server.delete("/fhir/ViewDefinition/first").await.0,
+        StatusCode::OK
+    );
+    assert_eq!(rows().await, None, "sof.shared is gone with its view");
+    assert_eq!(materialize("second").await.0, StatusCode::OK);
+    assert_eq!(rows().await, Some(1));
+}
+
+// Row 6: per-subject job limits, fair scheduling, and bounded outputs.
+
+/// `n` Observations written straight into the table (fast, for tests of volume).
+async fn observations(server: &TestServer, n: usize) {
+    server
+        .db()
+        .await
+        .execute(
+            "INSERT INTO observation (id, cts, ts, resource_type, status, resource)
+             SELECT 'o' || g, now(), now(), 'Observation', 'created',
+                    jsonb_build_object('status', 'final', 'code', jsonb_build_object('text', repeat('x', 200)))
+               FROM generate_series(1, $1::int) g",
+            &[&(n as i32)],
+        )
+        .await
+        .expect("observations");
+}
+
+async fn kick_off_as(
+    server: &TestServer,
+    user: Option<(&str, &str)>,
+    path: &str,
+) -> reqwest::Response {
+    let mut request = server
+        .client
+        .get(server.url(path))
+        .header("accept", "application/fhir+json")
+        .header("prefer", "respond-async");
+    request = match user {
+        Some((name, secret)) => request.basic_auth(name, Some(secret)),
+        None => request.basic_auth("root", Some(common::ROOT_PASSWORD)),
+    };
+    request.send().await.expect("kick-off")
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn one_subjects_queue_neither_grows_without_bound_nor_starves_root() {
+    let server = TestServer::start_custom(common::fresh_database().await, |settings| {
+        settings.jobs.workers = 1;
+        settings.jobs.tasks_per_subject = 1;
+    })
+    .await;
+    observations(&server, 20_000).await;
+    let (status, body) = server
+        .json(
+            Method::PUT,
+            "/",
+            &json!([
+                {"resourceType": "Client", "id": "greedy", "secret": "pw", "grant_types": ["basic"]},
+                {"resourceType": "AccessPolicy", "id": "greedy-exports", "engine": "matcho",
+                 "matcho": {"uri": "/fhir/$export"},
+                 "link": [{"resourceType": "Client", "id": "greedy"}]}
+            ]),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let mut accepted = Vec::new();
+    let mut refused = 0;
+    for _ in 0..12 {
+        let response = kick_off_as(
+            &server,
+            Some(("greedy", "pw")),
+            "/fhir/$export?_type=Observation",
+        )
+        .await;
+        match response.status() {
+            StatusCode::ACCEPTED => accepted.push(
+                response.headers()["content-location"]
+                    .to_str()
+                    .expect("ascii")
+                    .to_string(),
+            ),
+            StatusCode::TOO_MANY_REQUESTS => {
+                assert!(response.headers().contains_key("retry-after"));
+                let outcome: Value = response.json().await.expect("json");
+                assert!(
+                    diagnostics(&outcome).contains("--jobs-per-subject"),
+                    "{outcome}"
+                );
+                refused += 1;
+            }
+            other => panic!("{other}"),
+        }
+    }
+    assert_eq!((accepted.len(), refused), (8, 4));
+    // Root's export starts next, not after the greedy client's eight.
+    let response = kick_off_as(&server, None, "/fhir/$export?_type=Observation").await;
+    assert_eq!(response.status(), StatusCode::ACCEPTED);
+    let root_status = response.headers()["content-location"]
+        .to_str()
+        .expect("ascii")
+        .to_string();
+    common::export::manifest(&server, &root_status).await;
+    for status in &accepted {
+        common::export::manifest(&server, status).await;
+    }
+    // When root's task ended, most of the greedy client's had not even started.
+    let after: i64 = server
+        .db()
+        .await
+        .query_one(
+            "SELECT count(*) FROM fhirbox_task t JOIN fhirbox_job j ON j.id = t.job_id
+              WHERE j.subject = 'Client/greedy'
+                AND t.started_at > (SELECT max(r.finished_at) FROM fhirbox_task r
+                                      JOIN fhirbox_job rj ON rj.id = r.job_id WHERE rj.subject = 'root')",
+            &[],
+        )
+        .await
+        .expect("count")
+        .get(0);
+    assert!(
+        after >= 5,
+        "root waited for {} of the greedy client's jobs",
+        8 - after
+    );
+}
+
+#[tokio::test]
+async fn a_view_run_past_its_bound_ends_with_an_error() {
+    let server = TestServer::start_custom(common::fresh_database().await, |settings| {
+        settings.http.view_output = fhirbox::bulk::bounds::OutputBounds::views(100, 1 << 30);
+    })
+    .await;
+    reader(&server).await;
+    patients(&server, 500).await;
+    let view = json!({"resourceType": "ViewDefinition", "resource": "Patient",
+                      "select": [{"column": [{"name": "id", "path": "getResourceKey()"}]}]});
+    let (status, body) = run_view(&server, &view, "csv").await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
+    assert!(body.contains("--view-max-rows"), "{body}");
+}
+
+/// Waits for an export's status to end; the last status and its body.
+async fn export_ended(server: &TestServer, status_url: &str) -> (StatusCode, Value) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let response = common::export::as_root(server, Method::GET, status_url)
+            .send()
+            .await
+            .expect("status");
+        let status = response.status();
+        if status != StatusCode::ACCEPTED && status != StatusCode::TOO_MANY_REQUESTS {
+            return (status, response.json().await.unwrap_or_default());
+        }
+        assert!(Instant::now() < deadline, "the export did not end");
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
+#[tokio::test]
+async fn an_export_past_its_bound_fails_naming_it_and_leaves_no_files() {
+    let server = TestServer::start_custom(common::fresh_database().await, |settings| {
+        settings.exports.output = fhirbox::bulk::bounds::OutputBounds::exports(u64::MAX, 1_000_000);
+    })
+    .await;
+    observations(&server, 10_000).await;
+    let status_url = common::export::start(&server, "/fhir/$export?_type=Observation").await;
+    let (status, outcome) = export_ended(&server, &status_url).await;
+    assert_eq!(status, StatusCode::INTERNAL_SERVER_ERROR, "{outcome}");
+    assert!(
+        outcome.to_string().contains("--export-max-bytes"),
+        "{outcome}"
+    );
+    let job = common::export::job_of(&status_url);
+    let dir = server.export_dir.join(&job);
+    let files = std::fs::read_dir(&dir).map(|d| d.count()).unwrap_or(0);
+    assert_eq!(files, 0, "no file left in {}", dir.display());
+}
+
+#[tokio::test]
+async fn a_view_export_past_its_bound_fails_and_a_materialization_too() {
+    let server = TestServer::start_custom(common::fresh_database().await, |settings| {
+        let bounds = fhirbox::bulk::bounds::OutputBounds::views(100, 1 << 30);
+        settings.exports.view_output = bounds;
+        settings.http.view_output = bounds;
+    })
+    .await;
+    patients(&server, 500).await;
+    let view = json!({"resourceType": "ViewDefinition", "name": "everyone", "resource": "Patient",
+                      "select": [{"column": [{"name": "id", "path": "getResourceKey()"}]}]});
+    let response = server
+        .request(Method::POST, "/fhir/ViewDefinition/$viewdefinition-export")
+        .header("prefer", "respond-async")
+        .json(&json!({"resourceType": "Parameters", "parameter": [
+            {"name": "view", "part": [{"name": "viewResource", "resource": view}]},
+            {"name": "_format", "valueCode": "csv"}]}))
+        .send()
+        .await
+        .expect("kick-off");
+    assert_eq!(response.status(), StatusCode::ACCEPTED);
+    let status_url = response.headers()["content-location"]
+        .to_str()
+        .expect("ascii")
+        .to_string();
+    let (status, outcome) = export_ended(&server, &status_url).await;
+    assert_eq!(status, StatusCode::INTERNAL_SERVER_ERROR, "{outcome}");
+    assert!(outcome.to_string().contains("--view-max-rows"), "{outcome}");
+    let dir = server.export_dir.join(common::export::job_of(&status_url));
+    assert_eq!(std::fs::read_dir(&dir).map(|d| d.count()).unwrap_or(0), 0);
+    // The same view as a table: stopped inside PostgreSQL, nothing created.
+    let (status, _) = server
+        .json(Method::PUT, "/fhir/ViewDefinition/everyone", &view)
+        .await;
+    assert!(status.is_success());
+    let (status, outcome) = server
+        .send(server.request(
+            Method::POST,
+            "/fhir/ViewDefinition/everyone/$materialize?type=table",
+        ))
+        .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{outcome}");
+    assert!(
+        diagnostics(&outcome).contains("--view-max-rows"),
+        "{outcome}"
+    );
+    let exists: bool = server
+        .db()
+        .await
+        .query_one("SELECT to_regclass('sof.everyone') IS NOT NULL", &[])
+        .await
+        .expect("regclass")
+        .get(0);
+    assert!(!exists);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_materialization_whose_fhirbox_died_is_cancelled() {
+    let database = common::fresh_database().await;
+    let url = common::cluster().url(&database);
+    let dir = tempfile::tempdir().expect("dir");
+    let data = dir.path().to_str().expect("utf-8").to_string();
+    let mut server = ServerProcess::start(&[
+        "--database-url",
+        &url,
+        "--data-dir",
+        &data,
+        "--admin-password",
+        "root-pw",
+    ]);
+    let client = common::http_client();
+    let list: Vec<Value> = (0..10_000)
+        .map(|i| json!({"resourceType": "Patient", "id": format!("p{i}"), "gender": "male"}))
+        .collect();
+    let response = client
+        .put(format!("{}/", server.base))
+        .basic_auth("root", Some("root-pw"))
+        .json(&Value::Array(list))
+        .send()
+        .await
+        .expect("patients");
+    assert_eq!(response.status(), StatusCode::OK);
+    let branches: Vec<Value> = (0..100)
+        .map(|_| json!({"column": [{"name": "g", "path": nested_gender(4)}]}))
+        .collect();
+    let view = json!({"resourceType": "ViewDefinition", "name": "heavy", "resource": "Patient",
+                      "select": [{"unionAll": branches}]});
+    let response = client
+        .put(format!("{}/fhir/ViewDefinition/heavy", server.base))
+        .basic_auth("root", Some("root-pw"))
+        .json(&view)
+        .send()
+        .await
+        .expect("view");
+    assert!(response.status().is_success());
+    let materialize = client
+        .post(format!(
+            "{}/fhir/ViewDefinition/heavy/$materialize?type=table",
+            server.base
+        ))
+        .basic_auth("root", Some("root-pw"))
+        .send();
+    let pending = tokio::spawn(materialize);
+    let db = common::connect(common::cluster().config(&database)).await;
+    let active = || async {
+        db.query_one(
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND state = 'active' AND pid <> pg_backend_pid()",
+            &[],
+        )
+        .await
+        .expect("activity")
+        .get::<_, i64>(0)
+    };
+    let started = Instant::now();
+    while active().await == 0 {
+        assert!(
+            started.elapsed() < Duration::from_secs(20),
+            "the materialization never ran"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    server.signal(nix::sys::signal::Signal::SIGKILL);
+    let _ = pending.await;
+    let killed = Instant::now();
+    while active().await > 0 {
+        assert!(
+            killed.elapsed() < Duration::from_secs(3),
+            "the statement still runs after fhirbox died"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+// Row 7: what a run that died left behind goes when the task runs again.
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_view_export_run_again_after_a_crash_removes_the_truncated_file() {
+    let database = common::fresh_database().await;
+    let url = common::cluster().url(&database);
+    let dir = tempfile::tempdir().expect("dir");
+    let data = dir.path().join("data").to_str().expect("utf-8").to_string();
+    let exports = dir.path().join("exports");
+    let exports_arg = exports.to_str().expect("utf-8").to_string();
+    let args = [
+        "--database-url",
+        url.as_str(),
+        "--data-dir",
+        data.as_str(),
+        "--admin-password",
+        "root-pw",
+        "--export-dir",
+        exports_arg.as_str(),
+        "--import-lease",
+        "2",
+        "--import-workers",
+        "1",
+    ];
+    let mut first = ServerProcess::start(&args);
+    let client = common::http_client();
+    let list: Vec<Value> = (0..4_000)
+        .map(|i| json!({"resourceType": "Patient", "id": format!("p{i}"), "gender": "male"}))
+        .collect();
+    let response = client
+        .put(format!("{}/", first.base))
+        .basic_auth("root", Some("root-pw"))
+        .json(&Value::Array(list))
+        .send()
+        .await
+        .expect("patients");
+    assert_eq!(response.status(), StatusCode::OK);
+    let branches: Vec<Value> = (0..100)
+        .map(|_| json!({"column": [{"name": "g", "path": nested_gender(4)}]}))
+        .collect();
+    let view = json!({"resourceType": "ViewDefinition", "resource": "Patient",
+                      "select": [{"unionAll": branches}]});
+    let response = client
+        .post(format!(
+            "{}/fhir/ViewDefinition/$viewdefinition-export",
+            first.base
+        ))
+        .basic_auth("root", Some("root-pw"))
+        .header("prefer", "respond-async")
+        .json(&json!({"resourceType": "Parameters", "parameter": [
+            {"name": "view", "part": [{"name": "name", "valueString": "heavy"},
+                                      {"name": "viewResource", "resource": view}]},
+            {"name": "_format", "valueCode": "csv"}]}))
+        .send()
+        .await
+        .expect("kick-off");
+    assert_eq!(response.status(), StatusCode::ACCEPTED);
+    let status_path = response.headers()["content-location"]
+        .to_str()
+        .expect("ascii")
+        .trim_start_matches(&first.base)
+        .to_string();
+    let job_dir = exports.join(common::export::job_of(&status_path));
+    let truncated = job_dir.join("heavy-1-1.csv");
+    let started = Instant::now();
+    while std::fs::metadata(&truncated).map(|m| m.len()).unwrap_or(0) == 0 {
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "the first run wrote nothing"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    first.signal(nix::sys::signal::Signal::SIGKILL);
+    assert!(truncated.exists());
+    let second = ServerProcess::start(&args);
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let manifest: Value = loop {
+        let response = client
+            .get(format!("{}{status_path}", second.base))
+            .basic_auth("root", Some("root-pw"))
+            .send()
+            .await
+            .expect("status");
+        match response.status() {
+            StatusCode::OK => break response.json().await.expect("manifest"),
+            StatusCode::ACCEPTED | StatusCode::TOO_MANY_REQUESTS => {}
+            other => panic!("{other}: {}", response.text().await.unwrap_or_default()),
+        }
+        assert!(Instant::now() < deadline, "the export did not finish");
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    };
+    assert!(
+        manifest["output"][0]["url"]
+            .as_str()
+            .is_some_and(|u| u.ends_with("heavy-2-1.csv")),
+        "{manifest}"
+    );
+    assert!(
+        !truncated.exists(),
+        "the first run's truncated file is gone"
+    );
+}

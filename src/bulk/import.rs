@@ -40,6 +40,8 @@ pub enum ImportError {
     #[error("an import with id '{0}' already exists")]
     Exists(String),
     #[error(transparent)]
+    TooMany(#[from] super::jobs::TooManyJobs),
+    #[error(transparent)]
     Store(#[from] StoreError),
 }
 
@@ -95,6 +97,7 @@ impl Imports {
         if !crate::resource::is_valid_id(&id) {
             return Err(ImportError::Invalid(format!("'{id}' is not a valid id")));
         }
+        self.jobs.admit(subject).await??;
         let job = JobRow {
             id: id.clone(),
             kind: JobKind::Import,

@@ -31,6 +31,18 @@ pub struct JobSettings {
     /// How long a claim lasts without renewal: after a crash, the time before another worker
     /// takes the task over.
     pub lease: Duration,
+    /// Jobs of one subject not yet ended (waiting or running); more are refused (429).
+    pub jobs_per_subject: usize,
+    /// Tasks of one subject running at once, across processes; more wait their turn.
+    pub tasks_per_subject: usize,
+}
+
+/// A subject has as many unfinished jobs as it may have.
+#[derive(Debug, thiserror::Error)]
+#[error("{subject} has {jobs} jobs waiting or running, the most one subject may have (--jobs-per-subject); wait for one to end, or cancel one")]
+pub struct TooManyJobs {
+    pub subject: String,
+    pub jobs: i64,
 }
 
 /// Why a task did not finish.
@@ -124,6 +136,19 @@ impl Jobs {
         &self.store
     }
 
+    /// Whether `subject` may start one more job (`Ok(Err)`: it has too many unfinished).
+    pub async fn admit(&self, subject: &str) -> Result<Result<(), TooManyJobs>, StoreError> {
+        let conn = self.store.connection().await?;
+        let jobs = sql::unfinished_jobs(&conn, subject).await?;
+        if jobs >= self.settings.jobs_per_subject.max(1) as i64 {
+            return Ok(Err(TooManyJobs {
+                subject: subject.to_string(),
+                jobs,
+            }));
+        }
+        Ok(Ok(()))
+    }
+
     /// Tells this process's idle workers that there is new work.
     pub fn wake(&self) {
         self.wake.notify_waiters();
@@ -160,7 +185,13 @@ impl Jobs {
         loop {
             let claimed = async {
                 let conn = self.store.connection().await?;
-                sql::claim(&conn, &name, self.settings.lease).await
+                sql::claim(
+                    &conn,
+                    &name,
+                    self.settings.lease,
+                    self.settings.tasks_per_subject,
+                )
+                .await
             }
             .await;
             match claimed {

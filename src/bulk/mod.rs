@@ -2,6 +2,7 @@
 //! COPY, in bounded memory.
 
 pub mod allowance;
+pub mod bounds;
 pub mod dump;
 pub mod dump_csv;
 pub mod dump_sql;

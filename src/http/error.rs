@@ -376,6 +376,7 @@ impl From<ImportError> for ApiError {
             ImportError::Exists(_) => {
                 ApiError::new(StatusCode::CONFLICT, "duplicate", error.to_string())
             }
+            ImportError::TooMany(_) => too_many_jobs(error.to_string()),
             ImportError::Store(store) => store.into(),
         }
     }
@@ -386,6 +387,7 @@ impl From<ExportError> for ApiError {
         match error {
             ExportError::Invalid(message) => ApiError::bad_request(message),
             ExportError::NoGroup(_) => ApiError::not_found(error.to_string()),
+            ExportError::TooMany(_) => too_many_jobs(error.to_string()),
             ExportError::Store(error) => error.into(),
             ExportError::Io(_) => ApiError::internal(
                 "could not write the export's files (logged on the server)",
@@ -393,6 +395,11 @@ impl From<ExportError> for ApiError {
             ),
         }
     }
+}
+
+/// A subject with as many unfinished jobs as it may have: 429, try again later.
+fn too_many_jobs(message: String) -> ApiError {
+    ApiError::new(StatusCode::TOO_MANY_REQUESTS, "throttled", message).retry_after(30)
 }
 
 impl From<SqlDumpError> for ApiError {
@@ -418,6 +425,9 @@ impl From<ViewError> for ApiError {
                 }
             }
             ViewError::NotFound(_) => ApiError::not_found(error.to_string()),
+            ViewError::Taken { .. } => {
+                ApiError::new(StatusCode::CONFLICT, "conflict", error.to_string())
+            }
             ViewError::Limit(_) => ApiError::bad_request(error.to_string()),
             ViewError::Query(query) => query.into(),
             ViewError::Store(store) => store.into(),

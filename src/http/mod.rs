@@ -82,6 +82,8 @@ pub struct Settings {
     pub parquet: crate::views::parquet::RowGroups,
     /// How big a view may compile (`--view-max-*`).
     pub views: crate::store::view_sql::ViewLimits,
+    /// How much one view may output (`--view-max-rows`, `--view-max-bytes`).
+    pub view_output: crate::bulk::bounds::OutputBounds,
     /// What a `$materialize` may take on the database server (`--sql-timeout`,
     /// `--sql-temp-file-bytes`, `--sql-work-mem`).
     pub view_session: crate::store::session::SessionLimits,

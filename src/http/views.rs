@@ -111,6 +111,7 @@ async fn run(
         },
         row_groups: state.settings.parquet,
         limits: state.settings.views,
+        bounds: state.settings.view_output,
     };
     let format = request.format;
     let permit = state.bulk.start(&subject.name())?;
@@ -333,8 +334,11 @@ pub async fn materialize(
         &id,
         &stored.to_native(),
         kind.unwrap_or(Kind::View),
-        &state.settings.view_session,
-        &state.settings.views,
+        &crate::views::materialize::Limits {
+            session: state.settings.view_session,
+            compile: state.settings.views,
+            output: state.settings.view_output,
+        },
     )
     .await?;
     let columns: Vec<Value> = done

@@ -256,17 +256,33 @@ pub async fn tasks(client: &impl GenericClient, job_id: &str) -> Result<Vec<Task
     Ok(rows.iter().map(task_row).collect())
 }
 
-/// Claims the next task: a waiting one, or one whose worker's lease ran out; oldest job first.
+/// Claims the next task: a waiting one, or one whose worker's lease ran out. Fair across
+/// subjects, round robin: the subject with the fewest tasks running (in every process) goes
+/// first, then the one whose last task started longest ago (or never), then the oldest job;
+/// a subject already running `per_subject` tasks waits. So a hundred jobs of one client
+/// cannot keep another's from starting next.
 pub async fn claim(
     client: &impl GenericClient,
     worker: &str,
     lease: Duration,
+    per_subject: usize,
 ) -> Result<Option<TaskRow>, StoreError> {
     let lease_ms = lease.as_millis() as i64;
+    let per_subject = per_subject.max(1) as i64;
     let row = client
         .query_opt(
             &format!(
-                "UPDATE fhirbox_task t
+                "WITH running AS (
+                      SELECT j.subject, count(*) AS n FROM fhirbox_task r
+                        JOIN fhirbox_job j ON j.id = r.job_id
+                       WHERE r.status = 'in-progress' AND r.lease_until >= now() AND NOT j.cancelled
+                       GROUP BY j.subject),
+                      served AS (
+                      SELECT j.subject, max(r.started_at) AS last FROM fhirbox_task r
+                        JOIN fhirbox_job j ON j.id = r.job_id
+                       WHERE r.started_at > now() - interval '1 day'
+                       GROUP BY j.subject)
+                 UPDATE fhirbox_task t
                     SET status = 'in-progress', worker = $1,
                         lease_until = now() + $2::bigint * interval '1 millisecond',
                         attempts = attempts + 1, started_at = coalesce(started_at, now()),
@@ -274,17 +290,53 @@ pub async fn claim(
                   WHERE (job_id, position) = (
                         SELECT c.job_id, c.position FROM fhirbox_task c
                           JOIN fhirbox_job j ON j.id = c.job_id
+                          LEFT JOIN running ON running.subject = j.subject
+                          LEFT JOIN served ON served.subject = j.subject
                          WHERE NOT j.cancelled AND j.kind IN ('import', 'export')
                            AND (c.status = 'waiting' OR (c.status = 'in-progress' AND c.lease_until < now()))
-                         ORDER BY j.created_at, c.position
+                           AND coalesce(running.n, 0) < $3
+                         ORDER BY coalesce(running.n, 0), coalesce(served.last, '-infinity'),
+                                  j.created_at, c.position
                          LIMIT 1
                            FOR UPDATE OF c SKIP LOCKED)
                  RETURNING {TASK_COLUMNS}"
             ),
-            &[&worker, &lease_ms],
+            &[&worker, &lease_ms, &per_subject],
         )
         .await?;
     Ok(row.as_ref().map(task_row))
+}
+
+/// What a job's finished tasks wrote: rows and bytes.
+pub async fn job_output(
+    client: &impl GenericClient,
+    job_id: &str,
+) -> Result<(u64, u64), StoreError> {
+    let row = client
+        .query_one(
+            "SELECT coalesce(sum(total), 0)::bigint, coalesce(sum(bytes), 0)::bigint
+               FROM fhirbox_task WHERE job_id = $1 AND status = 'finished'",
+            &[&job_id],
+        )
+        .await?;
+    Ok((row.get::<_, i64>(0) as u64, row.get::<_, i64>(1) as u64))
+}
+
+/// How many jobs of `subject` have not ended (a task waiting or running, not cancelled).
+pub async fn unfinished_jobs(
+    client: &impl GenericClient,
+    subject: &str,
+) -> Result<i64, StoreError> {
+    let row = client
+        .query_one(
+            "SELECT count(*) FROM fhirbox_job j
+              WHERE j.subject = $1 AND NOT j.cancelled
+                AND EXISTS (SELECT 1 FROM fhirbox_task t
+                             WHERE t.job_id = j.id AND t.status IN ('waiting', 'in-progress'))",
+            &[&subject],
+        )
+        .await?;
+    Ok(row.get(0))
 }
 
 /// Renews a claim and records progress (`size`: a size learned while working, like a source's

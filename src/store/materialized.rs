@@ -74,15 +74,50 @@ async fn drop_relation(client: &impl GenericClient, name: &str) -> Result<(), St
     Ok(())
 }
 
+/// A compiled view's query, with its columns and the rows and bytes it may write.
+pub struct Bounded<'a> {
+    pub sql: &'a str,
+    pub columns: &'a [String],
+    pub max_rows: u64,
+    pub max_bytes: u64,
+}
+
+impl Bounded<'_> {
+    /// The query, each row counted by `fhirbox_view_guard`, which stops it past its bounds.
+    /// Column names are checked identifiers; the bounds are numbers.
+    fn guarded(&self) -> String {
+        let columns: Vec<String> = self
+            .columns
+            .iter()
+            .map(|c| format!("fhirbox_m.\"{c}\""))
+            .collect();
+        format!(
+            "SELECT {} FROM (\n{}\n) AS fhirbox_m WHERE fhirbox_view_guard(pg_column_size(fhirbox_m.*), {}, {})",
+            columns.join(", "),
+            self.sql,
+            self.max_rows.min(i64::MAX as u64),
+            self.max_bytes.min(i64::MAX as u64)
+        )
+    }
+}
+
+/// What [`create`] did.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Created {
+    Done,
+    /// Nothing: the name belongs to this other ViewDefinition.
+    OwnedBy(String),
+}
+
 /// Creates (or replaces) `sof.<name>` from a compiled query, in the caller's transaction,
-/// and records it.
+/// and records it; a name another ViewDefinition materialized stays that one's.
 pub async fn create(
     client: &impl GenericClient,
     name: &str,
     kind: Kind,
-    query: &str,
+    query: &Bounded<'_>,
     view_id: &str,
-) -> Result<(), StoreError> {
+) -> Result<Created, StoreError> {
     // One materialization of a name at a time, across processes.
     client
         .execute(
@@ -90,9 +125,34 @@ pub async fn create(
             &[&name],
         )
         .await?;
+    let owner: Option<String> = client
+        .query_opt(
+            "SELECT view_id FROM fhirbox_materialized WHERE name = $1",
+            &[&name],
+        )
+        .await?
+        .map(|row| row.get(0));
+    if let Some(owner) = owner.filter(|owner| owner != view_id) {
+        return Ok(Created::OwnedBy(owner));
+    }
     drop_relation(client, name).await?;
+    let statement = match kind {
+        // A view holds no rows: what reads it is bounded by its own limits.
+        Kind::View => query.sql.to_string(),
+        Kind::MaterializedView | Kind::Table => {
+            client
+                .batch_execute(
+                    "SELECT set_config('fhirbox.guard_rows', '0', true), set_config('fhirbox.guard_bytes', '0', true)",
+                )
+                .await?;
+            query.guarded()
+        }
+    };
     client
-        .batch_execute(&format!("CREATE {} sof.\"{name}\" AS\n{query}", kind.sql()))
+        .batch_execute(&format!(
+            "CREATE {} sof.\"{name}\" AS\n{statement}",
+            kind.sql()
+        ))
         .await?;
     client
         .execute(
@@ -101,7 +161,7 @@ pub async fn create(
             &[&name, &view_id, &kind.as_str()],
         )
         .await?;
-    Ok(())
+    Ok(Created::Done)
 }
 
 /// The materializations of one ViewDefinition: (name, kind).

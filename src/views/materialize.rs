@@ -8,14 +8,23 @@ use serde_json::Value;
 
 use super::definition::View;
 use super::ViewError;
+use crate::bulk::bounds::OutputBounds;
 use crate::format::attributes::Rules;
 use crate::resource_type::ResourceType;
 use crate::store::conn::Tx;
 use crate::store::dump_sql::QueryError;
-use crate::store::materialized::{self, Kind};
+use crate::store::materialized::{self, Bounded, Created, Kind};
 use crate::store::session::SessionLimits;
 use crate::store::view_sql::{self, Columns, Rows, ViewLimits};
 use crate::store::{GenericClient, Store};
+
+/// What a materialization may take: its session on the server, how big it may compile, how
+/// much it may write.
+pub struct Limits {
+    pub session: SessionLimits,
+    pub compile: ViewLimits,
+    pub output: OutputBounds,
+}
 
 pub struct Materialized {
     /// `sof.<name>`.
@@ -58,16 +67,28 @@ pub async fn materialize(
     view_id: &str,
     doc: &Value,
     kind: Kind,
-    session: &SessionLimits,
-    limits: &ViewLimits,
+    limits: &Limits,
 ) -> Result<Materialized, ViewError> {
+    let Limits {
+        session,
+        compile: limits,
+        output: bounds,
+    } = limits;
     let (name, compiled) = compile(doc, rules, limits)?;
     let tx = store.begin().await?;
     let result = async {
         session.apply(&*tx).await?;
-        materialized::create(&*tx, &name, kind, &compiled.sql, view_id)
+        let query = bounded(&compiled, bounds);
+        let created = materialized::create(&*tx, &name, kind, &query, view_id)
             .await
-            .map_err(|e| ViewError::Query(QueryError::from_store(e, 0)))
+            .map_err(|e| ViewError::Query(QueryError::from_store(e, 0)))?;
+        match created {
+            Created::Done => Ok(()),
+            Created::OwnedBy(owner) => Err(ViewError::Taken {
+                relation: format!("sof.{name}"),
+                owner,
+            }),
+        }
     }
     .await;
     tx.finish(result).await?;
@@ -90,11 +111,21 @@ pub async fn rebuild(tx: &Tx, view_id: &str, doc: &Value) -> Result<(), ViewErro
     let (_, compiled) = compile(doc, &rules, &ViewLimits::ceiling())?;
     SessionLimits::view_defaults().apply(&**tx).await?;
     for (name, kind) in existing {
-        materialized::create(&**tx, &name, kind, &compiled.sql, view_id)
+        let query = bounded(&compiled, &OutputBounds::default());
+        materialized::create(&**tx, &name, kind, &query, view_id)
             .await
             .map_err(|e| ViewError::Query(QueryError::from_store(e, 0)))?;
     }
     Ok(())
+}
+
+fn bounded<'a>(compiled: &'a view_sql::Compiled, bounds: &OutputBounds) -> Bounded<'a> {
+    Bounded {
+        sql: &compiled.sql,
+        columns: &compiled.columns,
+        max_rows: bounds.rows,
+        max_bytes: bounds.bytes,
+    }
 }
 
 /// A ViewDefinition was deleted: its materializations go too.

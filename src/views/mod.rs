@@ -19,6 +19,9 @@ pub enum ViewError {
     Invalid { at: String, message: String },
     #[error("ViewDefinition/{0} is not known")]
     NotFound(String),
+    /// A materialized relation's name belongs to another ViewDefinition.
+    #[error("{relation} belongs to ViewDefinition/{owner}, which materialized it: give this view another name, or delete that one")]
+    Taken { relation: String, owner: String },
     /// The result broke a limit before its first row.
     #[error("{0}")]
     Limit(String),

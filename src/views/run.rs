@@ -63,6 +63,8 @@ pub struct RunRequest {
     pub row_groups: super::parquet::RowGroups,
     /// How big the view may compile.
     pub limits: view_sql::ViewLimits,
+    /// How much it may output.
+    pub bounds: crate::bulk::bounds::OutputBounds,
 }
 
 /// Compiles the view for the Attributes in force and starts streaming its rows. Everything
@@ -102,6 +104,13 @@ pub async fn run(
             SqlDumpError::Query(query) => ViewError::Query(query),
             other => ViewError::Limit(other.to_string()),
         })?;
+    // Past its bound in the first chunk: an answer that says so, not a broken transfer.
+    let mut body = crate::bulk::bounds::bounded(body, request.bounds);
+    let body: ByteStream = match body.next().await {
+        Some(Err(error)) => return Err(ViewError::Limit(error.to_string())),
+        Some(Ok(first)) => Box::pin(futures_util::stream::once(async { Ok(first) }).chain(body)),
+        None => Box::pin(futures_util::stream::empty()),
+    };
     Ok(match request.format {
         ViewFormat::Json => json_array(body),
         ViewFormat::Parquet => parquet(body, physical, request.row_groups)

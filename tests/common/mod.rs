@@ -393,6 +393,8 @@ pub fn test_settings(database: &str) -> AppSettings {
         jobs: fhirbox::bulk::jobs::JobSettings {
             workers: defaults.workers,
             lease: Duration::from_secs(5),
+            jobs_per_subject: 8,
+            tasks_per_subject: 2,
         },
         exports: fhirbox::bulk::export::ExportSettings {
             dir: std::env::temp_dir().join(format!(
@@ -411,6 +413,8 @@ pub fn test_settings(database: &str) -> AppSettings {
             view_session: view_session(),
             parquet: Default::default(),
             views: Default::default(),
+            view_output: Default::default(),
+            output: fhirbox::bulk::bounds::OutputBounds::exports(u64::MAX, u64::MAX),
         },
         guard: fhirbox::auth::guard::GuardSettings::default(),
         token_lifetime: Duration::from_secs(300),
@@ -424,6 +428,7 @@ pub fn test_settings(database: &str) -> AppSettings {
             parquet: Default::default(),
             views: Default::default(),
             view_session: view_session(),
+            view_output: Default::default(),
             base_url: None,
             listen_base: None,
             connections: fhirbox::http::serve::ConnectionSettings::default(),

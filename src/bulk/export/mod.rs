@@ -62,6 +62,11 @@ pub struct ExportSettings {
     pub parquet: crate::views::parquet::RowGroups,
     /// How big a view of a `$viewdefinition-export` may compile (`--view-max-*`).
     pub views: crate::store::view_sql::ViewLimits,
+    /// How much each view of a `$viewdefinition-export` may write (`--view-max-rows`,
+    /// `--view-max-bytes`).
+    pub view_output: crate::bulk::bounds::OutputBounds,
+    /// How much one export job may write (`--export-max-rows`, `--export-max-bytes`).
+    pub output: crate::bulk::bounds::OutputBounds,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -72,6 +77,8 @@ pub enum ExportError {
     NoGroup(String),
     #[error("could not write the export's files: {0}")]
     Io(#[from] std::io::Error),
+    #[error(transparent)]
+    TooMany(#[from] super::jobs::TooManyJobs),
     #[error(transparent)]
     Store(#[from] StoreError),
 }
@@ -119,6 +126,7 @@ impl Exports {
 
     /// Creates a job and wakes the workers; returns its id.
     pub async fn start(&self, spec: ExportSpec, subject: &str) -> Result<String, ExportError> {
+        self.jobs.admit(subject).await??;
         let conn = self.jobs.store().connection().await?;
         if let Level::Group { id } = &spec.level {
             let group = ResourceType::parse("Group").expect("an R4 type");
@@ -421,7 +429,7 @@ impl Exports {
         self.settings.dir.join(id)
     }
 
-    async fn remove_files(&self, id: &str) {
+    pub(super) async fn remove_files(&self, id: &str) {
         let dir = self.job_dir(id);
         match tokio::fs::remove_dir_all(&dir).await {
             Ok(()) => {}

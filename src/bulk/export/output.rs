@@ -14,6 +14,25 @@ use serde_json::{json, Value};
 use tokio::fs::File;
 use tokio::io::{AsyncWriteExt, BufWriter};
 
+/// Removes every file `<stem>-<run>-<n>.<ext>` of `dir` whose run is before `attempt`,
+/// whatever its stem (a view export's one task owns its job's directory).
+pub async fn remove_earlier_runs(dir: &Path, attempt: i32) -> std::io::Result<()> {
+    let mut entries = tokio::fs::read_dir(dir).await?;
+    while let Some(entry) = entries.next_entry().await? {
+        let name = entry.file_name().to_string_lossy().to_string();
+        let mut parts = name.rsplitn(3, '-');
+        let (_, run) = (parts.next(), parts.next());
+        // Run 0 is the kick-off's own (the warnings file).
+        if run
+            .and_then(|r| r.parse::<i32>().ok())
+            .is_some_and(|r| r >= 1 && r < attempt)
+        {
+            tokio::fs::remove_file(entry.path()).await?;
+        }
+    }
+    Ok(())
+}
+
 /// One written file: its name and how many resources it holds.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Written {

@@ -59,12 +59,16 @@ impl Exports {
         report: &Report,
     ) -> Result<(), TaskFailure> {
         let spec = self.spec_of(task).await?;
+        let budget = self.budget(task).await?;
         let written = if !spec.views.is_empty() {
-            self.write_views(&spec, task, progress, report).await?
+            self.write_views(&spec, task, progress, report, &budget)
+                .await?
         } else if spec.by_patient {
-            self.write_blocks(&spec, task, progress, report).await?
+            self.write_blocks(&spec, task, progress, report, &budget)
+                .await?
         } else {
-            self.write_type(&spec, task, progress, report).await?
+            self.write_type(&spec, task, progress, report, &budget)
+                .await?
         };
         let result = result_document(&written.files, &written.deleted);
         let finished = Finished {
@@ -76,6 +80,36 @@ impl Exports {
             Ok(true) => Ok(()),
             Ok(false) => Err(TaskFailure::Abandoned),
             Err(error) => Err(failed(&error)),
+        }
+    }
+
+    /// Deletes a job's files at once if the job failed, was cancelled or is gone: nobody will
+    /// download them, and a full disk must not wait for the expiry to be freed. Run after
+    /// every task, since a task of the job still running when it failed writes on.
+    async fn clear_if_over(&self, job_id: &str, this_failed: bool) {
+        let over = async {
+            if this_failed {
+                return Ok(true);
+            }
+            let conn = self.jobs.store().connection().await?;
+            let job = sql::job(&conn, JobKind::Export, job_id).await?;
+            let Some(job) = job.filter(|job| !job.cancelled) else {
+                return Ok::<bool, crate::store::StoreError>(true);
+            };
+            let tasks = sql::tasks(&conn, &job.id).await?;
+            Ok(tasks.iter().any(|t| t.status == "failed"))
+        }
+        .await;
+        match over {
+            Ok(true) => {
+                self.remove_files(job_id).await;
+                tracing::info!(
+                    job = job_id,
+                    "deleted the files of a failed or cancelled export"
+                );
+            }
+            Ok(false) => {}
+            Err(error) => tracing::warn!(%error, "could not look at an export's state"),
         }
     }
 
@@ -94,6 +128,24 @@ impl Exports {
         serde_json::from_value(job.document).map_err(|e| failed(&e))
     }
 
+    /// What the job's finished tasks wrote, against the job's bounds.
+    async fn budget(&self, task: &TaskRow) -> Result<Budget, TaskFailure> {
+        let conn = self
+            .jobs
+            .store()
+            .connection()
+            .await
+            .map_err(|e| failed(&e))?;
+        let (rows, bytes) = sql::job_output(&conn, &task.job_id)
+            .await
+            .map_err(|e| failed(&e))?;
+        Ok(Budget {
+            rows,
+            bytes,
+            bounds: self.settings.output,
+        })
+    }
+
     /// A type's files, then its deletions.
     async fn write_type(
         &self,
@@ -101,6 +153,7 @@ impl Exports {
         task: &TaskRow,
         progress: &Progress,
         report: &Report,
+        budget: &Budget,
     ) -> Result<TaskOutput, TaskFailure> {
         let rt = ResourceType::parse(&task.resource_type)
             .ok_or_else(|| TaskFailure::Failed(format!("unknown type {}", task.resource_type)))?;
@@ -135,6 +188,7 @@ impl Exports {
                 .map_err(|e| self.write_failed(task, e))?;
             bytes += batch.len() as u64;
             count(progress, report, total, bytes, batch.len());
+            budget.check(total, bytes)?;
         }
         let files = output
             .finish()
@@ -208,6 +262,7 @@ impl Exports {
         task: &TaskRow,
         progress: &Progress,
         report: &Report,
+        budget: &Budget,
     ) -> Result<TaskOutput, TaskFailure> {
         let types: Vec<ResourceType> = spec
             .types
@@ -260,6 +315,7 @@ impl Exports {
                 at = end;
             }
             count(progress, report, total, bytes, lines.len());
+            budget.check(total, bytes)?;
         }
         let files = output
             .finish()
@@ -288,6 +344,25 @@ impl Exports {
         TaskFailure::Failed(format!(
             "could not write the export's files ({error}); the server log has the details"
         ))
+    }
+}
+
+/// What a job's other tasks wrote before this one, and how much the job may write in all
+/// (`--export-max-rows`, `--export-max-bytes`; tasks running at once in other workers are
+/// not counted, so a job may pass its bound by what they write meanwhile).
+pub(super) struct Budget {
+    rows: u64,
+    bytes: u64,
+    bounds: crate::bulk::bounds::OutputBounds,
+}
+
+impl Budget {
+    /// Fails the task once the job's output passes its bounds.
+    pub(super) fn check(&self, rows: u64, bytes: u64) -> Result<(), TaskFailure> {
+        match self.bounds.exceeded(self.rows + rows, self.bytes + bytes) {
+            Some(why) => Err(TaskFailure::Failed(format!("the export stopped: {why}"))),
+            None => Ok(()),
+        }
     }
 }
 
@@ -489,6 +564,8 @@ impl Runner for Exports {
                     tracing::warn!(%error, "could not skip the rest of a failed export");
                 }
             }
+            let failed = matches!(outcome, Err(TaskFailure::Failed(_)));
+            self.clear_if_over(&task.job_id, failed).await;
             outcome
         })
     }

@@ -41,6 +41,7 @@ impl Exports {
         task: &TaskRow,
         progress: &Progress,
         report: &Report,
+        budget: &super::task::Budget,
     ) -> Result<TaskOutput, TaskFailure> {
         let format = spec.view_format.as_deref().unwrap_or("ndjson");
         let converter = self.formats.converter().await.map_err(|e| failed(&e))?;
@@ -48,6 +49,10 @@ impl Exports {
         let snapshot = view_export::snapshot(store).await.map_err(|e| failed(&e))?;
         let dir = self.job_dir(&task.job_id);
         tokio::fs::create_dir_all(&dir)
+            .await
+            .map_err(|e| self.write_failed(task, e))?;
+        // What an earlier run of this task left (a truncated file of a run that died).
+        super::output::remove_earlier_runs(&dir, task.attempts)
             .await
             .map_err(|e| self.write_failed(task, e))?;
         let rows = Rows {
@@ -101,14 +106,24 @@ impl Exports {
             let mut file = tokio::fs::File::create(&path)
                 .await
                 .map_err(|e| self.write_failed(task, e))?;
+            let mut view_bytes = 0u64;
             while let Some(chunk) = body.next().await {
                 let chunk = chunk.map_err(|e| failed(&e))?;
                 file.write_all(&chunk)
                     .await
                     .map_err(|e| self.write_failed(task, e))?;
                 bytes += chunk.len() as u64;
-                let rows = total + counted.load(Ordering::Relaxed);
+                view_bytes += chunk.len() as u64;
+                let view_rows = counted.load(Ordering::Relaxed);
+                let rows = total + view_rows;
                 count(progress, report, rows, bytes, chunk.len());
+                if let Some(why) = self.settings.view_output.exceeded(view_rows, view_bytes) {
+                    return Err(TaskFailure::Failed(format!(
+                        "view {}: the export stopped: {why}",
+                        export.name
+                    )));
+                }
+                budget.check(rows, bytes)?;
             }
             file.sync_all()
                 .await

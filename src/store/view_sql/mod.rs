@@ -42,6 +42,29 @@ BEGIN
   RETURN items -> 0;
 END
 $fn$;
+
+-- Counts the rows a materialization writes and their bytes (in the transaction's settings),
+-- and stops it past its bounds: a table is written inside PostgreSQL, where fhirbox cannot
+-- count, so the statement counts itself.
+CREATE OR REPLACE FUNCTION fhirbox_view_guard(bytes integer, max_rows bigint, max_bytes bigint)
+RETURNS boolean LANGUAGE plpgsql VOLATILE AS $fn$
+DECLARE
+  rows_so_far bigint := coalesce(nullif(current_setting('fhirbox.guard_rows', true), ''), '0')::bigint + 1;
+  bytes_so_far bigint := coalesce(nullif(current_setting('fhirbox.guard_bytes', true), ''), '0')::bigint + bytes;
+BEGIN
+  IF rows_so_far > max_rows THEN
+    RAISE EXCEPTION 'the output passed % rows, the most allowed (--view-max-rows)', max_rows
+      USING ERRCODE = '54000';
+  END IF;
+  IF bytes_so_far > max_bytes THEN
+    RAISE EXCEPTION 'the output passed % bytes, the most allowed (--view-max-bytes)', max_bytes
+      USING ERRCODE = '54000';
+  END IF;
+  PERFORM set_config('fhirbox.guard_rows', rows_so_far::text, true);
+  PERFORM set_config('fhirbox.guard_bytes', bytes_so_far::text, true);
+  RETURN true;
+END
+$fn$;
 ";
 
 /// How column values leave the query.
