@@ -42,6 +42,9 @@ pub struct SqlDumpRequest {
     /// With [`SqlFormat::Fields`]: rows become JSON objects of these columns, each either a
     /// text written as a JSON string (`true`) or the text of a JSON value (`false`).
     pub json_fields: Vec<(String, bool)>,
+    /// The query is a compiled view (planned without Memoize, see
+    /// [`crate::store::session`]).
+    pub view: bool,
 }
 
 /// Limits from the configuration.
@@ -84,6 +87,7 @@ pub async fn dump_sql(
         request.params,
         request.format,
         limits.timeout,
+        request.view,
     )
     .await?;
     let counted = report.clone();

@@ -247,7 +247,8 @@ impl Jobs {
                 "task given up: its claim was lost (cancelled, or taken over after a stall)"
             ),
             Err(TaskFailure::Failed(message)) => tracing::warn!(
-                job, task = position, kind, resource_type, error = %message, "task failed"
+                job, task = position, kind, resource_type,
+                error = %super::report::log_safe(message), "task failed"
             ),
         }
         if let Err(TaskFailure::Failed(message)) = outcome {

@@ -114,7 +114,7 @@ impl Inner {
                 seconds,
                 mb_per_s,
                 outcome,
-                error = detail,
+                error = log_safe(detail),
                 "bulk operation"
             ),
             _ => tracing::info!(
@@ -138,6 +138,34 @@ impl Drop for Inner {
     }
 }
 
+/// An error message as the log may keep it: what went wrong and where, without the values
+/// in it. PostgreSQL quotes the values and names in its messages (`invalid input syntax for
+/// type integer: "..."`), and so does fhirbox: every quoted part is left out, so neither a
+/// client's literal nor a bound parameter reaches the log.
+pub fn log_safe(message: &str) -> String {
+    let mut out = String::with_capacity(message.len());
+    let mut quote: Option<char> = None;
+    for c in message.chars() {
+        match quote {
+            Some(open) if c == open => {
+                out.push('…');
+                out.push(c);
+                quote = None;
+            }
+            Some(_) => {}
+            None if c == '"' || c == '\'' => {
+                out.push(c);
+                quote = Some(c);
+            }
+            None => out.push(c),
+        }
+    }
+    if quote.is_some() {
+        out.push('…');
+    }
+    out
+}
+
 fn round(value: f64) -> f64 {
     (value * 100.0).round() / 100.0
 }
@@ -158,4 +186,24 @@ pub fn reporting(body: ByteStream, report: Report) -> ByteStream {
     })
     .filter(|_| std::future::ready(false));
     Box::pin(counted.chain(end))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::log_safe;
+
+    #[test]
+    fn quoted_values_stay_out_of_the_log() {
+        assert_eq!(
+            log_safe(
+                r#"PostgreSQL: invalid input syntax for type integer: "PARAM-SECRET-1" (at character 8) [SQLSTATE 22P02]"#
+            ),
+            r#"PostgreSQL: invalid input syntax for type integer: "…" (at character 8) [SQLSTATE 22P02]"#
+        );
+        assert_eq!(
+            log_safe("resourceType 'Foo' is unknown"),
+            "resourceType '…' is unknown"
+        );
+        assert_eq!(log_safe("an unclosed \"secret"), "an unclosed \"…");
+    }
 }

@@ -276,12 +276,25 @@ pub fn write_settings(
 }
 
 /// Settings for the managed cluster: durable (fsync stays on), with room for bulk loads.
+///
+/// Its log never keeps a failing statement's text (`log_min_error_statement = panic`: a
+/// client's 16 MB query failing three times wrote 47 MB before), and stays bounded: one file
+/// for each minute of the hour (`log/postgresql-MM.log`, 60 at most), each emptied when its
+/// minute comes round an hour later (PostgreSQL reopens the same name, appending, when a size
+/// limit is reached within the minute, so there is none). The `$dump-sql` roles log none of
+/// their errors at all (`roles.rs`).
 const MANAGED_SETTINGS: &[(&str, &str)] = &[
     ("max_connections", "200"),
     ("shared_buffers", "256MB"),
     ("max_wal_size", "4GB"),
     ("checkpoint_timeout", "15min"),
-    ("logging_collector", "off"),
+    ("log_min_error_statement", "panic"),
+    ("logging_collector", "on"),
+    ("log_directory", "log"),
+    ("log_filename", "postgresql-%M.log"),
+    ("log_rotation_age", "1min"),
+    ("log_rotation_size", "0"),
+    ("log_truncate_on_rotation", "on"),
 ];
 
 /// The managed cluster of one data directory.

@@ -119,6 +119,7 @@ fn parse_body(body: Value, format: SqlFormat, header: bool) -> Result<SqlDumpReq
         ApiError::bad_request("the body needs 'query': the SQL to run").with_expression("query")
     })?;
     Ok(SqlDumpRequest {
+        view: false,
         query,
         params,
         format,

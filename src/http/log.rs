@@ -89,7 +89,8 @@ impl Line {
         );
         match end {
             End::Failed(error) => tracing::warn!(
-                method, path, status, bytes, ms, subject, %error,
+                method, path, status, bytes, ms, subject,
+                error = %crate::bulk::report::log_safe(&error.to_string()),
                 "request failed after its first byte (the client sees a broken transfer)"
             ),
             _ if self.status.is_server_error() => tracing::error!(
@@ -99,7 +100,7 @@ impl Line {
                 bytes,
                 ms,
                 subject,
-                cause = self.cause.as_deref().unwrap_or(""),
+                cause = crate::bulk::report::log_safe(self.cause.as_deref().unwrap_or("")),
                 "request failed"
             ),
             End::Abandoned => tracing::info!(

@@ -107,12 +107,18 @@ pub async fn run(
     params: Vec<Option<String>>,
     output: Output,
     timeout: Duration,
+    view: bool,
 ) -> Result<Running, QueryError> {
     let conn = reader.dedicated().await.map_err(QueryError::Connect)?;
     // The timeout is a number fhirbox prints; SET takes no bind parameters.
     conn.batch_execute(&format!(
-        "BEGIN READ ONLY ISOLATION LEVEL REPEATABLE READ; SET LOCAL statement_timeout = {}",
-        timeout.as_millis()
+        "BEGIN READ ONLY ISOLATION LEVEL REPEATABLE READ; SET LOCAL statement_timeout = {}; {}",
+        timeout.as_millis(),
+        if view {
+            super::session::VIEW_PLANNING
+        } else {
+            ""
+        }
     ))
     .await
     .map_err(|e| QueryError::from_store(e.into(), 0))?;

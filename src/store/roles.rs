@@ -156,6 +156,10 @@ pub async fn limit(conn: &Connection, limits: &RoleLimits) -> Result<(), StoreEr
             // No JIT: compiling a view's large expressions (or a client's) took more memory
             // and time than running them.
             ("jit", "off".to_string()),
+            // A client's failing query is answered to the client; the server's log keeps
+            // neither its text nor the values its error names.
+            ("log_min_messages", "fatal".to_string()),
+            ("log_min_error_statement", "panic".to_string()),
             (
                 "idle_in_transaction_session_timeout",
                 format!("{}ms", limits.idle_in_transaction_ms),

@@ -15,6 +15,11 @@ use std::time::Duration;
 
 use super::{GenericClient, StoreError};
 
+/// How a view's statement is planned: without Memoize, which keys its cache on every outer
+/// value a subquery reads, and a large view's fenced subqueries read thousands (PostgreSQL:
+/// "number of columns (8100) exceeds limit (1664)" once the table had statistics).
+pub const VIEW_PLANNING: &str = "SET LOCAL enable_memoize = off;";
+
 /// How often PostgreSQL checks that the client of a long statement is still connected.
 const CONNECTION_CHECK_MS: u64 = 1000;
 
@@ -33,7 +38,7 @@ impl SessionLimits {
     /// The `SET LOCAL`s of these limits: numbers fhirbox prints, never request text.
     pub fn sql(&self) -> String {
         let mut sql = format!(
-            "SET LOCAL work_mem = '{}kB'; SET LOCAL client_connection_check_interval = {CONNECTION_CHECK_MS}; SET LOCAL jit = off; \
+            "SET LOCAL work_mem = '{}kB'; SET LOCAL client_connection_check_interval = {CONNECTION_CHECK_MS}; SET LOCAL jit = off; {VIEW_PLANNING} \
              DO $$ BEGIN IF (SELECT rolsuper FROM pg_roles WHERE rolname = current_user) THEN \
              PERFORM set_config('temp_file_limit', '{}kB', true); END IF; END $$;",
             (self.work_mem_bytes / 1024).max(64),

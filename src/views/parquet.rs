@@ -123,7 +123,8 @@ struct Column {
 }
 
 impl Column {
-    fn push(&mut self, value: Option<&Value>) -> Result<usize, String> {
+    /// Takes a row's value (moved, not copied: a value may be tens of megabytes).
+    fn push(&mut self, value: Option<Value>) -> Result<usize, String> {
         let value = match value {
             None | Some(Value::Null) => {
                 self.defined.push(0);
@@ -147,7 +148,7 @@ impl Column {
             }
             Values::Text(values) => {
                 let text = match value {
-                    Value::String(text) => text.clone().into_bytes(),
+                    Value::String(text) => text.into_bytes(),
                     other => other.to_string().into_bytes(),
                 };
                 let size = text.len();
@@ -229,10 +230,11 @@ impl Writer {
 
     /// One JSON object line.
     fn push_line(&mut self, line: &[u8]) -> Result<(), io::Error> {
-        let row: serde_json::Map<String, Value> = serde_json::from_slice(line).map_err(error)?;
+        let mut row: serde_json::Map<String, Value> =
+            serde_json::from_slice(line).map_err(error)?;
         for column in &mut self.columns {
             self.bytes += column
-                .push(row.get(&column.name))
+                .push(row.shift_remove(&column.name))
                 .map_err(io::Error::other)?;
         }
         self.rows += 1;
@@ -241,6 +243,13 @@ impl Writer {
 
     fn full(&self) -> bool {
         self.rows >= self.limits.rows.max(1) || self.bytes >= self.limits.bytes.max(1)
+    }
+
+    /// Whether a line of `len` bytes would take the row group being gathered past its bound:
+    /// then that group is written first, and a row larger than the bound is a group of its
+    /// own, never added to others.
+    fn no_room_for(&self, len: usize) -> bool {
+        self.rows > 0 && self.bytes + len > self.limits.bytes.max(1)
     }
 
     /// Writes the gathered rows as a row group; the bytes written so far.
@@ -287,38 +296,51 @@ pub fn parquet(
     limits: RowGroups,
 ) -> Result<ByteStream, io::Error> {
     let writer = Writer::new(&columns, limits)?;
-    let state = (body, Some(writer), Vec::<u8>::new(), false);
+    // What is left of the last chunk: whole lines are read in place (a chunk is never copied
+    // unless a line spans two chunks), so a huge row is held once, not twice.
+    let state = (body, Some(writer), Bytes::new(), false);
     Ok(Box::pin(futures_util::stream::unfold(
         state,
-        |(mut body, writer, mut partial, mut ended)| async move {
+        |(mut body, writer, mut pending, mut ended)| async move {
             let mut writer = writer?;
             loop {
                 // The whole lines already here, until the row group is full.
                 let mut used = 0;
+                let mut no_room = false;
                 while !writer.full() {
-                    let Some(end) = partial[used..].iter().position(|b| *b == b'\n') else {
+                    let Some(end) = pending[used..].iter().position(|b| *b == b'\n') else {
                         break;
                     };
-                    let line = &partial[used..used + end];
+                    if writer.no_room_for(end) {
+                        no_room = true;
+                        break;
+                    }
+                    let line = &pending[used..used + end];
                     used += end + 1;
                     if let Err(e) = (!line.is_empty())
                         .then(|| writer.push_line(line))
                         .transpose()
                     {
-                        return Some((Err(e), (body, None, partial, ended)));
+                        return Some((Err(e), (body, None, pending, ended)));
                     }
                 }
-                partial.drain(..used);
-                if writer.full() {
+                pending = pending.slice(used..);
+                if writer.full() || no_room {
                     let bytes = writer.flush();
-                    return Some((bytes, (body, Some(writer), partial, ended)));
+                    return Some((bytes, (body, Some(writer), pending, ended)));
                 }
                 if ended {
-                    return Some((writer.finish(), (body, None, partial, ended)));
+                    return Some((writer.finish(), (body, None, pending, ended)));
                 }
                 match body.next().await {
-                    Some(Ok(chunk)) => partial.extend_from_slice(&chunk),
-                    Some(Err(e)) => return Some((Err(e), (body, None, partial, ended))),
+                    Some(Ok(chunk)) if pending.is_empty() => pending = chunk,
+                    Some(Ok(chunk)) => {
+                        let mut joined = Vec::with_capacity(pending.len() + chunk.len());
+                        joined.extend_from_slice(&pending);
+                        joined.extend_from_slice(&chunk);
+                        pending = joined.into();
+                    }
+                    Some(Err(e)) => return Some((Err(e), (body, None, pending, ended))),
                     None => ended = true,
                 }
             }

@@ -97,6 +97,7 @@ pub async fn run(
         format,
         header: false,
         json_fields,
+        view: true,
     };
     let body = dump_sql(reader, sql, limits, report)
         .await
