@@ -234,7 +234,7 @@ impl Writer {
             serde_json::from_slice(line).map_err(error)?;
         for column in &mut self.columns {
             self.bytes += column
-                .push(row.shift_remove(&column.name))
+                .push(row.swap_remove(&column.name))
                 .map_err(io::Error::other)?;
         }
         self.rows += 1;
