@@ -42,6 +42,8 @@ pub struct AppSettings {
     pub token_lifetime: Duration,
     pub allowance: AllowanceSettings,
     pub http: Settings,
+    /// How buckets are reached (exports, sources).
+    pub s3: crate::objects::S3Settings,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -54,6 +56,8 @@ pub enum AppError {
     Auth(#[from] AuthError),
     #[error("the sources: {0}")]
     Sources(#[from] SourceError),
+    #[error(transparent)]
+    Storage(#[from] crate::objects::ObjectError),
 }
 
 /// Builds a fhirbox on the database of `config`, and starts its background work.
@@ -105,14 +109,17 @@ pub async fn build(
     };
     let sql_reader = sql_pool(SQL_READER_ROLE, &settings.sql_reader)?;
     let sql_admin = sql_pool(SQL_ADMIN_ROLE, &settings.sql_admin)?;
-    let sources = Sources::new(settings.sources)?;
+    let buckets = crate::objects::Buckets::new(settings.s3.clone());
+    let sources = Sources::new(settings.sources, buckets.clone())?;
     let formats = Formats::new(store.clone());
+    let storage = settings.exports.storage(&buckets).await?;
     let background = Background::start(
         bulk_store.clone(),
         sources.clone(),
         formats.clone(),
         settings.jobs,
         settings.exports,
+        storage,
     );
     Ok(AppState {
         auth: Arc::new(Authenticator::new(

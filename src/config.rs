@@ -23,6 +23,13 @@ pub enum Command {
     Serve(ServeArgs),
 }
 
+/// How manifests link their files.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum ExportLinks {
+    Signed,
+    Proxy,
+}
+
 /// How the log is written.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum LogFormat {
@@ -198,6 +205,42 @@ pub struct ServeArgs {
     /// fewest.
     #[arg(long, env = "FHIRBOX_JOB_TASKS_PER_SUBJECT", default_value_t = 2)]
     pub job_tasks_per_subject: usize,
+
+    /// Write `$export` and view-export files to this bucket, `s3://BUCKET[/PREFIX]`, instead
+    /// of the export directory (credentials: AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY,
+    /// AWS_SESSION_TOKEN, or the instance/web-identity chain).
+    #[arg(long, env = "FHIRBOX_EXPORT_STORAGE")]
+    pub export_storage: Option<String>,
+
+    /// The URL of an S3-compatible server (SeaweedFS, MinIO, ...); path-style addressing is
+    /// used then. Without it: AWS S3.
+    #[arg(long, env = "FHIRBOX_S3_ENDPOINT")]
+    pub s3_endpoint: Option<String>,
+
+    /// The S3 region.
+    #[arg(long, env = "FHIRBOX_S3_REGION", default_value = "us-east-1")]
+    pub s3_region: String,
+
+    /// Bytes of one part of an upload to the bucket (at least 5 MiB); two parts go up while
+    /// the next fills.
+    #[arg(long, env = "FHIRBOX_S3_PART_SIZE", default_value_t = 8 * 1024 * 1024)]
+    pub s3_part_size: usize,
+
+    /// How manifests link files: `signed` (URLs straight to the bucket, signed at each poll,
+    /// `requiresAccessToken: false`; the default with --export-storage) or `proxy` (through
+    /// fhirbox, with the client's credentials; the only choice with a local directory).
+    #[arg(long, env = "FHIRBOX_EXPORT_LINKS", value_enum)]
+    pub export_links: Option<ExportLinks>,
+
+    /// Seconds a signed link lives at most (also never past the files' expiry, nor past
+    /// temporary credentials' end).
+    #[arg(long, env = "FHIRBOX_EXPORT_LINK_LIFETIME", default_value_t = 3600)]
+    pub export_link_lifetime: u64,
+
+    /// Buckets (and prefixes) Clients may read `s3://` sources from, comma-separated
+    /// (`s3://imports,s3://shared/hospital-a`); root may read any. None by default.
+    #[arg(long, env = "FHIRBOX_SOURCE_BUCKETS", value_delimiter = ',')]
+    pub source_buckets: Vec<String>,
 
     /// Background tasks (`$import` inputs, `$export` resource types) this process runs at once.
     #[arg(long, env = "FHIRBOX_IMPORT_WORKERS", default_value_t = 2)]

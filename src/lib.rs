@@ -31,6 +31,7 @@ pub mod format;
 pub mod http;
 pub mod json_text;
 pub mod metrics;
+pub mod objects;
 pub mod resource;
 pub mod resource_type;
 pub mod server;

@@ -69,6 +69,9 @@ pub enum ServeError {
     },
     #[error("--source-dir {dir}: {reason}")]
     SourceDir { dir: String, reason: String },
+    /// A flag of object storage that cannot be used.
+    #[error("{0}")]
+    Storage(String),
     #[error("server error: {0}")]
     Serve(std::io::Error),
     #[error("the data directory {dir}: {source}")]
@@ -213,6 +216,7 @@ async fn serve_with_database(
             source,
         })?;
     let bound = listener.local_addr().map_err(ServeError::Serve)?;
+    let (export_bucket, export_links) = export_storage(args)?;
     let settings = AppSettings {
         pool_size: args.db_pool_size,
         pool_wait: Duration::from_secs(args.db_wait.max(1)),
@@ -250,6 +254,15 @@ async fn serve_with_database(
             views: view_limits(args),
             view_output: OutputBounds::views(args.view_max_rows, args.view_max_bytes),
             output: OutputBounds::exports(args.export_max_rows, args.export_max_bytes),
+            bucket: export_bucket,
+            part_size: args.s3_part_size,
+            links: export_links,
+            link_lifetime: Duration::from_secs(args.export_link_lifetime.max(1)),
+        },
+        s3: crate::objects::S3Settings {
+            endpoint: args.s3_endpoint.clone(),
+            region: args.s3_region.clone(),
+            credentials: None,
         },
         guard: guard_settings(args),
         token_lifetime: Duration::from_secs(args.access_token_lifetime.max(1)),
@@ -424,7 +437,52 @@ fn source_policy(args: &ServeArgs) -> Result<SourcePolicy, ServeError> {
             }
             None => Vec::new(),
         },
+        client_buckets: args
+            .source_buckets
+            .iter()
+            .filter(|b| !b.trim().is_empty())
+            .map(|b| {
+                crate::objects::Location::parse(b.trim()).ok_or_else(|| {
+                    ServeError::Storage(format!(
+                        "--source-buckets: '{b}' is not s3://BUCKET or s3://BUCKET/PREFIX"
+                    ))
+                })
+            })
+            .collect::<Result<_, _>>()?,
     })
+}
+
+/// `--export-storage`, `--export-links`: where export files go and how manifests link them.
+fn export_storage(
+    args: &ServeArgs,
+) -> Result<
+    (
+        Option<crate::objects::Location>,
+        Option<crate::bulk::export::Links>,
+    ),
+    ServeError,
+> {
+    use crate::bulk::export::Links;
+    use crate::config::ExportLinks;
+    let bucket = match &args.export_storage {
+        Some(url) => Some(crate::objects::Location::parse(url).ok_or_else(|| {
+            ServeError::Storage(format!(
+                "--export-storage: '{url}' is not s3://BUCKET or s3://BUCKET/PREFIX"
+            ))
+        })?),
+        None => None,
+    };
+    let links = match (args.export_links, &bucket) {
+        (Some(ExportLinks::Signed), None) => {
+            return Err(ServeError::Storage(
+                "--export-links signed needs --export-storage s3://...: a local directory has no signed URLs".into(),
+            ))
+        }
+        (Some(ExportLinks::Signed), Some(_)) => Some(Links::Signed),
+        (Some(ExportLinks::Proxy), _) => Some(Links::Proxy),
+        (None, _) => None,
+    };
+    Ok((bucket, links))
 }
 
 /// The TLS configuration of --tls-cert and --tls-key, if given.

@@ -267,7 +267,21 @@ async fn credentials() {
             StatusCode::UNAUTHORIZED,
             "{user}:{password}"
         );
-        assert!(response.headers().contains_key("www-authenticate"));
+        // Basic credentials or a bearer token (RFC 6750): both are offered.
+        let challenges: Vec<&str> = response
+            .headers()
+            .get_all("www-authenticate")
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .collect();
+        assert!(
+            challenges.iter().any(|c| c.starts_with("Basic ")),
+            "{challenges:?}"
+        );
+        assert!(
+            challenges.iter().any(|c| c.starts_with("Bearer ")),
+            "{challenges:?}"
+        );
     }
     // The seed's Authorization header, as written.
     let response = server

@@ -300,7 +300,14 @@ async fn output_organized_by_patient_comes_in_blocks() {
     let mut blocks: Vec<(String, Vec<String>)> = Vec::new();
     for entry in manifest["output"].as_array().expect("output") {
         assert!(entry.get("type").is_none(), "{entry}");
-        for line in lines(&server, entry["url"].as_str().expect("url")).await {
+        let lines = lines(&server, entry["url"].as_str().expect("url")).await;
+        // `count` is of resources, the headers not counted (the reference client checks it).
+        let resources = lines
+            .iter()
+            .filter(|l| l["resourceType"] != "Parameters")
+            .count();
+        assert_eq!(entry["count"], resources, "{entry}");
+        for line in lines {
             if line["resourceType"] == "Parameters" {
                 assert_eq!(line["parameter"][0]["name"], "header");
                 let patient = line["parameter"][0]["valueReference"]["reference"]
@@ -493,4 +500,56 @@ async fn groups_are_found_by_identifier_and_filters_are_discoverable() {
         params.contains(&"category") && params.contains(&"code"),
         "{params:?}"
     );
+}
+
+#[tokio::test]
+async fn an_interrupted_download_resumes_with_a_range() {
+    let server = TestServer::start().await;
+    small_world(&server).await;
+    let status_url = start(&server, "/fhir/$export?_type=Patient").await;
+    let manifest = manifest(&server, &status_url).await;
+    let url = manifest["output"][0]["url"]
+        .as_str()
+        .expect("url")
+        .to_string();
+    let whole = as_root(&server, Method::GET, &url)
+        .header("accept-encoding", "identity")
+        .send()
+        .await
+        .expect("download");
+    assert_eq!(whole.headers()["accept-ranges"], "bytes");
+    let whole = whole.bytes().await.expect("file");
+    assert!(whole.len() > 20);
+    for (range, expected) in [
+        ("bytes=10-", &whole[10..]),
+        ("bytes=0-9", &whole[..10]),
+        ("bytes=-5", &whole[whole.len() - 5..]),
+    ] {
+        let response = as_root(&server, Method::GET, &url)
+            .header("range", range)
+            .header("accept-encoding", "gzip")
+            .send()
+            .await
+            .expect("range");
+        assert_eq!(response.status(), StatusCode::PARTIAL_CONTENT, "{range}");
+        assert!(response.headers()["content-range"]
+            .to_str()
+            .expect("ascii")
+            .ends_with(&format!("/{}", whole.len())));
+        assert!(
+            response.headers().get("content-encoding").is_none(),
+            "a range is of the file's bytes"
+        );
+        assert_eq!(
+            &response.bytes().await.expect("part")[..],
+            expected,
+            "{range}"
+        );
+    }
+    let past = as_root(&server, Method::GET, &url)
+        .header("range", format!("bytes={}-", whole.len()))
+        .send()
+        .await
+        .expect("range");
+    assert_eq!(past.status(), StatusCode::RANGE_NOT_SATISFIABLE);
 }

@@ -19,9 +19,9 @@ use serde_json::{json, Map, Value};
 
 use super::jobs::{Jobs, Progress, Runner, TaskFailure};
 use super::load::{account, load_tracked, BeforeCommit, LoadError, LoadRequest};
-use super::prepare::LineRules;
+use super::prepare::{own_type_refusal, LineRules};
 use super::report::Report;
-use super::source::{SourceError, Sources};
+use super::source::{Reader, SourceError, Sources};
 use crate::auth::access::JobFacts;
 use crate::format::Formats;
 use crate::resource::format_instant;
@@ -64,7 +64,10 @@ pub struct ImportRequest {
     /// `/fhir/$import`: FHIR lines, converted.
     pub fhir: bool,
     pub keep_history: bool,
-    pub inputs: Vec<(ResourceType, String)>,
+    /// Each input's type and URL; no type: a bucket prefix (`s3://BUCKET/PREFIX/`) whose
+    /// objects named after a type (`Patient.ndjson.gz`, `Observation.000.ndjson`) are the
+    /// inputs.
+    pub inputs: Vec<(Option<ResourceType>, String)>,
     /// The request's own fields, kept in the status: `inputFormat`, `contentEncoding`, `mode`.
     pub echo: Map<String, Value>,
 }
@@ -98,6 +101,12 @@ impl Imports {
             return Err(ImportError::Invalid(format!("'{id}' is not a valid id")));
         }
         self.jobs.admit(subject).await??;
+        let reader = match subject {
+            "root" => Reader::Root,
+            _ => Reader::Client,
+        };
+        let mut echo = request.echo;
+        let inputs = self.expand(request.inputs, reader, &mut echo).await?;
         let job = JobRow {
             id: id.clone(),
             kind: JobKind::Import,
@@ -106,10 +115,10 @@ impl Imports {
             keep_history: request.keep_history,
             cancelled: false,
             created_at: Utc::now(),
-            document: Value::Object(request.echo),
+            document: Value::Object(echo),
         };
-        for (index, (rt, url)) in request.inputs.iter().enumerate() {
-            if let Some(first) = request.inputs[..index]
+        for (index, (rt, url)) in inputs.iter().enumerate() {
+            if let Some(first) = inputs[..index]
                 .iter()
                 .position(|(t, u)| t == rt && u == url)
             {
@@ -118,12 +127,11 @@ impl Imports {
                 )));
             }
             self.sources
-                .check(url)
+                .check(url, reader)
                 .await
                 .map_err(|error| ImportError::Source { index, error })?;
         }
-        let tasks: Vec<NewTask> = request
-            .inputs
+        let tasks: Vec<NewTask> = inputs
             .iter()
             .map(|(rt, url)| NewTask {
                 resource_type: rt.name().to_string(),
@@ -176,6 +184,50 @@ impl Imports {
             tracing::info!(job = id, kind = "import", "job removed");
         }
         Ok(deleted)
+    }
+
+    /// The inputs with every bucket prefix replaced by the objects under it named after a
+    /// resource type; the other objects are skipped and named in the status's `warnings`.
+    async fn expand(
+        &self,
+        inputs: Vec<(Option<ResourceType>, String)>,
+        reader: Reader,
+        echo: &mut Map<String, Value>,
+    ) -> Result<Vec<(ResourceType, String)>, ImportError> {
+        let mut expanded = Vec::new();
+        let mut warnings = Vec::new();
+        for (index, (rt, url)) in inputs.into_iter().enumerate() {
+            if let Some(rt) = rt {
+                expanded.push((rt, url));
+                continue;
+            }
+            let objects = self
+                .sources
+                .list(&url, reader)
+                .await
+                .map_err(|error| ImportError::Source { index, error })?;
+            let before = expanded.len();
+            for (object, name) in objects {
+                let type_name = name.split('.').next().unwrap_or_default();
+                match ResourceType::parse(type_name) {
+                    Some(rt) if own_type_refusal(rt, reader == Reader::Root).is_none() => {
+                        expanded.push((rt, object))
+                    }
+                    _ => warnings.push(Value::String(format!(
+                        "{object} was skipped: its name does not start with a resource type fhirbox may import"
+                    ))),
+                }
+            }
+            if expanded.len() == before {
+                return Err(ImportError::Invalid(format!(
+                    "inputs[{index}]: no object under {url} is named after a resource type (Patient.ndjson.gz, Observation.000.ndjson, ...)"
+                )));
+            }
+        }
+        if !warnings.is_empty() {
+            echo.insert("warnings".into(), Value::Array(warnings));
+        }
+        Ok(expanded)
     }
 
     /// Who started a job and which types it writes, for its routes' authorization
@@ -250,6 +302,10 @@ impl Imports {
         };
         let request = LoadRequest {
             source: input.url.clone().unwrap_or_default(),
+            reader: match job.subject.as_str() {
+                "root" => super::source::Reader::Root,
+                _ => super::source::Reader::Client,
+            },
             rules: LineRules {
                 fhir,
                 only_type: Some(rt),

@@ -117,6 +117,8 @@ impl From<StoreError> for LoadError {
 /// A load: where from, how to read the lines, whether to keep replaced versions.
 pub struct LoadRequest {
     pub source: String,
+    /// Who reads the source (which buckets it may read).
+    pub reader: super::source::Reader,
     pub rules: LineRules,
     /// Keep each replaced version in history (`update: true`); off by default, for speed.
     pub keep_history: bool,
@@ -162,7 +164,7 @@ pub async fn load_tracked(
     before_commit: Option<BeforeCommit>,
 ) -> Result<LoadCounts, LoadError> {
     let counted = progress.clone();
-    let opened = sources.open(&request.source).await?;
+    let opened = sources.open(&request.source, request.reader).await?;
     progress
         .size
         .store(opened.size.unwrap_or(0), Ordering::Relaxed);

@@ -40,10 +40,11 @@ impl Background {
         formats: Formats,
         job_settings: jobs::JobSettings,
         export_settings: export::ExportSettings,
+        storage: export::storage::ExportStorage,
     ) -> Background {
         let jobs = jobs::Jobs::new(store, job_settings);
         let imports = import::Imports::new(jobs.clone(), sources, formats.clone());
-        let exports = export::Exports::new(jobs.clone(), formats, export_settings);
+        let exports = export::Exports::new(jobs.clone(), formats, export_settings, storage);
         jobs.spawn_workers(Arc::new(imports.clone()), Arc::new(exports.clone()));
         exports.spawn_janitor();
         Background {

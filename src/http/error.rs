@@ -149,6 +149,13 @@ impl IntoResponse for ApiError {
                 header::WWW_AUTHENTICATE,
                 HeaderValue::from_static(challenge.header()),
             );
+            // Bearer tokens are taken too (RFC 6750): offer them beside basic credentials.
+            if challenge == Challenge::Basic {
+                response.headers_mut().append(
+                    header::WWW_AUTHENTICATE,
+                    HeaderValue::from_static("Bearer realm=\"fhirbox\""),
+                );
+            }
         }
         if let Some(seconds) = self.retry_after {
             response
@@ -312,6 +319,7 @@ impl From<LoadError> for ApiError {
         match error {
             LoadError::Source(
                 SourceError::Status { .. }
+                | SourceError::Bucket(_)
                 | SourceError::Http(_)
                 | SourceError::Dns { .. }
                 | SourceError::Connect { .. }
@@ -324,6 +332,7 @@ impl From<LoadError> for ApiError {
             ),
             LoadError::Source(
                 SourceError::Forbidden(_)
+                | SourceError::BucketForbidden(_)
                 | SourceError::OutsideSourceDir(_)
                 | SourceError::FilesDisabled,
             ) => ApiError::new(StatusCode::FORBIDDEN, "forbidden", message),
@@ -365,6 +374,7 @@ impl From<ImportError> for ApiError {
                 let message = format!("inputs[{index}]: {error}");
                 let api = match error {
                     SourceError::Forbidden(_)
+                    | SourceError::BucketForbidden(_)
                     | SourceError::OutsideSourceDir(_)
                     | SourceError::FilesDisabled => {
                         ApiError::new(StatusCode::FORBIDDEN, "forbidden", message)
@@ -388,6 +398,12 @@ impl From<ExportError> for ApiError {
             ExportError::Invalid(message) => ApiError::bad_request(message),
             ExportError::NoGroup(_) => ApiError::not_found(error.to_string()),
             ExportError::TooMany(_) => too_many_jobs(error.to_string()),
+            ExportError::Storage(_) => ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "transient",
+                format!("the export cannot start: {error}; try again later"),
+            )
+            .retry_after(30),
             ExportError::Store(error) => error.into(),
             ExportError::Io(_) => ApiError::internal(
                 "could not write the export's files (logged on the server)",

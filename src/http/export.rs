@@ -289,13 +289,50 @@ pub async fn file(
     if !is_file_name(&name) {
         return Err(not_found());
     }
-    let Some(path) = state.background.exports.file(&id, &name).await? else {
+    let exports = &state.background.exports;
+    // View exports write CSV and Parquet files too.
+    let media = crate::bulk::export::storage::media_type(&name);
+    // A download that broke off resumes where it stopped (`Range: bytes=N-`). Several ranges
+    // at once get the whole file, as RFC 9110 allows.
+    let single = headers
+        .get(header::RANGE)
+        .filter(|r| !r.as_bytes().contains(&b','))
+        .and_then(|r| r.to_str().ok());
+    if let Some(range) = single {
+        let Some(length) = exports.file_size(&id, &name).await? else {
+            return Err(not_found());
+        };
+        let Some((start, end)) = byte_range(range, length) else {
+            let mut response = StatusCode::RANGE_NOT_SATISFIABLE.into_response();
+            set_header(
+                &mut response,
+                header::CONTENT_RANGE,
+                &format!("bytes */{length}"),
+            );
+            return Ok(response);
+        };
+        let Some(opened) = exports.open(&id, &name, Some((start, end))).await? else {
+            return Err(not_found());
+        };
+        // A range is of the file's own bytes: never compressed on the way.
+        let mut response = streamed(opened.body, media, false);
+        *response.status_mut() = StatusCode::PARTIAL_CONTENT;
+        set_header(&mut response, header::ACCEPT_RANGES, "bytes");
+        set_header(
+            &mut response,
+            header::CONTENT_RANGE,
+            &format!("bytes {start}-{end}/{length}"),
+        );
+        set_header(
+            &mut response,
+            header::CONTENT_LENGTH,
+            &(end + 1 - start).to_string(),
+        );
+        return Ok(response);
+    }
+    let Some(opened) = exports.open(&id, &name, None).await? else {
         return Err(not_found());
     };
-    let file = tokio::fs::File::open(&path).await.map_err(|error| {
-        tracing::warn!(%error, path = %path.display(), "an export file listed in a manifest is missing");
-        not_found()
-    })?;
     let gzip = headers
         .get_all(header::ACCEPT_ENCODING)
         .iter()
@@ -307,21 +344,37 @@ pub async fn file(
             let refused = parts.any(|p| p.trim().replace(' ', "") == "q=0");
             name == "gzip" && !refused
         });
-    let body = Box::pin(tokio_util::io::ReaderStream::with_capacity(
-        file,
-        256 * 1024,
-    ));
-    // View exports write CSV and Parquet files too.
-    let media = if name.ends_with(".csv") {
-        "text/csv"
-    } else if name.ends_with(".parquet") {
-        "application/vnd.apache.parquet"
-    } else {
-        "application/fhir+ndjson"
-    };
-    let mut response = streamed(body, media, gzip);
+    let mut response = streamed(opened.body, media, gzip);
     set_header(&mut response, header::VARY, "accept-encoding");
+    set_header(&mut response, header::ACCEPT_RANGES, "bytes");
     Ok(response)
+}
+
+/// The first and last byte of a single `bytes=` range within `length` bytes, if it is one.
+fn byte_range(header: &str, length: u64) -> Option<(u64, u64)> {
+    let spec = header.trim().strip_prefix("bytes=")?;
+    if spec.contains(',') || length == 0 {
+        return None;
+    }
+    let (first, last) = spec.split_once('-')?;
+    let (first, last) = (first.trim(), last.trim());
+    let (start, end) = match (first.is_empty(), last.is_empty()) {
+        (false, _) => {
+            let start: u64 = first.parse().ok()?;
+            let end = if last.is_empty() {
+                length - 1
+            } else {
+                last.parse::<u64>().ok()?.min(length - 1)
+            };
+            (start, end)
+        }
+        (true, false) => {
+            let suffix: u64 = last.parse().ok()?;
+            (length.saturating_sub(suffix), length - 1)
+        }
+        (true, true) => return None,
+    };
+    (start <= end && start < length).then_some((start, end))
 }
 
 pub(super) fn no_file(id: &str, name: &str) -> ApiError {
@@ -332,4 +385,21 @@ pub(super) fn no_export(id: &str) -> ApiError {
     ApiError::not_found(format!(
         "no export {id} (it may have been cancelled, or its files expired)"
     ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::byte_range;
+
+    #[test]
+    fn byte_ranges() {
+        assert_eq!(byte_range("bytes=0-9", 100), Some((0, 9)));
+        assert_eq!(byte_range("bytes=90-", 100), Some((90, 99)));
+        assert_eq!(byte_range("bytes=-10", 100), Some((90, 99)));
+        assert_eq!(byte_range("bytes=95-200", 100), Some((95, 99)));
+        assert_eq!(byte_range("bytes=100-", 100), None);
+        assert_eq!(byte_range("bytes=5-2", 100), None);
+        assert_eq!(byte_range("bytes=0-1,5-6", 100), None);
+        assert_eq!(byte_range("items=0-1", 100), None);
+    }
 }

@@ -149,8 +149,16 @@ fn parse(body: Value, fhir: bool, root: bool) -> Result<ImportRequest, ApiError>
                 };
                 for (index, input) in inputs.into_iter().enumerate() {
                     let field = |key: &str| input.get(key).and_then(Value::as_str).map(str::to_string);
+                    // A bucket prefix without a type: every object under it named after a
+                    // type, the way bulk exports are laid out.
+                    if let (None, Some(url)) = (field("resourceType"), field("url")) {
+                        if url.starts_with("s3://") && url.ends_with('/') {
+                            request.inputs.push((None, url));
+                            continue;
+                        }
+                    }
                     let (Some(rt), Some(url)) = (field("resourceType"), field("url")) else {
-                        return Err(invalid(&format!("inputs[{index}]"), format!("inputs[{index}] needs resourceType and url")));
+                        return Err(invalid(&format!("inputs[{index}]"), format!("inputs[{index}] needs resourceType and url (or a url s3://BUCKET/PREFIX/ alone)")));
                     };
                     let resource_type = ResourceType::parse(&rt)
                         .ok_or_else(|| invalid(&format!("inputs[{index}].resourceType"), format!("unknown resourceType '{rt}'")))?;
@@ -158,7 +166,7 @@ fn parse(body: Value, fhir: bool, root: bool) -> Result<ImportRequest, ApiError>
                         return Err(ApiError::new(StatusCode::FORBIDDEN, "forbidden", refusal)
                             .with_expression(format!("inputs[{index}].resourceType")));
                     }
-                    request.inputs.push((resource_type, url));
+                    request.inputs.push((Some(resource_type), url));
                 }
             }
             other => {

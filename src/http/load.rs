@@ -82,6 +82,10 @@ async fn run(
     };
     let request = LoadRequest {
         source: options.source,
+        reader: match subject {
+            Subject::Root => crate::bulk::source::Reader::Root,
+            Subject::Client(_) => crate::bulk::source::Reader::Client,
+        },
         rules: LineRules {
             fhir,
             only_type,

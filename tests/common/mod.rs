@@ -8,6 +8,7 @@ pub mod export;
 pub mod fixtures;
 pub mod keys;
 pub mod process;
+pub mod s3;
 pub mod smart;
 
 use std::path::PathBuf;
@@ -415,6 +416,10 @@ pub fn test_settings(database: &str) -> AppSettings {
             views: Default::default(),
             view_output: Default::default(),
             output: fhirbox::bulk::bounds::OutputBounds::exports(u64::MAX, u64::MAX),
+            bucket: None,
+            part_size: 5 << 20,
+            links: None,
+            link_lifetime: Duration::from_secs(3600),
         },
         guard: fhirbox::auth::guard::GuardSettings::default(),
         token_lifetime: Duration::from_secs(300),
@@ -422,6 +427,7 @@ pub fn test_settings(database: &str) -> AppSettings {
             total: 8,
             per_subject: 8,
         },
+        s3: Default::default(),
         http: Settings {
             max_body_bytes: 1024 * 1024,
             sql_limits: default_sql_limits(),

@@ -17,10 +17,13 @@ pub mod manifest;
 pub mod output;
 pub mod polls;
 pub mod request;
+pub mod storage;
 pub mod task;
 pub mod views;
 
 use std::path::{Path, PathBuf};
+
+use self::storage::ExportStorage;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -67,6 +70,46 @@ pub struct ExportSettings {
     pub view_output: crate::bulk::bounds::OutputBounds,
     /// How much one export job may write (`--export-max-rows`, `--export-max-bytes`).
     pub output: crate::bulk::bounds::OutputBounds,
+    /// `--export-storage s3://BUCKET[/PREFIX]`: files go to the bucket instead of `dir`.
+    pub bucket: Option<crate::objects::Location>,
+    /// The part size of uploads to the bucket (`--s3-part-size`).
+    pub part_size: usize,
+    /// How manifests link their files (`--export-links`; `None`: signed with a bucket).
+    pub links: Option<Links>,
+    /// How long a signed link lives at most (`--export-link-lifetime`).
+    pub link_lifetime: Duration,
+}
+
+impl ExportSettings {
+    /// Where the files go, checked: a bucket must answer (a clear error at start-up, not a
+    /// hang at the first export).
+    pub async fn storage(
+        &self,
+        buckets: &crate::objects::Buckets,
+    ) -> Result<ExportStorage, crate::objects::ObjectError> {
+        let Some(location) = &self.bucket else {
+            return Ok(ExportStorage::Local {
+                dir: self.dir.clone(),
+            });
+        };
+        let storage = ExportStorage::Bucket {
+            client: buckets.client(&location.bucket)?,
+            name: location.to_string(),
+            prefix: location.key.trim_matches('/').to_string(),
+            part_size: self.part_size.max(5 << 20),
+        };
+        storage.reachable().await?;
+        Ok(storage)
+    }
+
+    /// How manifests link their files.
+    pub fn links(&self) -> Links {
+        match (self.links, &self.bucket) {
+            (Some(links), _) => links,
+            (None, Some(_)) => Links::Signed,
+            (None, None) => Links::Proxy,
+        }
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -79,6 +122,9 @@ pub enum ExportError {
     Io(#[from] std::io::Error),
     #[error(transparent)]
     TooMany(#[from] super::jobs::TooManyJobs),
+    /// The export storage does not answer (at kick-off: better now than in every task).
+    #[error(transparent)]
+    Storage(#[from] crate::objects::ObjectError),
     #[error(transparent)]
     Store(#[from] StoreError),
 }
@@ -107,16 +153,38 @@ pub struct Exports {
     formats: Formats,
     settings: Arc<ExportSettings>,
     polls: Arc<polls::Polls>,
+    /// Where the files go.
+    storage: Arc<ExportStorage>,
+}
+
+/// How a manifest's files are downloaded (`--export-links`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Links {
+    /// Through fhirbox (`$export-file/...`), with the client's credentials.
+    Proxy,
+    /// Straight from the bucket, with URLs signed at each poll (bucket storage only).
+    Signed,
 }
 
 impl Exports {
-    pub fn new(jobs: Jobs, formats: Formats, settings: ExportSettings) -> Exports {
+    pub fn new(
+        jobs: Jobs,
+        formats: Formats,
+        settings: ExportSettings,
+        storage: ExportStorage,
+    ) -> Exports {
         Exports {
             jobs,
             formats,
             polls: Arc::new(polls::Polls::new(settings.polls_per_second)),
             settings: Arc::new(settings),
+            storage: Arc::new(storage),
         }
+    }
+
+    /// Where the files go.
+    pub fn storage(&self) -> &ExportStorage {
+        &self.storage
     }
 
     /// Admits a status poll of a job, or says how long its client must wait first.
@@ -127,6 +195,7 @@ impl Exports {
     /// Creates a job and wakes the workers; returns its id.
     pub async fn start(&self, spec: ExportSpec, subject: &str) -> Result<String, ExportError> {
         self.jobs.admit(subject).await??;
+        self.storage.reachable().await?;
         let conn = self.jobs.store().connection().await?;
         if let Level::Group { id } = &spec.level {
             let group = ResourceType::parse("Group").expect("an R4 type");
@@ -200,9 +269,8 @@ impl Exports {
                 .map_err(|e| ExportError::Invalid(e.to_string()))?,
         };
         if !spec.warnings.is_empty() {
-            let dir = self.job_dir(&id);
-            tokio::fs::create_dir_all(&dir).await?;
-            tokio::fs::write(dir.join(WARNINGS_FILE), warnings_ndjson(&spec.warnings)).await?;
+            let warnings = warnings_ndjson(&spec.warnings).into_bytes().into();
+            self.storage.put(&id, WARNINGS_FILE, warnings).await?;
         }
         if !sql::create_job(&conn, &job, &tasks).await? {
             return Err(ExportError::Invalid(format!("export id {id} is taken")));
@@ -265,7 +333,7 @@ impl Exports {
         id: &str,
         base: &str,
         page: Option<usize>,
-    ) -> Result<Option<ExportStatus>, StoreError> {
+    ) -> Result<Option<ExportStatus>, ExportError> {
         let Some((job, tasks)) = self.live_job(id).await? else {
             return Ok(None);
         };
@@ -307,12 +375,6 @@ impl Exports {
         } else {
             None
         };
-        if !done {
-            return Ok(Some(ExportStatus::InProgress {
-                progress: progress(&tasks),
-                page: paged,
-            }));
-        }
         let ended = tasks
             .iter()
             .filter_map(|t| t.finished_at)
@@ -320,11 +382,65 @@ impl Exports {
             .unwrap_or(job.created_at);
         let expires = ended
             + chrono::Duration::from_std(self.settings.expiry).unwrap_or(chrono::Duration::MAX);
-        let manifest = match paged {
+        if !done {
+            let page = match paged {
+                Some(mut page) => {
+                    self.link(id, &mut page, None).await?;
+                    Some(page)
+                }
+                None => None,
+            };
+            return Ok(Some(ExportStatus::InProgress {
+                progress: progress(&tasks),
+                page,
+            }));
+        }
+        let mut manifest = match paged {
             Some(page) => page,
             None => manifest(&spec, &tasks.iter().collect::<Vec<_>>(), &files_base),
         };
+        self.link(id, &mut manifest, Some(expires)).await?;
         Ok(Some(ExportStatus::Complete { manifest, expires }))
+    }
+
+    /// With signed links, points every file of `manifest` straight at the storage: URLs
+    /// signed now (a client that polls again gets fresh ones), living `--export-link-lifetime`
+    /// at most, and no longer than the files (`expires`) or the credentials that signed them.
+    async fn link(
+        &self,
+        id: &str,
+        manifest: &mut Value,
+        expires: Option<DateTime<Utc>>,
+    ) -> Result<(), ExportError> {
+        if self.settings.links() != Links::Signed || !self.storage.signs() {
+            return Ok(());
+        }
+        let mut lifetime = self.settings.link_lifetime;
+        if let Some(expires) = expires {
+            let left = (expires - Utc::now()).to_std().unwrap_or(Duration::ZERO);
+            lifetime = lifetime.min(left);
+        }
+        if let Some(credentials) = crate::objects::Buckets::credential_lifetime() {
+            lifetime = lifetime.min(credentials);
+        }
+        let lifetime = lifetime.max(Duration::from_secs(1));
+        for list in ["output", "deleted", "error"] {
+            let Some(entries) = manifest[list].as_array_mut() else {
+                continue;
+            };
+            for entry in entries {
+                let name = entry["url"]
+                    .as_str()
+                    .and_then(|url| url.rsplit('/').next())
+                    .unwrap_or_default()
+                    .to_string();
+                if let Some(url) = self.storage.signed_url(id, &name, lifetime).await? {
+                    entry["url"] = Value::String(url);
+                }
+            }
+        }
+        manifest["requiresAccessToken"] = Value::Bool(false);
+        Ok(())
     }
 
     /// A job that is not cancelled, with its tasks.
@@ -353,10 +469,11 @@ impl Exports {
         Ok(true)
     }
 
-    /// The path of a file of a completed job, if `name` is one of its files.
-    pub async fn file(&self, id: &str, name: &str) -> Result<Option<PathBuf>, StoreError> {
+    /// Whether `name` is a file of job `id`'s manifest (a file of a finished task, or the
+    /// warnings).
+    pub async fn lists(&self, id: &str, name: &str) -> Result<bool, StoreError> {
         let Some((job, tasks)) = self.live_job(id).await? else {
-            return Ok(None);
+            return Ok(false);
         };
         let listed = tasks
             .iter()
@@ -371,7 +488,28 @@ impl Exports {
         let warnings = name == WARNINGS_FILE
             && serde_json::from_value::<ExportSpec>(job.document)
                 .is_ok_and(|spec| !spec.warnings.is_empty());
-        Ok((listed || warnings).then(|| self.job_dir(id).join(name)))
+        Ok(listed || warnings)
+    }
+
+    /// A file of a job's manifest, the bytes `range` only if asked (`None`: no such file).
+    pub async fn open(
+        &self,
+        id: &str,
+        name: &str,
+        range: Option<(u64, u64)>,
+    ) -> Result<Option<storage::Opened>, ExportError> {
+        if !self.lists(id, name).await? {
+            return Ok(None);
+        }
+        Ok(self.storage.open(id, name, range).await?)
+    }
+
+    /// The length of a file of a job's manifest (`None`: no such file).
+    pub async fn file_size(&self, id: &str, name: &str) -> Result<Option<u64>, ExportError> {
+        if !self.lists(id, name).await? {
+            return Ok(None);
+        }
+        Ok(self.storage.size(id, name).await?)
     }
 
     /// Deletes, now and then, the jobs and files that are over: expired or cancelled.
@@ -404,17 +542,17 @@ impl Exports {
             sql::delete(&conn, &id).await?;
             tracing::info!(job = %id, "deleted an expired or cancelled export");
         }
-        let Ok(mut entries) = tokio::fs::read_dir(&self.settings.dir).await else {
-            return Ok(());
+        self.abort_stale_uploads(&conn).await;
+        let present = match self.storage.jobs().await {
+            Ok(present) => present,
+            Err(error) => {
+                tracing::warn!(%error, "could not list the export storage");
+                return Ok(());
+            }
         };
         let live = sql::ids(&conn, JobKind::Export).await?;
-        while let Ok(Some(entry)) = entries.next_entry().await {
-            let name = entry.file_name().to_string_lossy().to_string();
-            let idle = entry
-                .metadata()
-                .await
-                .and_then(|m| m.modified())
-                .ok()
+        for (name, changed) in present {
+            let idle = changed
                 .and_then(|at| at.elapsed().ok())
                 .is_some_and(|idle| idle > STRAY_AFTER);
             if idle && crate::resource::is_valid_id(&name) && !live.contains(&name) {
@@ -425,18 +563,41 @@ impl Exports {
         Ok(())
     }
 
-    fn job_dir(&self, id: &str) -> PathBuf {
-        self.settings.dir.join(id)
+    /// Aborts the uploads no running task will finish: of a job that is over or gone, or of an
+    /// earlier run of a task (a process killed while it uploaded, whose task another took over).
+    async fn abort_stale_uploads(&self, conn: &crate::store::Connection) {
+        let uploads = match self.storage.uploads().await {
+            Ok(uploads) => uploads,
+            Err(error) => {
+                tracing::warn!(%error, "could not list the uploads in progress");
+                return;
+            }
+        };
+        for (job, name, upload) in uploads {
+            let tasks = match sql::tasks(conn, &job).await {
+                Ok(tasks) => tasks,
+                Err(error) => {
+                    tracing::warn!(%error, "could not read an export's tasks");
+                    return;
+                }
+            };
+            let run = output::run_of(&name);
+            let live = tasks
+                .iter()
+                .any(|t| t.status == "in-progress" && Some(t.attempts) == run);
+            if live {
+                continue;
+            }
+            match self.storage.abort(&job, &name, &upload).await {
+                Ok(()) => tracing::info!(job, file = name, "aborted an upload nobody will finish"),
+                Err(error) => tracing::warn!(%error, "could not abort a stale upload"),
+            }
+        }
     }
 
     pub(super) async fn remove_files(&self, id: &str) {
-        let dir = self.job_dir(id);
-        match tokio::fs::remove_dir_all(&dir).await {
-            Ok(()) => {}
-            Err(error) if error.kind() == std::io::ErrorKind::NotFound => {}
-            Err(error) => {
-                tracing::warn!(%error, dir = %dir.display(), "could not delete export files")
-            }
+        if let Err(error) = self.storage.remove_job(id).await {
+            tracing::warn!(%error, job = id, storage = %self.storage.describe(), "could not delete export files");
         }
     }
 }

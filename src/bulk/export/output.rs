@@ -8,29 +8,32 @@
 //! for a moment after another worker took the task over (it stops at its next renewal, and
 //! its files are never listed, since only the claim holder can mark the task finished).
 
-use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use serde_json::{json, Value};
-use tokio::fs::File;
-use tokio::io::{AsyncWriteExt, BufWriter};
 
-/// Removes every file `<stem>-<run>-<n>.<ext>` of `dir` whose run is before `attempt`,
-/// whatever its stem (a view export's one task owns its job's directory).
-pub async fn remove_earlier_runs(dir: &Path, attempt: i32) -> std::io::Result<()> {
-    let mut entries = tokio::fs::read_dir(dir).await?;
-    while let Some(entry) = entries.next_entry().await? {
-        let name = entry.file_name().to_string_lossy().to_string();
-        let mut parts = name.rsplitn(3, '-');
-        let (_, run) = (parts.next(), parts.next());
-        // Run 0 is the kick-off's own (the warnings file).
-        if run
-            .and_then(|r| r.parse::<i32>().ok())
-            .is_some_and(|r| r >= 1 && r < attempt)
-        {
-            tokio::fs::remove_file(entry.path()).await?;
-        }
-    }
-    Ok(())
+use super::storage::{ExportStorage, Sink};
+
+/// The run of a file name `<stem>-<run>-<n>.<ext>`.
+pub fn run_of(name: &str) -> Option<i32> {
+    let mut parts = name.rsplitn(3, '-');
+    parts.next();
+    parts.next()?.parse().ok()
+}
+
+/// Removes every file of `job` whose run is before `attempt`, whatever its stem (a view
+/// export's one task owns its job's files).
+pub async fn remove_earlier_runs(
+    storage: &ExportStorage,
+    job: &str,
+    attempt: i32,
+) -> std::io::Result<()> {
+    // Run 0 is the kick-off's own (the warnings file).
+    storage
+        .remove(job, |name| {
+            run_of(name).is_some_and(|run| run >= 1 && run < attempt)
+        })
+        .await
 }
 
 /// One written file: its name and how many resources it holds.
@@ -42,7 +45,8 @@ pub struct Written {
 
 /// Writes one type's lines into size-limited files.
 pub struct Output {
-    dir: PathBuf,
+    storage: Arc<ExportStorage>,
+    job: String,
     /// `<Type>-<attempt>-`: every file name of this run starts so.
     prefix: String,
     limit: u64,
@@ -51,36 +55,32 @@ pub struct Output {
 }
 
 struct Current {
-    file: BufWriter<File>,
+    sink: Sink,
     written: Written,
     bytes: u64,
 }
 
 impl Output {
-    /// Starts the output of `stem` in `dir` for run `attempt` of its task, removing what
-    /// earlier runs left.
+    /// Starts the output of `stem` in `job`'s files for run `attempt` of its task, removing
+    /// what earlier runs left.
     pub async fn create(
-        dir: &Path,
+        storage: &Arc<ExportStorage>,
+        job: &str,
         stem: &str,
         attempt: i32,
         limit: u64,
     ) -> std::io::Result<Output> {
-        tokio::fs::create_dir_all(dir).await?;
-        let mut entries = tokio::fs::read_dir(dir).await?;
-        while let Some(entry) = entries.next_entry().await? {
-            let name = entry.file_name();
-            let earlier = name
-                .to_string_lossy()
-                .strip_prefix(&format!("{stem}-"))
-                .and_then(|rest| rest.split_once('-'))
-                .and_then(|(run, _)| run.parse::<i32>().ok())
-                .is_some_and(|run| run < attempt);
-            if earlier {
-                tokio::fs::remove_file(entry.path()).await?;
-            }
-        }
+        let mine = format!("{stem}-");
+        storage
+            .remove(job, |name| {
+                name.strip_prefix(&mine).is_some_and(|rest| {
+                    run_of(&format!("x-{rest}")).is_some_and(|run| run < attempt)
+                })
+            })
+            .await?;
         Ok(Output {
-            dir: dir.to_path_buf(),
+            storage: storage.clone(),
+            job: job.to_string(),
             prefix: format!("{stem}-{attempt}-"),
             limit: limit.max(1),
             done: Vec::new(),
@@ -111,7 +111,7 @@ impl Output {
                 }
             };
             let (part, rest) = batch.split_at(take);
-            current.file.write_all(part).await?;
+            current.sink.write(part).await?;
             let count = part.iter().filter(|b| **b == b'\n').count() as u64;
             current.bytes += part.len() as u64;
             current.written.count += count;
@@ -137,15 +137,27 @@ impl Output {
     /// Writes lines into the current file whatever its size (the rest of a block); returns
     /// how many lines they were.
     pub async fn append(&mut self, lines: &[u8]) -> std::io::Result<u64> {
+        let count = self.append_uncounted(lines).await?;
+        if let Some(current) = self.current.as_mut() {
+            current.written.count += count;
+        }
+        Ok(count)
+    }
+
+    /// Writes a block's header line (a `Parameters` naming its Patient), which is no resource:
+    /// a file's `count` is of resources only, as clients check it.
+    pub async fn append_header(&mut self, line: &[u8]) -> std::io::Result<()> {
+        self.append_uncounted(line).await.map(|_| ())
+    }
+
+    async fn append_uncounted(&mut self, lines: &[u8]) -> std::io::Result<u64> {
         if self.current.is_none() {
             self.open_next().await?;
         }
         let current = self.current.as_mut().expect("opened above");
-        current.file.write_all(lines).await?;
-        let count = lines.iter().filter(|b| **b == b'\n').count() as u64;
+        current.sink.write(lines).await?;
         current.bytes += lines.len() as u64;
-        current.written.count += count;
-        Ok(count)
+        Ok(lines.iter().filter(|b| **b == b'\n').count() as u64)
     }
 
     /// Flushes and syncs the last file; returns every file written.
@@ -156,9 +168,9 @@ impl Output {
 
     async fn open_next(&mut self) -> std::io::Result<()> {
         let name = format!("{}{}.ndjson", self.prefix, self.done.len() + 1);
-        let file = File::create(self.dir.join(&name)).await?;
+        let sink = self.storage.create(&self.job, &name).await?;
         self.current = Some(Current {
-            file: BufWriter::with_capacity(1 << 20, file),
+            sink,
             written: Written { name, count: 0 },
             bytes: 0,
         });
@@ -166,9 +178,8 @@ impl Output {
     }
 
     async fn close_current(&mut self) -> std::io::Result<()> {
-        if let Some(mut current) = self.current.take() {
-            current.file.flush().await?;
-            current.file.get_mut().sync_all().await?;
+        if let Some(current) = self.current.take() {
+            current.sink.finish().await?;
             self.done.push(current.written);
         }
         Ok(())
@@ -216,8 +227,10 @@ mod tests {
 
     #[tokio::test]
     async fn files_split_between_lines_at_the_limit() {
-        let dir = std::env::temp_dir().join(format!("fhirbox-output-{}", rand::random::<u32>()));
+        let root = std::env::temp_dir().join(format!("fhirbox-output-{}", rand::random::<u32>()));
+        let dir = root.join("job");
         tokio::fs::create_dir_all(&dir).await.expect("dir");
+        let storage = Arc::new(ExportStorage::Local { dir: root.clone() });
         for stale in [
             "Patient-1-7.ndjson",
             "Patient-3-1.ndjson",
@@ -227,7 +240,7 @@ mod tests {
                 .await
                 .expect("stale file");
         }
-        let mut output = Output::create(&dir, "Patient", 2, 10)
+        let mut output = Output::create(&storage, "job", "Patient", 2, 10)
             .await
             .expect("create");
         assert!(
@@ -266,6 +279,6 @@ mod tests {
         assert_eq!(all, "aaa\nbbb\nccc\na-very-long-line\nd\n");
         assert_eq!(result_files(Some(&result_document(&files, &[]))), files);
         assert_eq!(result_deleted(Some(&result_document(&[], &files))), files);
-        std::fs::remove_dir_all(&dir).expect("clean up");
+        std::fs::remove_dir_all(&root).expect("clean up");
     }
 }

@@ -299,8 +299,8 @@ impl Exports {
                         {"name": "header", "valueReference": {"reference": format!("Patient/{patient}")}}
                     ]});
                     let header = format!("{header}\n");
-                    total += output
-                        .append(header.as_bytes())
+                    output
+                        .append_header(header.as_bytes())
                         .await
                         .map_err(|e| self.write_failed(task, e))?;
                     bytes += header.len() as u64;
@@ -331,16 +331,20 @@ impl Exports {
     }
 
     async fn output(&self, task: &TaskRow, stem: &str) -> Result<Output, TaskFailure> {
-        let dir = self.job_dir(&task.job_id);
-        Output::create(&dir, stem, task.attempts, self.settings.file_size)
-            .await
-            .map_err(|e| self.write_failed(task, e))
+        Output::create(
+            &self.storage,
+            &task.job_id,
+            stem,
+            task.attempts,
+            self.settings.file_size,
+        )
+        .await
+        .map_err(|e| self.write_failed(task, e))
     }
 
-    /// The operator gets the path; the client a message without the server's layout.
+    /// The operator gets where; the client a message without the server's layout.
     pub(super) fn write_failed(&self, task: &TaskRow, error: io::Error) -> TaskFailure {
-        let dir = self.job_dir(&task.job_id);
-        tracing::error!(%error, dir = %dir.display(), "could not write export files");
+        tracing::error!(%error, job = %task.job_id, storage = %self.storage.describe(), "could not write export files");
         TaskFailure::Failed(format!(
             "could not write the export's files ({error}); the server log has the details"
         ))

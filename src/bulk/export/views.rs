@@ -9,7 +9,6 @@ use std::sync::atomic::Ordering;
 use futures_util::StreamExt;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
-use tokio::io::AsyncWriteExt;
 
 use super::output::Written;
 use super::request::ExportSpec;
@@ -47,12 +46,8 @@ impl Exports {
         let converter = self.formats.converter().await.map_err(|e| failed(&e))?;
         let store = self.jobs.store();
         let snapshot = view_export::snapshot(store).await.map_err(|e| failed(&e))?;
-        let dir = self.job_dir(&task.job_id);
-        tokio::fs::create_dir_all(&dir)
-            .await
-            .map_err(|e| self.write_failed(task, e))?;
         // What an earlier run of this task left (a truncated file of a run that died).
-        super::output::remove_earlier_runs(&dir, task.attempts)
+        super::output::remove_earlier_runs(&self.storage, &task.job_id, task.attempts)
             .await
             .map_err(|e| self.write_failed(task, e))?;
         let rows = Rows {
@@ -102,14 +97,15 @@ impl Exports {
                 }
             };
             let name = format!("{}-{}-1.{format}", export.name, task.attempts);
-            let path = dir.join(&name);
-            let mut file = tokio::fs::File::create(&path)
+            let mut file = self
+                .storage
+                .create(&task.job_id, &name)
                 .await
                 .map_err(|e| self.write_failed(task, e))?;
             let mut view_bytes = 0u64;
             while let Some(chunk) = body.next().await {
                 let chunk = chunk.map_err(|e| failed(&e))?;
-                file.write_all(&chunk)
+                file.write(&chunk)
                     .await
                     .map_err(|e| self.write_failed(task, e))?;
                 bytes += chunk.len() as u64;
@@ -125,7 +121,7 @@ impl Exports {
                 }
                 budget.check(rows, bytes)?;
             }
-            file.sync_all()
+            file.finish()
                 .await
                 .map_err(|e| self.write_failed(task, e))?;
             // A CSV file's header is no row.

@@ -8,6 +8,8 @@
 //!   No system proxy is used (a proxy would connect on our behalf, past these checks).
 //! - `file://` URLs, only under the directory named by `--source-dir` (none by default),
 //!   after resolving symlinks and `..`.
+//! - `s3://BUCKET/KEY` objects, with fhirbox's credentials: any for root, for a Client only
+//!   under `--source-buckets` ([`bucket`]).
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -19,12 +21,21 @@ use bytes::Bytes;
 use futures_util::{Stream, StreamExt, TryStreamExt};
 
 mod address;
+mod bucket;
 
 pub use address::allowed;
 use address::{check_url_host, CheckedResolver};
 
 /// Redirect hops followed at most.
 const MAX_REDIRECTS: usize = 10;
+
+/// Who reads a source: root may read any bucket with the server's credentials, a Client only
+/// what `--source-buckets` names.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reader {
+    Root,
+    Client,
+}
 
 /// A source's bytes.
 pub type SourceStream = Pin<Box<dyn Stream<Item = Result<Bytes, SourceError>> + Send>>;
@@ -40,8 +51,14 @@ pub struct Opened {
 pub enum SourceError {
     #[error("'{0}' is not a valid URL")]
     BadUrl(String),
-    #[error("unsupported source scheme '{0}': use http, https or file")]
+    #[error("unsupported source scheme '{0}': use http, https, s3 or file")]
     Scheme(String),
+    /// A bucket a Client may not read (only root may read any; `--source-buckets`).
+    #[error("{0} is not readable by clients: an operator allows buckets and prefixes with --source-buckets")]
+    BucketForbidden(String),
+    /// The storage refused or failed: which object, and why in words.
+    #[error("{0}")]
+    Bucket(String),
     #[error("file:// sources are disabled: start fhirbox with --source-dir to allow files under a directory")]
     FilesDisabled,
     #[error("the file {0} is not under the source directory")]
@@ -80,6 +97,8 @@ pub struct SourcePolicy {
     /// Certificates (DER) trusted besides the system's, for sources and JWK Set URLs on a
     /// private CA.
     pub extra_roots: Vec<Vec<u8>>,
+    /// The buckets (and prefixes) Clients may read `s3://` sources from.
+    pub client_buckets: Vec<crate::objects::Location>,
 }
 
 impl Default for SourcePolicy {
@@ -91,6 +110,7 @@ impl Default for SourcePolicy {
             connect_timeout: Duration::from_secs(10),
             read_timeout: Duration::from_secs(60),
             extra_roots: Vec::new(),
+            client_buckets: Vec::new(),
         }
     }
 }
@@ -100,10 +120,14 @@ impl Default for SourcePolicy {
 pub struct Sources {
     policy: Arc<SourcePolicy>,
     client: reqwest::Client,
+    buckets: crate::objects::Buckets,
 }
 
 impl Sources {
-    pub fn new(policy: SourcePolicy) -> Result<Sources, SourceError> {
+    pub fn new(
+        policy: SourcePolicy,
+        buckets: crate::objects::Buckets,
+    ) -> Result<Sources, SourceError> {
         let policy = Arc::new(policy);
         install_crypto_provider();
         let redirect_policy = policy.clone();
@@ -146,7 +170,11 @@ impl Sources {
             .no_proxy()
             .build()
             .map_err(|e| SourceError::Http(e.to_string()))?;
-        Ok(Sources { policy, client })
+        Ok(Sources {
+            policy,
+            client,
+            buckets,
+        })
     }
 
     /// The longest line a load accepts.
@@ -205,7 +233,12 @@ impl Sources {
     /// the URL and its scheme, a literal address, the addresses a host name resolves to (a
     /// name that does not resolve now is left to the load, which says so), and for `file://`
     /// that it names a regular file under the source directory.
-    pub async fn check(&self, url: &str) -> Result<(), SourceError> {
+    pub async fn check(&self, url: &str, reader: Reader) -> Result<(), SourceError> {
+        if url.starts_with("s3:") {
+            let location = crate::objects::Location::parse(url)
+                .ok_or_else(|| SourceError::BadUrl(url.to_string()))?;
+            return self.check_s3(&location, reader).await;
+        }
         let parsed = reqwest::Url::parse(url).map_err(|_| SourceError::BadUrl(url.to_string()))?;
         match parsed.scheme() {
             "http" | "https" => {
@@ -232,7 +265,12 @@ impl Sources {
 
     /// Opens a source for streaming. Errors that can be known before the first byte (a bad
     /// URL, a refused address, an HTTP error status, a missing file) come back here.
-    pub async fn open(&self, url: &str) -> Result<Opened, SourceError> {
+    pub async fn open(&self, url: &str, reader: Reader) -> Result<Opened, SourceError> {
+        if url.starts_with("s3:") {
+            let location = crate::objects::Location::parse(url)
+                .ok_or_else(|| SourceError::BadUrl(url.to_string()))?;
+            return self.open_s3(&location, reader).await;
+        }
         let parsed = reqwest::Url::parse(url).map_err(|_| SourceError::BadUrl(url.to_string()))?;
         match parsed.scheme() {
             "http" | "https" => self.open_http(parsed).await,
