@@ -16,8 +16,9 @@
 //!   definitions. They call nothing above them.
 //!
 //! Around them: [`config`] (the command line), [`app`] (a running fhirbox's parts, built
-//! from its settings), [`server`] (start-up and shutdown) and [`cluster`] (the managed local
-//! PostgreSQL).
+//! from its settings), [`server`] (start-up and shutdown), [`cluster`] (the managed local
+//! PostgreSQL) and [`objects`] (S3-compatible buckets: the clients behind export storage and
+//! `s3://` sources).
 
 pub mod app;
 pub mod auth;

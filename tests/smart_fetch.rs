@@ -1,7 +1,8 @@
 //! A real Bulk Data client nobody here wrote: `smart-fetch` (the SMART/Cumulus bulk exporter,
 //! from PyPI, installed by `scripts/ensure-smart-fetch`) exports from fhirbox, and the files it
 //! writes match the database: a system export, one `--since` a change, a Group export with a
-//! `--type-filter`, and a Group export with smart-fetch's default types.
+//! `--type-filter`, a Group export with smart-fetch's default types, and exports into a
+//! bucket downloaded by signed links and through fhirbox.
 
 mod common;
 
@@ -288,5 +289,43 @@ async fn smart_fetch_exports_over_https_with_a_smart_token() {
             db_ids(&server, &format!("SELECT id FROM {table}")).await,
             "{type_name}"
         );
+    }
+}
+
+/// smart-fetch downloads a bucket's files both ways: signed links straight from the bucket
+/// (no token sent there: `requiresAccessToken` is false), and links through fhirbox
+/// (`--export-links proxy`), files that match the database.
+#[tokio::test]
+async fn smart_fetch_downloads_from_a_bucket_signed_and_proxied() {
+    use fhirbox::bulk::export::Links;
+    let bin = smart_fetch();
+    for links in [Links::Signed, Links::Proxy] {
+        let bucket = common::s3::s3().bucket();
+        let server = TestServer::start_custom(common::fresh_database().await, |settings| {
+            settings.s3 = common::s3::s3().settings();
+            settings.exports.bucket =
+                fhirbox::objects::Location::parse(&format!("s3://{bucket}/nightly"));
+            settings.exports.links = Some(links);
+        })
+        .await;
+        let loaded = load_synthea(&server).await;
+        let work = tempfile::tempdir().expect("work dir");
+        let exported = export(
+            &server,
+            &bin,
+            work.path(),
+            "bucket",
+            &["--type", "Patient,Condition"],
+        )
+        .await;
+        for type_name in ["Patient", "Condition"] {
+            assert!(loaded.contains_key(type_name));
+            let table = type_name.to_lowercase();
+            assert_eq!(
+                exported.get(type_name).cloned().unwrap_or_default(),
+                db_ids(&server, &format!("SELECT id FROM {table}")).await,
+                "{links:?} {type_name}"
+            );
+        }
     }
 }

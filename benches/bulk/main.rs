@@ -8,9 +8,11 @@
 //! samples the server's resident memory during each operation and prints one table.
 //!
 //! Operations: `dump`, `dump-sql`, `views` (SQL on FHIR), `export`, `smart` (bearer tokens against basic
-//! credentials, and the token endpoint's latency), `import`, `load` (default: all; `import`
-//! and `load` run last, as they empty tables).
+//! credentials, and the token endpoint's latency), `s3` (exports to and imports from a bucket,
+//! on a SeaweedFS it starts; `export` runs it too), `import`, `load` (default: all; `s3`,
+//! `import` and `load` run last, as they empty tables).
 
+mod s3;
 mod server;
 mod setup;
 mod smart;
@@ -797,6 +799,22 @@ async fn main() {
 
     if selected("smart") {
         rows.extend(smart::smart_benchmark(&server, &client, &largest, largest_rows).await);
+    }
+
+    // The bucket rows are export (and import) figures: `export` runs them too.
+    if selected("s3") || selected("export") {
+        rows.extend(
+            s3::s3_benchmark(
+                &server,
+                &client,
+                &url,
+                &largest,
+                largest_rows,
+                &counts,
+                files.path(),
+            )
+            .await,
+        );
     }
 
     if selected("import") {

@@ -24,6 +24,11 @@ pub struct Server {
 
 impl Server {
     pub fn start(database_url: &str, extra_args: &[&str]) -> Server {
+        Server::start_with_env(database_url, extra_args, &[])
+    }
+
+    /// [`Server::start`] with these environment variables (storage credentials).
+    pub fn start_with_env(database_url: &str, extra_args: &[&str], env: &[(&str, &str)]) -> Server {
         let data_dir = tempfile::tempdir().expect("temp dir");
         // A port chosen here, so the public base URL (which SMART needs) is known up front.
         let port = std::net::TcpListener::bind("127.0.0.1:0")
@@ -50,6 +55,7 @@ impl Server {
             .args(["--metrics-listen", "127.0.0.1:0"])
             .args(extra_args)
             .env("RUST_LOG", "info")
+            .envs(env.iter().copied())
             .stdout(Stdio::piped())
             .stderr(log_file(&data_dir))
             .spawn()
@@ -72,6 +78,17 @@ impl Server {
             base,
             _data_dir: data_dir,
         }
+    }
+
+    /// Stops (SIGSTOP) or continues (SIGCONT) the process: servers on one database share
+    /// its job queue, so a bench that times one of two stops the other, lest it claim tasks.
+    pub fn pause(&self, paused: bool) {
+        let signal = if paused { "-STOP" } else { "-CONT" };
+        let status = Command::new("kill")
+            .args([signal, &self.pid().to_string()])
+            .status()
+            .expect("kill");
+        assert!(status.success(), "kill {signal}");
     }
 
     pub fn pid(&self) -> u32 {
