@@ -89,10 +89,17 @@ fn launch(name: &str) -> S3 {
             "-master.telemetry=false".into(),
             format!("-master.port={}", ports[0]),
             format!("-master.port.grpc={}", ports[1]),
-            "-master.volumeSizeLimitMB=256".into(),
+            // Explicit volume slots and a small free-space floor. Every bucket is a collection
+            // of its own that takes 7 volumes at its first write; with `-volume.max=0` weed
+            // counts its slots from the free disk, and on a CI disk with little room the
+            // fifth test's bucket found none ("No writable volumes and no free volumes
+            // left", an InternalError to the client). Volumes are not preallocated: an empty
+            // slot costs nothing.
+            "-master.volumeSizeLimitMB=64".into(),
             format!("-volume.port={}", ports[2]),
             format!("-volume.port.grpc={}", ports[3]),
-            "-volume.max=0".into(),
+            "-volume.max=256".into(),
+            "-volume.minFreeSpace=64MiB".into(),
             "-volume.preStopSeconds=0".into(),
             "-filer".into(),
             format!("-filer.port={}", ports[4]),
@@ -107,6 +114,7 @@ fn launch(name: &str) -> S3 {
             format!("-s3.config={}", config.display()),
         ];
         let pid = spawn(&command, &dir);
+        report_weed_warnings_on_panic(dir.join("weed.log"));
         let server = S3 {
             endpoint: format!("http://127.0.0.1:{s3_port}"),
             python,
@@ -152,6 +160,23 @@ fn clean_up_after_earlier_runs() {
     }
 }
 
+/// When a test fails, what weed warned about is printed with it: a storage error in a test
+/// says only "InternalError", the reason is in weed's log.
+fn report_weed_warnings_on_panic(log: PathBuf) {
+    let previous = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        previous(info);
+        let text = std::fs::read(&log).unwrap_or_default();
+        let text = String::from_utf8_lossy(&text);
+        let warnings: Vec<&str> = text
+            .lines()
+            .filter(|line| line.starts_with(['W', 'E', 'F']))
+            .collect();
+        let tail = &warnings[warnings.len().saturating_sub(15)..];
+        eprintln!("weed's last warnings ({}):\n{}", log.display(), tail.join("\n"));
+    }));
+}
+
 /// Starts `weed` from a thread that lives as long as the test binary, which it dies with.
 fn spawn(command: &[String], dir: &std::path::Path) -> u32 {
     let (sender, receiver) = std::sync::mpsc::channel();
@@ -162,8 +187,8 @@ fn spawn(command: &[String], dir: &std::path::Path) -> u32 {
         let mut process = Command::new(&command[0]);
         process
             .args(&command[1..])
-            .stdout(std::fs::File::create(&log).expect("log"))
-            .stderr(Stdio::null());
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).expect("log"));
         // SAFETY: prctl is async-signal-safe; nothing else runs between fork and exec.
         unsafe {
             process.pre_exec(|| {
