@@ -15,6 +15,7 @@ use crate::bulk::source::{SourceError, SourcePolicy, Sources};
 use crate::bulk::Background;
 use crate::format::Formats;
 use crate::http::{AppState, Settings};
+use crate::store::replicas::{ReadPools, Readers, ReplicaPools, ReplicaSettings};
 use crate::store::roles::{self, RoleLimits, SQL_ADMIN_ROLE, SQL_READER_ROLE};
 use crate::store::{schema, tokens, PoolSettings, Store, StoreError};
 
@@ -44,6 +45,8 @@ pub struct AppSettings {
     pub http: Settings,
     /// How buckets are reached (exports, sources).
     pub s3: crate::objects::S3Settings,
+    /// Read-only standbys for the bulk reads.
+    pub replicas: ReplicaSettings,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -86,29 +89,36 @@ pub async fn build(
     // Bulk work and the job workers: the allowance, plus a running task's COPY and its
     // claim renewals, plus a little room.
     let bulk_size = settings.allowance.total + 2 * settings.jobs.workers + 2;
-    let bulk_store = Store::with_settings(
-        config.clone(),
-        PoolSettings {
-            size: bulk_size,
-            wait: settings.pool_wait,
-            max_message: None,
+    let bulk_pool = PoolSettings {
+        size: bulk_size,
+        wait: settings.pool_wait,
+        max_message: None,
+    };
+    let bulk_store = Store::with_settings(config.clone(), bulk_pool.clone())?;
+    let role_config = |role: &str, given: &Option<tokio_postgres::Config>| {
+        given
+            .clone()
+            .unwrap_or_else(|| Store::config_as(&config, role))
+    };
+    let reader_config = role_config(SQL_READER_ROLE, &settings.sql_reader);
+    let admin_config = role_config(SQL_ADMIN_ROLE, &settings.sql_admin);
+    let sql_pool_settings = PoolSettings {
+        size: settings.allowance.total.max(1),
+        wait: settings.pool_wait,
+        max_message: Some(settings.sql_max_row_bytes),
+    };
+    let sql_reader = Store::with_settings(reader_config.clone(), sql_pool_settings.clone())?;
+    let sql_admin = Store::with_settings(admin_config.clone(), sql_pool_settings.clone())?;
+    // Standbys get the same pools, as the same roles, on their own servers.
+    let readers = Readers::start(
+        ReadPools::primary(bulk_store.clone(), sql_reader.clone(), sql_admin.clone()),
+        &settings.replicas,
+        ReplicaPools {
+            bulk: bulk_pool,
+            sql_reader: (&reader_config, sql_pool_settings.clone()),
+            sql_admin: (&admin_config, sql_pool_settings),
         },
     )?;
-    let sql_pool = |role: &str, given: &Option<tokio_postgres::Config>| {
-        let config = given
-            .clone()
-            .unwrap_or_else(|| Store::config_as(&config, role));
-        Store::with_settings(
-            config,
-            PoolSettings {
-                size: settings.allowance.total.max(1),
-                wait: settings.pool_wait,
-                max_message: Some(settings.sql_max_row_bytes),
-            },
-        )
-    };
-    let sql_reader = sql_pool(SQL_READER_ROLE, &settings.sql_reader)?;
-    let sql_admin = sql_pool(SQL_ADMIN_ROLE, &settings.sql_admin)?;
     let buckets = crate::objects::Buckets::new(settings.s3.clone());
     let sources = Sources::new(settings.sources, buckets.clone())?;
     let formats = Formats::new(store.clone());
@@ -120,6 +130,7 @@ pub async fn build(
         settings.jobs,
         settings.exports,
         storage,
+        readers.clone(),
     );
     Ok(AppState {
         auth: Arc::new(Authenticator::new(
@@ -135,6 +146,7 @@ pub async fn build(
         sql_admin,
         sources,
         formats,
+        readers,
         background,
         settings: Arc::new(settings.http),
     })
@@ -144,6 +156,7 @@ impl AppState {
     /// Stops the background work and closes the pools (shutdown).
     pub async fn stop(&self) {
         self.background.stop().await;
+        self.readers.stop();
         for store in [
             &self.store,
             &self.bulk_store,

@@ -114,6 +114,28 @@ pub struct ServeArgs {
     #[arg(long, env = "FHIRBOX_SQL_ADMIN_URL", hide_env_values = true)]
     pub sql_admin_url: Option<String>,
 
+    /// A read-only streaming standby of the database, as a URL like --database-url
+    /// (repeatable; env: comma-separated). Bulk reads (`$dump`, `$dump-csv`, `$dump-sql`, view
+    /// runs, `$export` and view exports) go there, round robin among the healthy ones; the
+    /// `$dump-sql` roles connect to it as they do to the primary.
+    #[arg(
+        long = "replica-url",
+        env = "FHIRBOX_REPLICA_URLS",
+        value_delimiter = ',',
+        hide_env_values = true
+    )]
+    pub replica_urls: Vec<String>,
+
+    /// Milliseconds a bulk read waits for a standby to replay up to the read's start (an
+    /// export's: its kick-off) before it reads on the primary; a standby further behind than
+    /// this is skipped until it catches up.
+    #[arg(long, env = "FHIRBOX_REPLICA_MAX_WAIT", default_value_t = 5000)]
+    pub replica_max_wait: u64,
+
+    /// Milliseconds between two health checks of every standby.
+    #[arg(long, env = "FHIRBOX_REPLICA_CHECK_INTERVAL", default_value_t = 1000)]
+    pub replica_check_interval: u64,
+
     /// The largest row a `$dump-sql` result may have, in bytes: a larger one ends the query
     /// with an error before fhirbox reads it.
     #[arg(long, env = "FHIRBOX_SQL_MAX_ROW_BYTES", default_value_t = 64 * 1024 * 1024)]

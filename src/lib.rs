@@ -11,7 +11,7 @@
 //!   They call `store` and `format`, never `http` or axum.
 //! - [`store`]: every SQL statement and every connection's life (pool, dedicated connections
 //!   that are cancelled and closed when abandoned, transactions, COPY, jobs, migrations, the
-//!   Patient compartment); [`format`]: native <-> FHIR conversion, driven by [`fhir`], the R4
+//!   Patient compartment, and the read replicas that take the bulk reads); [`format`]: native <-> FHIR conversion, driven by [`fhir`], the R4
 //!   element table (and compartment and search parameters) generated from the official
 //!   definitions. They call nothing above them.
 //!

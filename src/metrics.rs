@@ -10,8 +10,12 @@
 //! - `fhirbox_bulk_rows_total{operation, direction}`, `fhirbox_bulk_bytes_total{operation,
 //!   direction}` (direction `in`: into the database, `out`: out of it), counted as they go;
 //!   `fhirbox_bulk_active{operation}`;
-//! - at each scrape: `fhirbox_db_connections{pool, state}` (`in_use`, `idle`, `waiting`) and
-//!   `fhirbox_job_tasks{kind, status}` (the job queue: `waiting` is its depth).
+//! - at each scrape: `fhirbox_db_connections{server, pool, state}` (`in_use`, `idle`,
+//!   `waiting`; server `primary` or `replica N`) and `fhirbox_job_tasks{kind, status}` (the
+//!   job queue: `waiting` is its depth);
+//! - read replicas: `fhirbox_bulk_reads_total{operation, server}` (`primary` or `replica`),
+//!   `fhirbox_replica_fallbacks_total{reason}`, `fhirbox_replica_up{replica}` and
+//!   `fhirbox_replica_lag_bytes{replica}`.
 
 use std::time::Duration;
 
@@ -55,6 +59,25 @@ pub fn bulk_ended(operation: &'static str) {
     gauge!("fhirbox_bulk_active", "operation" => operation).decrement(1.0);
 }
 
+/// A bulk read started on `server` (`primary` or `replica`).
+pub fn bulk_read(operation: &'static str, server: &'static str) {
+    counter!("fhirbox_bulk_reads_total", "operation" => operation, "server" => server).increment(1);
+}
+
+/// A bulk read went to the primary although there are standbys, and why.
+pub fn replica_fallback(reason: &'static str) {
+    counter!("fhirbox_replica_fallbacks_total", "reason" => reason).increment(1);
+}
+
+pub fn replica_up(replica: &str, up: bool) {
+    gauge!("fhirbox_replica_up", "replica" => replica.to_string()).set(if up { 1.0 } else { 0.0 });
+}
+
+/// How many bytes of WAL a standby has yet to replay, at its last check.
+pub fn replica_lag(replica: &str, bytes: u64) {
+    gauge!("fhirbox_replica_lag_bytes", "replica" => replica.to_string()).set(bytes as f64);
+}
+
 #[derive(Debug, thiserror::Error)]
 #[error("cannot install the metrics recorder: {0}")]
 pub struct MetricsError(String);
@@ -89,12 +112,22 @@ pub async fn serve(
 }
 
 async fn scrape(State((handle, state)): State<(PrometheusHandle, AppState)>) -> String {
-    for (pool, store) in [
-        ("interactive", &state.store),
-        ("bulk", &state.bulk_store),
-        ("sql_reader", &state.sql_reader),
-        ("sql_admin", &state.sql_admin),
-    ] {
+    let mut pools = vec![
+        ("primary".to_string(), "interactive", state.store.clone()),
+        ("primary".to_string(), "bulk", state.bulk_store.clone()),
+        (
+            "primary".to_string(),
+            "sql_reader",
+            state.sql_reader.clone(),
+        ),
+        ("primary".to_string(), "sql_admin", state.sql_admin.clone()),
+    ];
+    for (replica, read) in state.readers.replica_pools() {
+        pools.push((replica.clone(), "bulk", read.bulk));
+        pools.push((replica.clone(), "sql_reader", read.sql_reader));
+        pools.push((replica, "sql_admin", read.sql_admin));
+    }
+    for (server, pool, store) in pools {
         let status = store.status();
         let in_use = status.size.saturating_sub(status.available);
         for (kind, value) in [
@@ -102,7 +135,8 @@ async fn scrape(State((handle, state)): State<(PrometheusHandle, AppState)>) -> 
             ("idle", status.available),
             ("waiting", status.waiting),
         ] {
-            gauge!("fhirbox_db_connections", "pool" => pool, "state" => kind).set(value as f64);
+            gauge!("fhirbox_db_connections", "server" => server.clone(), "pool" => pool, "state" => kind)
+                .set(value as f64);
         }
     }
     match state.background.jobs.task_counts().await {

@@ -28,6 +28,7 @@ use crate::bulk::source::SourcePolicy;
 use crate::cluster::{ClusterError, ManagedCluster, StartOutcome};
 use crate::config::ServeArgs;
 use crate::http::{self, Settings};
+use crate::store::replicas::ReplicaSettings;
 use crate::store::roles::RoleLimits;
 use crate::store::session::SessionLimits;
 use crate::store::{schema, StoreError};
@@ -264,6 +265,15 @@ async fn serve_with_database(
             region: args.s3_region.clone(),
             credentials: None,
         },
+        replicas: ReplicaSettings {
+            servers: args
+                .replica_urls
+                .iter()
+                .map(|url| tokio_postgres::Config::from_str(url).map_err(ServeError::DatabaseUrl))
+                .collect::<Result<_, _>>()?,
+            max_wait: Duration::from_millis(args.replica_max_wait),
+            check_interval: Duration::from_millis(args.replica_check_interval.max(10)),
+        },
         guard: guard_settings(args),
         token_lifetime: Duration::from_secs(args.access_token_lifetime.max(1)),
         allowance: AllowanceSettings {
@@ -373,20 +383,12 @@ fn load_root_password(args: &ServeArgs) -> Result<RootPassword, ServeError> {
 /// The start-up configuration, in the log (no secrets: the database's password and the root
 /// password are never written).
 fn log_configuration(args: &ServeArgs, config: &tokio_postgres::Config, settings: &AppSettings) {
-    let hosts: Vec<String> = config
-        .get_hosts()
-        .iter()
-        .map(|host| match host {
-            tokio_postgres::config::Host::Tcp(name) => name.clone(),
-            tokio_postgres::config::Host::Unix(path) => path.display().to_string(),
-        })
-        .collect();
     tracing::info!(
         listen = %args.listen,
         data_dir = %args.data_dir.display(),
         database = format!(
             "{} db={} user={}",
-            hosts.join(","),
+            crate::store::replicas::describe(config),
             config.get_dbname().unwrap_or("-"),
             config.get_user().unwrap_or("-")
         ),

@@ -23,12 +23,7 @@ async fn with_seed_data() -> TestServer {
 
 /// The text of a dump, checking the headers of an NDJSON stream.
 async fn dump_text(server: &TestServer, path: &str) -> String {
-    let response = server
-        .request(Method::GET, path)
-        .send()
-        .await
-        .expect("sent");
-    assert_eq!(response.status(), StatusCode::OK, "{path}");
+    let response = server.get_ok(path).await;
     assert_eq!(response.headers()["content-type"], "application/ndjson");
     assert_eq!(response.headers()["transfer-encoding"], "chunked");
     response.text().await.expect("body")
@@ -286,22 +281,6 @@ async fn bad_requests_fail_before_any_byte() {
     );
 }
 
-/// Fills `patient` with `rows` rows of about `size` bytes each, straight in SQL.
-async fn fill_patients(server: &TestServer, rows: i64, size: i32) {
-    server
-        .db()
-        .await
-        .execute(
-            "INSERT INTO patient (id, txid, cts, ts, resource_type, status, resource)
-             SELECT 'p' || lpad(g::text, 7, '0'), nextval('transaction_id_seq'), now(), now(), 'Patient', 'created',
-                    jsonb_build_object('text', jsonb_build_object('div', repeat('x', $2)), 'n', g)
-               FROM generate_series(1, $1::bigint) g",
-            &[&rows, &size],
-        )
-        .await
-        .expect("fill");
-}
-
 /// How many COPY statements are running in the test's database.
 async fn running_copies(server: &TestServer) -> i64 {
     server
@@ -319,7 +298,7 @@ async fn running_copies(server: &TestServer) -> i64 {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_client_that_goes_away_cancels_the_query_and_frees_its_connection() {
     let server = TestServer::start().await;
-    fill_patients(&server, 20_000, 2_000).await; // ~40 MB: far more than socket buffers hold
+    server.fill_patients(20_000, 2_000).await; // ~40 MB: far more than socket buffers hold
     let response = server
         .request(Method::GET, "/Patient/$dump")
         .send()
@@ -361,40 +340,21 @@ async fn a_client_that_goes_away_cancels_the_query_and_frees_its_connection() {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_failure_mid_stream_is_a_failed_transfer_not_a_short_file() {
     let server = TestServer::start().await;
-    fill_patients(&server, 20_000, 2_000).await;
-    let response = server
-        .request(Method::GET, "/Patient/$dump")
-        .send()
-        .await
-        .expect("sent");
-    assert_eq!(response.status(), StatusCode::OK);
-    let mut body = response.bytes_stream();
-    let mut received = body
-        .next()
-        .await
-        .expect("first chunk")
-        .expect("bytes")
-        .len();
-    server
-        .db()
-        .await
-        .execute(
-            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity
-              WHERE datname = current_database() AND query LIKE 'COPY%' AND state = 'active'",
-            &[],
-        )
-        .await
-        .expect("terminate");
-    let mut failed = false;
-    while let Some(chunk) = body.next().await {
-        match chunk {
-            Ok(bytes) => received += bytes.len(),
-            Err(_) => {
-                failed = true;
-                break;
-            }
-        }
-    }
+    server.fill_patients(20_000, 2_000).await;
+    let (received, failed) = server
+        .read_interrupted("/Patient/$dump", || async {
+            server
+                .db()
+                .await
+                .execute(
+                    "SELECT pg_terminate_backend(pid) FROM pg_stat_activity
+                      WHERE datname = current_database() AND query LIKE 'COPY%' AND state = 'active'",
+                    &[],
+                )
+                .await
+                .expect("terminate");
+        })
+        .await;
     assert!(
         failed,
         "the body ended cleanly after {received} bytes: it must fail instead"

@@ -10,12 +10,7 @@ use reqwest::{Method, StatusCode};
 use serde_json::{json, Value};
 
 async fn csv(server: &TestServer, path: &str) -> String {
-    let response = server
-        .request(Method::GET, path)
-        .send()
-        .await
-        .expect("sent");
-    assert_eq!(response.status(), StatusCode::OK, "{path}");
+    let response = server.get_ok(path).await;
     assert_eq!(response.headers()["content-type"], "text/csv");
     assert_eq!(response.headers()["transfer-encoding"], "chunked");
     response.text().await.expect("body")

@@ -8,10 +8,12 @@
 //! samples the server's resident memory during each operation and prints one table.
 //!
 //! Operations: `dump`, `dump-sql`, `views` (SQL on FHIR), `export`, `smart` (bearer tokens against basic
-//! credentials, and the token endpoint's latency), `s3` (exports to and imports from a bucket,
+//! credentials, and the token endpoint's latency), `replicas` (`$dump` through a fhirbox
+//! reading on a streaming standby it starts), `s3` (exports to and imports from a bucket,
 //! on a SeaweedFS it starts; `export` runs it too), `import`, `load` (default: all; `s3`,
 //! `import` and `load` run last, as they empty tables).
 
+mod replicas;
 mod s3;
 mod server;
 mod setup;
@@ -799,6 +801,13 @@ async fn main() {
 
     if selected("smart") {
         rows.extend(smart::smart_benchmark(&server, &client, &largest, largest_rows).await);
+    }
+
+    if selected("replicas") {
+        rows.extend(
+            replicas::replicas_benchmark(&cluster, &server, &client, &url, &largest, largest_rows)
+                .await,
+        );
     }
 
     // The bucket rows are export (and import) figures: `export` runs them too.

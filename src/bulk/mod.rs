@@ -41,10 +41,12 @@ impl Background {
         job_settings: jobs::JobSettings,
         export_settings: export::ExportSettings,
         storage: export::storage::ExportStorage,
+        readers: crate::store::replicas::Readers,
     ) -> Background {
         let jobs = jobs::Jobs::new(store, job_settings);
         let imports = import::Imports::new(jobs.clone(), sources, formats.clone());
-        let exports = export::Exports::new(jobs.clone(), formats, export_settings, storage);
+        let exports =
+            export::Exports::new(jobs.clone(), formats, export_settings, storage, readers);
         jobs.spawn_workers(Arc::new(imports.clone()), Arc::new(exports.clone()));
         exports.spawn_janitor();
         Background {

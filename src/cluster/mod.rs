@@ -113,8 +113,18 @@ impl PgBinaries {
             .ok_or(ClusterError::NoBinaries)
     }
 
+    /// A tool of the same installation: beside `initdb`, or beside what `initdb` links to (a
+    /// directory on `PATH` may link the three server binaries alone, not `pg_basebackup`).
     pub fn tool(&self, name: &str) -> PathBuf {
-        self.bindir.join(name)
+        let beside = self.bindir.join(name);
+        if beside.is_file() {
+            return beside;
+        }
+        std::fs::canonicalize(self.bindir.join("initdb"))
+            .ok()
+            .and_then(|initdb| initdb.parent().map(|dir| dir.join(name)))
+            .filter(|linked| linked.is_file())
+            .unwrap_or(beside)
     }
 }
 

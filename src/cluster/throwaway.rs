@@ -64,51 +64,65 @@ impl ThrowawayCluster {
         sweep_abandoned(parent);
         let bins = PgBinaries::find()?;
         let run_as = RunAs::detect()?;
-        let dir = parent.join(format!(
-            "{PREFIX}{}-{:08x}",
-            std::process::id(),
-            rand::random::<u32>()
-        ));
-        std::fs::create_dir(&dir).map_err(io_error(format!("creating {}", dir.display())))?;
-        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o711))
-            .map_err(io_error(format!("chmod {}", dir.display())))?;
-        std::fs::write(dir.join(OWNER_FILE), std::process::id().to_string())
-            .map_err(io_error("writing the owner file"))?;
-        let socket_dir = dir.join("run");
-        std::fs::create_dir(&socket_dir).map_err(io_error("creating the socket dir"))?;
-        std::fs::set_permissions(&socket_dir, std::fs::Permissions::from_mode(0o700))
-            .map_err(io_error("chmod the socket dir"))?;
-        run_as.chown(&socket_dir)?;
+        let (dir, socket_dir) = make_dirs(parent, &run_as)?;
         let pgdata = dir.join("postgres");
         init_cluster(&bins, &run_as, &pgdata)?;
         write_settings(&run_as, &pgdata, &socket_dir, settings)?;
+        launch(&bins, &run_as, dir, socket_dir)
+    }
 
-        let log = std::fs::File::create(dir.join("postgresql.log"))
-            .map_err(io_error("creating the log file"))?;
-        let log_err = log.try_clone().map_err(io_error("opening the log file"))?;
-        let mut command = run_as.command(bins.tool("postgres"));
-        command
+    /// A streaming standby of this cluster, in a directory and on a socket of its own beside
+    /// it: a base backup taken over this cluster's socket (`pg_basebackup -R -X stream`, which
+    /// writes `standby.signal` and `primary_conninfo`), started with `settings`. It follows
+    /// this cluster until dropped; hot standby, so it answers read-only queries.
+    ///
+    /// It streams through the primary's replication slot `slot`, which the caller creates
+    /// with its WAL reserved (`pg_create_physical_replication_slot(slot, true)`) before, so
+    /// that the primary keeps every segment the backup and the standby have yet to receive,
+    /// however busy it is, and drops once the standby is gone.
+    pub fn standby(
+        &self,
+        slot: &str,
+        settings: &[(&str, &str)],
+    ) -> Result<ThrowawayCluster, ClusterError> {
+        let parent = self.dir.parent().unwrap_or(Path::new("/tmp"));
+        ThrowawayCluster::standby_of(&self.socket_dir, parent, slot, settings)
+    }
+
+    /// [`ThrowawayCluster::standby`] of the cluster listening in `primary_socket_dir`, made
+    /// under `parent`.
+    pub fn standby_of(
+        primary_socket_dir: &Path,
+        parent: &Path,
+        slot: &str,
+        settings: &[(&str, &str)],
+    ) -> Result<ThrowawayCluster, ClusterError> {
+        let bins = PgBinaries::find()?;
+        let run_as = RunAs::detect()?;
+        let (dir, socket_dir) = make_dirs(parent, &run_as)?;
+        let pgdata = dir.join("postgres");
+        std::fs::create_dir(&pgdata).map_err(io_error("creating the standby's data dir"))?;
+        std::fs::set_permissions(&pgdata, std::fs::Permissions::from_mode(0o700))
+            .map_err(io_error("chmod the standby's data dir"))?;
+        run_as.chown(&pgdata)?;
+        let mut backup = run_as.command(bins.tool("pg_basebackup"));
+        backup
             .arg("-D")
             .arg(&pgdata)
-            .stdin(Stdio::null())
-            .stdout(log)
-            .stderr(log_err);
-        // Runs in the child after the switch to the postgres user (a credential change would
-        // clear the parent-death signal), right before exec.
-        unsafe {
-            command.pre_exec(|| {
-                nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGQUIT)
-                    .map_err(std::io::Error::from)
-            });
+            .args(["-R", "-X", "stream", "-c", "fast", "-S", slot])
+            .args(["-U", "postgres", "-h"])
+            .arg(primary_socket_dir);
+        if let Err(error) = super::run(backup, "pg_basebackup") {
+            let _ = std::fs::remove_dir_all(&dir);
+            return Err(error);
         }
-        let postmaster = command.spawn().map_err(io_error("starting postgres"))?;
-        let mut cluster = ThrowawayCluster {
-            dir,
-            socket_dir,
-            postmaster,
-        };
-        cluster.wait_until_ready()?;
-        Ok(cluster)
+        write_settings(&run_as, &pgdata, &socket_dir, settings)?;
+        launch(&bins, &run_as, dir, socket_dir)
+    }
+
+    /// The postmaster's pid (a test that stops or kills it).
+    pub fn pid(&self) -> u32 {
+        self.postmaster.id()
     }
 
     fn wait_until_ready(&mut self) -> Result<(), ClusterError> {
@@ -125,8 +139,9 @@ impl ThrowawayCluster {
             // The socket appears before recovery ends; connecting is the real test, which
             // the caller's first connection does with retries. The pid file's "ready" line
             // tells us the server accepts connections.
+            // (A hot standby's says "standby" once it takes read-only connections.)
             let ready = std::fs::read_to_string(self.dir.join("postgres/postmaster.pid"))
-                .is_ok_and(|pid_file| pid_file.contains("ready"));
+                .is_ok_and(|pid_file| pid_file.contains("ready") || pid_file.contains("standby"));
             if ready && socket.exists() {
                 return Ok(());
             }
@@ -176,6 +191,61 @@ impl Drop for ThrowawayCluster {
         let _ = self.postmaster.wait();
         let _ = std::fs::remove_dir_all(&self.dir);
     }
+}
+
+/// A cluster directory (with its owner file) and its socket directory under `parent`.
+fn make_dirs(parent: &Path, run_as: &RunAs) -> Result<(PathBuf, PathBuf), ClusterError> {
+    let dir = parent.join(format!(
+        "{PREFIX}{}-{:08x}",
+        std::process::id(),
+        rand::random::<u32>()
+    ));
+    std::fs::create_dir(&dir).map_err(io_error(format!("creating {}", dir.display())))?;
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o711))
+        .map_err(io_error(format!("chmod {}", dir.display())))?;
+    std::fs::write(dir.join(OWNER_FILE), std::process::id().to_string())
+        .map_err(io_error("writing the owner file"))?;
+    let socket_dir = dir.join("run");
+    std::fs::create_dir(&socket_dir).map_err(io_error("creating the socket dir"))?;
+    std::fs::set_permissions(&socket_dir, std::fs::Permissions::from_mode(0o700))
+        .map_err(io_error("chmod the socket dir"))?;
+    run_as.chown(&socket_dir)?;
+    Ok((dir, socket_dir))
+}
+
+/// Starts `postgres` on `dir/postgres` and waits until it accepts connections.
+fn launch(
+    bins: &PgBinaries,
+    run_as: &RunAs,
+    dir: PathBuf,
+    socket_dir: PathBuf,
+) -> Result<ThrowawayCluster, ClusterError> {
+    let log = std::fs::File::create(dir.join("postgresql.log"))
+        .map_err(io_error("creating the log file"))?;
+    let log_err = log.try_clone().map_err(io_error("opening the log file"))?;
+    let mut command = run_as.command(bins.tool("postgres"));
+    command
+        .arg("-D")
+        .arg(dir.join("postgres"))
+        .stdin(Stdio::null())
+        .stdout(log)
+        .stderr(log_err);
+    // Runs in the child after the switch to the postgres user (a credential change would
+    // clear the parent-death signal), right before exec.
+    unsafe {
+        command.pre_exec(|| {
+            nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGQUIT)
+                .map_err(std::io::Error::from)
+        });
+    }
+    let postmaster = command.spawn().map_err(io_error("starting postgres"))?;
+    let mut cluster = ThrowawayCluster {
+        dir,
+        socket_dir,
+        postmaster,
+    };
+    cluster.wait_until_ready()?;
+    Ok(cluster)
 }
 
 /// Removes the directories of throwaway clusters whose owning process no longer runs.

@@ -36,7 +36,8 @@ pub async fn dump(
         },
     };
     let report = Report::start("$dump", rt.name(), subject.name(), "out");
-    let body = start_dump(&state.bulk_store, rt, options, &report).await?;
+    let reader = state.readers.now("$dump").await?;
+    let body = start_dump(&reader.bulk, rt, options, &report).await?;
     let body = holding(reporting(body, report), permit);
     Ok(streamed(body, "application/ndjson", params.gzip))
 }

@@ -25,7 +25,8 @@ pub async fn dump_csv(
     let params = DumpParams::parse(query.as_deref(), false)?;
     let permit = state.bulk.start(&subject.name())?;
     let report = Report::start("$dump-csv", rt.name(), subject.name(), "out");
-    let body = start(&state.bulk_store, rt, params.since, &report).await?;
+    let reader = state.readers.now("$dump-csv").await?;
+    let body = start(&reader.bulk, rt, params.since, &report).await?;
     let body = holding(reporting(body, report), permit);
     Ok(streamed(body, "text/csv", params.gzip))
 }

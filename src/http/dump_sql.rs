@@ -53,9 +53,10 @@ pub async fn dump_sql(
     let request = parse_body(body, format, header)?;
     let permit = state.bulk.start(&subject.name())?;
     // Root may read fhirbox's own tables too; clients read FHIR resources only.
+    let pools = state.readers.now("$dump-sql").await?;
     let reader = match subject {
-        Subject::Root => &state.sql_admin,
-        Subject::Client(_) => &state.sql_reader,
+        Subject::Root => &pools.sql_admin,
+        Subject::Client(_) => &pools.sql_reader,
     };
     let report = Report::start("$dump-sql", "query", subject.name(), "out");
     let body = start(reader, request, &state.settings.sql_limits, &report).await;

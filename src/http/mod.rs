@@ -68,6 +68,10 @@ pub struct AppState {
     /// Connections as the SQL admin role, for root's `$dump-sql` (it may read fhirbox's own
     /// types too).
     pub sql_admin: Store,
+    /// Where bulk reads (`$dump`, `$dump-csv`, `$dump-sql`, view runs) go: a standby that has
+    /// replayed up to the request's start, or the primary (`bulk_store`, `sql_reader`,
+    /// `sql_admin`).
+    pub readers: crate::store::replicas::Readers,
     /// `$import` and `$export` jobs and this process's workers.
     pub background: crate::bulk::Background,
     pub settings: Arc<Settings>,

@@ -137,6 +137,7 @@ pub async fn export(
         partial_manifests: false,
         views,
         view_format: Some(format.unwrap_or("ndjson").to_string()),
+        position: None,
     };
     let id = state
         .background

@@ -115,9 +115,10 @@ async fn run(
     };
     let format = request.format;
     let permit = state.bulk.start(&subject.name())?;
+    let pools = state.readers.now("$viewdefinition-run").await?;
     let reader = match subject {
-        Subject::Root => &state.sql_admin,
-        Subject::Client(_) => &state.sql_reader,
+        Subject::Root => &pools.sql_admin,
+        Subject::Client(_) => &pools.sql_reader,
     };
     let converter = state.formats.converter().await?;
     let report = Report::start("$viewdefinition-run", "view", subject.name(), "out");

@@ -231,11 +231,19 @@ pub(super) async fn run_copy(
     conn.batch_execute(
         "BEGIN ISOLATION LEVEL REPEATABLE READ;
          SET LOCAL jit = off;
-         SET LOCAL client_min_messages = warning;
-         CREATE TEMP TABLE fhirbox_export_patients (id text PRIMARY KEY) ON COMMIT DROP;
-         CREATE TEMP TABLE fhirbox_export_values (key integer NOT NULL, code text, vars jsonb) ON COMMIT DROP",
+         SET LOCAL client_min_messages = warning",
     )
     .await?;
+    // Only when the statement reads them: a standby (read-only) cannot create them, and the
+    // exports that need none read there.
+    let tables = patients.group.is_some() || patients.ids.is_some() || !values.is_empty();
+    if tables {
+        conn.batch_execute(
+            "CREATE TEMP TABLE fhirbox_export_patients (id text PRIMARY KEY) ON COMMIT DROP;
+             CREATE TEMP TABLE fhirbox_export_values (key integer NOT NULL, code text, vars jsonb) ON COMMIT DROP",
+        )
+        .await?;
+    }
     limits.apply(&*conn).await?;
     if let Some(mb) = sort_memory_mb {
         // A number fhirbox chose, not request text.
@@ -278,8 +286,10 @@ pub(super) async fn run_copy(
         )
         .await?;
     }
-    conn.execute("ANALYZE pg_temp.fhirbox_export_patients", &[])
-        .await?;
+    if tables {
+        conn.execute("ANALYZE pg_temp.fhirbox_export_patients", &[])
+            .await?;
+    }
     // (On an error above, dropping `conn` closes it with its transaction.) The COPY ends the
     // connection's use: it holds the transaction and its temporary tables.
     Ok(copy_out_on(conn, sql).await?.close_after())

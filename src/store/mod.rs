@@ -20,6 +20,7 @@ pub mod jobs;
 pub mod load;
 pub mod materialized;
 pub mod policy;
+pub mod replicas;
 pub mod resources;
 pub mod roles;
 pub mod schema;

@@ -10,6 +10,7 @@ pub mod keys;
 pub mod process;
 pub mod s3;
 pub mod smart;
+pub mod standby;
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -29,7 +30,7 @@ pub const ROOT_PASSWORD: &str = "test-root-password";
 const TEMPLATE: &str = "fhirbox_template";
 
 /// Durability is not the point of a throwaway cluster: trade it for speed.
-const TEST_SETTINGS: &[(&str, &str)] = &[
+pub const TEST_SETTINGS: &[(&str, &str)] = &[
     ("fsync", "off"),
     ("synchronous_commit", "off"),
     ("full_page_writes", "off"),
@@ -50,6 +51,15 @@ impl Cluster {
         let mut config = self.base.clone();
         config.dbname(dbname);
         config
+    }
+
+    /// Where the cluster's socket is (a standby's base backup connects there).
+    pub fn socket_dir(&self) -> std::path::PathBuf {
+        std::path::PathBuf::from(
+            self.url_prefix
+                .trim_start_matches("host=")
+                .trim_end_matches(" user=postgres"),
+        )
     }
 
     /// A key-value connection string for `--database-url`.
@@ -335,6 +345,55 @@ impl TestServer {
         connect(cluster().config(&self.database)).await
     }
 
+    /// Fills `patient` with `rows` rows of about `size` bytes each, straight in SQL (many,
+    /// fast: for streams larger than any buffer).
+    pub async fn fill_patients(&self, rows: i64, size: i32) {
+        self.db()
+            .await
+            .execute(
+                "INSERT INTO patient (id, txid, cts, ts, resource_type, status, resource)
+                 SELECT 'p' || lpad(g::text, 7, '0'), nextval('transaction_id_seq'), now(), now(),
+                        'Patient', 'created',
+                        jsonb_build_object('text', jsonb_build_object('div', repeat('x', $2)), 'n', g)
+                   FROM generate_series(1, $1::bigint) g",
+                &[&rows, &size],
+            )
+            .await
+            .expect("fill");
+    }
+
+    /// A GET of `path` that must answer 200 (its body not read yet: streamed reads check
+    /// their headers).
+    pub async fn get_ok(&self, path: &str) -> reqwest::Response {
+        let response = self.request(Method::GET, path).send().await.expect("sent");
+        assert_eq!(response.status(), StatusCode::OK, "{path}");
+        response
+    }
+
+    /// Starts a streamed GET of `path`, runs `interrupt` once the first chunk arrived, and
+    /// reads on: the bytes received, and whether the body ended in an error (as a stream cut
+    /// short must) rather than cleanly.
+    pub async fn read_interrupted<F, Fut>(&self, path: &str, interrupt: F) -> (usize, bool)
+    where
+        F: FnOnce() -> Fut,
+        Fut: std::future::Future<Output = ()>,
+    {
+        use futures_util::StreamExt;
+        let response = self.request(Method::GET, path).send().await.expect("sent");
+        assert_eq!(response.status(), StatusCode::OK, "{path}");
+        let mut body = response.bytes_stream();
+        let first = body.next().await.expect("first chunk").expect("bytes");
+        let mut received = first.len();
+        interrupt().await;
+        while let Some(chunk) = body.next().await {
+            match chunk {
+                Ok(bytes) => received += bytes.len(),
+                Err(_) => return (received, true),
+            }
+        }
+        (received, false)
+    }
+
     /// `SELECT count(*) FROM <table>`.
     pub async fn count(&self, table: &str) -> i64 {
         self.db()
@@ -428,6 +487,7 @@ pub fn test_settings(database: &str) -> AppSettings {
             per_subject: 8,
         },
         s3: Default::default(),
+        replicas: Default::default(),
         http: Settings {
             max_body_bytes: 1024 * 1024,
             sql_limits: default_sql_limits(),

@@ -173,7 +173,11 @@ fn report_weed_warnings_on_panic(log: PathBuf) {
             .filter(|line| line.starts_with(['W', 'E', 'F']))
             .collect();
         let tail = &warnings[warnings.len().saturating_sub(15)..];
-        eprintln!("weed's last warnings ({}):\n{}", log.display(), tail.join("\n"));
+        eprintln!(
+            "weed's last warnings ({}):\n{}",
+            log.display(),
+            tail.join("\n")
+        );
     }));
 }
 

@@ -38,6 +38,7 @@ use crate::auth::access::JobFacts;
 use crate::format::Formats;
 use crate::resource_type::ResourceType;
 use crate::store::jobs::{self as sql, JobKind, JobRow, NewTask, TaskRow};
+use crate::store::replicas::Readers;
 use crate::store::StoreError;
 
 /// A directory in the export directory that no job owns is deleted once it has not changed
@@ -155,6 +156,8 @@ pub struct Exports {
     polls: Arc<polls::Polls>,
     /// Where the files go.
     storage: Arc<ExportStorage>,
+    /// Where the tasks read (a standby when there are any).
+    readers: Readers,
 }
 
 /// How a manifest's files are downloaded (`--export-links`).
@@ -172,10 +175,12 @@ impl Exports {
         formats: Formats,
         settings: ExportSettings,
         storage: ExportStorage,
+        readers: Readers,
     ) -> Exports {
         Exports {
             jobs,
             formats,
+            readers,
             polls: Arc::new(polls::Polls::new(settings.polls_per_second)),
             settings: Arc::new(settings),
             storage: Arc::new(storage),
@@ -193,9 +198,11 @@ impl Exports {
     }
 
     /// Creates a job and wakes the workers; returns its id.
-    pub async fn start(&self, spec: ExportSpec, subject: &str) -> Result<String, ExportError> {
+    pub async fn start(&self, mut spec: ExportSpec, subject: &str) -> Result<String, ExportError> {
         self.jobs.admit(subject).await??;
         self.storage.reachable().await?;
+        // Taken after transactionTime: whatever was committed by then is before it.
+        spec.position = self.readers.position().await?;
         let conn = self.jobs.store().connection().await?;
         if let Level::Group { id } = &spec.level {
             let group = ResourceType::parse("Group").expect("an R4 type");

@@ -70,6 +70,10 @@ pub struct ExportSpec {
     /// Their format: `csv`, `ndjson`, `parquet`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub view_format: Option<String>,
+    /// The primary's WAL position at kick-off: a standby reads the tasks only once it has
+    /// replayed past it (none without replicas).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub position: Option<crate::store::replicas::Position>,
 }
 
 /// A kick-off as the HTTP layer received it.
@@ -308,6 +312,7 @@ pub fn specify(kick_off: KickOff) -> Result<ExportSpec, String> {
         partial_manifests,
         views: Vec::new(),
         view_format: None,
+        position: None,
     })
 }
 

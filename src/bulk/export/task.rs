@@ -159,14 +159,11 @@ impl Exports {
             .ok_or_else(|| TaskFailure::Failed(format!("unknown type {}", task.resource_type)))?;
         let query = query_of(spec, rt, Versions::AtTime);
         let converter = self.formats.converter().await.map_err(|e| failed(&e))?;
-        let copy = crate::store::export::start(
-            self.jobs.store(),
-            &query,
-            source_of(spec),
-            &self.settings.session,
-        )
-        .await
-        .map_err(|e| failed(&e))?;
+        let reader = self.reader(spec).await;
+        let copy =
+            crate::store::export::start(&reader, &query, source_of(spec), &self.settings.session)
+                .await
+                .map_err(|e| failed(&e))?;
         let mut lines = fhir_lines(copy, rt, converter, report);
         let mut output = self.output(task, rt.name()).await?;
         let (mut total, mut bytes) = (0u64, 0u64);
@@ -234,14 +231,11 @@ impl Exports {
         task: &TaskRow,
     ) -> Result<(), TaskFailure> {
         let query = query_of(spec, rt, Versions::Deleted);
-        let copy = crate::store::export::start(
-            self.jobs.store(),
-            &query,
-            source_of(spec),
-            &self.settings.session,
-        )
-        .await
-        .map_err(|e| failed(&e))?;
+        let reader = self.reader(spec).await;
+        let copy =
+            crate::store::export::start(&reader, &query, source_of(spec), &self.settings.session)
+                .await
+                .map_err(|e| failed(&e))?;
         let mut bundles = std::pin::pin!(deletion_bundles(copy, rt));
         while let Some(batch) = bundles.next().await {
             let batch = batch.map_err(|e| failed(&e))?;
@@ -274,8 +268,9 @@ impl Exports {
             .map(|rt| query_of(spec, *rt, Versions::AtTime))
             .collect();
         let converter = self.formats.converter().await.map_err(|e| failed(&e))?;
+        let reader = self.reader(spec).await;
         let copy = crate::store::export_blocks::start(
-            self.jobs.store(),
+            &reader,
             &queries,
             source_of(spec),
             &self.settings.session,
@@ -399,6 +394,20 @@ fn query_of(spec: &ExportSpec, rt: ResourceType, versions: Versions) -> ExportQu
             .map(Vec::as_slice)
             .unwrap_or(&[]),
         versions,
+    }
+}
+
+impl Exports {
+    /// The pool a task's statement reads from: a standby that has replayed past the kick-off,
+    /// unless the statement needs temporary tables (patient lists, `_typeFilter` values),
+    /// which a standby cannot create; the primary's otherwise.
+    pub(super) async fn reader(&self, spec: &ExportSpec) -> crate::store::Store {
+        let session_tables = spec.views.is_empty()
+            && (spec.patients.is_some()
+                || matches!(spec.level, Level::Group { .. })
+                || spec.filters.values().any(|filters| !filters.is_empty()));
+        let position = spec.position.filter(|_| !session_tables);
+        self.readers.route(position, "$export").await.bulk
     }
 }
 

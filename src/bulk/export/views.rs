@@ -44,7 +44,9 @@ impl Exports {
     ) -> Result<TaskOutput, TaskFailure> {
         let format = spec.view_format.as_deref().unwrap_or("ndjson");
         let converter = self.formats.converter().await.map_err(|e| failed(&e))?;
-        let store = self.jobs.store();
+        // The snapshot and every view's COPY on one server (a snapshot is that server's).
+        let reader = self.reader(spec).await;
+        let store = &reader;
         let snapshot = view_export::snapshot(store).await.map_err(|e| failed(&e))?;
         // What an earlier run of this task left (a truncated file of a run that died).
         super::output::remove_earlier_runs(&self.storage, &task.job_id, task.attempts)
