@@ -112,7 +112,7 @@ async fn bulk_reads_right_after_a_write_wait_for_the_standby_and_miss_nothing() 
     let view = json!({"resourceType": "ViewDefinition", "name": "ids", "resource": "Patient",
         "select": [{"column": [{"name": "id", "path": "id"}]}]});
     for round in 0..3i64 {
-        let before = 4 * round;
+        let before = 5 * round;
         put_patient(&server, &format!("round-{round}")).await;
         // The standby has not applied it yet: a read that did not wait would miss it.
         assert_eq!(standby_count(&standby, &server.database).await, before);
@@ -128,11 +128,15 @@ async fn bulk_reads_right_after_a_write_wait_for_the_standby_and_miss_nothing() 
         put_patient(&server, &format!("round-{round}-b")).await;
         let dumped = lines(&server, "/Patient/$dump").await;
         assert_eq!(dumped.len() as i64, before + 2, "$dump, round {round}");
+        let since = chrono::Utc::now().format("%Y-%m-%dT%H:%M:%S%.6fZ");
+        put_patient(&server, &format!("round-{round}-s")).await;
+        let created = lines(&server, &format!("/Patient/$dump?_since={since}")).await;
+        assert_eq!(created.len(), 1, "$dump?_since, round {round}: {created:?}");
         put_patient(&server, &format!("round-{round}-c")).await;
         let csv = lines(&server, "/Patient/$dump-csv").await;
         assert_eq!(
             csv.len() as i64,
-            before + 3 + 1,
+            before + 4 + 1,
             "$dump-csv (a header line)"
         );
         put_patient(&server, &format!("round-{round}-d")).await;
@@ -146,10 +150,10 @@ async fn bulk_reads_right_after_a_write_wait_for_the_standby_and_miss_nothing() 
             .expect("sent");
         assert_eq!(response.status(), StatusCode::OK);
         let text = response.text().await.expect("body");
-        assert_eq!(text.lines().count() as i64, before + 4, "view run: {text}");
+        assert_eq!(text.lines().count() as i64, before + 5, "view run: {text}");
     }
     // And they were read there: the standby's own statistics saw the scans.
-    assert!(standby_scans(&standby, &server.database).await >= 3);
+    assert!(standby_scans(&standby, &server.database).await >= 4);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
