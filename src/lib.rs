@@ -8,7 +8,8 @@
 //! - operations: [`crud`] (single resources), [`bundle`] (`PUT /`, transactions, batches),
 //!   [`bulk`] (`$dump`, `$dump-sql`, `$dump-csv`, `$load`, and the background jobs `$import`
 //!   and `$export` with the workers that run them) and [`auth`] (credentials, AccessPolicies).
-//!   They call `store` and `format`, never `http` or axum.
+//!   They call `store` and `format`, never `http` or axum. SQL on FHIR [`views`] compile
+//!   their statements with [`fhirpath`], the FHIRPath-to-SQL front end (which runs nothing).
 //! - [`store`]: every SQL statement and every connection's life (pool, dedicated connections
 //!   that are cancelled and closed when abandoned, transactions, COPY, jobs, migrations, the
 //!   Patient compartment, and the read replicas that take the bulk reads); [`format`]: native <-> FHIR conversion, driven by [`fhir`], the R4
@@ -28,6 +29,7 @@ pub mod cluster;
 pub mod config;
 pub mod crud;
 pub mod fhir;
+pub mod fhirpath;
 pub mod format;
 pub mod http;
 pub mod json_text;

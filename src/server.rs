@@ -555,8 +555,8 @@ fn view_session(args: &ServeArgs) -> SessionLimits {
     }
 }
 
-fn view_limits(args: &ServeArgs) -> crate::store::view_sql::ViewLimits {
-    crate::store::view_sql::ViewLimits {
+fn view_limits(args: &ServeArgs) -> crate::views::sql::ViewLimits {
+    crate::views::sql::ViewLimits {
         sql_bytes: args.view_max_sql_bytes.max(1),
         columns: args.view_max_columns.max(1),
         union_branches: args.view_max_union_branches,

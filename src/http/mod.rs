@@ -85,7 +85,7 @@ pub struct Settings {
     /// Parquet row groups of `$viewdefinition-run`.
     pub parquet: crate::views::parquet::RowGroups,
     /// How big a view may compile (`--view-max-*`).
-    pub views: crate::store::view_sql::ViewLimits,
+    pub views: crate::views::sql::ViewLimits,
     /// How much one view may output (`--view-max-rows`, `--view-max-bytes`).
     pub view_output: crate::bulk::bounds::OutputBounds,
     /// What a `$materialize` may take on the database server (`--sql-timeout`,

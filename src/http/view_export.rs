@@ -20,8 +20,8 @@ use crate::auth::Subject;
 use crate::bulk::export::request::{ExportSpec, Level};
 use crate::bulk::export::views::ViewExport;
 use crate::resource_type::ResourceType;
-use crate::store::view_sql::{self, Columns, Rows};
 use crate::views::definition::{is_column_name, View};
+use crate::views::sql::{self as view_sql, Columns, Rows};
 
 pub async fn export(
     State(state): State<AppState>,

@@ -22,8 +22,8 @@ use crate::bulk::params::parse_bool;
 use crate::bulk::report::{reporting, Outcome, Report};
 use crate::bulk::stream::holding;
 use crate::resource_type::ResourceType;
-use crate::store::view_sql::Rows;
 use crate::views::run::{run as start, RunRequest, ViewFormat};
+use crate::views::sql::Rows;
 
 /// The view to run: given in the request, or stored.
 enum Source {

@@ -3,7 +3,7 @@
 //! recorded in `fhirbox_materialized` with the ViewDefinition they come from, so a change of
 //! that ViewDefinition rebuilds them and its deletion drops them.
 //!
-//! The statement inside is a compiled view (`store::view_sql`), whose user literals are
+//! The statement inside is a compiled view (`views::sql`), whose user literals are
 //! escaped constants; `name` was checked to be an identifier and is quoted besides.
 
 use super::{GenericClient, StoreError};

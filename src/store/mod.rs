@@ -29,7 +29,7 @@ pub mod socket;
 pub mod token;
 pub mod tokens;
 pub mod view_export;
-pub mod view_sql;
+pub mod view_functions;
 
 use std::sync::Arc;
 use std::time::Duration;

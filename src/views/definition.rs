@@ -4,9 +4,10 @@
 
 use serde_json::{Map, Value};
 
-use super::fhirpath::{self, Expr};
 use super::ViewError;
 use crate::fhir::meta::is_r4_resource_type;
+pub use crate::fhirpath::Constant;
+use crate::fhirpath::{self, Expr};
 
 #[derive(Debug, Clone)]
 pub struct View {
@@ -17,14 +18,6 @@ pub struct View {
     pub select: Vec<Select>,
     /// `where[i].path`, each with its element path for messages.
     pub filters: Vec<(String, Expr)>,
-}
-
-#[derive(Debug, Clone)]
-pub struct Constant {
-    pub name: String,
-    /// The value, with the FHIR type named by its `value[x]` key (`string`, `integer`).
-    pub value: Value,
-    pub fhir_type: String,
 }
 
 #[derive(Debug, Clone)]
@@ -64,7 +57,7 @@ fn parse_path(at: &str, value: &Value) -> Result<Expr, ViewError> {
     let text = value
         .as_str()
         .ok_or_else(|| err(at, "must be a FHIRPath string"))?;
-    fhirpath::parse(text).map_err(|message| err(at, message))
+    fhirpath::parse(text).map_err(|e| err(at, e.to_string()))
 }
 
 impl View {

@@ -15,8 +15,8 @@ use crate::store::conn::Tx;
 use crate::store::dump_sql::QueryError;
 use crate::store::materialized::{self, Bounded, Created, Kind};
 use crate::store::session::SessionLimits;
-use crate::store::view_sql::{self, Columns, Rows, ViewLimits};
 use crate::store::{GenericClient, Store};
+use crate::views::sql::{self as view_sql, Columns, Rows, ViewLimits};
 
 /// What a materialization may take: its session on the server, how big it may compile, how
 /// much it may write.

@@ -1,13 +1,13 @@
 //! SQL on FHIR v2 views: `ViewDefinition` resources ([`definition`], with the FHIRPath
-//! subset in [`fhirpath`]) compiled to one PostgreSQL query (`store::view_sql`) and run
+//! subset in [`crate::fhirpath`]) compiled to one PostgreSQL query ([`sql`]) and run
 //! ([`run`]) as CSV, NDJSON or JSON, streamed from COPY like `$dump-sql`, under the same
 //! reader role, timeout and limits.
 
 pub mod definition;
-pub mod fhirpath;
 pub mod materialize;
 pub mod parquet;
 pub mod run;
+pub mod sql;
 
 use crate::store::dump_sql::QueryError;
 use crate::store::StoreError;
@@ -43,16 +43,16 @@ impl ViewError {
 
 /// Checks a ViewDefinition before it is stored: it parses, and it compiles (functions known,
 /// column names unique, single-valued columns single-valued) within the generous
-/// [`ViewLimits::ceiling`](crate::store::view_sql::ViewLimits::ceiling); each run is checked
+/// [`ViewLimits::ceiling`](crate::views::sql::ViewLimits::ceiling); each run is checked
 /// against the limits in force.
 pub fn check(doc: &serde_json::Value) -> Result<(), ViewError> {
     let view = definition::View::parse(doc)?;
-    crate::store::view_sql::compile(
+    crate::views::sql::compile(
         &view,
         None,
         &Default::default(),
-        crate::store::view_sql::Columns::Json,
-        &crate::store::view_sql::ViewLimits::ceiling(),
+        crate::views::sql::Columns::Json,
+        &crate::views::sql::ViewLimits::ceiling(),
     )?;
     Ok(())
 }

@@ -19,7 +19,7 @@ use serde_json::Value;
 
 use super::definition::View;
 use crate::bulk::stream::ByteStream;
-use crate::store::view_sql::Compiled;
+use crate::views::sql::Compiled;
 
 /// How large a row group may grow before it is written and sent
 /// (`--parquet-row-group-rows`, `--parquet-row-group-bytes`).
@@ -52,7 +52,7 @@ impl Physical {
     /// As a materialized column's SQL type (`view_sql::sql_type`): `numeric` is `DOUBLE`,
     /// `jsonb` (a collection) JSON text.
     pub fn of(fhir_type: Option<&str>, collection: bool) -> Physical {
-        match crate::store::view_sql::sql_type(fhir_type, collection) {
+        match crate::views::sql::sql_type(fhir_type, collection) {
             "boolean" => Physical::Boolean,
             "bigint" => Physical::Int64,
             "numeric" => Physical::Double,

@@ -16,8 +16,8 @@ use crate::bulk::dump_sql::{dump_sql, SqlDumpError, SqlDumpRequest, SqlFormat, S
 use crate::bulk::report::Report;
 use crate::bulk::stream::ByteStream;
 use crate::format::Converter;
-use crate::store::view_sql::{self, Columns, Rows};
 use crate::store::Store;
+use crate::views::sql::{self as view_sql, Columns, Rows};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ViewFormat {

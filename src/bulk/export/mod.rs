@@ -65,7 +65,7 @@ pub struct ExportSettings {
     /// Parquet row groups of view exports (`--parquet-row-group-rows`/`-bytes`).
     pub parquet: crate::views::parquet::RowGroups,
     /// How big a view of a `$viewdefinition-export` may compile (`--view-max-*`).
-    pub views: crate::store::view_sql::ViewLimits,
+    pub views: crate::views::sql::ViewLimits,
     /// How much each view of a `$viewdefinition-export` may write (`--view-max-rows`,
     /// `--view-max-bytes`).
     pub view_output: crate::bulk::bounds::OutputBounds,

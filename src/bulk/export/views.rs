@@ -19,9 +19,9 @@ use crate::bulk::report::Report;
 use crate::bulk::stream::ByteStream;
 use crate::store::jobs::TaskRow;
 use crate::store::view_export;
-use crate::store::view_sql::{self, Columns, Rows};
 use crate::views::definition::View;
 use crate::views::parquet::{parquet, Physical};
+use crate::views::sql::{self as view_sql, Columns, Rows};
 
 /// The name of the one task of a view export.
 pub const TASK: &str = "views";

@@ -10,10 +10,9 @@
 //! through [`literal`] (escaped constants: COPY, which streams the result, takes no bind
 //! parameters); names are identifiers the parser limited to `[A-Za-z0-9_]`.
 
+use super::{Budget, Constant, Expr};
 use crate::fhir::meta::{type_def, Element, Kind};
 use crate::format::attributes::{Attribute, TypeAttributes};
-use crate::views::definition::Constant;
-use crate::views::fhirpath::Expr;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Shape {
@@ -137,7 +136,7 @@ pub struct Scope<'a, 'v> {
     /// Columns whose SQL value is text to be written as a JSON string (the others are jsonb).
     pub text_columns: &'v std::cell::RefCell<std::collections::HashSet<String>>,
     /// The SQL the whole statement may still take.
-    pub budget: &'v super::limits::Budget,
+    pub budget: &'v Budget,
     /// Whether each select is planned on its own (a large view).
     pub fence: bool,
 }
@@ -173,8 +172,8 @@ pub fn compile<'a>(scope: &Scope<'a, '_>, focus: &Focus<'a>, expr: &Expr) -> Res
     }
     if val.sql.len() > scope.budget.limit {
         return Err(format!(
-            "the expression compiles to more than {} bytes of SQL (--view-max-sql-bytes); simplify it",
-            scope.budget.limit
+            "the expression compiles to more than {} bytes of SQL ({}); simplify it",
+            scope.budget.limit, scope.budget.flag
         ));
     }
     Ok(val)

@@ -7,8 +7,6 @@
 //! (its bytes, its columns, its `unionAll` branches, the nesting of its selects), each bound a
 //! flag (`serve --view-max-*`), and a view over any of them is a 400 naming the bound.
 
-use std::cell::Cell;
-
 use super::invalid;
 use crate::views::definition::{Select, View};
 use crate::views::ViewError;
@@ -122,27 +120,5 @@ impl Shape {
         for child in select.select.iter().chain(&select.union_all) {
             self.walk(child, depth + 1);
         }
-    }
-}
-
-/// The SQL written so far for one statement, against its bound.
-pub struct Budget {
-    spent: Cell<usize>,
-    pub limit: usize,
-}
-
-impl Budget {
-    pub fn new(limit: usize) -> Budget {
-        Budget {
-            spent: Cell::new(0),
-            limit,
-        }
-    }
-
-    /// Counts `bytes` more; `false` once the total is over the bound.
-    pub fn spend(&self, bytes: usize) -> bool {
-        let total = self.spent.get().saturating_add(bytes);
-        self.spent.set(total);
-        total <= self.limit
     }
 }

@@ -5,8 +5,8 @@ use super::expr::{
     as_bool, as_many, as_one, compile, json_literal, map_items, of_type, resolve, Focus, Scope,
     Shape, Ty, Val,
 };
+use super::Expr;
 use crate::fhir::meta::is_r4_resource_type;
-use crate::views::fhirpath::Expr;
 
 /// Every function a view may call.
 pub const SUPPORTED: &[&str] = &[

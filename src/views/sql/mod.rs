@@ -7,65 +7,20 @@
 //! jsonb (for JSON output) or text (for CSV). The statement reads only the type's table
 //! (`r`), so it runs under `$dump-sql`'s reader role, limits and timeout unchanged.
 
-mod expr;
-mod functions;
 mod limits;
-mod operators;
 
 pub use limits::ViewLimits;
-
-pub use functions::SUPPORTED as SUPPORTED_FUNCTIONS;
 
 use std::cell::{Cell, RefCell};
 use std::collections::HashSet;
 
-use expr::{as_bool, as_many, as_one, Focus, Scope, Shape, Ty, Val};
-use limits::Budget;
-
+use crate::fhirpath::{
+    self, as_bool, as_many, as_one, operators, Budget, Expr, Focus, Scope, Shape, Ty, Val,
+};
 use crate::format::attributes::TypeAttributes;
 use crate::resource_type::ResourceType;
 use crate::views::definition::{Iterate, Select, View};
-use crate::views::fhirpath::Expr;
 use crate::views::ViewError;
-
-/// The one helper compiled views call, created (or replaced) at every start-up: a column
-/// that is not a `collection` takes one value, and a row that gives it several is an error
-/// naming the column (the spec's rule; PostgreSQL has no `RAISE` in an expression).
-pub const FUNCTIONS_DDL: &str = "
-CREATE OR REPLACE FUNCTION fhirbox_view_one(items jsonb, what text) RETURNS jsonb
-LANGUAGE plpgsql IMMUTABLE PARALLEL SAFE AS $fn$
-BEGIN
-  IF jsonb_array_length(items) > 1 THEN
-    RAISE EXCEPTION '%: gives % values in a row; a column that is not a collection takes one (set \"collection\": true, or pick one with first() or where(...))',
-      what, jsonb_array_length(items) USING ERRCODE = '22023';
-  END IF;
-  RETURN items -> 0;
-END
-$fn$;
-
--- Counts the rows a materialization writes and their bytes (in the transaction's settings),
--- and stops it past its bounds: a table is written inside PostgreSQL, where fhirbox cannot
--- count, so the statement counts itself.
-CREATE OR REPLACE FUNCTION fhirbox_view_guard(bytes integer, max_rows bigint, max_bytes bigint)
-RETURNS boolean LANGUAGE plpgsql VOLATILE AS $fn$
-DECLARE
-  rows_so_far bigint := coalesce(nullif(current_setting('fhirbox.guard_rows', true), ''), '0')::bigint + 1;
-  bytes_so_far bigint := coalesce(nullif(current_setting('fhirbox.guard_bytes', true), ''), '0')::bigint + bytes;
-BEGIN
-  IF rows_so_far > max_rows THEN
-    RAISE EXCEPTION 'the output passed % rows, the most allowed (--view-max-rows)', max_rows
-      USING ERRCODE = '54000';
-  END IF;
-  IF bytes_so_far > max_bytes THEN
-    RAISE EXCEPTION 'the output passed % bytes, the most allowed (--view-max-bytes)', max_bytes
-      USING ERRCODE = '54000';
-  END IF;
-  PERFORM set_config('fhirbox.guard_rows', rows_so_far::text, true);
-  PERFORM set_config('fhirbox.guard_bytes', bytes_so_far::text, true);
-  RETURN true;
-END
-$fn$;
-";
 
 /// How column values leave the query.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -134,7 +89,7 @@ fn compile_expr<'a>(
     focus: &Focus<'a>,
     expr: &Expr,
 ) -> Result<Val<'a>, String> {
-    let val = expr::compile(scope, focus, expr)?;
+    let val = fhirpath::to_sql(scope, focus, expr).map_err(|e| e.to_string())?;
     if !scope.budget.spend(val.sql.len()) {
         return Err(format!(
             "the view compiles to more than {} bytes of SQL (--view-max-sql-bytes); simplify it",
@@ -163,7 +118,7 @@ pub fn compile(
     let rt = ResourceType::parse(&view.resource)
         .ok_or_else(|| invalid("resource", format!("'{}' is not stored", view.resource)))?;
     let selects = limits.check_shape(view)?;
-    let budget = Budget::new(limits.sql_bytes);
+    let budget = Budget::new(limits.sql_bytes, "--view-max-sql-bytes");
     let resource: &'static str = rt.name();
     let counter = Cell::new(0);
     let text_columns = RefCell::new(HashSet::new());
@@ -248,7 +203,7 @@ pub fn compile(
 fn row_conditions(rt: ResourceType, rows: &Rows) -> Result<Vec<String>, ViewError> {
     let mut conditions = Vec::new();
     if let Some(patients) = &rows.patients {
-        let ids: Vec<String> = patients.iter().map(|id| expr::literal(id)).collect();
+        let ids: Vec<String> = patients.iter().map(|id| fhirpath::literal(id)).collect();
         let ids = format!("ARRAY[{}]::text[]", ids.join(", "));
         if rt.name() == "Patient" {
             conditions.push(format!("r.id = ANY({ids})"));
@@ -263,7 +218,10 @@ fn row_conditions(rt: ResourceType, rows: &Rows) -> Result<Vec<String>, ViewErro
         }
     }
     if let Some(since) = &rows.since {
-        conditions.push(format!("r.ts > ({})::timestamptz", expr::literal(since)));
+        conditions.push(format!(
+            "r.ts > ({})::timestamptz",
+            fhirpath::literal(since)
+        ));
     }
     Ok(conditions)
 }
@@ -291,7 +249,7 @@ fn select_sql<'a>(
                 }
             );
             let items =
-                expr::resolve(compile_expr(scope, focus, path).map_err(|m| invalid(&at, m))?);
+                fhirpath::resolve(compile_expr(scope, focus, path).map_err(|m| invalid(&at, m))?);
             let elements = format!(
                 "jsonb_array_elements({}) WITH ORDINALITY AS {s}(v, i)",
                 as_many(&items)
@@ -314,8 +272,9 @@ fn select_sql<'a>(
     let mut columns = Vec::new();
     for column in &node.columns {
         let at = format!("{}.path", column.at);
-        let val =
-            expr::resolve(compile_expr(scope, &inner, &column.path).map_err(|m| invalid(&at, m))?);
+        let val = fhirpath::resolve(
+            compile_expr(scope, &inner, &column.path).map_err(|m| invalid(&at, m))?,
+        );
         let sql = if column.collection {
             let many = format!("coalesce({}, '[]'::jsonb)", as_many(&val));
             match output {
@@ -328,7 +287,7 @@ fn select_sql<'a>(
                     format!(
                         "fhirbox_view_one({}, {})",
                         val.sql,
-                        expr::literal(&format!("{} ({})", at, column.name))
+                        fhirpath::literal(&format!("{} ({})", at, column.name))
                     ),
                     Shape::One,
                     val.ty.clone(),
@@ -343,11 +302,11 @@ fn select_sql<'a>(
                     if !in_union && one.text.is_some() && operators::is_text(&one) =>
                 {
                     scope.text_columns.borrow_mut().insert(column.name.clone());
-                    expr::as_text(&one)
+                    fhirpath::as_text(&one)
                 }
                 (Columns::Json, _) => as_one(&one),
-                (Columns::Text, _) | (Columns::Typed, "text") => expr::as_text(&one),
-                (Columns::Typed, "boolean") => format!("({})::boolean", expr::as_bool(&one)),
+                (Columns::Text, _) | (Columns::Typed, "text") => fhirpath::as_text(&one),
+                (Columns::Typed, "boolean") => format!("({})::boolean", fhirpath::as_bool(&one)),
                 (Columns::Typed, ty) => format!("({})::{ty}", as_one(&one)),
             }
         };
@@ -414,7 +373,7 @@ fn repeat<'a>(
         .enumerate()
         .map(|(i, p)| {
             compile_expr(scope, focus, p)
-                .map(expr::resolve)
+                .map(fhirpath::resolve)
                 .map_err(|m| invalid(&at(i), m))
         })
         .collect::<Result<Vec<_>, _>>()?;
@@ -432,7 +391,7 @@ fn repeat<'a>(
         .enumerate()
         .map(|(i, p)| {
             compile_expr(scope, &item, p)
-                .map(expr::resolve)
+                .map(fhirpath::resolve)
                 .map_err(|m| invalid(&at(i), m))
         })
         .collect::<Result<Vec<_>, _>>()?;

@@ -3,7 +3,7 @@
 //! `numeric`, string concatenation, collection union and membership.
 
 use super::expr::{as_bool, as_many, as_one, Shape, Ty, Val};
-use crate::views::fhirpath::Op;
+use super::Op;
 
 /// Whether a value is typed as text (strings, codes, dates...), not a number or a boolean.
 pub fn is_text(val: &Val<'_>) -> bool {
