@@ -37,6 +37,7 @@ pub mod metrics;
 pub mod objects;
 pub mod resource;
 pub mod resource_type;
+pub mod search;
 pub mod server;
 pub mod store;
 pub mod views;

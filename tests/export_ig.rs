@@ -476,11 +476,11 @@ async fn groups_are_found_by_identifier_and_filters_are_discoverable() {
         .get("/fhir/Group?identifier=https://example.org/cohorts%7Cother")
         .await;
     assert!(none["entry"].as_array().is_none_or(Vec::is_empty), "{none}");
-    let (status, body) = server.get("/fhir/Group?name=x").await;
+    let (status, body) = server.get("/fhir/Group?shoe-size=x").await;
     assert_eq!(status, StatusCode::BAD_REQUEST);
     assert!(
-        diagnostics(&body).contains("identifier"),
-        "the message lists what works: {body}"
+        diagnostics(&body).contains("no search parameter 'shoe-size'"),
+        "the message names it: {body}"
     );
 
     let (_, statement) = server.get("/fhir/metadata").await;

@@ -215,7 +215,7 @@ fn render(model: &Model) -> Result<String> {
     writeln!(out)?;
     writeln!(
         out,
-        "use super::meta::{{Element, Kind, TokenParam, TypeDef}};"
+        "use super::meta::{{Element, Kind, SearchParam, TokenParam, TypeDef}};"
     )?;
     writeln!(out)?;
     let resources = model.resource_types();
@@ -314,6 +314,8 @@ struct SearchModel {
     compartment: BTreeMap<String, Vec<String>>,
     /// (base type, code) -> (search type, expression).
     params: BTreeMap<(String, String), (String, String)>,
+    /// (base type, code) -> the resource types a reference parameter may point at.
+    targets: BTreeMap<(String, String), Vec<String>>,
 }
 
 impl SearchModel {
@@ -343,6 +345,7 @@ impl SearchModel {
         .read_to_string(&mut text)?;
         let bundle: Value = serde_json::from_str(&text)?;
         let mut params = BTreeMap::new();
+        let mut targets = BTreeMap::new();
         for entry in bundle["entry"].as_array().into_iter().flatten() {
             let resource = &entry["resource"];
             let (Some(code), Some(kind)) = (resource["code"].as_str(), resource["type"].as_str())
@@ -350,8 +353,15 @@ impl SearchModel {
                 continue;
             };
             let expression = resource["expression"].as_str().unwrap_or_default();
+            let to: Vec<String> = resource["target"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(|t| t.as_str().map(str::to_string))
+                .collect();
             for base in resource["base"].as_array().into_iter().flatten() {
                 if let Some(base) = base.as_str() {
+                    targets.insert((base.to_string(), code.to_string()), to.clone());
                     params.insert(
                         (base.to_string(), code.to_string()),
                         (kind.to_string(), expression.to_string()),
@@ -362,6 +372,7 @@ impl SearchModel {
         Ok(SearchModel {
             compartment,
             params,
+            targets,
         })
     }
 
@@ -386,6 +397,41 @@ impl SearchModel {
             paths.push(rest);
         }
         Some(paths)
+    }
+
+    /// The parts of a union expression (split on `|` outside parentheses) that apply to
+    /// `base`: `Observation.subject` out of `Observation.subject | Condition.subject`,
+    /// `(Observation.value as Quantity)` out of its union. Common parameters (`Resource.id`)
+    /// are kept whole.
+    fn expression_for(base: &str, expression: &str) -> String {
+        let mut parts = Vec::new();
+        let (mut depth, mut start) = (0i32, 0);
+        let mut quoted = false;
+        for (i, c) in expression.char_indices() {
+            match c {
+                '\'' => quoted = !quoted,
+                '(' if !quoted => depth += 1,
+                ')' if !quoted => depth -= 1,
+                '|' if !quoted && depth == 0 => {
+                    parts.push(expression[start..i].trim());
+                    start = i + 1;
+                }
+                _ => {}
+            }
+        }
+        parts.push(expression[start..].trim());
+        let mine: Vec<&str> = parts
+            .into_iter()
+            .filter(|part| {
+                let bare = part.trim_start_matches('(');
+                bare == base
+                    || bare.starts_with(&format!("{base}."))
+                    || bare.starts_with(&format!("{base} "))
+                    || bare.starts_with("Resource.")
+                    || bare.starts_with("DomainResource.")
+            })
+            .collect();
+        mine.join(" | ")
     }
 
     fn render(&self, model: &Model) -> Result<String> {
@@ -462,6 +508,27 @@ impl SearchModel {
             if !typed.is_empty() {
                 writeln!(out, "    ({base:?}, {code:?}, &[{}]),", typed.join(", "))?;
             }
+        }
+        writeln!(out, "];")?;
+        writeln!(out)?;
+        writeln!(out, "/// Every R4 SearchParameter, once per base type (`Resource` for the common ones), with")?;
+        writeln!(out, "/// its expression cut to that base and its reference targets, sorted by (base, code).")?;
+        writeln!(out, "pub static SEARCH_PARAMS: &[SearchParam] = &[")?;
+        for ((base, code), (kind, expression)) in &self.params {
+            if !resources.contains(base.as_str()) && base != "Resource" && base != "DomainResource"
+            {
+                continue;
+            }
+            let expression = Self::expression_for(base, expression);
+            let targets = self
+                .targets
+                .get(&(base.clone(), code.clone()))
+                .map(|t| quoted_list(t))
+                .unwrap_or_default();
+            writeln!(
+                out,
+                "    SearchParam {{ base: {base:?}, code: {code:?}, kind: {kind:?}, expression: {expression:?}, targets: &[{targets}] }},"
+            )?;
         }
         writeln!(out, "];")?;
         Ok(out)

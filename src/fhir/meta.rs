@@ -21,6 +21,22 @@ pub type TokenParam = (
     &'static [(&'static str, &'static str)],
 );
 
+/// One R4 SearchParameter for one base type, as the generated table lists it.
+#[derive(Debug)]
+pub struct SearchParam {
+    /// The resource type (or `Resource` / `DomainResource` for the common parameters).
+    pub base: &'static str,
+    pub code: &'static str,
+    /// `string`, `token`, `date`, `reference`, `number`, `quantity`, `uri`, `composite`,
+    /// `special`.
+    pub kind: &'static str,
+    /// The FHIRPath expression, only the parts of its union that apply to `base` (empty for
+    /// the few parameters R4 defines without one).
+    pub expression: &'static str,
+    /// For a reference parameter: the types it may point at.
+    pub targets: &'static [&'static str],
+}
+
 /// One element of a [`TypeDef`].
 #[derive(Debug)]
 pub struct Element {

@@ -330,6 +330,11 @@ fn ty_of(element: &Element) -> Ty<'static> {
 
 /// `base.name`.
 pub fn member<'a>(scope: &Scope<'a, '_>, base: Val<'a>, name: &str) -> Res<Val<'a>> {
+    // A path may start with its type (`Observation.code`, `Resource.id`), as search
+    // parameters' expressions do: on the resource itself that is the resource.
+    if base.root && [scope.resource, "Resource", "DomainResource"].contains(&name) {
+        return Ok(base);
+    }
     if base.root && name == "id" {
         return Ok(row_id(scope));
     }

@@ -10,6 +10,7 @@ use crate::fhir::meta::is_r4_resource_type;
 
 /// Every function a view may call.
 pub const SUPPORTED: &[&str] = &[
+    "as",
     "count",
     "empty",
     "exists",
@@ -20,11 +21,13 @@ pub const SUPPORTED: &[&str] = &[
     "hasValue",
     "highBoundary",
     "iif",
+    "is",
     "join",
     "last",
     "lowBoundary",
     "not",
     "ofType",
+    "resolve",
     "single",
     "toString",
     "where",
@@ -73,6 +76,27 @@ fn text_arg(scope: &Scope<'_, '_>, name: &str, arg: &Expr) -> Res<String> {
     }
 }
 
+/// `resolve() is T` (how search parameters keep the references to one type): whether the
+/// reference points at a `T`, which the native reference says without reading it. Other
+/// uses of `is` are not supported.
+fn is_type<'a>(scope: &Scope<'a, '_>, focus: &Focus<'a>, base: &Expr, ty: &str) -> Res<Val<'a>> {
+    let Expr::Call(reference, function, args) = base else {
+        return Err("'is' is only supported as 'resolve() is Type'".into());
+    };
+    if function != "resolve" || !args.is_empty() {
+        return Err("'is' is only supported as 'resolve() is Type'".into());
+    }
+    let reference = resolve(compile(scope, focus, reference)?);
+    if !matches!(reference.ty, Ty::Reference) {
+        return Err("resolve() applies to a Reference".into());
+    }
+    let x = as_one(&reference);
+    Ok(boolean(format!(
+        "coalesce(({x} ? 'id') AND ({x} ->> 'resourceType') = {}, false)",
+        super::expr::literal(ty)
+    )))
+}
+
 fn boolean<'a>(sql: String) -> Val<'a> {
     Val::new(sql, Shape::Bool, Ty::Primitive("boolean"))
 }
@@ -94,9 +118,20 @@ pub fn call<'a>(
         arity(name, args, 0, 0)?;
         return Ok(super::expr::row_id(scope));
     }
+    if name == "is" {
+        arity(name, args, 1, 1)?;
+        return is_type(scope, focus, base, &type_name(name, &args[0])?);
+    }
+    if name == "resolve" {
+        return Err(
+            "resolve() is only supported as 'resolve() is Type' (there is no other \
+                    resource to read in SQL)"
+                .into(),
+        );
+    }
     let base = compile(scope, focus, base)?;
     match name {
-        "ofType" => {
+        "ofType" | "as" => {
             arity(name, args, 1, 1)?;
             Ok(of_type(base, &type_name(name, &args[0])?))
         }

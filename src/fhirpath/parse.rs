@@ -302,13 +302,57 @@ impl Parser {
         let Some(ops) = LEVELS.get(level) else {
             return self.unary();
         };
-        let mut left = self.binary(level + 1)?;
+        let mut left = self.operand(level)?;
         while let Some(op) = self.operator(ops) {
             self.at += 1;
-            let right = self.binary(level + 1)?;
+            let right = self.operand(level)?;
             left = Expr::Binary(op, Box::new(left), Box::new(right));
         }
         Ok(left)
+    }
+
+    /// An operand of `level`'s operators. The operands of `|` are type expressions: FHIRPath
+    /// puts `is` and `as` between `|` and `+` (`Observation.value as Quantity | ...`).
+    fn operand(&mut self, level: usize) -> Result<Expr, String> {
+        let mut expr = self.binary(level + 1)?;
+        if LEVELS[level] != [("|", Op::Union)] {
+            return Ok(expr);
+        }
+        while let Some(Token::Ident(word)) = self.peek() {
+            let function = match word.as_str() {
+                "as" => "ofType",
+                "is" => "is",
+                _ => break,
+            };
+            self.at += 1;
+            let ty = self.type_specifier()?;
+            expr = Expr::Call(Box::new(expr), function.into(), vec![ty]);
+        }
+        Ok(expr)
+    }
+
+    /// `Quantity` or `FHIR.Quantity`, as the argument `ofType(..)` takes.
+    fn type_specifier(&mut self) -> Result<Expr, String> {
+        let mut names = Vec::new();
+        loop {
+            match self.tokens.get(self.at) {
+                Some((Token::Ident(name), _)) => names.push(name.clone()),
+                Some((token, at)) => {
+                    return Err(format!(
+                        "expected a type name at {at}, found {}",
+                        show(token)
+                    ))
+                }
+                None => return Err("expected a type name at the end".into()),
+            }
+            self.at += 1;
+            if names.len() == 2 || !self.eat_sym(".") {
+                break;
+            }
+        }
+        Ok(names
+            .into_iter()
+            .fold(Expr::This, |base, name| Expr::Member(Box::new(base), name)))
     }
 
     fn unary(&mut self) -> Result<Expr, String> {

@@ -21,6 +21,7 @@ use crate::bulk::source::SourceError;
 use crate::bundle::BundleError;
 use crate::crud::CrudError;
 use crate::format::FormatError;
+use crate::search::SearchError;
 use crate::store::dump_sql::QueryError;
 use crate::store::StoreError;
 use crate::views::ViewError;
@@ -447,6 +448,22 @@ impl From<ViewError> for ApiError {
             ViewError::Limit(_) => ApiError::bad_request(error.to_string()),
             ViewError::Query(query) => query.into(),
             ViewError::Store(store) => store.into(),
+        }
+    }
+}
+
+impl From<SearchError> for ApiError {
+    fn from(error: SearchError) -> ApiError {
+        let param = error.param().map(str::to_string);
+        let api = match &error {
+            SearchError::Invalid { .. } => ApiError::bad_request(error.to_string()),
+            SearchError::Unsupported(_) => {
+                ApiError::new(StatusCode::BAD_REQUEST, "not-supported", error.to_string())
+            }
+        };
+        match param {
+            Some(param) => api.with_expression(param),
+            None => api,
         }
     }
 }

@@ -1,15 +1,15 @@
-//! `GET /[type]`: a `searchset` Bundle of the type's current resources, ordered by id, in
-//! pages of `_count` (default [`DEFAULT_COUNT`], at most [`MAX_COUNT`]) with a `next` link.
+//! `GET /[type]`: a `searchset` Bundle of the type's current resources matching the search,
+//! ordered by id, in pages of `_count` (default [`DEFAULT_COUNT`]; more than [`MAX_COUNT`] is
+//! capped to it) with a `next` link.
 //!
 //! Paging is by key (`_cursor` = the last id of the previous page), so a page never repeats or
 //! skips a resource because others were written meanwhile, and a deep page costs what the first
-//! does. Search parameters: `_id` (comma-separated ids), `_lastUpdated` (with the FHIR
-//! prefixes `eq`, `gt`, `ge`, `lt`, `le`, `sa`, `eb`; repeat it for a range), and the type's
-//! token parameters (`Group?identifier=system|value`, `Observation?category=laboratory`;
-//! comma-separated values, at most [`MAX_TOKEN_VALUES`]; see [`crate::store::token`]). Any other
-//! parameter is answered with 400 (rather than silently ignored, which would return unfiltered
-//! data), unless the client sends `Prefer: handling=lenient`, in which case unknown
-//! parameters are ignored as FHIR allows.
+//! does. `_id` and `_lastUpdated` filter the table's own columns; every other R4 search
+//! parameter of the type is compiled by [`crate::search`] to one SQL condition. A parameter
+//! the type does not have is answered with 400 (rather than silently ignored, which would
+//! return unfiltered data), unless the client sends `Prefer: handling=lenient`, in which case
+//! it is ignored as FHIR allows; a feature fhirbox does not search yet (a chain, `_sort`,
+//! `_include`, a composite parameter) is a 400 saying so either way.
 
 use axum::extract::{Path, RawQuery, State};
 use axum::http::{HeaderMap, StatusCode};
@@ -22,8 +22,8 @@ use super::error::ApiError;
 use super::AppState;
 use crate::bulk::params::last_updated;
 use crate::crud;
-use crate::store::resources::PageFilter;
-use crate::store::token::{token_param, token_params_of, Token};
+use crate::search::{self, Criterion};
+use crate::store::resources::{PageFilter, FIRST_CONDITION_PARAM};
 
 const DEFAULT_COUNT: i64 = 100;
 const MAX_COUNT: i64 = 1000;
@@ -31,11 +31,31 @@ const MAX_COUNT: i64 = 1000;
 /// Parameters that control the answer rather than filter it.
 const CONTROL_PARAMETERS: &[&str] = &["_count", "_cursor", "_format", "_pretty"];
 
-/// Parameters that filter, besides the type's token parameters.
-const SEARCH_PARAMETERS: &[&str] = &["_id", "_lastUpdated"];
+/// Parameters on the table's own columns.
+const COLUMN_PARAMETERS: &[&str] = &["_id", "_lastUpdated"];
 
-/// Values one token parameter may list.
-const MAX_TOKEN_VALUES: usize = 100;
+/// Result parameters and features FHIR defines that fhirbox does not apply yet: refused,
+/// never ignored.
+const NOT_YET: &[&str] = &[
+    "_sort",
+    "_include",
+    "_revinclude",
+    "_total",
+    "_summary",
+    "_elements",
+    "_contained",
+    "_containedType",
+    "_has",
+    "_list",
+    "_text",
+    "_content",
+    "_query",
+    "_filter",
+];
+
+/// Values (ORed) one parameter may list, and parameters one search may have.
+const MAX_VALUES: usize = 100;
+const MAX_CRITERIA: usize = 50;
 
 pub async fn search(
     State(state): State<AppState>,
@@ -46,23 +66,7 @@ pub async fn search(
 ) -> Result<Response, ApiError> {
     let rt = crud::resource_type(&type_name)?;
     let params = form_urlencoded_pairs(query.as_deref().unwrap_or_default());
-    if !prefers(&headers, "handling=lenient") {
-        if let Some((name, _)) = params.iter().find(|(name, _)| {
-            !CONTROL_PARAMETERS.contains(&name.as_str())
-                && !SEARCH_PARAMETERS.contains(&name.as_str())
-                && token_param(rt.name(), name).is_none()
-        }) {
-            let tokens: Vec<&str> = token_params_of(rt.name()).collect();
-            return Err(ApiError::bad_request(format!(
-                "search parameter '{name}' is not supported yet (supported: _id, _lastUpdated, \
-                 _count, _cursor{}{}); send 'Prefer: handling=lenient' to ignore unsupported \
-                 parameters",
-                if tokens.is_empty() { "" } else { ", " },
-                tokens.join(", ")
-            ))
-            .with_expression(name.clone()));
-        }
-    }
+    let lenient = prefers(&headers, "handling=lenient");
     let param = |name: &str| {
         params
             .iter()
@@ -71,17 +75,25 @@ pub async fn search(
     };
     let count = match param("_count") {
         None => DEFAULT_COUNT,
+        // Above the maximum is the maximum (clients ask for thousands by default).
         Some(text) => match text.parse::<i64>() {
-            Ok(n) if (0..=MAX_COUNT).contains(&n) => n,
+            Ok(n) if n >= 0 => n.min(MAX_COUNT),
             _ => {
                 return Err(ApiError::bad_request(format!(
-                    "_count must be a whole number from 0 to {MAX_COUNT}, not '{text}'"
+                    "_count must be a whole number (at most {MAX_COUNT} are sent), not '{text}'"
                 ))
                 .with_expression("_count"))
             }
         },
     };
-    let (filter, filter_params) = page_filter(rt.name(), &params)?;
+    let converter = state.formats.converter().await?;
+    let (filter, filter_params) = page_filter(
+        rt,
+        converter.rules().for_type(rt.name()),
+        &params,
+        lenient,
+        &ctx.url(""),
+    )?;
     let after = param("_cursor");
     let (page, more) = crud::page(&state.store, rt, &filter, after, count).await?;
     let url = |after: Option<&str>| page_url(&ctx, &type_name, &filter_params, count, after);
@@ -108,17 +120,23 @@ pub async fn search(
     Ok(ctx.reply(StatusCode::OK, &bundle))
 }
 
-/// The `_id`, `_lastUpdated` and token conditions, and the parameters that say them (for
-/// links).
+/// The `_id` and `_lastUpdated` conditions and the compiled criteria, and the parameters
+/// that say them (for links).
 fn page_filter(
-    type_name: &str,
+    rt: crate::resource_type::ResourceType,
+    attributes: Option<&crate::format::attributes::TypeAttributes>,
     params: &[(String, String)],
+    lenient: bool,
+    base_url: &str,
 ) -> Result<(PageFilter, Vec<(String, String)>), ApiError> {
     let mut filter = PageFilter::default();
     let mut said = Vec::new();
-    for (name, value) in params {
-        match name.as_str() {
-            "_id" => {
+    let mut criteria = Vec::new();
+    for (key, value) in params {
+        let name = key.split(':').next().unwrap_or(key);
+        match name {
+            _ if CONTROL_PARAMETERS.contains(&key.as_str()) => continue,
+            "_id" if key == name => {
                 let ids: Vec<String> = value.split(',').map(str::to_string).collect();
                 // Repeated `_id`s must all hold: keep the ids in both lists.
                 filter.ids = Some(match filter.ids.take() {
@@ -126,7 +144,7 @@ fn page_filter(
                     None => ids,
                 });
             }
-            "_lastUpdated" => {
+            "_lastUpdated" if key == name => {
                 let (from, to) = last_updated(value).map_err(|message| {
                     ApiError::bad_request(message).with_expression("_lastUpdated")
                 })?;
@@ -137,22 +155,60 @@ fn page_filter(
                     filter.updated_before = Some(filter.updated_before.map_or(to, |t| t.min(to)));
                 }
             }
-            _ => {
-                let Some(paths) = token_param(type_name, name) else {
-                    continue;
-                };
-                let values: Vec<Token> = value.split(',').map(Token::parse).collect();
-                if values.len() > MAX_TOKEN_VALUES {
-                    return Err(ApiError::bad_request(format!(
-                        "{name} lists {} values; at most {MAX_TOKEN_VALUES} are allowed",
-                        values.len()
-                    ))
-                    .with_expression(name.clone()));
-                }
-                filter.tokens.push((paths, values));
+            _ if NOT_YET.contains(&name) || name.contains('.') => {
+                return Err(ApiError::new(
+                    StatusCode::BAD_REQUEST,
+                    "not-supported",
+                    format!(
+                        "{key}: {} not supported yet",
+                        if name.contains('.') {
+                            "chained parameters are"
+                        } else {
+                            "this parameter is"
+                        }
+                    ),
+                )
+                .with_expression(key.clone()));
             }
+            _ => match search::parameter(rt.name(), name) {
+                Some(definition) if !COLUMN_PARAMETERS.contains(&name) => {
+                    let criterion = Criterion::parse(key, value);
+                    if criterion.values.len() > MAX_VALUES {
+                        return Err(ApiError::bad_request(format!(
+                            "{key} lists {} values; at most {MAX_VALUES} are allowed",
+                            criterion.values.len()
+                        ))
+                        .with_expression(key.clone()));
+                    }
+                    criteria.push((criterion, definition));
+                }
+                _ if lenient => continue,
+                _ => {
+                    return Err(ApiError::bad_request(format!(
+                        "{} has no search parameter '{name}' in FHIR R4; send 'Prefer: \
+                         handling=lenient' to ignore unknown parameters",
+                        rt.name()
+                    ))
+                    .with_expression(key.clone()))
+                }
+            },
         }
-        said.push((name.clone(), value.clone()));
+        said.push((key.clone(), value.clone()));
+    }
+    if criteria.len() > MAX_CRITERIA {
+        return Err(ApiError::bad_request(format!(
+            "the search has {} parameters; at most {MAX_CRITERIA} are allowed",
+            criteria.len()
+        )));
+    }
+    if !criteria.is_empty() {
+        filter.condition = Some(search::sql::compile(
+            rt,
+            attributes,
+            &criteria,
+            FIRST_CONDITION_PARAM,
+            base_url,
+        )?);
     }
     Ok((filter, said))
 }

@@ -13,7 +13,6 @@ use tokio_postgres::Row;
 use crate::resource::StoredResource;
 use crate::resource_type::ResourceType;
 
-use super::token::{token_path, Token, TokenPaths};
 use super::{GenericClient, StoreError, Tx};
 
 /// The columns every read selects, in the order [`from_row`] expects.
@@ -226,10 +225,13 @@ pub struct PageFilter {
     pub ids: Option<Vec<String>>,
     pub updated_from: Option<chrono::DateTime<chrono::Utc>>,
     pub updated_before: Option<chrono::DateTime<chrono::Utc>>,
-    /// Token parameters that must all hold, each matching one of its values: the parameter's
-    /// element paths (from the generated table) and the values.
-    pub tokens: Vec<(TokenPaths, Vec<Token>)>,
+    /// The search's other criteria, compiled by `search` to one condition on `r` whose bind
+    /// parameters start at [`FIRST_CONDITION_PARAM`].
+    pub condition: Option<crate::search::Condition>,
 }
+
+/// The first `$n` a page's condition may use (the page statement's own come before).
+pub const FIRST_CONDITION_PARAM: usize = 6;
 
 /// A page of current resources ordered by id, starting after `after` (keyset paging: stable
 /// while other clients write, and an index range scan however deep the page). Fetches `limit`
@@ -242,7 +244,7 @@ pub async fn page(
     limit: i64,
 ) -> Result<Vec<StoredResource>, StoreError> {
     let mut sql = format!(
-        "SELECT {COLUMNS} FROM {} WHERE id > $1
+        "SELECT {COLUMNS} FROM {} AS r WHERE id > $1
             AND ($3::text[] IS NULL OR id = ANY($3))
             AND ($4::timestamptz IS NULL OR ts >= $4)
             AND ($5::timestamptz IS NULL OR ts < $5)",
@@ -257,33 +259,20 @@ pub async fn page(
         &filter.updated_from,
         &filter.updated_before,
     ];
-    // Token values reach the statement as jsonpath variables (bind parameters) only.
-    let vars: Vec<Vec<Value>> = filter
-        .tokens
-        .iter()
-        .map(|(_, values)| values.iter().map(Token::vars).collect())
-        .collect();
-    for ((paths, _), values) in filter.tokens.iter().zip(&vars) {
-        let mut any = Vec::new();
-        for value in values {
-            params.push(value);
-            let n = params.len();
-            any.extend(paths.iter().map(|(path, kind)| {
-                format!(
-                    "jsonb_path_exists(resource, '{}', ${n})",
-                    token_path(path, kind)
-                )
-            }));
-        }
-        if any.is_empty() {
-            any.push("false".to_string());
-        }
-        sql.push_str(&format!(" AND ({})", any.join(" OR ")));
+    // The condition's values reach the statement as bind parameters only.
+    if let Some(condition) = &filter.condition {
+        sql.push_str(&format!(" AND ({})", condition.sql));
+        params.extend(
+            condition
+                .binds
+                .iter()
+                .map(|b| b as &(dyn tokio_postgres::types::ToSql + Sync)),
+        );
     }
     sql.push_str(" ORDER BY id LIMIT $2");
-    // Statements with token conditions vary with the request: not worth caching (and the
-    // cache must not grow with what clients send).
-    let statement = if filter.tokens.is_empty() {
+    // Statements with conditions vary with the request: not worth caching (and the cache
+    // must not grow with what clients send).
+    let statement = if filter.condition.is_none() {
         client.prepare_cached(&sql).await?
     } else {
         client.prepare(&sql).await?

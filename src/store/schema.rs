@@ -171,6 +171,8 @@ pub async fn migrate(conn: &mut Connection) -> Result<(), StoreError> {
     tx.batch_execute(&super::export::compartment_ddl()).await?;
     tx.batch_execute(super::view_functions::FUNCTIONS_DDL)
         .await?;
+    tx.batch_execute(super::search_functions::FUNCTIONS_DDL)
+        .await?;
     tx.batch_execute(super::materialized::SCHEMA_DDL).await?;
     super::roles::grant(&tx).await?;
     tx.commit().await?;

@@ -555,7 +555,18 @@ pub fn seed(name: &str) -> String {
 
 /// Loads the Synthea sample (13 types, 7,160 resources) through `/fhir/<type>/$load`.
 pub async fn load_synthea(server: &TestServer) -> std::collections::BTreeMap<String, usize> {
-    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("testdata/synthea-10");
+    load_testdata(server, "synthea-10").await
+}
+
+/// Loads one dataset of testdata/ (one gzipped NDJSON file per type) through
+/// `/fhir/<type>/$load`: the number of resources of each type.
+pub async fn load_testdata(
+    server: &TestServer,
+    dataset: &str,
+) -> std::collections::BTreeMap<String, usize> {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("testdata")
+        .join(dataset);
     let mut files = Vec::new();
     let mut types = std::collections::BTreeMap::new();
     for entry in std::fs::read_dir(&dir).expect("testdata") {

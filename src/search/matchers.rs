@@ -1,0 +1,344 @@
+//! The matching rules of each parameter type, as SQL over one value `v` of the parameter's
+//! expression (https://hl7.org/fhir/R4/search.html): each takes one of a criterion's
+//! alternatives and binds what the client sent.
+
+use super::query::{split_escaped, unescape};
+use super::sql::Binds;
+use super::SearchError;
+use crate::fhir::meta::SearchParam;
+
+fn no_modifier(name: &str, modifier: Option<&str>, allowed: &[&str]) -> Result<(), SearchError> {
+    match modifier {
+        Some(m) if !allowed.contains(&m) => Err(SearchError::Unsupported(format!(
+            "{name}: the modifier :{m} is not supported on this parameter{}",
+            if allowed.is_empty() {
+                String::new()
+            } else {
+                format!(" (supported: :{})", allowed.join(", :"))
+            }
+        ))),
+        _ => Ok(()),
+    }
+}
+
+pub(super) fn string_test(
+    name: &str,
+    modifier: Option<&str>,
+    value: &str,
+    binds: &mut Binds,
+) -> Result<String, SearchError> {
+    no_modifier(name, modifier, &["exact", "contains"])?;
+    let b = binds.bind(unescape(value));
+    let test = match modifier {
+        Some("exact") => format!("s = {b}"),
+        Some("contains") => format!("strpos(fhirbox_search_norm(s), fhirbox_search_norm({b})) > 0"),
+        _ => format!("starts_with(fhirbox_search_norm(s), fhirbox_search_norm({b}))"),
+    };
+    Ok(format!(
+        "EXISTS (SELECT 1 FROM fhirbox_search_strings(v) AS s WHERE {test})"
+    ))
+}
+
+pub(super) fn token_test(
+    name: &str,
+    modifier: Option<&str>,
+    value: &str,
+    binds: &mut Binds,
+) -> Result<String, SearchError> {
+    no_modifier(name, modifier, &["not", "text"])?;
+    if modifier == Some("text") {
+        let b = binds.bind(unescape(value));
+        return Ok(format!(
+            "EXISTS (SELECT 1 FROM fhirbox_search_token_texts(v) AS x \
+             WHERE starts_with(fhirbox_search_norm(x), fhirbox_search_norm({b})))"
+        ));
+    }
+    let test = match split_escaped(value, '|').as_slice() {
+        [code] => format!("t.code = {}", binds.bind(unescape(code))),
+        ["", code] => format!(
+            "t.system IS NULL AND t.code = {}",
+            binds.bind(unescape(code))
+        ),
+        [system, ""] => format!("t.system = {}", binds.bind(unescape(system))),
+        [system, code] => format!(
+            "t.system = {} AND t.code = {}",
+            binds.bind(unescape(system)),
+            binds.bind(unescape(code))
+        ),
+        _ => {
+            return Err(SearchError::invalid(
+                name,
+                format!("'{value}' is not a token (code, system|code, |code or system|)"),
+            ))
+        }
+    };
+    Ok(format!(
+        "EXISTS (SELECT 1 FROM fhirbox_search_tokens(v) AS t WHERE {test})"
+    ))
+}
+
+const PREFIXES: &[&str] = &["eq", "ne", "gt", "lt", "ge", "le", "sa", "eb", "ap"];
+
+/// A value's comparison prefix (default `eq`) and the rest.
+fn prefixed(value: &str) -> (&str, &str) {
+    match value.get(..2) {
+        Some(p) if PREFIXES.contains(&p) && value.len() > 2 => (p, &value[2..]),
+        _ => ("eq", value),
+    }
+}
+
+/// Whether `text` is a FHIR date, dateTime or instant (any precision).
+fn is_date(text: &str) -> bool {
+    let date = text.split('T').next().unwrap_or_default();
+    let parts: Vec<&str> = date.split('-').collect();
+    let digits = |s: &str, n: usize| s.len() == n && s.bytes().all(|b| b.is_ascii_digit());
+    let date_ok = match parts.as_slice() {
+        [y] => digits(y, 4),
+        [y, m] => digits(y, 4) && digits(m, 2),
+        [y, m, d] => digits(y, 4) && digits(m, 2) && digits(d, 2),
+        _ => false,
+    };
+    if !date_ok {
+        return false;
+    }
+    match text.split_once('T') {
+        None => true,
+        Some((_, _)) => {
+            chrono::DateTime::parse_from_rfc3339(text).is_ok()
+                || chrono::NaiveDateTime::parse_from_str(text, "%Y-%m-%dT%H:%M:%S%.f").is_ok()
+                || chrono::NaiveDateTime::parse_from_str(text, "%Y-%m-%dT%H:%M").is_ok()
+                // Minutes with a zone: what clients write, though R4's dateTime has seconds.
+                || chrono::DateTime::parse_from_str(text, "%Y-%m-%dT%H:%M%:z").is_ok()
+                || chrono::NaiveDateTime::parse_from_str(text, "%Y-%m-%dT%H:%MZ").is_ok()
+        }
+    }
+}
+
+pub(super) fn date_test(
+    name: &str,
+    modifier: Option<&str>,
+    value: &str,
+    binds: &mut Binds,
+) -> Result<String, SearchError> {
+    no_modifier(name, modifier, &[])?;
+    let (prefix, date) = prefixed(value);
+    let date = unescape(date);
+    if !is_date(&date) {
+        return Err(SearchError::invalid(
+            name,
+            format!("'{date}' is not a date (YYYY, YYYY-MM, YYYY-MM-DD or a dateTime, after an optional prefix eq, ne, gt, lt, ge, le, sa, eb or ap)"),
+        ));
+    }
+    let b = binds.bind(date);
+    let inside = "(got.low >= want.low AND got.high <= want.high)";
+    let test = match prefix {
+        "eq" => inside.to_string(),
+        "ne" => format!("NOT {inside}"),
+        "gt" => "got.high > want.high".into(),
+        "lt" => "got.low < want.low".into(),
+        "ge" => format!("(got.high > want.high OR {inside})"),
+        "le" => format!("(got.low < want.low OR {inside})"),
+        "sa" => "got.low >= want.high".into(),
+        "eb" => "got.high <= want.low".into(),
+        // Approximately: overlapping the value widened by a tenth of its distance from now.
+        _ => "(got.low < want.high + abs(extract(epoch FROM now() - want.low)) * 0.1 * interval '1 second' \
+               AND got.high > want.low - abs(extract(epoch FROM now() - want.low)) * 0.1 * interval '1 second')"
+            .into(),
+    };
+    Ok(format!(
+        "EXISTS (SELECT 1 FROM fhirbox_search_ranges(v) AS got, fhirbox_search_instants({b}) AS want WHERE {test})"
+    ))
+}
+
+/// A number compared by a prefix; `x` is the stored number's SQL, `b` the bound value's.
+fn number_compare(prefix: &str, x: &str, b: &str) -> String {
+    // A value's implicit range: `100` is [99.5, 100.5), `100.0` is [99.95, 100.05).
+    let half = format!("(0.5 * power(10::numeric, -scale({b}::numeric)))");
+    let inside = format!("({x} >= {b}::numeric - {half} AND {x} < {b}::numeric + {half})");
+    match prefix {
+        "eq" => inside,
+        "ne" => format!("NOT {inside}"),
+        "gt" | "sa" => format!("{x} > {b}::numeric"),
+        "lt" | "eb" => format!("{x} < {b}::numeric"),
+        "ge" => format!("{x} >= {b}::numeric"),
+        "le" => format!("{x} <= {b}::numeric"),
+        _ => format!("abs({x} - {b}::numeric) <= abs({b}::numeric) * 0.1"),
+    }
+}
+
+fn number(name: &str, text: &str) -> Result<String, SearchError> {
+    let ok = !text.is_empty()
+        && text.parse::<f64>().is_ok()
+        && text
+            .bytes()
+            .all(|b| b.is_ascii_digit() || b == b'.' || b == b'-' || b == b'+');
+    if !ok {
+        return Err(SearchError::invalid(
+            name,
+            format!("'{text}' is not a number (after an optional prefix such as ge)"),
+        ));
+    }
+    Ok(text.to_string())
+}
+
+pub(super) fn number_test(
+    name: &str,
+    modifier: Option<&str>,
+    value: &str,
+    binds: &mut Binds,
+) -> Result<String, SearchError> {
+    no_modifier(name, modifier, &[])?;
+    let (prefix, text) = prefixed(value);
+    let b = binds.bind(number(name, &unescape(text))?);
+    Ok(format!(
+        "jsonb_typeof(v) = 'number' AND {}",
+        number_compare(prefix, "(v #>> '{}')::numeric", &b)
+    ))
+}
+
+pub(super) fn quantity_test(
+    name: &str,
+    modifier: Option<&str>,
+    value: &str,
+    binds: &mut Binds,
+) -> Result<String, SearchError> {
+    no_modifier(name, modifier, &[])?;
+    let parts = split_escaped(value, '|');
+    let (number_part, system, code) = match parts.as_slice() {
+        [n] => (*n, "", ""),
+        [n, s, c] => (*n, *s, *c),
+        _ => {
+            return Err(SearchError::invalid(
+                name,
+                format!("'{value}' is not a quantity (value, value|system|code or value||unit)"),
+            ))
+        }
+    };
+    let (prefix, text) = prefixed(number_part);
+    let b = binds.bind(number(name, &unescape(text))?);
+    let mut test = format!(
+        "jsonb_typeof(v -> 'value') = 'number' AND {}",
+        number_compare(prefix, "(v ->> 'value')::numeric", &b)
+    );
+    let (system, code) = (unescape(system), unescape(code));
+    if !system.is_empty() {
+        test.push_str(&format!(" AND v ->> 'system' = {}", binds.bind(system)));
+    }
+    if !code.is_empty() {
+        let c = binds.bind(code);
+        test.push_str(&if parts[1].is_empty() {
+            format!(" AND (v ->> 'code' = {c} OR v ->> 'unit' = {c})")
+        } else {
+            format!(" AND v ->> 'code' = {c}")
+        });
+    }
+    Ok(test)
+}
+
+pub(super) fn reference_test(
+    name: &str,
+    modifier: Option<&str>,
+    value: &str,
+    param: &SearchParam,
+    binds: &mut Binds,
+    base_url: &str,
+) -> Result<String, SearchError> {
+    let type_modifier = match modifier {
+        None => None,
+        Some(t) if param.targets.contains(&t) => Some(t),
+        Some(t) if t.starts_with(char::is_uppercase) => {
+            return Err(SearchError::invalid(
+                name,
+                format!(
+                    "{name} cannot refer to a {t} (it refers to {})",
+                    param.targets.join(", ")
+                ),
+            ))
+        }
+        Some(_) => {
+            no_modifier(name, modifier, &[])?;
+            None
+        }
+    };
+    let value = unescape(value);
+    let local = value
+        .strip_prefix(base_url.trim_end_matches('/'))
+        .map(|rest| rest.trim_start_matches('/'))
+        .unwrap_or(&value);
+    // A versioned reference matches the resource whatever its version.
+    let local = local.split("/_history/").next().unwrap_or(local);
+    if local.contains("://") {
+        return Ok(format!("v ->> 'uri' = {}", binds.bind(local)));
+    }
+    let (ty, id) = match local.rsplit_once('/') {
+        Some((ty, id)) => (Some(ty.rsplit('/').next().unwrap_or(ty)), id),
+        None => (type_modifier, local),
+    };
+    if id.is_empty() {
+        return Err(SearchError::invalid(
+            name,
+            format!("'{value}' is not a reference (Type/id, an id, or a URL)"),
+        ));
+    }
+    let mut test = format!("v ->> 'id' = {}", binds.bind(id));
+    match (ty, type_modifier) {
+        (Some(ty), Some(m)) if ty != m => test = "false".into(),
+        (Some(ty), _) => test.push_str(&format!(" AND v ->> 'resourceType' = {}", binds.bind(ty))),
+        (None, _) => {}
+    }
+    Ok(test)
+}
+
+pub(super) fn uri_test(
+    name: &str,
+    modifier: Option<&str>,
+    value: &str,
+    binds: &mut Binds,
+) -> Result<String, SearchError> {
+    no_modifier(name, modifier, &["below", "above"])?;
+    let b = binds.bind(unescape(value));
+    let u = "(v #>> '{}')";
+    Ok(match modifier {
+        Some("below") => format!("jsonb_typeof(v) = 'string' AND starts_with({u}, {b})"),
+        Some("above") => format!("jsonb_typeof(v) = 'string' AND starts_with({b}, {u})"),
+        _ => format!("jsonb_typeof(v) = 'string' AND {u} = {b}"),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn prefixes_are_two_letters_before_a_value() {
+        assert_eq!(prefixed("ge2020"), ("ge", "2020"));
+        assert_eq!(prefixed("2020"), ("eq", "2020"));
+        assert_eq!(prefixed("ap5.4"), ("ap", "5.4"));
+    }
+
+    #[test]
+    fn dates_of_every_precision_and_nothing_else() {
+        for ok in [
+            "2013",
+            "2013-01",
+            "2013-01-14",
+            "2013-01-14T10:00:00+01:00",
+            "2013-01-14T10:00:00Z",
+            "2013-01-14T10:00:00.123Z",
+            "2013-08-31T22:23-04:00",
+            "2013-08-31T22:23Z",
+        ] {
+            assert!(is_date(ok), "{ok}");
+        }
+        for bad in [
+            "13",
+            "2013-1",
+            "2013-01-14T",
+            "yesterday",
+            "2013-01-14T25:00:00Z",
+            "2013-01-14 10:00",
+        ] {
+            assert!(!is_date(bad), "{bad}");
+        }
+    }
+}

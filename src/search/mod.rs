@@ -1,0 +1,85 @@
+//! FHIR search (`GET /fhir/{type}?...`): the query read into criteria ([`query`]), each
+//! criterion's parameter found in the generated R4 table (`fhir::r4::SEARCH_PARAMS`), and
+//! all of them compiled to one SQL condition ([`sql`]) on the same FHIRPath-to-SQL front
+//! end as SQL on FHIR views (`crate::fhirpath`). `store` runs the condition; `http/search.rs`
+//! reads the request and writes the Bundle.
+//!
+//! Supported: every R4 parameter of type string (`:exact`, `:contains`), token (`:not`,
+//! `:text`), date (every prefix, the implicit range of each precision on both sides), number,
+//! quantity, reference (`:Type`), uri (`:below`, `:above`), and `:missing` on all of them; OR by
+//! commas, AND by repetition, FHIR's escapes. Not yet: composite and special parameters,
+//! chains, `_has`, and the other modifiers: each a 400 saying so.
+
+mod matchers;
+pub mod query;
+pub mod sql;
+
+pub use query::Criterion;
+pub use sql::Condition;
+
+use crate::fhir::meta::SearchParam;
+use crate::fhir::r4::SEARCH_PARAMS;
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SearchError {
+    /// The value (or the modifier) is not valid for its parameter.
+    #[error("{param}: {message}")]
+    Invalid { param: String, message: String },
+    /// Valid FHIR that fhirbox does not search yet: refused rather than ignored (ignoring
+    /// would answer with more than was asked for).
+    #[error("{0}")]
+    Unsupported(String),
+}
+
+impl SearchError {
+    pub fn invalid(param: &str, message: impl Into<String>) -> SearchError {
+        SearchError::Invalid {
+            param: param.to_string(),
+            message: message.into(),
+        }
+    }
+
+    /// The parameter the error is about, for the OperationOutcome's `expression`.
+    pub fn param(&self) -> Option<&str> {
+        match self {
+            SearchError::Invalid { param, .. } => Some(param),
+            SearchError::Unsupported(text) => text.split(':').next(),
+        }
+    }
+}
+
+/// The R4 search parameter `code` of `type_name` (its own, or a common one such as `_tag`).
+pub fn parameter(type_name: &str, code: &str) -> Option<&'static SearchParam> {
+    let find = |base: &str| {
+        SEARCH_PARAMS
+            .binary_search_by(|p| (p.base, p.code).cmp(&(base, code)))
+            .ok()
+            .map(|i| &SEARCH_PARAMS[i])
+    };
+    find(type_name)
+        .or_else(|| find("Resource"))
+        .or_else(|| find("DomainResource"))
+}
+
+/// The parameter types fhirbox searches.
+pub const SUPPORTED_KINDS: &[&str] = &[
+    "string",
+    "token",
+    "date",
+    "number",
+    "quantity",
+    "reference",
+    "uri",
+];
+
+/// Every parameter `type_name` can be searched by (its own and the common ones, `_id` and
+/// `_lastUpdated` aside: those are the table's own columns).
+pub fn searchable(type_name: &str) -> impl Iterator<Item = &'static SearchParam> + '_ {
+    SEARCH_PARAMS.iter().filter(move |p| {
+        (p.base == type_name || p.base == "Resource" || p.base == "DomainResource")
+            && SUPPORTED_KINDS.contains(&p.kind)
+            && !p.expression.is_empty()
+            && p.code != "_id"
+            && p.code != "_lastUpdated"
+    })
+}

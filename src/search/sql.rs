@@ -1,0 +1,234 @@
+//! Criteria compiled to one SQL condition over a type's table (`r`), with every value the
+//! client sent as a bind parameter.
+//!
+//! A parameter's expression (from the generated R4 table) is compiled by the FHIRPath front
+//! end into a jsonb collection of its values; each criterion is then an `EXISTS` over those
+//! values, matched by the rules of the parameter's type with the SQL functions of
+//! `store::search_functions`, which look at each value's shape at run time (a choice element
+//! is a dateTime in one resource and a Period in the next).
+
+use std::cell::{Cell, RefCell};
+use std::collections::HashSet;
+
+use super::matchers::{
+    date_test, number_test, quantity_test, reference_test, string_test, token_test, uri_test,
+};
+use super::query::Criterion;
+use super::SearchError;
+use crate::fhir::meta::SearchParam;
+use crate::fhirpath::{self, as_many, Budget, Focus, Scope, Shape, Ty, Val};
+use crate::format::attributes::TypeAttributes;
+use crate::resource_type::ResourceType;
+
+/// The most SQL one search may compile to (the expressions come from the R4 definitions,
+/// only their number comes from the client).
+const MAX_SQL: usize = 1024 * 1024;
+
+/// The condition, and the values its `$n` parameters take (all text, cast in SQL).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Condition {
+    pub sql: String,
+    pub binds: Vec<String>,
+}
+
+/// Collects bind values; `$n` numbers start after the statement's own parameters.
+pub(super) struct Binds {
+    first: usize,
+    values: Vec<String>,
+}
+
+impl Binds {
+    pub(super) fn bind(&mut self, value: impl Into<String>) -> String {
+        self.values.push(value.into());
+        format!("(${}::text)", self.first + self.values.len() - 1)
+    }
+}
+
+/// Compiles `criteria` (each with its parameter's definition) for `rt`; the first bind
+/// parameter is `$first`. `base_url`: this server's FHIR base, so that absolute references
+/// to it match.
+pub fn compile(
+    rt: ResourceType,
+    attributes: Option<&TypeAttributes>,
+    criteria: &[(Criterion, &'static SearchParam)],
+    first: usize,
+    base_url: &str,
+) -> Result<Condition, SearchError> {
+    let budget = Budget::new(MAX_SQL, "the search's size");
+    let counter = Cell::new(0);
+    let text_columns = RefCell::new(HashSet::new());
+    let scope = Scope {
+        row: "r",
+        resource: rt.name(),
+        constants: &[],
+        attributes,
+        counter: &counter,
+        text_columns: &text_columns,
+        budget: &budget,
+        fence: false,
+    };
+    let mut root = Val::new("r.resource", Shape::One, Ty::Complex(rt.name()));
+    root.root = true;
+    let focus = Focus {
+        this: root,
+        row_index: "0".into(),
+    };
+    let mut binds = Binds {
+        first,
+        values: Vec::new(),
+    };
+    let mut parts = Vec::new();
+    for (criterion, param) in criteria {
+        let values = values_of(&scope, &focus, criterion, param)?;
+        parts.push(criterion_sql(
+            criterion, param, &values, &mut binds, base_url,
+        )?);
+        if !budget.spend(parts.last().map_or(0, String::len)) {
+            return Err(SearchError::invalid(
+                &criterion.name,
+                "the search compiles to too much SQL; ask for fewer parameters",
+            ));
+        }
+    }
+    Ok(Condition {
+        sql: parts.join(" AND "),
+        binds: binds.values,
+    })
+}
+
+/// The parameter's values in a resource, as a jsonb array (NULL when none).
+fn values_of(
+    scope: &Scope<'_, '_>,
+    focus: &Focus<'_>,
+    criterion: &Criterion,
+    param: &SearchParam,
+) -> Result<String, SearchError> {
+    let unsupported = |why: String| SearchError::Unsupported(format!("{}: {why}", criterion.name));
+    if param.expression.is_empty() {
+        return Err(unsupported("R4 gives this parameter no expression".into()));
+    }
+    let expr = fhirpath::parse(param.expression).map_err(|e| unsupported(e.to_string()))?;
+    let val = fhirpath::to_sql(scope, focus, &expr).map_err(|e| unsupported(e.to_string()))?;
+    Ok(as_many(&fhirpath::resolve(val)))
+}
+
+fn criterion_sql(
+    criterion: &Criterion,
+    param: &SearchParam,
+    values: &str,
+    binds: &mut Binds,
+    base_url: &str,
+) -> Result<String, SearchError> {
+    let name = criterion.name.as_str();
+    let modifier = criterion.modifier.as_deref();
+    if modifier == Some("missing") {
+        let missing = match criterion.values.as_slice() {
+            [v] if v == "true" => true,
+            [v] if v == "false" => false,
+            _ => return Err(SearchError::invalid(name, ":missing takes true or false")),
+        };
+        let none = format!("coalesce(jsonb_array_length({values}), 0) = 0");
+        return Ok(if missing {
+            none
+        } else {
+            format!("NOT ({none})")
+        });
+    }
+    let each = |test: &str| {
+        format!("EXISTS (SELECT 1 FROM jsonb_array_elements(coalesce({values}, '[]'::jsonb)) AS v WHERE {test})")
+    };
+    let mut alternatives = Vec::new();
+    for value in &criterion.values {
+        let test = match param.kind {
+            "string" => string_test(name, modifier, value, binds)?,
+            "token" => token_test(name, modifier, value, binds)?,
+            "date" => date_test(name, modifier, value, binds)?,
+            "number" => number_test(name, modifier, value, binds)?,
+            "quantity" => quantity_test(name, modifier, value, binds)?,
+            "reference" => reference_test(name, modifier, value, param, binds, base_url)?,
+            "uri" => uri_test(name, modifier, value, binds)?,
+            other => {
+                return Err(SearchError::Unsupported(format!(
+                    "{name}: {other} parameters are not supported yet"
+                )))
+            }
+        };
+        alternatives.push(each(&test));
+    }
+    let any = format!("({})", alternatives.join(" OR "));
+    Ok(match (param.kind, modifier) {
+        ("token", Some("not")) => format!("NOT {any}"),
+        _ => any,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_r4_parameter_of_a_supported_type_compiles() {
+        use crate::fhir::r4::SEARCH_PARAMS;
+        let mut failures = Vec::new();
+        for param in SEARCH_PARAMS
+            .iter()
+            .filter(|p| super::super::SUPPORTED_KINDS.contains(&p.kind))
+        {
+            let Some(rt) =
+                ResourceType::parse(param.base).or_else(|| ResourceType::parse("Patient"))
+            else {
+                continue;
+            };
+            if param.expression.is_empty() {
+                continue;
+            }
+            let value = match param.kind {
+                "date" => "2020",
+                "number" | "quantity" => "5",
+                _ => "x",
+            };
+            let criterion = Criterion::parse(param.code, value);
+            if let Err(e) = compile(rt, None, &[(criterion, param)], 1, "http://localhost/fhir") {
+                failures.push(format!("{}.{}: {e}", param.base, param.code));
+            }
+        }
+        assert!(
+            failures.is_empty(),
+            "{} failed:\n{}",
+            failures.len(),
+            failures.join("\n")
+        );
+    }
+
+    #[test]
+    fn values_are_bound_and_never_in_the_sql() {
+        let rt = ResourceType::parse("Observation").expect("a type");
+        let criteria: Vec<(Criterion, &SearchParam)> = [
+            ("code", "http://loinc.org|8302-2"),
+            ("date", "ge2020-01"),
+            ("subject", "Patient/O'Hara"),
+        ]
+        .into_iter()
+        .map(|(name, value)| {
+            let param = super::super::parameter("Observation", name).expect("an R4 parameter");
+            (Criterion::parse(name, value), param)
+        })
+        .collect();
+        let condition = compile(rt, None, &criteria, 6, "http://localhost/fhir").expect("compiles");
+        assert_eq!(
+            condition.binds,
+            ["http://loinc.org", "8302-2", "2020-01", "O'Hara", "Patient"]
+        );
+        for value in &condition.binds {
+            assert!(
+                !condition.sql.contains(value.as_str()),
+                "{value} pasted: {}",
+                condition.sql
+            );
+        }
+        assert!(condition.sql.contains("($10::text)"), "{}", condition.sql);
+        if std::env::var_os("FHIRBOX_PRINT_SEARCH_SQL").is_some() {
+            println!("{}", condition.sql);
+        }
+    }
+}
