@@ -138,7 +138,8 @@ async fn kick_off_follows_the_ig_to_the_letter() {
         "/fhir/$export?_since=yesterday",
         "/fhir/$export?_type=NotAType",
         "/fhir/$export?_elements=Patient.name.given",
-        "/fhir/$export?_typeFilter=Observation%3Fvalue-quantity%3D5",
+        "/fhir/$export?_typeFilter=Observation%3Fcode-value-quantity%3D5",
+        "/fhir/$export?_typeFilter=Observation%3F_sort%3Ddate",
         "/fhir/Patient/$export?_type=Organization",
         "/fhir/$export?includeAssociatedData=LatestProvenanceResources",
         "/fhir/$export?organizeOutputBy=Patient",
@@ -158,8 +159,25 @@ async fn kick_off_follows_the_ig_to_the_letter() {
         kick_off(&server, Method::GET, "/fhir/Observation/$export", None, &[]).await;
     assert_eq!(status, StatusCode::NOT_FOUND);
 
-    // Lenient: the unsupported filter criterion is dropped, and the manifest says so.
-    let path = "/fhir/$export?_type=Patient&_typeFilter=Patient%3Fname%3Dx&includeAssociatedData=LatestProvenanceResources";
+    // Lenient or not, a filter that cannot be applied in full is refused: applying the rest
+    // of it would export more than was asked for.
+    let (status, body, _) = kick_off(
+        &server,
+        Method::GET,
+        "/fhir/$export?_type=Patient&_typeFilter=Patient%3Fname%3Dx%26shoe-size%3D9",
+        None,
+        &[("prefer", "handling=lenient")],
+    )
+    .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
+    assert!(
+        diagnostics(&body).contains("never applied in part"),
+        "{body}"
+    );
+
+    // Lenient: what cannot be honoured is ignored, and the manifest says so.
+    let path =
+        "/fhir/$export?_type=Patient&_shoeSize=9&includeAssociatedData=LatestProvenanceResources";
     let (status, body, location) = kick_off(
         &server,
         Method::GET,
@@ -190,7 +208,7 @@ async fn kick_off_follows_the_ig_to_the_letter() {
         .collect();
     assert_eq!(outcomes.len(), 2, "{text}");
     assert!(
-        text.contains("name") && text.contains("includeAssociatedData"),
+        text.contains("_shoeSize") && text.contains("includeAssociatedData"),
         "{text}"
     );
     assert!(outcomes

@@ -104,16 +104,23 @@ async fn search(server: &TestServer, query: &str) -> Result<BTreeSet<String>, (S
 #[tokio::test(flavor = "multi_thread")]
 async fn every_query_finds_what_the_oracle_finds() {
     let server = TestServer::start().await;
+    let started = std::time::Instant::now();
     common::load_testdata(&server, DATASET).await;
+    eprintln!("loaded in {:?}", started.elapsed());
     let answers = oracle();
+    eprintln!("oracle done at {:?}", started.elapsed());
     let (mut compared, mut mismatches, mut declined) = (0, Vec::new(), 0);
+    let mut exports = Vec::new();
     for (feature, query, expected) in &answers {
         let Ok(expected) = expected else {
             declined += 1;
             continue;
         };
         match search(&server, query).await {
-            Ok(found) if &found == expected => compared += 1,
+            Ok(found) if &found == expected => {
+                compared += 1;
+                exports.push((query, found));
+            }
             Ok(found) => mismatches.push(format!(
                 "{feature}\t{query}: fhirbox {} (only fhirbox: {:?}), oracle {} (only oracle: {:?})",
                 found.len(),
@@ -134,6 +141,39 @@ async fn every_query_finds_what_the_oracle_finds() {
         "{} of {} queries differ from the oracle:\n{}",
         mismatches.len(),
         answers.len(),
+        mismatches.join("\n")
+    );
+    eprintln!("searched at {:?}", started.elapsed());
+    // `$export`'s `_typeFilter` applies the same compiler: every filter exports exactly what
+    // the search found (eight exports at a time, the harness's jobs per subject).
+    for batch in exports.chunks(8) {
+        let runs = batch.iter().map(|(query, found)| {
+            let server = &server;
+            async move {
+                let type_name = query.split('?').next().expect("Type?query");
+                let filter: String = form_urlencoded::byte_serialize(query.as_bytes()).collect();
+                let path = format!("/fhir/$export?_type={type_name}&_typeFilter={filter}");
+                let exported = common::export::exported_ids(server, &path).await;
+                let exported = exported.get(type_name).cloned().unwrap_or_default();
+                (exported != *found).then(|| {
+                    format!(
+                        "_typeFilter={query}: exported {}, search found {}",
+                        exported.len(),
+                        found.len()
+                    )
+                })
+            }
+        });
+        mismatches.extend(
+            futures_util::future::join_all(runs)
+                .await
+                .into_iter()
+                .flatten(),
+        );
+    }
+    assert!(
+        mismatches.is_empty(),
+        "exports differ from searches:\n{}",
         mismatches.join("\n")
     );
     assert!(

@@ -7,7 +7,6 @@ use serde_json::{json, Value};
 
 use super::context::ApiContext;
 use crate::resource_type::ResourceType;
-use crate::store::token::token_param;
 
 /// Said of every search parameter `$export`'s `_typeFilter` accepts as well.
 const TYPE_FILTER_TOO: &str = "also accepted in $export's _typeFilter";
@@ -67,11 +66,7 @@ fn statement(ctx: &ApiContext) -> Value {
                        "documentation": "page size (default 100, at most 1000)"}),
             ];
             search_params.extend(crate::search::searchable(rt.name()).map(|param| {
-                let mut entry = json!({"name": param.code, "type": param.kind});
-                if token_param(rt.name(), param.code).is_some() {
-                    entry["documentation"] = json!(TYPE_FILTER_TOO);
-                }
-                entry
+                json!({"name": param.code, "type": param.kind, "documentation": TYPE_FILTER_TOO})
             }));
             let mut resource = json!({
                 "type": rt.name(),

@@ -23,7 +23,7 @@ use super::AppState;
 use crate::bulk::params::last_updated;
 use crate::crud;
 use crate::search::{self, Criterion};
-use crate::store::resources::{PageFilter, FIRST_CONDITION_PARAM};
+use crate::store::resources::PageFilter;
 
 const DEFAULT_COUNT: i64 = 100;
 const MAX_COUNT: i64 = 1000;
@@ -206,7 +206,7 @@ fn page_filter(
             rt,
             attributes,
             &criteria,
-            FIRST_CONDITION_PARAM,
+            "r.resource",
             base_url,
         )?);
     }

@@ -83,3 +83,33 @@ pub fn searchable(type_name: &str) -> impl Iterator<Item = &'static SearchParam>
             && p.code != "_lastUpdated"
     })
 }
+
+/// Compiles `name[:modifier]=value` pairs (ANDed) for `rt` into one condition on the row's
+/// `resource` column as `resource` names it: what `$export`'s `_typeFilter` applies, with the
+/// same rules as search. Parameters the type does not have, chains and result parameters
+/// are errors (a filter is never half-applied).
+pub fn condition(
+    rt: crate::resource_type::ResourceType,
+    attributes: Option<&crate::format::attributes::TypeAttributes>,
+    pairs: &[(String, String)],
+    resource: &'static str,
+    base_url: &str,
+) -> Result<Condition, SearchError> {
+    let mut criteria = Vec::new();
+    for (key, value) in pairs {
+        let name = key.split(':').next().unwrap_or(key);
+        if name.contains('.') {
+            return Err(SearchError::Unsupported(format!(
+                "{key}: chained parameters are not supported yet"
+            )));
+        }
+        let Some(definition) = parameter(rt.name(), name) else {
+            return Err(SearchError::invalid(
+                key,
+                format!("{} has no search parameter '{name}' in FHIR R4", rt.name()),
+            ));
+        };
+        criteria.push((Criterion::parse(key, value), definition));
+    }
+    sql::compile(rt, attributes, &criteria, resource, base_url)
+}

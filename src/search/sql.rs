@@ -24,34 +24,28 @@ use crate::resource_type::ResourceType;
 /// only their number comes from the client).
 const MAX_SQL: usize = 1024 * 1024;
 
-/// The condition, and the values its `$n` parameters take (all text, cast in SQL).
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct Condition {
-    pub sql: String,
-    pub binds: Vec<String>,
-}
+pub use crate::store::condition::Condition;
 
-/// Collects bind values; `$n` numbers start after the statement's own parameters.
+/// Collects the values a condition compares (see [`Condition::placeholder`]).
 pub(super) struct Binds {
-    first: usize,
     values: Vec<String>,
 }
 
 impl Binds {
     pub(super) fn bind(&mut self, value: impl Into<String>) -> String {
         self.values.push(value.into());
-        format!("(${}::text)", self.first + self.values.len() - 1)
+        format!("({}::text)", Condition::placeholder(self.values.len() - 1))
     }
 }
 
-/// Compiles `criteria` (each with its parameter's definition) for `rt`; the first bind
-/// parameter is `$first`. `base_url`: this server's FHIR base, so that absolute references
-/// to it match.
+/// Compiles `criteria` (each with its parameter's definition) for `rt`, on the row's
+/// `resource` column as `resource` names it (`r.resource`, or unqualified). `base_url`: this
+/// server's FHIR base, so that absolute references to it match.
 pub fn compile(
     rt: ResourceType,
     attributes: Option<&TypeAttributes>,
     criteria: &[(Criterion, &'static SearchParam)],
-    first: usize,
+    resource: &'static str,
     base_url: &str,
 ) -> Result<Condition, SearchError> {
     let budget = Budget::new(MAX_SQL, "the search's size");
@@ -67,16 +61,13 @@ pub fn compile(
         budget: &budget,
         fence: false,
     };
-    let mut root = Val::new("r.resource", Shape::One, Ty::Complex(rt.name()));
+    let mut root = Val::new(resource, Shape::One, Ty::Complex(rt.name()));
     root.root = true;
     let focus = Focus {
         this: root,
         row_index: "0".into(),
     };
-    let mut binds = Binds {
-        first,
-        values: Vec::new(),
-    };
+    let mut binds = Binds { values: Vec::new() };
     let mut parts = Vec::new();
     for (criterion, param) in criteria {
         let values = values_of(&scope, &focus, criterion, param)?;
@@ -188,7 +179,13 @@ mod tests {
                 _ => "x",
             };
             let criterion = Criterion::parse(param.code, value);
-            if let Err(e) = compile(rt, None, &[(criterion, param)], 1, "http://localhost/fhir") {
+            if let Err(e) = compile(
+                rt,
+                None,
+                &[(criterion, param)],
+                "r.resource",
+                "http://localhost/fhir",
+            ) {
                 failures.push(format!("{}.{}: {e}", param.base, param.code));
             }
         }
@@ -214,7 +211,8 @@ mod tests {
             (Criterion::parse(name, value), param)
         })
         .collect();
-        let condition = compile(rt, None, &criteria, 6, "http://localhost/fhir").expect("compiles");
+        let condition =
+            compile(rt, None, &criteria, "r.resource", "http://localhost/fhir").expect("compiles");
         assert_eq!(
             condition.binds,
             ["http://loinc.org", "8302-2", "2020-01", "O'Hara", "Patient"]
@@ -226,9 +224,10 @@ mod tests {
                 condition.sql
             );
         }
-        assert!(condition.sql.contains("($10::text)"), "{}", condition.sql);
+        let sql = condition.render(|i| format!("${}", i + 6));
+        assert!(sql.contains("($10::text)"), "{sql}");
         if std::env::var_os("FHIRBOX_PRINT_SEARCH_SQL").is_some() {
-            println!("{}", condition.sql);
+            println!("{sql}");
         }
     }
 }

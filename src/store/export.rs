@@ -128,9 +128,15 @@ pub enum Criterion {
         from: Option<DateTime<Utc>>,
         to: Option<DateTime<Utc>>,
     },
-    /// A token parameter (`category=laboratory`, `code=http://loinc.org|8302-2`): one of the
-    /// values.
+    /// A token parameter (`category=laboratory`): one of the values. Only in the specs of
+    /// jobs kicked off by earlier versions; new ones say [`Criterion::Search`].
     Token { param: String, values: Vec<Token> },
+    /// Any search parameter, as the client wrote it (`code:text`, `heart`).
+    Search { name: String, value: String },
+    /// The `Search` criteria of one filter compiled by `search` (in memory only: a task
+    /// compiles its filters when it runs).
+    #[serde(skip)]
+    Compiled(super::condition::Condition),
 }
 
 /// What one export task reads.
@@ -462,6 +468,29 @@ fn criterion_sql(
                 parts.push(format!("ts < {}", timestamp_literal(to)));
             }
             format!("({})", parts.join(" AND "))
+        }
+        Criterion::Search { name, .. } => {
+            return Err(StoreError::Invalid(format!(
+                "the _typeFilter criterion {name} was not compiled"
+            )))
+        }
+        Criterion::Compiled(condition) => {
+            let first = key;
+            values.extend(
+                condition
+                    .binds
+                    .iter()
+                    .enumerate()
+                    .map(|(i, bind)| (first + i as i32, Some(bind.clone()), None)),
+            );
+            // COPY takes no parameters: the values are rows of the values table.
+            format!(
+                "({})",
+                condition.render(|i| format!(
+                    "(SELECT code FROM pg_temp.fhirbox_export_values WHERE key = {})",
+                    first + i as i32
+                ))
+            )
         }
         Criterion::Token {
             param,

@@ -8,6 +8,7 @@
 
 pub mod cached;
 pub mod clients;
+pub mod condition;
 pub mod conn;
 pub mod copy;
 pub mod copy_out;

@@ -225,13 +225,9 @@ pub struct PageFilter {
     pub ids: Option<Vec<String>>,
     pub updated_from: Option<chrono::DateTime<chrono::Utc>>,
     pub updated_before: Option<chrono::DateTime<chrono::Utc>>,
-    /// The search's other criteria, compiled by `search` to one condition on `r` whose bind
-    /// parameters start at [`FIRST_CONDITION_PARAM`].
-    pub condition: Option<crate::search::Condition>,
+    /// The search's other criteria, compiled by `search` to one condition on `r.resource`.
+    pub condition: Option<super::condition::Condition>,
 }
-
-/// The first `$n` a page's condition may use (the page statement's own come before).
-pub const FIRST_CONDITION_PARAM: usize = 6;
 
 /// A page of current resources ordered by id, starting after `after` (keyset paging: stable
 /// while other clients write, and an index range scan however deep the page). Fetches `limit`
@@ -261,7 +257,9 @@ pub async fn page(
     ];
     // The condition's values reach the statement as bind parameters only.
     if let Some(condition) = &filter.condition {
-        sql.push_str(&format!(" AND ({})", condition.sql));
+        let first = params.len() + 1;
+        let rendered = condition.render(|i| format!("${}", first + i));
+        sql.push_str(&format!(" AND ({rendered})"));
         params.extend(
             condition
                 .binds

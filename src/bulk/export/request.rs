@@ -15,7 +15,6 @@ use super::elements::Elements;
 use crate::bulk::params::{last_updated, parse_instant};
 use crate::resource_type::ResourceType;
 use crate::store::export::{compartment_paths, Criterion};
-use crate::store::token::{token_param, Token};
 
 /// The output formats the IG names for NDJSON; all mean the same file.
 const OUTPUT_FORMATS: &[&str] = &["application/fhir+ndjson", "application/ndjson", "ndjson"];
@@ -277,7 +276,7 @@ pub fn specify(kick_off: KickOff) -> Result<ExportSpec, String> {
     let mut filters: BTreeMap<String, Vec<Vec<Criterion>>> = BTreeMap::new();
     for text in &filter_texts {
         for filter in split_filters(text) {
-            let (type_name, criteria) = parse_filter(&filter, &mut refuse)?;
+            let (type_name, criteria) = parse_filter(&filter)?;
             if !types.contains(&type_name) {
                 refuse(format!(
                     "_typeFilter '{filter}' is for {type_name}, which this export does not include"
@@ -350,10 +349,7 @@ fn split_filters(text: &str) -> Vec<String> {
 }
 
 /// One filter, `Type?name=value&...`, as criteria that must all hold.
-fn parse_filter(
-    filter: &str,
-    refuse: &mut impl FnMut(String) -> Result<(), String>,
-) -> Result<(String, Vec<Criterion>), String> {
+fn parse_filter(filter: &str) -> Result<(String, Vec<Criterion>), String> {
     let Some((type_name, query)) = filter.split_once('?') else {
         return Err(format!(
             "_typeFilter '{filter}' is not of the form Type?search"
@@ -369,9 +365,14 @@ fn parse_filter(
     }
     let mut criteria = Vec::new();
     for (name, value) in form_urlencoded::parse(query.as_bytes()) {
+        // Refused even when lenient: a filter applied in part would export more than asked.
         match parse_criterion(type_name, &name, &value) {
             Ok(criterion) => criteria.push(criterion),
-            Err(message) => refuse(format!("_typeFilter '{filter}': {message}"))?,
+            Err(message) => {
+                return Err(format!(
+                    "_typeFilter '{filter}': {message} (a filter is never applied in part)"
+                ))
+            }
         }
     }
     Ok((type_name.to_string(), criteria))
@@ -390,15 +391,19 @@ fn parse_criterion(type_name: &str, name: &str, value: &str) -> Result<Criterion
             let (from, to) = last_updated(one)?;
             Ok(Criterion::LastUpdated { from, to })
         }
-        _ if name.contains(':') => Err(format!("search modifiers ('{name}') are not supported")),
-        _ if token_param(type_name, name).is_some() => Ok(Criterion::Token {
-            param: name.to_string(),
-            values: values.iter().map(|v| Token::parse(v)).collect(),
-        }),
-        _ => Err(format!(
-            "the search parameter '{name}' is not supported (supported: _id, _lastUpdated, and \
-             token parameters on codes, Codings, CodeableConcepts and Identifiers)"
-        )),
+        _ => {
+            let rt = ResourceType::parse(type_name)
+                .ok_or_else(|| format!("'{type_name}' is not a resource type"))?;
+            // Compiled now so that a filter that cannot be applied is refused at kick-off
+            // (the task compiles it again for the Attributes in force when it runs).
+            let pairs = [(name.to_string(), value.to_string())];
+            crate::search::condition(rt, None, &pairs, "resource", "")
+                .map_err(|e| e.to_string())?;
+            Ok(Criterion::Search {
+                name: name.to_string(),
+                value: value.to_string(),
+            })
+        }
     }
 }
 
@@ -452,20 +457,9 @@ mod tests {
         let observation = &spec.filters["Observation"];
         assert_eq!(
             observation[0],
-            vec![Criterion::Token {
-                param: "category".into(),
-                values: vec![
-                    Token {
-                        system: None,
-                        code: Some("social-history".into()),
-                        no_system: false
-                    },
-                    Token {
-                        system: None,
-                        code: Some("vital-signs".into()),
-                        no_system: false
-                    },
-                ]
+            vec![Criterion::Search {
+                name: "category".into(),
+                value: "social-history,vital-signs".into(),
             }]
         );
         let Criterion::LastUpdated { from, to } = &spec.filters["Patient"][0][0] else {
@@ -479,16 +473,28 @@ mod tests {
     }
 
     #[test]
-    fn unsupported_things_are_refused_unless_lenient() {
-        let params = [("_typeFilter", "Observation?value-quantity=5")];
-        let error = kick_off(Level::System, &params, false).expect_err("refused");
-        assert!(
-            error.contains("value-quantity") && error.contains("lenient"),
-            "{error}"
-        );
-        let spec = kick_off(Level::System, &params, true).expect("lenient");
-        assert_eq!(spec.warnings.len(), 1);
-        assert_eq!(spec.filters["Observation"], vec![Vec::<Criterion>::new()]);
+    fn unsupported_things_are_refused_unless_lenient_and_filters_always() {
+        for filter in [
+            "Observation?code-value-quantity=x$5",
+            "Observation?shoe-size=5",
+            "Observation?_sort=date",
+            "Observation?subject:Patient.name=x",
+            "Observation?code:in=http://x",
+        ] {
+            // Never applied in part, lenient or not: that would export more than asked.
+            for lenient in [false, true] {
+                let error =
+                    kick_off(Level::System, &[("_typeFilter", filter)], lenient).expect_err(filter);
+                assert!(error.contains("never applied in part"), "{error}");
+            }
+        }
+        let spec = kick_off(
+            Level::System,
+            &[("_typeFilter", "Observation?value-quantity=gt5&date=2020")],
+            false,
+        )
+        .expect("every search parameter");
+        assert_eq!(spec.filters["Observation"][0].len(), 2);
 
         assert!(kick_off(Level::System, &[("_outputFormat", "text/csv")], true).is_err());
         assert!(kick_off(Level::System, &[("_since", "yesterday")], true).is_err());

@@ -28,7 +28,7 @@ use crate::bulk::stream::{tuple_batches, Tuple};
 use crate::format::Converter;
 use crate::resource_type::ResourceType;
 use crate::store::copy_out::CopyOut;
-use crate::store::export::{ExportQuery, PatientSource, Patients, Versions};
+use crate::store::export::{Criterion, ExportQuery, PatientSource, Patients, Versions};
 use crate::store::export_blocks::fields as block;
 use crate::store::jobs::{self as sql, Finished, JobKind, TaskRow};
 
@@ -157,8 +157,9 @@ impl Exports {
     ) -> Result<TaskOutput, TaskFailure> {
         let rt = ResourceType::parse(&task.resource_type)
             .ok_or_else(|| TaskFailure::Failed(format!("unknown type {}", task.resource_type)))?;
-        let query = query_of(spec, rt, Versions::AtTime);
         let converter = self.formats.converter().await.map_err(|e| failed(&e))?;
+        let filters = filters_of(spec, rt, &converter)?;
+        let query = query_of(spec, rt, &filters, Versions::AtTime);
         let reader = self.reader(spec).await;
         let copy =
             crate::store::export::start(&reader, &query, source_of(spec), &self.settings.session)
@@ -230,7 +231,9 @@ impl Exports {
         output: &mut Output,
         task: &TaskRow,
     ) -> Result<(), TaskFailure> {
-        let query = query_of(spec, rt, Versions::Deleted);
+        let converter = self.formats.converter().await.map_err(|e| failed(&e))?;
+        let filters = filters_of(spec, rt, &converter)?;
+        let query = query_of(spec, rt, &filters, Versions::Deleted);
         let reader = self.reader(spec).await;
         let copy =
             crate::store::export::start(&reader, &query, source_of(spec), &self.settings.session)
@@ -263,11 +266,16 @@ impl Exports {
             .iter()
             .filter_map(|name| ResourceType::parse(name))
             .collect();
+        let converter = self.formats.converter().await.map_err(|e| failed(&e))?;
+        let filters = types
+            .iter()
+            .map(|rt| filters_of(spec, *rt, &converter))
+            .collect::<Result<Vec<_>, _>>()?;
         let queries: Vec<ExportQuery> = types
             .iter()
-            .map(|rt| query_of(spec, *rt, Versions::AtTime))
+            .zip(&filters)
+            .map(|(rt, filters)| query_of(spec, *rt, filters, Versions::AtTime))
             .collect();
-        let converter = self.formats.converter().await.map_err(|e| failed(&e))?;
         let reader = self.reader(spec).await;
         let copy = crate::store::export_blocks::start(
             &reader,
@@ -375,8 +383,45 @@ pub(super) fn count(progress: &Progress, report: &Report, total: u64, bytes: u64
     progress.bytes.store(bytes, Ordering::Relaxed);
 }
 
-/// What a task of `spec` reads of `rt`.
-fn query_of(spec: &ExportSpec, rt: ResourceType, versions: Versions) -> ExportQuery<'_> {
+/// `rt`'s `_typeFilter`s with their search criteria compiled (each filter's into one
+/// condition), for the Attributes in force.
+fn filters_of(
+    spec: &ExportSpec,
+    rt: ResourceType,
+    converter: &Converter,
+) -> Result<Vec<Vec<Criterion>>, TaskFailure> {
+    let attributes = converter.rules().for_type(rt.name());
+    let base = spec
+        .request
+        .find("/fhir/")
+        .map_or("", |at| &spec.request[..at + "/fhir".len()]);
+    let mut compiled = Vec::new();
+    for filter in spec.filters.get(rt.name()).into_iter().flatten() {
+        let mut criteria = Vec::new();
+        let mut pairs = Vec::new();
+        for criterion in filter {
+            match criterion {
+                Criterion::Search { name, value } => pairs.push((name.clone(), value.clone())),
+                other => criteria.push(other.clone()),
+            }
+        }
+        if !pairs.is_empty() {
+            let condition = crate::search::condition(rt, attributes, &pairs, "resource", base)
+                .map_err(|e| TaskFailure::Failed(format!("_typeFilter: {e}")))?;
+            criteria.push(Criterion::Compiled(condition));
+        }
+        compiled.push(criteria);
+    }
+    Ok(compiled)
+}
+
+/// What a task of `spec` reads of `rt`, with its compiled `filters`.
+fn query_of<'a>(
+    spec: &ExportSpec,
+    rt: ResourceType,
+    filters: &'a [Vec<Criterion>],
+    versions: Versions,
+) -> ExportQuery<'a> {
     let patients = match (&spec.level, &spec.patients) {
         (Level::System, _) => Patients::Any,
         (Level::Patient, None) => Patients::Every,
@@ -388,11 +433,7 @@ fn query_of(spec: &ExportSpec, rt: ResourceType, versions: Versions) -> ExportQu
         since: spec.since,
         until: spec.until,
         patients,
-        filters: spec
-            .filters
-            .get(rt.name())
-            .map(Vec::as_slice)
-            .unwrap_or(&[]),
+        filters,
         versions,
     }
 }
