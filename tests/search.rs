@@ -104,11 +104,8 @@ async fn search(server: &TestServer, query: &str) -> Result<BTreeSet<String>, (S
 #[tokio::test(flavor = "multi_thread")]
 async fn every_query_finds_what_the_oracle_finds() {
     let server = TestServer::start().await;
-    let started = std::time::Instant::now();
     common::load_testdata(&server, DATASET).await;
-    eprintln!("loaded in {:?}", started.elapsed());
     let answers = oracle();
-    eprintln!("oracle done at {:?}", started.elapsed());
     let (mut compared, mut mismatches, mut declined) = (0, Vec::new(), 0);
     let mut exports = Vec::new();
     for (feature, query, expected) in &answers {
@@ -143,7 +140,6 @@ async fn every_query_finds_what_the_oracle_finds() {
         answers.len(),
         mismatches.join("\n")
     );
-    eprintln!("searched at {:?}", started.elapsed());
     // `$export`'s `_typeFilter` applies the same compiler: every filter exports exactly what
     // the search found (eight exports at a time, the harness's jobs per subject).
     for batch in exports.chunks(8) {

@@ -94,8 +94,13 @@ fn is_date(text: &str) -> bool {
     let digits = |s: &str, n: usize| s.len() == n && s.bytes().all(|b| b.is_ascii_digit());
     let date_ok = match parts.as_slice() {
         [y] => digits(y, 4),
-        [y, m] => digits(y, 4) && digits(m, 2),
-        [y, m, d] => digits(y, 4) && digits(m, 2) && digits(d, 2),
+        [y, m, d] => {
+            digits(y, 4)
+                && digits(m, 2)
+                && digits(d, 2)
+                && chrono::NaiveDate::parse_from_str(date, "%Y-%m-%d").is_ok()
+        }
+        [y, m] if digits(y, 4) && digits(m, 2) => (1..=12).contains(&m.parse::<u32>().unwrap_or(0)),
         _ => false,
     };
     if !date_ok {
@@ -146,7 +151,7 @@ pub(super) fn date_test(
             .into(),
     };
     Ok(format!(
-        "EXISTS (SELECT 1 FROM fhirbox_search_ranges(v) AS got, fhirbox_search_instants({b}) AS want WHERE {test})"
+        "EXISTS (SELECT 1 FROM fhirbox_search_ranges(v) AS got, fhirbox_search_instant_range({b}) AS want WHERE {test})"
     ))
 }
 
@@ -331,6 +336,8 @@ mod tests {
             assert!(is_date(ok), "{ok}");
         }
         for bad in [
+            "2013-02-30",
+            "2013-13",
             "13",
             "2013-1",
             "2013-01-14T",

@@ -5,10 +5,12 @@
 //! Period in the next).
 
 pub const FUNCTIONS_DDL: &str = r#"
+-- (Set-returning functions are plain SQL and not STRICT, so that PostgreSQL inlines them.)
+
 -- Case- and accent-insensitive form of a string, as FHIR's string search compares:
 -- decomposed (NFD), combining marks dropped, lower case.
 CREATE OR REPLACE FUNCTION fhirbox_search_norm(t text) RETURNS text
-LANGUAGE sql IMMUTABLE PARALLEL SAFE STRICT AS $fn$
+LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $fn$
   SELECT lower(regexp_replace(normalize(t, NFD), '[\u0300-\u036f]', '', 'g'))
 $fn$;
 
@@ -16,7 +18,7 @@ $fn$;
 -- HumanName (family, given, prefix, suffix, text) or an Address (line, city, district,
 -- state, postalCode, country, text).
 CREATE OR REPLACE FUNCTION fhirbox_search_strings(v jsonb) RETURNS SETOF text
-LANGUAGE sql IMMUTABLE PARALLEL SAFE STRICT AS $fn$
+LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $fn$
   SELECT v #>> '{}' WHERE jsonb_typeof(v) = 'string'
   UNION ALL
   SELECT v ->> k FROM unnest(ARRAY['family', 'text', 'city', 'district', 'state', 'postalCode', 'country']) k
@@ -30,7 +32,7 @@ $fn$;
 -- boolean or id as a code without system; a Coding; every Coding of a CodeableConcept; an
 -- Identifier's (system, value); a ContactPoint's value.
 CREATE OR REPLACE FUNCTION fhirbox_search_tokens(v jsonb, OUT system text, OUT code text) RETURNS SETOF record
-LANGUAGE sql IMMUTABLE PARALLEL SAFE STRICT AS $fn$
+LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $fn$
   SELECT NULL::text, v #>> '{}' WHERE jsonb_typeof(v) IN ('string', 'boolean', 'number')
   UNION ALL
   SELECT c ->> 'system', c ->> 'code'
@@ -47,7 +49,7 @@ $fn$;
 -- The texts a token's :text modifier matches: a CodeableConcept's text and its Codings'
 -- displays, a Coding's display, an Identifier's type text.
 CREATE OR REPLACE FUNCTION fhirbox_search_token_texts(v jsonb) RETURNS SETOF text
-LANGUAGE sql IMMUTABLE PARALLEL SAFE STRICT AS $fn$
+LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $fn$
   SELECT v ->> 'text' WHERE jsonb_typeof(v) = 'object' AND jsonb_typeof(v -> 'text') = 'string'
   UNION ALL
   SELECT v ->> 'display' WHERE jsonb_typeof(v) = 'object' AND jsonb_typeof(v -> 'display') = 'string'
@@ -61,50 +63,49 @@ $fn$;
 
 -- The instant range [low, high) a date, dateTime or instant written with any precision
 -- covers: '2013' is the whole year, '2013-01-14T10:00:00+01:00' that second. Without a
--- time zone, UTC. NULL for text that is not a date.
-CREATE OR REPLACE FUNCTION fhirbox_search_instants(t text, OUT low timestamptz, OUT high timestamptz)
-LANGUAGE plpgsql IMMUTABLE PARALLEL SAFE STRICT AS $fn$
-DECLARE
-  m text[];
-  base timestamptz;
-BEGIN
-  m := regexp_match(t, '^(\d{4})(?:-(\d{2})(?:-(\d{2})(?:T(\d{2}):(\d{2})(?::(\d{2})(\.\d+)?)?(Z|[+-]\d{2}:\d{2})?)?)?)?$');
-  IF m IS NULL THEN
-    RETURN;
-  END IF;
-  base := make_timestamptz(m[1]::int, coalesce(m[2], '01')::int, coalesce(m[3], '01')::int,
-                           coalesce(m[4], '00')::int, coalesce(m[5], '00')::int,
-                           coalesce(m[6], '00')::int + coalesce(m[7], '0')::numeric::double precision,
-                           CASE WHEN m[8] IS NULL OR m[8] = 'Z' THEN 'UTC' ELSE m[8] END);
-  low := base;
-  high := CASE
-    WHEN m[2] IS NULL THEN base + interval '1 year'
-    WHEN m[3] IS NULL THEN base + interval '1 month'
-    WHEN m[4] IS NULL THEN base + interval '1 day'
-    WHEN m[6] IS NULL THEN base + interval '1 minute'
-    WHEN m[7] IS NULL THEN base + interval '1 second'
-    ELSE base + make_interval(secs => power(10, -(length(m[7]) - 1)))
-  END;
-EXCEPTION WHEN others THEN
-  low := NULL;
-  high := NULL;
-END
+-- time zone, UTC. No row for text that is not a date (or names a day that does not exist).
+-- Plain SQL, so that PostgreSQL inlines it; CASE keeps make_* from seeing invalid fields.
+CREATE OR REPLACE FUNCTION fhirbox_search_instant_range(t text, OUT low timestamptz, OUT high timestamptz) RETURNS SETOF record
+LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $fn$
+  SELECT v.base,
+         CASE
+           WHEN f.mo IS NULL THEN v.base + interval '1 year'
+           WHEN f.d IS NULL THEN v.base + interval '1 month'
+           WHEN f.h IS NULL THEN v.base + interval '1 day'
+           WHEN f.frac IS NULL AND m[6] IS NULL THEN v.base + interval '1 minute'
+           WHEN f.frac IS NULL THEN v.base + interval '1 second'
+           ELSE v.base + make_interval(secs => power(10, -(length(f.frac) - 1)))
+         END
+    FROM regexp_match(t, '^(\d{4})(?:-(\d{2})(?:-(\d{2})(?:T(\d{2}):(\d{2})(?::(\d{2})(\.\d+)?)?(Z|[+-]\d{2}:\d{2})?)?)?)?$') AS m,
+         LATERAL (SELECT m[1]::int AS y, m[2]::int AS mo, m[3]::int AS d, m[4]::int AS h,
+                         m[5]::int AS mi, coalesce(m[6], '0')::int AS s, m[7] AS frac,
+                         CASE WHEN m[8] IS NULL OR m[8] = 'Z' THEN 'UTC' ELSE m[8] END AS zone) AS f,
+         LATERAL (SELECT CASE
+                    WHEN coalesce(f.mo, 1) NOT BETWEEN 1 AND 12 THEN NULL
+                    WHEN coalesce(f.d, 1) NOT BETWEEN 1 AND
+                         extract(day FROM make_date(f.y, coalesce(f.mo, 1), 1) + interval '1 month' - interval '1 day')
+                      THEN NULL
+                    WHEN coalesce(f.h, 0) > 23 OR coalesce(f.mi, 0) > 59 OR f.s > 59 THEN NULL
+                    ELSE make_timestamptz(f.y, coalesce(f.mo, 1), coalesce(f.d, 1), coalesce(f.h, 0),
+                                          coalesce(f.mi, 0), f.s + coalesce(f.frac, '0')::numeric::double precision, f.zone)
+                  END AS base) AS v
+   WHERE v.base IS NOT NULL
 $fn$;
 
 -- The ranges one value of a date parameter covers: a date/dateTime/instant string; a
 -- Period from its start's low to its end's high (open where missing); a Timing's events.
 CREATE OR REPLACE FUNCTION fhirbox_search_ranges(v jsonb, OUT low timestamptz, OUT high timestamptz) RETURNS SETOF record
-LANGUAGE sql IMMUTABLE PARALLEL SAFE STRICT AS $fn$
-  SELECT i.low, i.high FROM fhirbox_search_instants(v #>> '{}') i
+LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $fn$
+  SELECT i.low, i.high FROM fhirbox_search_instant_range(v #>> '{}') i
    WHERE jsonb_typeof(v) = 'string' AND i.low IS NOT NULL
   UNION ALL
-  SELECT coalesce((SELECT s.low FROM fhirbox_search_instants(v ->> 'start') s), '-infinity'),
-         coalesce((SELECT e.high FROM fhirbox_search_instants(v ->> 'end') e), 'infinity')
+  SELECT coalesce((SELECT s.low FROM fhirbox_search_instant_range(v ->> 'start') s), '-infinity'),
+         coalesce((SELECT e.high FROM fhirbox_search_instant_range(v ->> 'end') e), 'infinity')
    WHERE jsonb_typeof(v) = 'object' AND (v ? 'start' OR v ? 'end')
   UNION ALL
   SELECT i.low, i.high
     FROM jsonb_array_elements_text(CASE WHEN jsonb_typeof(v) = 'object' AND jsonb_typeof(v -> 'event') = 'array' THEN v -> 'event' ELSE '[]' END) e,
-         fhirbox_search_instants(e) i
+         fhirbox_search_instant_range(e) i
    WHERE i.low IS NOT NULL
 $fn$;
 "#;
