@@ -14,9 +14,6 @@ use serde_json::{json, Value};
 
 const DATASET: &str = "smart-bulk-data-server-100";
 
-/// Features fhirbox refuses (400 not-supported) for now; any other refusal fails the test.
-const NOT_YET: &[&str] = &["composite"];
-
 /// The oracle's answers: (feature, `Type?query`, ids or why it declined).
 fn oracle() -> Vec<(String, String, Result<BTreeSet<String>, String>)> {
     let root = env!("CARGO_MANIFEST_DIR");
@@ -125,9 +122,6 @@ async fn every_query_finds_what_the_oracle_finds() {
                 expected.len(),
                 expected.difference(&found).take(5).collect::<Vec<_>>(),
             )),
-            Err((status, outcome)) if status == StatusCode::BAD_REQUEST
-                && outcome["issue"][0]["code"] == "not-supported"
-                && NOT_YET.iter().any(|f| feature.starts_with(f)) => {}
             Err((status, outcome)) => {
                 mismatches.push(format!("{feature}\t{query}: {status} {outcome}"))
             }

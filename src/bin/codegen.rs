@@ -316,6 +316,8 @@ struct SearchModel {
     params: BTreeMap<(String, String), (String, String)>,
     /// (base type, code) -> the resource types a reference parameter may point at.
     targets: BTreeMap<(String, String), Vec<String>>,
+    /// (base type, code) -> a composite parameter's components: (type, expression).
+    components: BTreeMap<(String, String), Vec<(String, String)>>,
 }
 
 impl SearchModel {
@@ -346,6 +348,19 @@ impl SearchModel {
         let bundle: Value = serde_json::from_str(&text)?;
         let mut params = BTreeMap::new();
         let mut targets = BTreeMap::new();
+        let mut components = BTreeMap::new();
+        // A component names its parameter by canonical URL: its type comes from there.
+        let kinds: BTreeMap<&str, &str> = bundle["entry"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|e| {
+                Some((
+                    e["resource"]["url"].as_str()?,
+                    e["resource"]["type"].as_str()?,
+                ))
+            })
+            .collect();
         for entry in bundle["entry"].as_array().into_iter().flatten() {
             let resource = &entry["resource"];
             let (Some(code), Some(kind)) = (resource["code"].as_str(), resource["type"].as_str())
@@ -359,9 +374,23 @@ impl SearchModel {
                 .flatten()
                 .filter_map(|t| t.as_str().map(str::to_string))
                 .collect();
+            let mut parts = Vec::new();
+            for component in resource["component"].as_array().into_iter().flatten() {
+                let definition = component["definition"].as_str().unwrap_or_default();
+                // Some R4 composites name a per-type URL that only exists as a shared
+                // parameter (`ActivityDefinition-context-type` is `conformance-context-type`):
+                // then the component's code after the type names it.
+                let kind = match kinds.get(definition) {
+                    Some(kind) => kind.to_string(),
+                    None => format!("?{}", definition.rsplit('/').next().unwrap_or_default()),
+                };
+                let expression = component["expression"].as_str().unwrap_or_default();
+                parts.push((kind, expression.to_string()));
+            }
             for base in resource["base"].as_array().into_iter().flatten() {
                 if let Some(base) = base.as_str() {
                     targets.insert((base.to_string(), code.to_string()), to.clone());
+                    components.insert((base.to_string(), code.to_string()), parts.clone());
                     params.insert(
                         (base.to_string(), code.to_string()),
                         (kind.to_string(), expression.to_string()),
@@ -373,6 +402,7 @@ impl SearchModel {
             compartment,
             params,
             targets,
+            components,
         })
     }
 
@@ -525,9 +555,34 @@ impl SearchModel {
                 .get(&(base.clone(), code.clone()))
                 .map(|t| quoted_list(t))
                 .unwrap_or_default();
+            let components: Vec<String> = self
+                .components
+                .get(&(base.clone(), code.clone()))
+                .into_iter()
+                .flatten()
+                .map(|(kind, expression)| {
+                    let kind = match kind.strip_prefix('?') {
+                        None => kind.clone(),
+                        Some(id) => {
+                            // `ActivityDefinition-context-type`, `conformance-context-type`:
+                            // the code is what follows a prefix.
+                            let found =
+                                id.match_indices('-').map(|(at, _)| &id[at + 1..]).find_map(
+                                    |code| self.params.get(&(base.clone(), code.to_string())),
+                                );
+                            match found {
+                                Some((kind, _)) => kind.clone(),
+                                None => bail!("composite {base}.{code}: no parameter {id}"),
+                            }
+                        }
+                    };
+                    Ok(format!("({kind:?}, {expression:?})"))
+                })
+                .collect::<Result<_>>()?;
             writeln!(
                 out,
-                "    SearchParam {{ base: {base:?}, code: {code:?}, kind: {kind:?}, expression: {expression:?}, targets: &[{targets}] }},"
+                "    SearchParam {{ base: {base:?}, code: {code:?}, kind: {kind:?}, expression: {expression:?}, targets: &[{targets}], components: &[{}] }},",
+                components.join(", ")
             )?;
         }
         writeln!(out, "];")?;

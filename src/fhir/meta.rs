@@ -35,6 +35,9 @@ pub struct SearchParam {
     pub expression: &'static str,
     /// For a reference parameter: the types it may point at.
     pub targets: &'static [&'static str],
+    /// For a composite parameter: its components' types and expressions (relative to each
+    /// value of `expression`), in the order a value lists them (`code$value`).
+    pub components: &'static [(&'static str, &'static str)],
 }
 
 /// One element of a [`TypeDef`].

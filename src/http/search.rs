@@ -9,7 +9,7 @@
 //! the type does not have is answered with 400 (rather than silently ignored, which would
 //! return unfiltered data), unless the client sends `Prefer: handling=lenient`, in which case
 //! it is ignored as FHIR allows; a feature fhirbox does not search yet (a chain, `_sort`,
-//! `_include`, a composite parameter) is a 400 saying so either way.
+//! `_include`) is a 400 saying so either way.
 
 use axum::extract::{Path, RawQuery, State};
 use axum::http::{HeaderMap, StatusCode};

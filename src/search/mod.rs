@@ -6,10 +6,12 @@
 //!
 //! Supported: every R4 parameter of type string (`:exact`, `:contains`), token (`:not`,
 //! `:text`), date (every prefix, the implicit range of each precision on both sides), number,
-//! quantity, reference (`:Type`), uri (`:below`, `:above`), and `:missing` on all of them; OR by
-//! commas, AND by repetition, FHIR's escapes. Not yet: composite and special parameters,
-//! chains, `_has`, and the other modifiers: each a 400 saying so.
+//! quantity, reference (`:Type`), uri (`:below`, `:above`), composite (every component on
+//! the same value), and `:missing` on all of them; OR by commas, AND by repetition, FHIR's
+//! escapes. Not yet: special parameters, chains, `_has`, and the other modifiers: each a 400
+//! saying so.
 
+mod composite;
 mod matchers;
 pub mod query;
 pub mod sql;
@@ -63,6 +65,7 @@ pub fn parameter(type_name: &str, code: &str) -> Option<&'static SearchParam> {
 
 /// The parameter types fhirbox searches.
 pub const SUPPORTED_KINDS: &[&str] = &[
+    "composite",
     "string",
     "token",
     "date",

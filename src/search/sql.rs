@@ -71,9 +71,12 @@ pub fn compile(
     let mut parts = Vec::new();
     for (criterion, param) in criteria {
         let values = values_of(&scope, &focus, criterion, param)?;
-        parts.push(criterion_sql(
-            criterion, param, &values, &mut binds, base_url,
-        )?);
+        parts.push(match (param.kind, criterion.modifier.as_deref()) {
+            ("composite", modifier) if modifier != Some("missing") => {
+                super::composite::composite_sql(&scope, &focus, criterion, param, &mut binds)?
+            }
+            _ => criterion_sql(criterion, param, &values, &mut binds, base_url)?,
+        });
         if !budget.spend(parts.last().map_or(0, String::len)) {
             return Err(SearchError::invalid(
                 &criterion.name,
@@ -173,12 +176,21 @@ mod tests {
             if param.expression.is_empty() {
                 continue;
             }
-            let value = match param.kind {
+            let sample = |kind: &str| match kind {
                 "date" => "2020",
                 "number" | "quantity" => "5",
                 _ => "x",
             };
-            let criterion = Criterion::parse(param.code, value);
+            let value = match param.kind {
+                "composite" => param
+                    .components
+                    .iter()
+                    .map(|(kind, _)| sample(kind))
+                    .collect::<Vec<_>>()
+                    .join("$"),
+                kind => sample(kind).to_string(),
+            };
+            let criterion = Criterion::parse(param.code, &value);
             if let Err(e) = compile(
                 rt,
                 None,
@@ -189,6 +201,14 @@ mod tests {
                 failures.push(format!("{}.{}: {e}", param.base, param.code));
             }
         }
+        // Refused at request time with a 400 saying why: a reference component, and two
+        // expressions that read `%resource`.
+        let not_yet = [
+            "DocumentReference.relationship",
+            "MolecularSequence.chromosome-variant-coordinate",
+            "MolecularSequence.referenceseqid-variant-coordinate",
+        ];
+        failures.retain(|f| !not_yet.iter().any(|n| f.starts_with(&format!("{n}:"))));
         assert!(
             failures.is_empty(),
             "{} failed:\n{}",

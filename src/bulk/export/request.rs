@@ -475,7 +475,7 @@ mod tests {
     #[test]
     fn unsupported_things_are_refused_unless_lenient_and_filters_always() {
         for filter in [
-            "Observation?code-value-quantity=x$5",
+            "Observation?_has:Observation:patient:code=1",
             "Observation?shoe-size=5",
             "Observation?_sort=date",
             "Observation?subject:Patient.name=x",
