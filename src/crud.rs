@@ -394,6 +394,16 @@ pub async fn vread(
 }
 
 /// A page of current resources after the id `after`: up to `count`, and whether more follow.
+/// How many current resources of `rt` match `filter`.
+pub async fn count(
+    store: &Store,
+    rt: ResourceType,
+    filter: &resources::PageFilter,
+) -> Result<i64, CrudError> {
+    let conn = store.connection().await?;
+    Ok(resources::count(&conn, rt, filter).await?)
+}
+
 pub async fn page(
     store: &Store,
     rt: ResourceType,

@@ -240,3 +240,54 @@ async fn absolute_references_match_only_when_they_name_this_server() {
         );
     }
 }
+
+#[tokio::test]
+async fn totals_count_every_match_whatever_the_page() {
+    let server = TestServer::start().await;
+    for (id, gender) in [
+        ("a", "male"),
+        ("b", "female"),
+        ("c", "male"),
+        ("d", "male"),
+        ("e", "other"),
+    ] {
+        let body = json!({"resourceType": "Patient", "id": id, "gender": gender});
+        let (status, outcome) = server
+            .json(Method::PUT, &format!("/fhir/Patient/{id}"), &body)
+            .await;
+        assert!(status.is_success(), "{outcome}");
+    }
+    let (status, first) = server
+        .get("/fhir/Patient?gender=male&_count=2&_total=accurate")
+        .await;
+    assert_eq!(status, StatusCode::OK, "{first}");
+    assert_eq!(first["total"], 3);
+    assert_eq!(first["entry"].as_array().map_or(0, Vec::len), 2);
+    let next = first["link"]
+        .as_array()
+        .and_then(|links| links.iter().find(|l| l["relation"] == "next"))
+        .and_then(|l| l["url"].as_str())
+        .expect("a next link");
+    let (_, second) = server
+        .get(next.strip_prefix(&server.url("")).expect("ours"))
+        .await;
+    assert_eq!(second["total"], 3, "the next page keeps _total");
+    assert_eq!(second["entry"].as_array().map_or(0, Vec::len), 1);
+
+    let (_, count) = server
+        .get("/fhir/Patient?gender:not=male&_summary=count")
+        .await;
+    assert_eq!(count["total"], 2);
+    assert!(count.get("entry").is_none(), "{count}");
+    let (_, none) = server.get("/fhir/Patient?_total=none").await;
+    assert!(none.get("total").is_none(), "{none}");
+
+    for (query, code) in [
+        ("_total=lots", "invalid"),
+        ("_summary=true", "not-supported"),
+    ] {
+        let (status, outcome) = server.get(&format!("/fhir/Patient?{query}")).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{query}");
+        assert_eq!(outcome["issue"][0]["code"], code, "{outcome}");
+    }
+}

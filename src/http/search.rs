@@ -29,7 +29,9 @@ const DEFAULT_COUNT: i64 = 100;
 const MAX_COUNT: i64 = 1000;
 
 /// Parameters that control the answer rather than filter it.
-const CONTROL_PARAMETERS: &[&str] = &["_count", "_cursor", "_format", "_pretty"];
+const CONTROL_PARAMETERS: &[&str] = &[
+    "_count", "_cursor", "_format", "_pretty", "_total", "_summary",
+];
 
 /// Parameters on the table's own columns.
 const COLUMN_PARAMETERS: &[&str] = &["_id", "_lastUpdated"];
@@ -86,14 +88,31 @@ pub async fn search(
             }
         },
     };
+    let (total, summary_count) = totals(param("_total"), param("_summary"))?;
     let converter = state.formats.converter().await?;
-    let (filter, filter_params) = page_filter(
+    let (filter, mut filter_params) = page_filter(
         rt,
         converter.rules().for_type(rt.name()),
         &params,
         lenient,
         &ctx.url(""),
     )?;
+    if let Some(total) = param("_total") {
+        filter_params.push(("_total".into(), total.into()));
+    }
+    let total = match total || summary_count {
+        true => Some(crud::count(&state.store, rt, &filter).await?),
+        false => None,
+    };
+    if summary_count {
+        let bundle = json!({
+            "resourceType": "Bundle",
+            "type": "searchset",
+            "total": total,
+            "link": [{"relation": "self", "url": ctx.url(&format!("{type_name}?{}", query.as_deref().unwrap_or_default()))}],
+        });
+        return Ok(ctx.reply(StatusCode::OK, &bundle));
+    }
     let after = param("_cursor");
     let (page, more) = crud::page(&state.store, rt, &filter, after, count).await?;
     let url = |after: Option<&str>| page_url(&ctx, &type_name, &filter_params, count, after);
@@ -111,13 +130,45 @@ pub async fn search(
             })
         })
         .collect();
-    let bundle = json!({
+    let mut bundle = json!({
         "resourceType": "Bundle",
         "type": "searchset",
         "link": links,
         "entry": entries,
     });
+    if let Some(total) = total {
+        bundle["total"] = json!(total);
+    }
     Ok(ctx.reply(StatusCode::OK, &bundle))
+}
+
+/// `_total` (`none`, the default; `estimate` and `accurate` both count exactly) and
+/// `_summary` (`count`: the total alone; `false`: as without it): whether to count, and
+/// whether to answer with the count only.
+fn totals(total: Option<&str>, summary: Option<&str>) -> Result<(bool, bool), ApiError> {
+    let count = match total {
+        None | Some("none") => false,
+        Some("estimate" | "accurate") => true,
+        Some(other) => {
+            return Err(ApiError::bad_request(format!(
+                "_total is none, estimate or accurate, not '{other}'"
+            ))
+            .with_expression("_total"))
+        }
+    };
+    let only = match summary {
+        None | Some("false") => false,
+        Some("count") => true,
+        Some(other) => {
+            return Err(ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "not-supported",
+                format!("_summary={other} is not supported yet (count and false are)"),
+            )
+            .with_expression("_summary"))
+        }
+    };
+    Ok((count, only))
 }
 
 /// The `_id` and `_lastUpdated` conditions and the compiled criteria, and the parameters

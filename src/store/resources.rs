@@ -229,6 +229,48 @@ pub struct PageFilter {
     pub condition: Option<super::condition::Condition>,
 }
 
+type Param<'a> = &'a (dyn tokio_postgres::types::ToSql + Sync);
+
+/// The filter as SQL on `r` (and the table's own columns), its values appended to `params`
+/// (numbered after what is there already): bind parameters only.
+fn filter_sql<'a>(filter: &'a PageFilter, params: &mut Vec<Param<'a>>) -> String {
+    let n = params.len();
+    let mut sql = format!(
+        "(${a}::text[] IS NULL OR id = ANY(${a}))
+            AND (${b}::timestamptz IS NULL OR ts >= ${b})
+            AND (${c}::timestamptz IS NULL OR ts < ${c})",
+        a = n + 1,
+        b = n + 2,
+        c = n + 3
+    );
+    params.extend([
+        &filter.ids as Param<'a>,
+        &filter.updated_from,
+        &filter.updated_before,
+    ]);
+    if let Some(condition) = &filter.condition {
+        let first = params.len() + 1;
+        let rendered = condition.render(|i| format!("${}", first + i));
+        sql.push_str(&format!(" AND ({rendered})"));
+        params.extend(condition.binds.iter().map(|b| b as Param<'a>));
+    }
+    sql
+}
+
+/// Prepares a statement; those with search conditions vary with the request: not worth
+/// caching (and the cache must not grow with what clients send).
+async fn prepare(
+    client: &impl GenericClient,
+    filter: &PageFilter,
+    sql: &str,
+) -> Result<tokio_postgres::Statement, StoreError> {
+    Ok(if filter.condition.is_none() {
+        client.prepare_cached(sql).await?
+    } else {
+        client.prepare(sql).await?
+    })
+}
+
 /// A page of current resources ordered by id, starting after `after` (keyset paging: stable
 /// while other clients write, and an index range scan however deep the page). Fetches `limit`
 /// rows.
@@ -239,44 +281,30 @@ pub async fn page(
     after: Option<&str>,
     limit: i64,
 ) -> Result<Vec<StoredResource>, StoreError> {
-    let mut sql = format!(
-        "SELECT {COLUMNS} FROM {} AS r WHERE id > $1
-            AND ($3::text[] IS NULL OR id = ANY($3))
-            AND ($4::timestamptz IS NULL OR ts >= $4)
-            AND ($5::timestamptz IS NULL OR ts < $5)",
-        rt.table()
-    );
     // Ids are never empty, so '' starts before the first one.
     let after = after.unwrap_or("");
-    let mut params: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> = vec![
-        &after,
-        &limit,
-        &filter.ids,
-        &filter.updated_from,
-        &filter.updated_before,
-    ];
-    // The condition's values reach the statement as bind parameters only.
-    if let Some(condition) = &filter.condition {
-        let first = params.len() + 1;
-        let rendered = condition.render(|i| format!("${}", first + i));
-        sql.push_str(&format!(" AND ({rendered})"));
-        params.extend(
-            condition
-                .binds
-                .iter()
-                .map(|b| b as &(dyn tokio_postgres::types::ToSql + Sync)),
-        );
-    }
-    sql.push_str(" ORDER BY id LIMIT $2");
-    // Statements with conditions vary with the request: not worth caching (and the cache
-    // must not grow with what clients send).
-    let statement = if filter.condition.is_none() {
-        client.prepare_cached(&sql).await?
-    } else {
-        client.prepare(&sql).await?
-    };
+    let mut params: Vec<Param<'_>> = vec![&after, &limit];
+    let condition = filter_sql(filter, &mut params);
+    let sql = format!(
+        "SELECT {COLUMNS} FROM {} AS r WHERE id > $1 AND {condition} ORDER BY id LIMIT $2",
+        rt.table()
+    );
+    let statement = prepare(client, filter, &sql).await?;
     let rows = client.query(&statement, &params).await?;
     Ok(rows.iter().map(|row| from_row(rt, row)).collect())
+}
+
+/// How many current resources match the filter (a search's `_total=accurate`).
+pub async fn count(
+    client: &impl GenericClient,
+    rt: ResourceType,
+    filter: &PageFilter,
+) -> Result<i64, StoreError> {
+    let mut params: Vec<Param<'_>> = Vec::new();
+    let condition = filter_sql(filter, &mut params);
+    let sql = format!("SELECT count(*) FROM {} AS r WHERE {condition}", rt.table());
+    let statement = prepare(client, filter, &sql).await?;
+    Ok(client.query_one(&statement, &params).await?.get(0))
 }
 
 /// Creates or replaces a resource without keeping the replaced version: for server-managed
