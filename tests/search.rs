@@ -291,3 +291,168 @@ async fn totals_count_every_match_whatever_the_page() {
         assert_eq!(outcome["issue"][0]["code"], code, "{outcome}");
     }
 }
+
+/// Two organizations, three patients, observations on them.
+async fn chain_world(server: &TestServer) {
+    let (status, body) = server
+        .json(
+            Method::PUT,
+            "/fhir/Organization/acme",
+            &json!({"resourceType": "Organization", "id": "acme", "name": "Acme Clinic"}),
+        )
+        .await;
+    assert!(status.is_success(), "{body}");
+    server
+        .json(
+            Method::PUT,
+            "/fhir/Organization/other",
+            &json!({"resourceType": "Organization", "id": "other", "name": "Other"}),
+        )
+        .await;
+    for (id, family, org) in [
+        ("p1", "Smith", "acme"),
+        ("p2", "Smythe", "other"),
+        ("p3", "Jones", "acme"),
+    ] {
+        let patient = json!({"resourceType": "Patient", "id": id, "name": [{"family": family}],
+                             "managingOrganization": {"reference": format!("Organization/{org}")}});
+        let (status, body) = server
+            .json(Method::PUT, &format!("/fhir/Patient/{id}"), &patient)
+            .await;
+        assert!(status.is_success(), "{body}");
+    }
+    for (id, patient) in [("o1", "p1"), ("o2", "p2"), ("o3", "p3"), ("o4", "p1")] {
+        let observation = json!({"resourceType": "Observation", "id": id, "status": "final",
+                                 "code": {"text": "x"}, "subject": {"reference": format!("Patient/{patient}")}});
+        let (status, body) = server
+            .json(
+                Method::PUT,
+                &format!("/fhir/Observation/{id}"),
+                &observation,
+            )
+            .await;
+        assert!(status.is_success(), "{body}");
+    }
+}
+
+fn ids_of(bundle: &Value) -> Vec<String> {
+    let mut ids: Vec<String> = bundle["entry"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|e| e["resource"]["id"].as_str().map(str::to_string))
+        .collect();
+    ids.sort();
+    ids
+}
+
+#[tokio::test]
+async fn chains_follow_references_to_the_resources_they_name() {
+    let server = TestServer::start().await;
+    chain_world(&server).await;
+    for (query, expected) in [
+        ("Observation?subject:Patient.name=smith", vec!["o1", "o4"]),
+        (
+            "Observation?subject:Patient.family=sm",
+            vec!["o1", "o2", "o4"],
+        ),
+        (
+            "Observation?subject:Patient.name=smith,jones",
+            vec!["o1", "o3", "o4"],
+        ),
+        ("Patient?organization.name=acme", vec!["p1", "p3"]),
+        (
+            "Observation?subject:Patient.organization.name=acme",
+            vec!["o1", "o3", "o4"],
+        ),
+        (
+            "Observation?subject:Patient.organization.name=nobody",
+            vec![],
+        ),
+        (
+            "Observation?subject:Patient.name=smith&subject:Patient.organization.name=acme",
+            vec!["o1", "o4"],
+        ),
+    ] {
+        let (status, bundle) = server.get(&format!("/fhir/{query}")).await;
+        assert_eq!(status, StatusCode::OK, "{query}: {bundle}");
+        assert_eq!(ids_of(&bundle), expected, "{query}");
+    }
+    for (query, says) in [
+        ("Observation?subject.name=smith", "name the type"),
+        (
+            "Observation?subject:Patient.shoe=1",
+            "no search parameter 'shoe'",
+        ),
+        ("Observation?code.name=x", "only references chain"),
+        (
+            "Observation?subject:Practitioner.name=x",
+            "cannot refer to a Practitioner",
+        ),
+    ] {
+        let (status, outcome) = server.get(&format!("/fhir/{query}")).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{query}: {outcome}");
+        assert!(
+            outcome["issue"][0]["diagnostics"]
+                .as_str()
+                .unwrap_or_default()
+                .contains(says),
+            "{query}: {outcome}"
+        );
+    }
+    // Not in a _typeFilter: an export's authorization does not look at the chained type.
+    let (status, _, _) = common::export::kick_off(
+        &server,
+        Method::GET,
+        "/fhir/$export?_type=Observation&_typeFilter=Observation%3Fsubject%3APatient.name%3Dsmith",
+        None,
+        &[],
+    )
+    .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+}
+
+#[tokio::test]
+async fn a_chain_cannot_read_a_type_its_client_may_not_search() {
+    let server = TestServer::start().await;
+    chain_world(&server).await;
+    let (status, body) = server
+        .json(
+            Method::PUT,
+            "/",
+            &json!([
+                {"resourceType": "Client", "id": "obs-reader", "secret": "pw", "grant_types": ["basic"]},
+                {"resourceType": "AccessPolicy", "id": "obs-only", "engine": "matcho",
+                 "matcho": {"request-method": "get", "uri": {"$one-of": ["/fhir/Observation"]}},
+                 "link": [{"resourceType": "Client", "id": "obs-reader"}]},
+            ]),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let get = |path: &str| {
+        server
+            .client
+            .get(server.url(path))
+            .basic_auth("obs-reader", Some("pw"))
+    };
+    let (status, bundle) = server.send(get("/fhir/Observation?code:text=x")).await;
+    assert_eq!(status, StatusCode::OK, "its own type: {bundle}");
+    assert_eq!(ids_of(&bundle).len(), 4);
+    let (status, _) = server.send(get("/fhir/Patient?name=smith")).await;
+    assert_eq!(status, StatusCode::FORBIDDEN, "Patients directly");
+    // The attack: learn which patients are called Smith through their Observations.
+    for query in [
+        "/fhir/Observation?subject:Patient.name=smith",
+        "/fhir/Observation?subject:Patient.organization.name=acme",
+    ] {
+        let (status, outcome) = server.send(get(query)).await;
+        assert_eq!(status, StatusCode::FORBIDDEN, "{query}: {outcome}");
+        assert!(
+            outcome["issue"][0]["diagnostics"]
+                .as_str()
+                .unwrap_or_default()
+                .contains("the search chains through"),
+            "{outcome}"
+        );
+    }
+}

@@ -119,8 +119,13 @@ async fn authorize(state: AppState, request: Request, next: Next) -> (Response, 
                 return (error.into_response(), Some(name));
             }
             let mut request = request;
-            if matched == "/" || matched == "/fhir" || matched == "/fhir/" {
-                // Each entry of a Bundle is authorized on its own, with this request's facts.
+            if matched == "/"
+                || matched == "/fhir"
+                || matched == "/fhir/"
+                || matched.ends_with("/{type}")
+            {
+                // Each entry of a Bundle is authorized on its own, with this request's facts,
+                // and so is each type a search chains through.
                 let mut object = object;
                 object["body"] = Value::Null;
                 request.extensions_mut().insert(Asked(object));
@@ -137,7 +142,7 @@ async fn authorize(state: AppState, request: Request, next: Next) -> (Response, 
 }
 
 /// The request object of a Client's `POST /` or `PUT /` (without its body), from which each
-/// entry's own is made ([`entry_object`]).
+/// entry's own is made ([`entry_object`]), and of a search, for the types it chains through.
 #[derive(Debug, Clone)]
 pub struct Asked(pub Value);
 

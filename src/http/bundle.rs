@@ -141,7 +141,7 @@ impl<S: Send + Sync> FromRequestParts<S> for Who {
 impl Who {
     /// Why the entry `method [type]/[id]` (with `body` as sent) may not run, if it may not:
     /// [`crate::auth::Authenticator::authorize`], exactly as for the request on its own.
-    async fn refusal(
+    pub(super) async fn refusal(
         &self,
         state: &AppState,
         ctx: &ApiContext,

@@ -8,8 +8,9 @@
 //! parameter of the type is compiled by [`crate::search`] to one SQL condition. A parameter
 //! the type does not have is answered with 400 (rather than silently ignored, which would
 //! return unfiltered data), unless the client sends `Prefer: handling=lenient`, in which case
-//! it is ignored as FHIR allows; a feature fhirbox does not search yet (a chain, `_sort`,
-//! `_include`) is a 400 saying so either way.
+//! it is ignored as FHIR allows; a feature fhirbox does not search yet (`_has`, `_sort`,
+//! `_include`) is a 400 saying so either way. A chain is authorized type by type
+//! ([`authorize_chains`]).
 
 use axum::extract::{Path, RawQuery, State};
 use axum::http::{HeaderMap, StatusCode};
@@ -17,6 +18,7 @@ use axum::response::Response;
 use serde_json::{json, Value};
 
 use super::body::{form_urlencoded_pairs, prefers};
+use super::bundle::Who;
 use super::context::ApiContext;
 use super::error::ApiError;
 use super::AppState;
@@ -65,9 +67,11 @@ pub async fn search(
     RawQuery(query): RawQuery,
     headers: HeaderMap,
     ctx: ApiContext,
+    who: Who,
 ) -> Result<Response, ApiError> {
     let rt = crud::resource_type(&type_name)?;
     let params = form_urlencoded_pairs(query.as_deref().unwrap_or_default());
+    authorize_chains(&state, &ctx, &who, rt, &params).await?;
     let lenient = prefers(&headers, "handling=lenient");
     let param = |name: &str| {
         params
@@ -142,6 +146,42 @@ pub async fn search(
     Ok(ctx.reply(StatusCode::OK, &bundle))
 }
 
+/// A chain reads the types it goes through: the subject must be allowed to search each of
+/// them, asked exactly as a `GET` of that type on its own would be (else a client allowed to
+/// search Observations could read Patients' names through `subject:Patient.name`).
+async fn authorize_chains(
+    state: &AppState,
+    ctx: &ApiContext,
+    who: &Who,
+    rt: crate::resource_type::ResourceType,
+    params: &[(String, String)],
+) -> Result<(), ApiError> {
+    let mut types: Vec<&str> = params
+        .iter()
+        .flat_map(|(key, _)| search::chained_types(rt.name(), key))
+        .collect();
+    types.sort_unstable();
+    types.dedup();
+    for name in types {
+        let Some(target) = crate::resource_type::ResourceType::parse(name) else {
+            continue;
+        };
+        if let Some(reason) = who
+            .refusal(state, ctx, "GET", target, None, &Value::Null)
+            .await?
+        {
+            return Err(ApiError::new(
+                StatusCode::FORBIDDEN,
+                "forbidden",
+                format!(
+                    "the search chains through {name}, which may not be searched here: {reason}"
+                ),
+            ));
+        }
+    }
+    Ok(())
+}
+
 /// `_total` (`none`, the default; `estimate` and `accurate` both count exactly) and
 /// `_summary` (`count`: the total alone; `false`: as without it): whether to count, and
 /// whether to answer with the count only.
@@ -184,7 +224,7 @@ fn page_filter(
     let mut said = Vec::new();
     let mut criteria = Vec::new();
     for (key, value) in params {
-        let name = key.split(':').next().unwrap_or(key);
+        let name = key.split(['.', ':']).next().unwrap_or(key);
         match name {
             _ if CONTROL_PARAMETERS.contains(&key.as_str()) => continue,
             "_id" if key == name => {
@@ -206,18 +246,11 @@ fn page_filter(
                     filter.updated_before = Some(filter.updated_before.map_or(to, |t| t.min(to)));
                 }
             }
-            _ if NOT_YET.contains(&name) || name.contains('.') => {
+            _ if NOT_YET.contains(&name) => {
                 return Err(ApiError::new(
                     StatusCode::BAD_REQUEST,
                     "not-supported",
-                    format!(
-                        "{key}: {} not supported yet",
-                        if name.contains('.') {
-                            "chained parameters are"
-                        } else {
-                            "this parameter is"
-                        }
-                    ),
+                    format!("{key}: this parameter is not supported yet"),
                 )
                 .with_expression(key.clone()));
             }

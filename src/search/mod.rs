@@ -8,8 +8,8 @@
 //! `:text`), date (every prefix, the implicit range of each precision on both sides), number,
 //! quantity, reference (`:Type`), uri (`:below`, `:above`), composite (every component on
 //! the same value), and `:missing` on all of them; OR by commas, AND by repetition, FHIR's
-//! escapes. Not yet: special parameters, chains, `_has`, and the other modifiers: each a 400
-//! saying so.
+//! escapes; chains (`subject:Patient.name=...`, up to three references deep). Not yet:
+//! special parameters, `_has`, and the other modifiers: each a 400 saying so.
 
 mod composite;
 mod matchers;
@@ -101,7 +101,8 @@ pub fn condition(
     let mut criteria = Vec::new();
     for (key, value) in pairs {
         let name = key.split(':').next().unwrap_or(key);
-        if name.contains('.') {
+        // A chain reads another type, which an export's authorization did not look at.
+        if key.contains('.') {
             return Err(SearchError::Unsupported(format!(
                 "{key}: chained parameters are not supported yet"
             )));
@@ -115,4 +116,31 @@ pub fn condition(
         criteria.push((Criterion::parse(key, value), definition));
     }
     sql::compile(rt, attributes, &criteria, resource, base_url)
+}
+
+/// The types a chained parameter (`subject:Patient.organization.name`) reads besides
+/// `type_name`, in order, as far as they can be told (a chain that names no type where it
+/// must is an error when it is compiled). The caller authorizes reading each.
+pub fn chained_types(type_name: &str, key: &str) -> Vec<&'static str> {
+    if !key.contains('.') {
+        return Vec::new();
+    }
+    let mut types = Vec::new();
+    let mut current = type_name.to_string();
+    let mut key = key.to_string();
+    loop {
+        let criterion = Criterion::parse(&key, "");
+        let (Some(param), Some(rest)) = (parameter(&current, &criterion.name), criterion.chain)
+        else {
+            return types;
+        };
+        let Ok(target) =
+            sql::chain_target(&criterion.name, criterion.modifier.as_deref(), param, &rest)
+        else {
+            return types;
+        };
+        types.push(target);
+        current = target.to_string();
+        key = rest;
+    }
 }

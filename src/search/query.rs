@@ -9,11 +9,18 @@ pub struct Criterion {
     pub modifier: Option<String>,
     /// The alternatives (ORed), still escaped: split further with [`split_escaped`].
     pub values: Vec<String>,
+    /// A chain's rest (`name` of `subject:Patient.name`, `organization.name` of a longer
+    /// one): the parameter of the referenced resource the values are for.
+    pub chain: Option<String>,
 }
 
 impl Criterion {
     /// Reads `name[:modifier]` and its value as the query gave them (already URL-decoded).
     pub fn parse(key: &str, value: &str) -> Criterion {
+        let (key, chain) = match key.split_once('.') {
+            Some((key, rest)) => (key, Some(rest.to_string())),
+            None => (key, None),
+        };
         let (name, modifier) = match key.split_once(':') {
             Some((name, modifier)) => (name, Some(modifier.to_string())),
             None => (key, None),
@@ -25,6 +32,7 @@ impl Criterion {
                 .into_iter()
                 .map(str::to_string)
                 .collect(),
+            chain,
         }
     }
 }
@@ -73,6 +81,15 @@ mod tests {
         assert_eq!(c.modifier.as_deref(), Some("exact"));
         assert_eq!(c.values, [r"a\,b", "c"]);
         assert_eq!(unescape(&c.values[0]), "a,b");
+    }
+
+    #[test]
+    fn a_chain_keeps_its_rest() {
+        let c = Criterion::parse("subject:Patient.organization.name", "Acme");
+        assert_eq!(
+            (c.name.as_str(), c.modifier.as_deref(), c.chain.as_deref()),
+            ("subject", Some("Patient"), Some("organization.name"))
+        );
     }
 
     #[test]

@@ -48,34 +48,69 @@ pub fn compile(
     resource: &'static str,
     base_url: &str,
 ) -> Result<Condition, SearchError> {
-    let budget = Budget::new(MAX_SQL, "the search's size");
+    let mut binds = Binds { values: Vec::new() };
     let counter = Cell::new(0);
+    let at = Level {
+        rt,
+        attributes,
+        resource: resource.to_string(),
+        depth: 0,
+    };
+    let sql = conditions_sql(&at, criteria, base_url, &mut binds, &counter)?;
+    Ok(Condition {
+        sql,
+        binds: binds.values,
+    })
+}
+
+/// Chains go at most this deep (`subject:Patient.organization.name` is two).
+const MAX_CHAIN: usize = 3;
+
+/// The resource criteria apply to: its type, the Attributes in force for it (known for the
+/// searched type only), its SQL, and how deep in a chain it is.
+struct Level<'a> {
+    rt: ResourceType,
+    attributes: Option<&'a TypeAttributes>,
+    resource: String,
+    depth: usize,
+}
+
+fn conditions_sql(
+    at: &Level<'_>,
+    criteria: &[(Criterion, &'static SearchParam)],
+    base_url: &str,
+    binds: &mut Binds,
+    counter: &Cell<usize>,
+) -> Result<String, SearchError> {
+    let budget = Budget::new(MAX_SQL, "the search's size");
     let text_columns = RefCell::new(HashSet::new());
     let scope = Scope {
         row: "r",
-        resource: rt.name(),
+        resource: at.rt.name(),
         constants: &[],
-        attributes,
-        counter: &counter,
+        attributes: at.attributes,
+        counter,
         text_columns: &text_columns,
         budget: &budget,
         fence: false,
     };
-    let mut root = Val::new(resource, Shape::One, Ty::Complex(rt.name()));
+    let mut root = Val::new(at.resource.clone(), Shape::One, Ty::Complex(at.rt.name()));
     root.root = true;
     let focus = Focus {
         this: root,
         row_index: "0".into(),
     };
-    let mut binds = Binds { values: Vec::new() };
     let mut parts = Vec::new();
     for (criterion, param) in criteria {
         let values = values_of(&scope, &focus, criterion, param)?;
         parts.push(match (param.kind, criterion.modifier.as_deref()) {
-            ("composite", modifier) if modifier != Some("missing") => {
-                super::composite::composite_sql(&scope, &focus, criterion, param, &mut binds)?
+            _ if criterion.chain.is_some() => {
+                chain_sql(at, &scope, criterion, param, &values, base_url, binds)?
             }
-            _ => criterion_sql(criterion, param, &values, &mut binds, base_url)?,
+            ("composite", modifier) if modifier != Some("missing") => {
+                super::composite::composite_sql(&scope, &focus, criterion, param, binds)?
+            }
+            _ => criterion_sql(criterion, param, &values, binds, base_url)?,
         });
         if !budget.spend(parts.last().map_or(0, String::len)) {
             return Err(SearchError::invalid(
@@ -84,10 +119,110 @@ pub fn compile(
             ));
         }
     }
-    Ok(Condition {
-        sql: parts.join(" AND "),
-        binds: binds.values,
-    })
+    Ok(parts.join(" AND "))
+}
+
+/// A chained criterion (`subject:Patient.name=peter`): a reference to a resource of the
+/// target type that meets the rest of the chain.
+fn chain_sql(
+    at: &Level<'_>,
+    scope: &Scope<'_, '_>,
+    criterion: &Criterion,
+    param: &SearchParam,
+    values: &str,
+    base_url: &str,
+    binds: &mut Binds,
+) -> Result<String, SearchError> {
+    let name = criterion.name.as_str();
+    let rest = criterion.chain.as_deref().unwrap_or_default();
+    if param.kind != "reference" {
+        return Err(SearchError::invalid(
+            name,
+            format!(
+                "{name} is a {} parameter; only references chain",
+                param.kind
+            ),
+        ));
+    }
+    if at.depth + 1 > MAX_CHAIN {
+        return Err(SearchError::invalid(
+            name,
+            format!("chains go at most {MAX_CHAIN} references deep"),
+        ));
+    }
+    let target = chain_target(name, criterion.modifier.as_deref(), param, rest)?;
+    let Some(target_rt) = ResourceType::parse(target) else {
+        return Err(SearchError::Unsupported(format!(
+            "{name}: {target} is not stored here"
+        )));
+    };
+    let nested = Criterion::parse(rest, &criterion.values.join(","));
+    let Some(nested_param) = super::parameter(target, &nested.name) else {
+        return Err(SearchError::invalid(
+            name,
+            format!(
+                "{target} has no search parameter '{}' in FHIR R4",
+                nested.name
+            ),
+        ));
+    };
+    let alias = scope.fresh("chain");
+    let inner = Level {
+        rt: target_rt,
+        attributes: None,
+        resource: format!("{alias}.resource"),
+        depth: at.depth + 1,
+    };
+    let condition = conditions_sql(
+        &inner,
+        &[(nested, nested_param)],
+        base_url,
+        binds,
+        scope.counter,
+    )?;
+    let target = binds.bind(target);
+    Ok(format!(
+        "EXISTS (SELECT 1 FROM jsonb_array_elements(coalesce({values}, '[]'::jsonb)) AS v \
+         WHERE v ->> 'resourceType' = {target} AND EXISTS (SELECT 1 FROM {} AS {alias} \
+         WHERE {alias}.id = v ->> 'id' AND {condition}))",
+        target_rt.table()
+    ))
+}
+
+/// The type a chain goes through: the one its `:Type` names, or the parameter's only target.
+pub(super) fn chain_target(
+    name: &str,
+    modifier: Option<&str>,
+    param: &SearchParam,
+    rest: &str,
+) -> Result<&'static str, SearchError> {
+    match modifier {
+        Some(t) => param
+            .targets
+            .iter()
+            .find(|x| **x == t)
+            .copied()
+            .ok_or_else(|| {
+                SearchError::invalid(
+                    name,
+                    format!(
+                        "{name} cannot refer to a {t} (it refers to {})",
+                        param.targets.join(", ")
+                    ),
+                )
+            }),
+        None => match param.targets {
+            [only] => Ok(only),
+            targets => Err(SearchError::invalid(
+                name,
+                format!(
+                    "{name} may refer to {}: name the type, as {name}:{}.{rest}",
+                    targets.join(", "),
+                    targets.first().unwrap_or(&"Type")
+                ),
+            )),
+        },
+    }
 }
 
 /// The parameter's values in a resource, as a jsonb array (NULL when none).
