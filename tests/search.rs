@@ -322,7 +322,8 @@ async fn chain_world(server: &TestServer) {
         assert!(status.is_success(), "{body}");
     }
     for (id, patient) in [("o1", "p1"), ("o2", "p2"), ("o3", "p3"), ("o4", "p1")] {
-        let observation = json!({"resourceType": "Observation", "id": id, "status": "final",
+        let status = if id == "o2" { "amended" } else { "final" };
+        let observation = json!({"resourceType": "Observation", "id": id, "status": status,
                                  "code": {"text": "x"}, "subject": {"reference": format!("Patient/{patient}")}});
         let (status, body) = server
             .json(
@@ -455,4 +456,100 @@ async fn a_chain_cannot_read_a_type_its_client_may_not_search() {
             "{outcome}"
         );
     }
+}
+
+#[tokio::test]
+async fn reverse_chains_find_what_is_referred_to() {
+    let server = TestServer::start().await;
+    chain_world(&server).await;
+    for (query, expected) in [
+        (
+            "Patient?_has:Observation:subject:status=amended",
+            vec!["p2"],
+        ),
+        (
+            "Patient?_has:Observation:subject:status=final",
+            vec!["p1", "p3"],
+        ),
+        (
+            "Patient?_has:Observation:patient:status=final,amended",
+            vec!["p1", "p2", "p3"],
+        ),
+        (
+            "Organization?_has:Patient:organization:name=jones",
+            vec!["acme"],
+        ),
+        (
+            "Organization?_has:Patient:organization:_has:Observation:subject:status=amended",
+            vec!["other"],
+        ),
+        ("Patient?_has:Observation:subject:status=cancelled", vec![]),
+    ] {
+        let (status, bundle) = server.get(&format!("/fhir/{query}")).await;
+        assert_eq!(status, StatusCode::OK, "{query}: {bundle}");
+        assert_eq!(ids_of(&bundle), expected, "{query}");
+    }
+    for (query, says) in [
+        (
+            "Patient?_has:Observation:status=final",
+            "write _has:Type:reference:parameter",
+        ),
+        (
+            "Patient?_has:Observation:code:status=final",
+            "no reference parameter 'code'",
+        ),
+        (
+            "Patient?_has:Observation:encounter:status=final",
+            "never refers to a Patient",
+        ),
+    ] {
+        let (status, outcome) = server.get(&format!("/fhir/{query}")).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{query}: {outcome}");
+        assert!(
+            outcome["issue"][0]["diagnostics"]
+                .as_str()
+                .unwrap_or_default()
+                .contains(says),
+            "{query}: {outcome}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn a_reverse_chain_cannot_read_a_type_its_client_may_not_search() {
+    let server = TestServer::start().await;
+    chain_world(&server).await;
+    let (status, body) = server
+        .json(
+            Method::PUT,
+            "/",
+            &json!([
+                {"resourceType": "Client", "id": "pt-reader", "secret": "pw", "grant_types": ["basic"]},
+                {"resourceType": "AccessPolicy", "id": "pt-only", "engine": "matcho",
+                 "matcho": {"request-method": "get", "uri": {"$one-of": ["/fhir/Patient"]}},
+                 "link": [{"resourceType": "Client", "id": "pt-reader"}]},
+            ]),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let get = |path: &str| {
+        server
+            .client
+            .get(server.url(path))
+            .basic_auth("pt-reader", Some("pw"))
+    };
+    let (status, bundle) = server.send(get("/fhir/Patient?name=smith")).await;
+    assert_eq!(status, StatusCode::OK, "its own type: {bundle}");
+    // The attack: learn which patients have an amended Observation.
+    let (status, outcome) = server
+        .send(get("/fhir/Patient?_has:Observation:subject:status=amended"))
+        .await;
+    assert_eq!(status, StatusCode::FORBIDDEN, "{outcome}");
+    assert!(
+        outcome["issue"][0]["diagnostics"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("the search chains through Observation"),
+        "{outcome}"
+    );
 }

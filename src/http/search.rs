@@ -8,8 +8,8 @@
 //! parameter of the type is compiled by [`crate::search`] to one SQL condition. A parameter
 //! the type does not have is answered with 400 (rather than silently ignored, which would
 //! return unfiltered data), unless the client sends `Prefer: handling=lenient`, in which case
-//! it is ignored as FHIR allows; a feature fhirbox does not search yet (`_has`, `_sort`,
-//! `_include`) is a 400 saying so either way. A chain is authorized type by type
+//! it is ignored as FHIR allows; a feature fhirbox does not search yet (`_sort`,
+//! `_include`) is a 400 saying so either way. Chains and `_has` are authorized type by type
 //! ([`authorize_chains`]).
 
 use axum::extract::{Path, RawQuery, State};
@@ -44,12 +44,9 @@ const NOT_YET: &[&str] = &[
     "_sort",
     "_include",
     "_revinclude",
-    "_total",
-    "_summary",
     "_elements",
     "_contained",
     "_containedType",
-    "_has",
     "_list",
     "_text",
     "_content",
@@ -146,8 +143,8 @@ pub async fn search(
     Ok(ctx.reply(StatusCode::OK, &bundle))
 }
 
-/// A chain reads the types it goes through: the subject must be allowed to search each of
-/// them, asked exactly as a `GET` of that type on its own would be (else a client allowed to
+/// A chain (or `_has`) reads the types it goes through: the subject must be allowed to
+/// search each of them, asked exactly as a `GET` of that type on its own would be (else a client allowed to
 /// search Observations could read Patients' names through `subject:Patient.name`).
 async fn authorize_chains(
     state: &AppState,

@@ -8,10 +8,12 @@
 //! `:text`), date (every prefix, the implicit range of each precision on both sides), number,
 //! quantity, reference (`:Type`), uri (`:below`, `:above`), composite (every component on
 //! the same value), and `:missing` on all of them; OR by commas, AND by repetition, FHIR's
-//! escapes; chains (`subject:Patient.name=...`, up to three references deep). Not yet:
-//! special parameters, `_has`, and the other modifiers: each a 400 saying so.
+//! escapes; chains (`subject:Patient.name=...`) and reverse chains (`_has:Observation:
+//! subject:code=...`), up to three references deep. Not yet: special parameters and the
+//! other modifiers: each a 400 saying so.
 
 mod composite;
+mod has;
 mod matchers;
 pub mod query;
 pub mod sql;
@@ -52,6 +54,9 @@ impl SearchError {
 
 /// The R4 search parameter `code` of `type_name` (its own, or a common one such as `_tag`).
 pub fn parameter(type_name: &str, code: &str) -> Option<&'static SearchParam> {
+    if code == "_has" {
+        return Some(&has::HAS);
+    }
     let find = |base: &str| {
         SEARCH_PARAMS
             .binary_search_by(|p| (p.base, p.code).cmp(&(base, code)))
@@ -102,7 +107,7 @@ pub fn condition(
     for (key, value) in pairs {
         let name = key.split(':').next().unwrap_or(key);
         // A chain reads another type, which an export's authorization did not look at.
-        if key.contains('.') {
+        if key.contains('.') || name == "_has" {
             return Err(SearchError::Unsupported(format!(
                 "{key}: chained parameters are not supported yet"
             )));
@@ -122,7 +127,7 @@ pub fn condition(
 /// `type_name`, in order, as far as they can be told (a chain that names no type where it
 /// must is an error when it is compiled). The caller authorizes reading each.
 pub fn chained_types(type_name: &str, key: &str) -> Vec<&'static str> {
-    if !key.contains('.') {
+    if !key.contains('.') && !key.starts_with("_has:") {
         return Vec::new();
     }
     let mut types = Vec::new();
@@ -130,6 +135,15 @@ pub fn chained_types(type_name: &str, key: &str) -> Vec<&'static str> {
     let mut key = key.to_string();
     loop {
         let criterion = Criterion::parse(&key, "");
+        if criterion.name == "_has" {
+            let Ok((rt, _, rest)) = has::parts(&current, &criterion) else {
+                return types;
+            };
+            types.push(rt.name());
+            current = rt.name().to_string();
+            key = rest;
+            continue;
+        }
         let (Some(param), Some(rest)) = (parameter(&current, &criterion.name), criterion.chain)
         else {
             return types;

@@ -64,18 +64,46 @@ pub fn compile(
 }
 
 /// Chains go at most this deep (`subject:Patient.organization.name` is two).
-const MAX_CHAIN: usize = 3;
+pub(super) const MAX_CHAIN: usize = 3;
 
 /// The resource criteria apply to: its type, the Attributes in force for it (known for the
 /// searched type only), its SQL, and how deep in a chain it is.
-struct Level<'a> {
-    rt: ResourceType,
-    attributes: Option<&'a TypeAttributes>,
-    resource: String,
-    depth: usize,
+pub(super) struct Level<'a> {
+    pub(super) rt: ResourceType,
+    pub(super) attributes: Option<&'a TypeAttributes>,
+    pub(super) resource: String,
+    pub(super) depth: usize,
 }
 
-fn conditions_sql(
+/// The values of `param`'s expression in the resource `at` stands for, as a jsonb array.
+pub(super) fn values_in(
+    at: &Level<'_>,
+    param: &SearchParam,
+    counter: &Cell<usize>,
+) -> Result<String, SearchError> {
+    let budget = Budget::new(MAX_SQL, "the search's size");
+    let text_columns = RefCell::new(HashSet::new());
+    let scope = Scope {
+        row: "r",
+        resource: at.rt.name(),
+        constants: &[],
+        attributes: at.attributes,
+        counter,
+        text_columns: &text_columns,
+        budget: &budget,
+        fence: false,
+    };
+    let mut root = Val::new(at.resource.clone(), Shape::One, Ty::Complex(at.rt.name()));
+    root.root = true;
+    let focus = Focus {
+        this: root,
+        row_index: "0".into(),
+    };
+    let criterion = Criterion::parse(param.code, "");
+    values_of(&scope, &focus, &criterion, param)
+}
+
+pub(super) fn conditions_sql(
     at: &Level<'_>,
     criteria: &[(Criterion, &'static SearchParam)],
     base_url: &str,
@@ -102,6 +130,12 @@ fn conditions_sql(
     };
     let mut parts = Vec::new();
     for (criterion, param) in criteria {
+        if param.kind == "has" {
+            parts.push(super::has::has_sql(
+                at, criterion, base_url, binds, counter,
+            )?);
+            continue;
+        }
         let values = values_of(&scope, &focus, criterion, param)?;
         parts.push(match (param.kind, criterion.modifier.as_deref()) {
             _ if criterion.chain.is_some() => {
