@@ -553,3 +553,45 @@ async fn a_reverse_chain_cannot_read_a_type_its_client_may_not_search() {
         "{outcome}"
     );
 }
+
+#[tokio::test]
+async fn elements_keep_what_is_listed_and_say_so() {
+    let server = TestServer::start().await;
+    for id in ["a", "b"] {
+        let body = json!({"resourceType": "Patient", "id": id, "gender": "male",
+                          "birthDate": "1970-01-01", "name": [{"family": "Smith"}]});
+        let (status, outcome) = server
+            .json(Method::PUT, &format!("/fhir/Patient/{id}"), &body)
+            .await;
+        assert!(status.is_success(), "{outcome}");
+    }
+    let (status, bundle) = server
+        .get("/fhir/Patient?_elements=name,Patient.gender&_count=1")
+        .await;
+    assert_eq!(status, StatusCode::OK, "{bundle}");
+    let resource = &bundle["entry"][0]["resource"];
+    let mut keys: Vec<&str> = resource
+        .as_object()
+        .expect("object")
+        .keys()
+        .map(String::as_str)
+        .collect();
+    keys.sort_unstable();
+    assert_eq!(
+        keys,
+        ["gender", "id", "meta", "name", "resourceType"],
+        "{resource}"
+    );
+    assert!(
+        resource["meta"]["tag"].to_string().contains("SUBSETTED"),
+        "{resource}"
+    );
+    let next = bundle["link"]
+        .as_array()
+        .and_then(|links| links.iter().find(|l| l["relation"] == "next"))
+        .and_then(|l| l["url"].as_str())
+        .expect("a next link");
+    assert!(next.contains("_elements="), "{next}");
+    let (status, outcome) = server.get("/fhir/Patient?_elements=Name!").await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{outcome}");
+}

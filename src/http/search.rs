@@ -22,6 +22,7 @@ use super::bundle::Who;
 use super::context::ApiContext;
 use super::error::ApiError;
 use super::AppState;
+use crate::bulk::export::elements::Elements;
 use crate::bulk::params::last_updated;
 use crate::crud;
 use crate::search::{self, Criterion};
@@ -32,7 +33,13 @@ const MAX_COUNT: i64 = 1000;
 
 /// Parameters that control the answer rather than filter it.
 const CONTROL_PARAMETERS: &[&str] = &[
-    "_count", "_cursor", "_format", "_pretty", "_total", "_summary",
+    "_count",
+    "_cursor",
+    "_format",
+    "_pretty",
+    "_total",
+    "_summary",
+    "_elements",
 ];
 
 /// Parameters on the table's own columns.
@@ -44,7 +51,6 @@ const NOT_YET: &[&str] = &[
     "_sort",
     "_include",
     "_revinclude",
-    "_elements",
     "_contained",
     "_containedType",
     "_list",
@@ -98,9 +104,12 @@ pub async fn search(
         lenient,
         &ctx.url(""),
     )?;
-    if let Some(total) = param("_total") {
-        filter_params.push(("_total".into(), total.into()));
+    for name in ["_total", "_elements"] {
+        if let Some(value) = param(name) {
+            filter_params.push((name.into(), value.into()));
+        }
     }
+    let elements = elements(param("_elements"))?;
     let total = match total || summary_count {
         true => Some(crud::count(&state.store, rt, &filter).await?),
         false => None,
@@ -124,9 +133,11 @@ pub async fn search(
     let entries: Vec<Value> = page
         .iter()
         .map(|found| {
+            let mut resource = ctx.outbound(found);
+            elements.subset(rt.name(), &mut resource);
             json!({
                 "fullUrl": ctx.url(&format!("{}/{}", found.resource_type, found.id)),
-                "resource": ctx.outbound(found),
+                "resource": resource,
                 "search": {"mode": "match"},
             })
         })
@@ -177,6 +188,18 @@ async fn authorize_chains(
         }
     }
     Ok(())
+}
+
+/// `_elements=name,Type.name`: the root elements each entry keeps (with `id`, `meta` and the
+/// type's mandatory ones; the resource tagged `SUBSETTED`), as `$export`'s `_elements`.
+fn elements(listed: Option<&str>) -> Result<Elements, ApiError> {
+    let mut elements = Elements::default();
+    for item in listed.into_iter().flat_map(|l| l.split(',')) {
+        elements
+            .add(item.trim())
+            .map_err(|message| ApiError::bad_request(message).with_expression("_elements"))?;
+    }
+    Ok(elements)
 }
 
 /// `_total` (`none`, the default; `estimate` and `accurate` both count exactly) and

@@ -89,13 +89,24 @@ impl Elements {
         for line in batch.split(|b| *b == b'\n').filter(|l| !l.is_empty()) {
             let mut resource: Map<String, Value> =
                 serde_json::from_slice(line).map_err(io::Error::other)?;
-            resource.retain(|key, _| keeps(&kept, key));
-            tag_subsetted(&mut resource);
+            cut(&kept, &mut resource);
             serde_json::to_writer(&mut out, &resource).map_err(io::Error::other)?;
             out.push(b'\n');
         }
         Ok(out.into())
     }
+
+    /// Cuts one resource of `type_name` down to what it keeps (a search's `_elements`).
+    pub fn subset(&self, type_name: &str, resource: &mut Value) {
+        if let (Some(kept), Value::Object(resource)) = (self.kept(type_name), resource) {
+            cut(&kept, resource);
+        }
+    }
+}
+
+fn cut(kept: &BTreeSet<&str>, resource: &mut Map<String, Value>) {
+    resource.retain(|key, _| keeps(kept, key));
+    tag_subsetted(resource);
 }
 
 /// Whether `key` is one of `kept`, or a choice element's typed form of one (`valueQuantity`
