@@ -413,8 +413,14 @@ async fn chains_follow_references_to_the_resources_they_name() {
     assert_eq!(status, StatusCode::BAD_REQUEST);
 }
 
-#[tokio::test]
-async fn a_chain_cannot_read_a_type_its_client_may_not_search() {
+/// The chain world, and a Client whose only AccessPolicy lets it search `path`: a function
+/// that makes its GETs.
+async fn searcher_of(
+    path: &'static str,
+) -> (
+    TestServer,
+    impl Fn(&TestServer, &str) -> reqwest::RequestBuilder,
+) {
     let server = TestServer::start().await;
     chain_world(&server).await;
     let (status, body) = server
@@ -422,31 +428,39 @@ async fn a_chain_cannot_read_a_type_its_client_may_not_search() {
             Method::PUT,
             "/",
             &json!([
-                {"resourceType": "Client", "id": "obs-reader", "secret": "pw", "grant_types": ["basic"]},
-                {"resourceType": "AccessPolicy", "id": "obs-only", "engine": "matcho",
-                 "matcho": {"request-method": "get", "uri": {"$one-of": ["/fhir/Observation"]}},
-                 "link": [{"resourceType": "Client", "id": "obs-reader"}]},
+                {"resourceType": "Client", "id": "searcher", "secret": "pw", "grant_types": ["basic"]},
+                {"resourceType": "AccessPolicy", "id": "search-one-type", "engine": "matcho",
+                 "matcho": {"request-method": "get", "uri": {"$one-of": [path]}},
+                 "link": [{"resourceType": "Client", "id": "searcher"}]},
             ]),
         )
         .await;
     assert_eq!(status, StatusCode::OK, "{body}");
-    let get = |path: &str| {
+    let get = |server: &TestServer, path: &str| {
         server
             .client
             .get(server.url(path))
-            .basic_auth("obs-reader", Some("pw"))
+            .basic_auth("searcher", Some("pw"))
     };
-    let (status, bundle) = server.send(get("/fhir/Observation?code:text=x")).await;
+    (server, get)
+}
+
+#[tokio::test]
+async fn a_chain_cannot_read_a_type_its_client_may_not_search() {
+    let (server, get) = searcher_of("/fhir/Observation").await;
+    let (status, bundle) = server
+        .send(get(&server, "/fhir/Observation?code:text=x"))
+        .await;
     assert_eq!(status, StatusCode::OK, "its own type: {bundle}");
     assert_eq!(ids_of(&bundle).len(), 4);
-    let (status, _) = server.send(get("/fhir/Patient?name=smith")).await;
+    let (status, _) = server.send(get(&server, "/fhir/Patient?name=smith")).await;
     assert_eq!(status, StatusCode::FORBIDDEN, "Patients directly");
     // The attack: learn which patients are called Smith through their Observations.
     for query in [
         "/fhir/Observation?subject:Patient.name=smith",
         "/fhir/Observation?subject:Patient.organization.name=acme",
     ] {
-        let (status, outcome) = server.send(get(query)).await;
+        let (status, outcome) = server.send(get(&server, query)).await;
         assert_eq!(status, StatusCode::FORBIDDEN, "{query}: {outcome}");
         assert!(
             outcome["issue"][0]["diagnostics"]
@@ -517,32 +531,15 @@ async fn reverse_chains_find_what_is_referred_to() {
 
 #[tokio::test]
 async fn a_reverse_chain_cannot_read_a_type_its_client_may_not_search() {
-    let server = TestServer::start().await;
-    chain_world(&server).await;
-    let (status, body) = server
-        .json(
-            Method::PUT,
-            "/",
-            &json!([
-                {"resourceType": "Client", "id": "pt-reader", "secret": "pw", "grant_types": ["basic"]},
-                {"resourceType": "AccessPolicy", "id": "pt-only", "engine": "matcho",
-                 "matcho": {"request-method": "get", "uri": {"$one-of": ["/fhir/Patient"]}},
-                 "link": [{"resourceType": "Client", "id": "pt-reader"}]},
-            ]),
-        )
-        .await;
-    assert_eq!(status, StatusCode::OK, "{body}");
-    let get = |path: &str| {
-        server
-            .client
-            .get(server.url(path))
-            .basic_auth("pt-reader", Some("pw"))
-    };
-    let (status, bundle) = server.send(get("/fhir/Patient?name=smith")).await;
+    let (server, get) = searcher_of("/fhir/Patient").await;
+    let (status, bundle) = server.send(get(&server, "/fhir/Patient?name=smith")).await;
     assert_eq!(status, StatusCode::OK, "its own type: {bundle}");
     // The attack: learn which patients have an amended Observation.
     let (status, outcome) = server
-        .send(get("/fhir/Patient?_has:Observation:subject:status=amended"))
+        .send(get(
+            &server,
+            "/fhir/Patient?_has:Observation:subject:status=amended",
+        ))
         .await;
     assert_eq!(status, StatusCode::FORBIDDEN, "{outcome}");
     assert!(

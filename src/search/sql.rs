@@ -75,30 +75,60 @@ pub(super) struct Level<'a> {
     pub(super) depth: usize,
 }
 
+impl<'a> Level<'a> {
+    /// The resource itself, where its parameters' expressions start.
+    fn focus(&self) -> Focus<'a> {
+        let mut root = Val::new(
+            self.resource.clone(),
+            Shape::One,
+            Ty::Complex(self.rt.name()),
+        );
+        root.root = true;
+        Focus {
+            this: root,
+            row_index: "0".into(),
+        }
+    }
+}
+
+/// What one level's expressions are compiled with: its bound on the SQL, and the
+/// compiler's own bookkeeping.
+struct Frame {
+    budget: Budget,
+    text_columns: RefCell<HashSet<String>>,
+}
+
+impl Frame {
+    fn new() -> Frame {
+        Frame {
+            budget: Budget::new(MAX_SQL, "the search's size"),
+            text_columns: RefCell::new(HashSet::new()),
+        }
+    }
+
+    fn scope<'s>(&'s self, at: &Level<'s>, counter: &'s Cell<usize>) -> Scope<'s, 's> {
+        Scope {
+            row: "r",
+            resource: at.rt.name(),
+            constants: &[],
+            attributes: at.attributes,
+            counter,
+            text_columns: &self.text_columns,
+            budget: &self.budget,
+            fence: false,
+        }
+    }
+}
+
 /// The values of `param`'s expression in the resource `at` stands for, as a jsonb array.
 pub(super) fn values_in(
     at: &Level<'_>,
     param: &SearchParam,
     counter: &Cell<usize>,
 ) -> Result<String, SearchError> {
-    let budget = Budget::new(MAX_SQL, "the search's size");
-    let text_columns = RefCell::new(HashSet::new());
-    let scope = Scope {
-        row: "r",
-        resource: at.rt.name(),
-        constants: &[],
-        attributes: at.attributes,
-        counter,
-        text_columns: &text_columns,
-        budget: &budget,
-        fence: false,
-    };
-    let mut root = Val::new(at.resource.clone(), Shape::One, Ty::Complex(at.rt.name()));
-    root.root = true;
-    let focus = Focus {
-        this: root,
-        row_index: "0".into(),
-    };
+    let frame = Frame::new();
+    let scope = frame.scope(at, counter);
+    let focus = at.focus();
     let criterion = Criterion::parse(param.code, "");
     values_of(&scope, &focus, &criterion, param)
 }
@@ -110,24 +140,9 @@ pub(super) fn conditions_sql(
     binds: &mut Binds,
     counter: &Cell<usize>,
 ) -> Result<String, SearchError> {
-    let budget = Budget::new(MAX_SQL, "the search's size");
-    let text_columns = RefCell::new(HashSet::new());
-    let scope = Scope {
-        row: "r",
-        resource: at.rt.name(),
-        constants: &[],
-        attributes: at.attributes,
-        counter,
-        text_columns: &text_columns,
-        budget: &budget,
-        fence: false,
-    };
-    let mut root = Val::new(at.resource.clone(), Shape::One, Ty::Complex(at.rt.name()));
-    root.root = true;
-    let focus = Focus {
-        this: root,
-        row_index: "0".into(),
-    };
+    let frame = Frame::new();
+    let scope = frame.scope(at, counter);
+    let focus = at.focus();
     let mut parts = Vec::new();
     for (criterion, param) in criteria {
         if param.kind == "has" {
@@ -146,7 +161,7 @@ pub(super) fn conditions_sql(
             }
             _ => criterion_sql(criterion, param, &values, binds, base_url)?,
         });
-        if !budget.spend(parts.last().map_or(0, String::len)) {
+        if !frame.budget.spend(parts.last().map_or(0, String::len)) {
             return Err(SearchError::invalid(
                 &criterion.name,
                 "the search compiles to too much SQL; ask for fewer parameters",
