@@ -196,6 +196,26 @@ pub struct ServeArgs {
     #[arg(long, env = "FHIRBOX_VIEW_MAX_DEPTH", default_value_t = 16)]
     pub view_max_depth: usize,
 
+    /// Entries a search page carries when `_count` does not say.
+    #[arg(long, env = "FHIRBOX_SEARCH_DEFAULT_COUNT", default_value_t = 100)]
+    pub search_default_count: i64,
+
+    /// Most entries a search page carries: a larger `_count` is capped to it.
+    #[arg(long, env = "FHIRBOX_SEARCH_MAX_COUNT", default_value_t = 1000)]
+    pub search_max_count: i64,
+
+    /// Most values (ORed with commas) one search parameter may list.
+    #[arg(long, env = "FHIRBOX_SEARCH_MAX_VALUES", default_value_t = 100)]
+    pub search_max_values: usize,
+
+    /// Most parameters one search may have.
+    #[arg(long, env = "FHIRBOX_SEARCH_MAX_PARAMETERS", default_value_t = 50)]
+    pub search_max_parameters: usize,
+
+    /// Most resources `_include` and `_revinclude` may add to one search page.
+    #[arg(long, env = "FHIRBOX_SEARCH_MAX_INCLUDED", default_value_t = 1000)]
+    pub search_max_included: usize,
+
     /// Most rows one view may output: a run, each view of an export, a materialization.
     #[arg(long, env = "FHIRBOX_VIEW_MAX_ROWS", default_value_t = 100_000_000)]
     pub view_max_rows: u64,

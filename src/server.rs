@@ -291,6 +291,15 @@ async fn serve_with_database(
             views: view_limits(args),
             view_session: view_session(args),
             view_output: OutputBounds::views(args.view_max_rows, args.view_max_bytes),
+            search: crate::search::Limits {
+                default_count: args
+                    .search_default_count
+                    .clamp(0, args.search_max_count.max(1)),
+                max_count: args.search_max_count.max(1),
+                max_values: args.search_max_values.max(1),
+                max_parameters: args.search_max_parameters.max(1),
+                max_included: args.search_max_included,
+            },
             base_url: args.base_url.clone(),
             listen_base: (!bound.ip().is_unspecified()).then(|| {
                 let scheme = if args.tls_cert.is_some() {

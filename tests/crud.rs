@@ -307,10 +307,10 @@ async fn errors_are_operation_outcomes_with_the_right_status() {
             "larger than the limit",
         ),
         (server.request(Method::PATCH, "/Patient/a").json(&patient), StatusCode::METHOD_NOT_ALLOWED, "PATCH is not allowed"),
-        (server.request(Method::DELETE, "/Patient"), StatusCode::METHOD_NOT_ALLOWED, "not allowed"),
+        (server.request(Method::DELETE, "/Patient"), StatusCode::BAD_REQUEST, "a conditional delete without a search"),
         (server.request(Method::GET, "/a/b/c/d/e"), StatusCode::NOT_FOUND, "no route"),
         (server.request(Method::GET, "/Patient?_count=-1"), StatusCode::BAD_REQUEST, "_count must be"),
-        (server.request(Method::GET, "/Patient?shoe-size=x"), StatusCode::BAD_REQUEST, "no search parameter 'shoe-size'"),
+        (server.request(Method::GET, "/Patient?shoe-size=x").header("prefer", "handling=strict"), StatusCode::BAD_REQUEST, "no search parameter 'shoe-size'"),
         (server.request(Method::GET, "/Patient?name:in=x"), StatusCode::BAD_REQUEST, "a modifier not searched yet"),
         (server.request(Method::GET, "/Patient?birthdate=yesterday"), StatusCode::BAD_REQUEST, "not a date"),
         (server.request(Method::GET, "/Patient/a?_format=xml"), StatusCode::BAD_REQUEST, "unsupported _format"),
@@ -421,15 +421,38 @@ async fn search_pages_by_id_with_next_links() {
     assert_eq!(pages, 3);
     assert_eq!(seen, ["p0", "p1", "p2", "p3", "p4", "p5", "p6"]);
 
-    let (status, lenient) = server
+    // Unknown parameters are ignored by default (and with `handling=lenient`), and the
+    // Bundle says so in an OperationOutcome entry; `handling=strict` refuses them.
+    for prefer in [None, Some("handling=lenient")] {
+        let mut request = server.request(Method::GET, "/Patient?shoe-size=x&_count=1");
+        if let Some(prefer) = prefer {
+            request = request.header("prefer", prefer);
+        }
+        let (status, lenient) = server.send(request).await;
+        assert_eq!(status, StatusCode::OK);
+        let entries = lenient["entry"].as_array().cloned().unwrap_or_default();
+        let modes: Vec<&str> = entries
+            .iter()
+            .filter_map(|e| e["search"]["mode"].as_str())
+            .collect();
+        assert_eq!(modes, ["match", "outcome"], "{lenient}");
+        let issue = &entries[1]["resource"]["issue"][0];
+        assert_eq!(issue["expression"][0], "shoe-size", "{lenient}");
+        assert_eq!(issue["severity"], "warning", "{lenient}");
+        let next = lenient["link"][1]["url"].as_str().unwrap_or_default();
+        assert!(
+            !next.contains("shoe-size"),
+            "ignored, so not in the links: {next}"
+        );
+    }
+    let (status, strict) = server
         .send(
             server
-                .request(Method::GET, "/Patient?shoe-size=x&_count=1")
-                .header("prefer", "handling=lenient"),
+                .request(Method::GET, "/Patient?shoe-size=x")
+                .header("prefer", "handling=strict"),
         )
         .await;
-    assert_eq!(status, StatusCode::OK);
-    assert_eq!(lenient["entry"].as_array().map(Vec::len), Some(1));
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{strict}");
 }
 
 #[tokio::test]

@@ -476,7 +476,13 @@ async fn groups_are_found_by_identifier_and_filters_are_discoverable() {
         .get("/fhir/Group?identifier=https://example.org/cohorts%7Cother")
         .await;
     assert!(none["entry"].as_array().is_none_or(Vec::is_empty), "{none}");
-    let (status, body) = server.get("/fhir/Group?shoe-size=x").await;
+    let (status, body) = server
+        .send(
+            server
+                .request(Method::GET, "/fhir/Group?shoe-size=x")
+                .header("prefer", "handling=strict"),
+        )
+        .await;
     assert_eq!(status, StatusCode::BAD_REQUEST);
     assert!(
         diagnostics(&body).contains("no search parameter 'shoe-size'"),

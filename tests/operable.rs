@@ -67,7 +67,9 @@ async fn the_json_log_has_a_line_per_request_and_per_bulk_operation_and_no_secre
         .expect("sent")
         .status();
     assert_eq!(status, StatusCode::CREATED);
+    // Refused (strict handling), so that the failure is logged too: without its query.
     let leaky = as_root(&server, Method::GET, "/Patient?access_token=shh")
+        .header("prefer", "handling=strict")
         .send()
         .await
         .expect("sent");

@@ -158,6 +158,9 @@ fn scope_refusal(
     let (on, needs): (Option<ResourceType>, &[Interaction]) = match (route, method) {
         ("/{type}", "GET") => (rt, &[Search]),
         ("/{type}", "POST") => (rt, &[Create]),
+        // Conditional writes; their search is authorized by their handler, as a search.
+        ("/{type}", "PUT") => (rt, &[Create, Update]),
+        ("/{type}", "DELETE") => (rt, &[Delete]),
         ("/{type}/{id}", "GET") | ("/{type}/{id}/_history" | "/{type}/{id}/_history/{vid}", _) => {
             (rt, &[Read])
         }

@@ -49,6 +49,7 @@ struct Model {
     defined_elsewhere: BTreeMap<String, String>,
     /// Root elements with `min` of at least 1, by resource type (from the snapshots).
     mandatory: BTreeMap<String, BTreeSet<String>>,
+    summary: BTreeMap<String, BTreeSet<String>>,
 }
 
 impl Model {
@@ -66,6 +67,7 @@ impl Model {
             repeating: serde_json::from_value(load("path2Repeating.json")?)?,
             defined_elsewhere: serde_json::from_value(load("pathsDefinedElsewhere.json")?)?,
             mandatory: BTreeMap::new(),
+            summary: BTreeMap::new(),
         })
     }
 
@@ -101,12 +103,21 @@ impl Model {
                 let pristine = self.path_to_type.contains_key(path)
                     || self.choice_paths.contains_key(path.trim_end_matches("[x]"));
                 if let Some((base, name)) = path.split_once('.') {
-                    if !name.contains('.') && element["min"].as_u64().unwrap_or(0) >= 1 && pristine
-                    {
+                    let name = name.trim_end_matches("[x]").to_string();
+                    if name.contains('.') || !pristine {
+                        continue;
+                    }
+                    if element["min"].as_u64().unwrap_or(0) >= 1 {
                         self.mandatory
                             .entry(base.to_string())
                             .or_default()
-                            .insert(name.trim_end_matches("[x]").to_string());
+                            .insert(name.clone());
+                    }
+                    if element["isSummary"] == true {
+                        self.summary
+                            .entry(base.to_string())
+                            .or_default()
+                            .insert(name);
                     }
                 }
             }
@@ -251,6 +262,20 @@ fn render(model: &Model) -> Result<String> {
         "pub static MANDATORY_ELEMENTS: &[(&str, &[&str])] = &["
     )?;
     for (base, names) in &model.mandatory {
+        if resources.contains(&base.as_str()) {
+            let names: Vec<String> = names.iter().cloned().collect();
+            writeln!(out, "    ({base:?}, &[{}]),", quoted_list(&names))?;
+        }
+    }
+    writeln!(out, "];")?;
+    writeln!(out)?;
+    writeln!(
+        out,
+        "/// The summary root elements (`isSummary`, what `_summary=true` keeps) of each resource"
+    )?;
+    writeln!(out, "/// type; a choice element by its name without `[x]`.")?;
+    writeln!(out, "pub static SUMMARY_ELEMENTS: &[(&str, &[&str])] = &[")?;
+    for (base, names) in &model.summary {
         if resources.contains(&base.as_str()) {
             let names: Vec<String> = names.iter().cloned().collect();
             writeln!(out, "    ({base:?}, &[{}]),", quoted_list(&names))?;
@@ -502,6 +527,21 @@ impl SearchModel {
             }
             let paths: Vec<String> = paths.into_iter().collect();
             writeln!(out, "    ({base:?}, &[{}]),", quoted_list(&paths))?;
+        }
+        writeln!(out, "];")?;
+        writeln!(out)?;
+        writeln!(
+            out,
+            "/// The Patient compartment's search parameters per member type, as the"
+        )?;
+        writeln!(out, "/// CompartmentDefinition names them (`{{def}}`: the Patient itself): what a compartment")?;
+        writeln!(out, "/// search (`GET /Patient/[id]/[type]`) ORs.")?;
+        writeln!(
+            out,
+            "pub static PATIENT_COMPARTMENT_PARAMS: &[(&str, &[&str])] = &["
+        )?;
+        for (base, codes) in &self.compartment {
+            writeln!(out, "    ({base:?}, &[{}]),", quoted_list(codes))?;
         }
         writeln!(out, "];")?;
         writeln!(out)?;

@@ -10,10 +10,12 @@ use super::access::{entry_object, Asked, Granted};
 use super::body::Document;
 use super::context::{etag, status_line, version_path, ApiContext};
 use super::error::ApiError;
+use super::search::conditional_filter;
 use super::AppState;
 use crate::auth::access::{Ask, Denied};
 use crate::auth::Subject;
 use crate::bundle::{self, Inbound};
+use crate::crud;
 use crate::format::{Api, FormatError};
 use crate::resource::format_instant;
 use crate::resource_type::ResourceType;
@@ -69,18 +71,43 @@ pub async fn post_bundle(
         keep_post_ids: ctx.api == Api::Native,
     };
     let parsed = bundle::parse(bundle)?;
-    let mut refused = Vec::with_capacity(parsed.entries.len());
+    let mut facts = Vec::with_capacity(parsed.entries.len());
     for entry in &parsed.entries {
-        refused.push(match bundle::entry_request(entry) {
-            Some((method, rt, id)) => {
-                let body = entry.resource.as_ref().unwrap_or(&Value::Null);
-                who.refusal(&state, &ctx, method, rt, id.as_deref(), body)
-                    .await?
+        let Some(request) = bundle::entry_request(entry) else {
+            facts.push(bundle::Facts::default());
+            continue;
+        };
+        let body = entry.resource.as_ref().unwrap_or(&Value::Null);
+        let refused = who
+            .refusal(
+                &state,
+                &ctx,
+                request.method,
+                request.rt,
+                request.id.as_deref(),
+                body,
+            )
+            .await?;
+        // A conditional entry also searches: authorized and compiled as that search.
+        let search = match (&refused, &request.search) {
+            (None, Some(query)) => {
+                match conditional_filter(&state, &ctx, &who, request.rt, query).await {
+                    Ok(filter) => Some(Ok(filter)),
+                    Err(error) if error.status == StatusCode::FORBIDDEN => {
+                        facts.push(bundle::Facts {
+                            refused: Some(error.message),
+                            search: None,
+                        });
+                        continue;
+                    }
+                    Err(error) => Some(Err(crud::CrudError::invalid(error.message))),
+                }
             }
-            None => None,
-        });
+            _ => None,
+        };
+        facts.push(bundle::Facts { refused, search });
     }
-    let (kind, results) = bundle::process(&state.store, parsed, inbound, refused).await?;
+    let (kind, results) = bundle::process(&state.store, parsed, inbound, facts).await?;
     let entries: Vec<Value> = results
         .into_iter()
         .enumerate()

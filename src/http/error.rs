@@ -21,7 +21,7 @@ use crate::bulk::source::SourceError;
 use crate::bundle::BundleError;
 use crate::crud::CrudError;
 use crate::format::FormatError;
-use crate::search::SearchError;
+use crate::search::{RunError, SearchError};
 use crate::store::dump_sql::QueryError;
 use crate::store::StoreError;
 use crate::views::ViewError;
@@ -251,6 +251,10 @@ impl From<CrudError> for ApiError {
             }
             CrudError::Store(store) => store.into(),
             CrudError::Format(format) => format.into(),
+            CrudError::Search(search) => search.into(),
+            CrudError::PreconditionFailed(_) => {
+                ApiError::new(StatusCode::PRECONDITION_FAILED, "multiple-matches", message)
+            }
         }
     }
 }
@@ -448,6 +452,15 @@ impl From<ViewError> for ApiError {
             ViewError::Limit(_) => ApiError::bad_request(error.to_string()),
             ViewError::Query(query) => query.into(),
             ViewError::Store(store) => store.into(),
+        }
+    }
+}
+
+impl From<RunError> for ApiError {
+    fn from(error: RunError) -> ApiError {
+        match error {
+            RunError::Search(error) => error.into(),
+            RunError::Store(error) => error.into(),
         }
     }
 }

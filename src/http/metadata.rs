@@ -41,6 +41,47 @@ fn type_operations(type_name: &str) -> Vec<Value> {
     }
 }
 
+/// What a parameter of each type takes besides its values (`:missing`, and OR/AND, always).
+fn modifiers(kind: &str) -> &'static str {
+    match kind {
+        "string" => "modifiers :exact, :contains, :missing; _sort",
+        "token" => {
+            "forms code, system|code, |code, system|; modifiers :not, :text, :missing; _sort"
+        }
+        "date" => "prefixes eq ne gt lt ge le sa eb ap; modifier :missing; _sort",
+        "number" | "quantity" => "prefixes eq ne gt lt ge le sa eb ap; modifier :missing; _sort",
+        "reference" => {
+            "Type/id, id or an absolute URL on this server; modifiers :[type], :missing; \
+             chains (param:Type.param) and _has; _sort"
+        }
+        "uri" => "modifiers :below, :above, :missing; _sort",
+        "composite" => "components joined by $",
+        _ => "modifier :missing",
+    }
+}
+
+/// `searchInclude` (`Type:param` for each reference parameter of the type, and `Type:*`)
+/// and `searchRevInclude` (every `Source:param` that can refer to the type).
+fn includes(type_name: &str) -> (Vec<String>, Vec<String>) {
+    let references = || {
+        crate::fhir::r4::SEARCH_PARAMS
+            .iter()
+            .filter(|p| p.kind == "reference" && !p.expression.is_empty())
+    };
+    let mut includes: Vec<String> = references()
+        .filter(|p| p.base == type_name)
+        .map(|p| format!("{}:{}", p.base, p.code))
+        .collect();
+    if !includes.is_empty() {
+        includes.push(format!("{type_name}:*"));
+    }
+    let revincludes = references()
+        .filter(|p| p.targets.contains(&type_name) && ResourceType::parse(p.base).is_some())
+        .map(|p| format!("{}:{}", p.base, p.code))
+        .collect();
+    (includes, revincludes)
+}
+
 pub async fn capability_statement(ctx: ApiContext) -> Response {
     ctx.reply(StatusCode::OK, &statement(&ctx))
 }
@@ -63,17 +104,27 @@ fn statement(ctx: &ApiContext) -> Value {
                        "definition": "http://hl7.org/fhir/SearchParameter/Resource-lastUpdated",
                        "documentation": TYPE_FILTER_TOO}),
                 json!({"name": "_count", "type": "number",
-                       "documentation": "page size (default 100, at most 1000)"}),
+                       "documentation": "page size (default 100, at most 1000, both flags); also \
+                       _sort, _include, _revinclude (:iterate), _total, _summary, _elements, \
+                       _compartment=Patient/[id] (what GET /Patient/[id]/[type] searches)"}),
             ];
             search_params.extend(crate::search::searchable(rt.name()).map(|param| {
-                json!({"name": param.code, "type": param.kind, "documentation": TYPE_FILTER_TOO})
+                json!({"name": param.code, "type": param.kind,
+                       "definition": format!("http://hl7.org/fhir/SearchParameter/{}-{}", param.base, param.code),
+                       "documentation": format!("{}; {TYPE_FILTER_TOO}", modifiers(param.kind))})
             }));
+            let (includes, revincludes) = includes(rt.name());
             let mut resource = json!({
                 "type": rt.name(),
                 "interaction": interactions,
                 "versioning": "versioned",
                 "readHistory": true,
                 "updateCreate": true,
+                "conditionalCreate": true,
+                "conditionalUpdate": true,
+                "conditionalDelete": "single",
+                "searchInclude": includes,
+                "searchRevInclude": revincludes,
                 "searchParam": search_params,
             });
             let operations = type_operations(rt.name());

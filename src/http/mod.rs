@@ -31,6 +31,7 @@ pub mod log;
 mod metadata;
 pub mod normalize;
 mod search;
+mod search_forms;
 pub mod serve;
 mod smart;
 mod view_export;
@@ -91,6 +92,8 @@ pub struct Settings {
     /// What a `$materialize` may take on the database server (`--sql-timeout`,
     /// `--sql-temp-file-bytes`, `--sql-work-mem`).
     pub view_session: crate::store::session::SessionLimits,
+    /// What one search may ask for (`--search-*`).
+    pub search: crate::search::Limits,
     /// Public base URL for links; `None`: from the request's `Host`.
     pub base_url: Option<String>,
     /// Without `base_url`, the URL of the address fhirbox listens on, when that is one
@@ -102,6 +105,7 @@ pub struct Settings {
 
 /// The application: router, auth and path normalization, ready to serve.
 pub fn app(state: AppState) -> Router {
+    let max_body = state.settings.max_body_bytes;
     let router = routes()
         .layer(middleware::from_fn_with_state(
             state.clone(),
@@ -112,6 +116,10 @@ pub fn app(state: AppState) -> Router {
     // its own, so its layer runs first and the inner router routes the normalized path.
     Router::new()
         .fallback_service(router)
+        .layer(middleware::from_fn_with_state(
+            max_body,
+            search_forms::rewrite,
+        ))
         .layer(middleware::from_fn(normalize::normalize_path))
         .layer(middleware::from_fn(log::log_requests))
 }
@@ -170,7 +178,13 @@ fn no_such_job(matched: &str, id: &str, name: &str) -> ApiError {
 fn routes() -> Router<AppState> {
     let resources = || {
         Router::new()
-            .route("/{type}", get(search::search).post(crud::create))
+            .route(
+                "/{type}",
+                get(search::search)
+                    .post(crud::create)
+                    .put(crud::update_where)
+                    .delete(crud::delete_where),
+            )
             .route(
                 "/{type}/{id}",
                 get(crud::read).put(crud::update).delete(crud::delete),

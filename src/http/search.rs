@@ -1,16 +1,15 @@
-//! `GET /[type]`: a `searchset` Bundle of the type's current resources matching the search,
-//! ordered by id, in pages of `_count` (default [`DEFAULT_COUNT`]; more than [`MAX_COUNT`] is
-//! capped to it) with a `next` link.
+//! `GET /[type]` (and `POST /[type]/_search`, `GET /Patient/[id]/[type]`, both turned into
+//! it before routing, see `normalize`): a `searchset` Bundle of the type's current resources
+//! matching the search.
 //!
-//! Paging is by key (`_cursor` = the last id of the previous page), so a page never repeats or
-//! skips a resource because others were written meanwhile, and a deep page costs what the first
-//! does. `_id` and `_lastUpdated` filter the table's own columns; every other R4 search
-//! parameter of the type is compiled by [`crate::search`] to one SQL condition. A parameter
-//! the type does not have is answered with 400 (rather than silently ignored, which would
-//! return unfiltered data), unless the client sends `Prefer: handling=lenient`, in which case
-//! it is ignored as FHIR allows; a feature fhirbox does not search yet (`_sort`,
-//! `_include`) is a 400 saying so either way. Chains and `_has` are authorized type by type
-//! ([`authorize_chains`]).
+//! [`crate::search`] reads the query into a plan and runs it (filter, `_sort`, keyset pages,
+//! `_include`); this handler authorizes the other types the search reads (each as a search
+//! of that type on its own would be), and writes the Bundle: the matches, shaped by
+//! `_elements`/`_summary`, what was included, and an OperationOutcome entry saying what was
+//! ignored or left out. Unknown parameters are ignored and said so (FHIR's default,
+//! `Prefer: handling=lenient`) or refused with `Prefer: handling=strict`.
+
+use std::collections::HashSet;
 
 use axum::extract::{Path, RawQuery, State};
 use axum::http::{HeaderMap, StatusCode};
@@ -23,46 +22,10 @@ use super::context::ApiContext;
 use super::error::ApiError;
 use super::AppState;
 use crate::bulk::export::elements::Elements;
-use crate::bulk::params::last_updated;
 use crate::crud;
-use crate::search::{self, Criterion};
-use crate::store::resources::PageFilter;
-
-const DEFAULT_COUNT: i64 = 100;
-const MAX_COUNT: i64 = 1000;
-
-/// Parameters that control the answer rather than filter it.
-const CONTROL_PARAMETERS: &[&str] = &[
-    "_count",
-    "_cursor",
-    "_format",
-    "_pretty",
-    "_total",
-    "_summary",
-    "_elements",
-];
-
-/// Parameters on the table's own columns.
-const COLUMN_PARAMETERS: &[&str] = &["_id", "_lastUpdated"];
-
-/// Result parameters and features FHIR defines that fhirbox does not apply yet: refused,
-/// never ignored.
-const NOT_YET: &[&str] = &[
-    "_sort",
-    "_include",
-    "_revinclude",
-    "_contained",
-    "_containedType",
-    "_list",
-    "_text",
-    "_content",
-    "_query",
-    "_filter",
-];
-
-/// Values (ORed) one parameter may list, and parameters one search may have.
-const MAX_VALUES: usize = 100;
-const MAX_CRITERIA: usize = 50;
+use crate::resource::StoredResource;
+use crate::resource_type::ResourceType;
+use crate::search::{self, Plan};
 
 pub async fn search(
     State(state): State<AppState>,
@@ -74,94 +37,64 @@ pub async fn search(
 ) -> Result<Response, ApiError> {
     let rt = crud::resource_type(&type_name)?;
     let params = form_urlencoded_pairs(query.as_deref().unwrap_or_default());
-    authorize_chains(&state, &ctx, &who, rt, &params).await?;
-    let lenient = prefers(&headers, "handling=lenient");
     let param = |name: &str| {
         params
             .iter()
             .find(|(n, _)| n == name)
             .map(|(_, v)| v.as_str())
     };
-    let count = match param("_count") {
-        None => DEFAULT_COUNT,
-        // Above the maximum is the maximum (clients ask for thousands by default).
-        Some(text) => match text.parse::<i64>() {
-            Ok(n) if n >= 0 => n.min(MAX_COUNT),
-            _ => {
-                return Err(ApiError::bad_request(format!(
-                    "_count must be a whole number (at most {MAX_COUNT} are sent), not '{text}'"
-                ))
-                .with_expression("_count"))
-            }
-        },
-    };
-    let (total, summary_count) = totals(param("_total"), param("_summary"))?;
+    let shape = Shape::of(rt, param("_elements"), param("_summary"))?;
     let converter = state.formats.converter().await?;
-    let (filter, mut filter_params) = page_filter(
+    let limits = &state.settings.search;
+    let plan = Plan::parse(
         rt,
         converter.rules().for_type(rt.name()),
         &params,
-        lenient,
+        prefers(&headers, "handling=strict"),
         &ctx.url(""),
+        limits,
     )?;
-    for name in ["_total", "_elements"] {
-        if let Some(value) = param(name) {
-            filter_params.push((name.into(), value.into()));
-        }
+    authorize_chains(&state, &ctx, &who, rt, &params).await?;
+    let readable = readable(&state, &ctx, &who, &plan).await?;
+    let page = search::run::run(&state.store, &plan, &readable, limits).await?;
+    let link = |cursor: Option<&str>| page_url(&ctx, &type_name, &plan, cursor);
+    let mut links = vec![json!({"relation": "self", "url": link(None)})];
+    if let Some(next) = &page.next {
+        links.push(json!({"relation": "next", "url": link(Some(next))}));
     }
-    let elements = elements(param("_elements"))?;
-    let total = match total || summary_count {
-        true => Some(crud::count(&state.store, rt, &filter).await?),
-        false => None,
-    };
-    if summary_count {
-        let bundle = json!({
-            "resourceType": "Bundle",
-            "type": "searchset",
-            "total": total,
-            "link": [{"relation": "self", "url": ctx.url(&format!("{type_name}?{}", query.as_deref().unwrap_or_default()))}],
-        });
-        return Ok(ctx.reply(StatusCode::OK, &bundle));
-    }
-    let after = param("_cursor");
-    let (page, more) = crud::page(&state.store, rt, &filter, after, count).await?;
-    let url = |after: Option<&str>| page_url(&ctx, &type_name, &filter_params, count, after);
-    let mut links = vec![json!({"relation": "self", "url": url(after)})];
-    if let (true, Some(last)) = (more, page.last()) {
-        links.push(json!({"relation": "next", "url": url(Some(&last.id))}));
-    }
-    let entries: Vec<Value> = page
-        .iter()
-        .map(|found| {
-            let mut resource = ctx.outbound(found);
-            elements.subset(rt.name(), &mut resource);
-            json!({
-                "fullUrl": ctx.url(&format!("{}/{}", found.resource_type, found.id)),
-                "resource": resource,
-                "search": {"mode": "match"},
-            })
+    let entry = |found: &StoredResource, mode: &str| {
+        let mut resource = ctx.outbound(found);
+        shape.apply(found.resource_type.name(), &mut resource);
+        json!({
+            "fullUrl": ctx.url(&format!("{}/{}", found.resource_type, found.id)),
+            "resource": resource,
+            "search": {"mode": mode},
         })
-        .collect();
-    let mut bundle = json!({
-        "resourceType": "Bundle",
-        "type": "searchset",
-        "link": links,
-        "entry": entries,
-    });
-    if let Some(total) = total {
+    };
+    let mut entries: Vec<Value> = page.matches.iter().map(|r| entry(r, "match")).collect();
+    entries.extend(page.included.iter().map(|r| entry(r, "include")));
+    if let Some(outcome) = outcome(&plan.ignored, &page.notes) {
+        entries.push(json!({"resource": outcome, "search": {"mode": "outcome"}}));
+    }
+    let mut bundle = json!({"resourceType": "Bundle", "type": "searchset", "link": links});
+    if let Some(total) = page.total {
         bundle["total"] = json!(total);
+    }
+    if !plan.count_only {
+        bundle["entry"] = Value::Array(entries);
     }
     Ok(ctx.reply(StatusCode::OK, &bundle))
 }
 
 /// A chain (or `_has`) reads the types it goes through: the subject must be allowed to
-/// search each of them, asked exactly as a `GET` of that type on its own would be (else a client allowed to
-/// search Observations could read Patients' names through `subject:Patient.name`).
+/// search each of them, asked exactly as a `GET` of that type on its own would be (else a
+/// client allowed to search Observations could read Patients' names through
+/// `subject:Patient.name`).
 async fn authorize_chains(
     state: &AppState,
     ctx: &ApiContext,
     who: &Who,
-    rt: crate::resource_type::ResourceType,
+    rt: ResourceType,
     params: &[(String, String)],
 ) -> Result<(), ApiError> {
     let mut types: Vec<&str> = params
@@ -171,7 +104,7 @@ async fn authorize_chains(
     types.sort_unstable();
     types.dedup();
     for name in types {
-        let Some(target) = crate::resource_type::ResourceType::parse(name) else {
+        let Some(target) = ResourceType::parse(name) else {
             continue;
         };
         if let Some(reason) = who
@@ -190,147 +123,145 @@ async fn authorize_chains(
     Ok(())
 }
 
-/// `_elements=name,Type.name`: the root elements each entry keeps (with `id`, `meta` and the
-/// type's mandatory ones; the resource tagged `SUBSETTED`), as `$export`'s `_elements`.
-fn elements(listed: Option<&str>) -> Result<Elements, ApiError> {
-    let mut elements = Elements::default();
-    for item in listed.into_iter().flat_map(|l| l.split(',')) {
-        elements
-            .add(item.trim())
-            .map_err(|message| ApiError::bad_request(message).with_expression("_elements"))?;
-    }
-    Ok(elements)
-}
-
-/// `_total` (`none`, the default; `estimate` and `accurate` both count exactly) and
-/// `_summary` (`count`: the total alone; `false`: as without it): whether to count, and
-/// whether to answer with the count only.
-fn totals(total: Option<&str>, summary: Option<&str>) -> Result<(bool, bool), ApiError> {
-    let count = match total {
-        None | Some("none") => false,
-        Some("estimate" | "accurate") => true,
-        Some(other) => {
-            return Err(ApiError::bad_request(format!(
-                "_total is none, estimate or accurate, not '{other}'"
-            ))
-            .with_expression("_total"))
-        }
-    };
-    let only = match summary {
-        None | Some("false") => false,
-        Some("count") => true,
-        Some(other) => {
-            return Err(ApiError::new(
-                StatusCode::BAD_REQUEST,
-                "not-supported",
-                format!("_summary={other} is not supported yet (count and false are)"),
-            )
-            .with_expression("_summary"))
-        }
-    };
-    Ok((count, only))
-}
-
-/// The `_id` and `_lastUpdated` conditions and the compiled criteria, and the parameters
-/// that say them (for links).
-fn page_filter(
-    rt: crate::resource_type::ResourceType,
-    attributes: Option<&crate::format::attributes::TypeAttributes>,
-    params: &[(String, String)],
-    lenient: bool,
-    base_url: &str,
-) -> Result<(PageFilter, Vec<(String, String)>), ApiError> {
-    let mut filter = PageFilter::default();
-    let mut said = Vec::new();
-    let mut criteria = Vec::new();
-    for (key, value) in params {
-        let name = key.split(['.', ':']).next().unwrap_or(key);
-        match name {
-            _ if CONTROL_PARAMETERS.contains(&key.as_str()) => continue,
-            "_id" if key == name => {
-                let ids: Vec<String> = value.split(',').map(str::to_string).collect();
-                // Repeated `_id`s must all hold: keep the ids in both lists.
-                filter.ids = Some(match filter.ids.take() {
-                    Some(before) => before.into_iter().filter(|id| ids.contains(id)).collect(),
-                    None => ids,
-                });
-            }
-            "_lastUpdated" if key == name => {
-                let (from, to) = last_updated(value).map_err(|message| {
-                    ApiError::bad_request(message).with_expression("_lastUpdated")
-                })?;
-                if let Some(from) = from {
-                    filter.updated_from = Some(filter.updated_from.map_or(from, |f| f.max(from)));
-                }
-                if let Some(to) = to {
-                    filter.updated_before = Some(filter.updated_before.map_or(to, |t| t.min(to)));
-                }
-            }
-            _ if NOT_YET.contains(&name) => {
-                return Err(ApiError::new(
-                    StatusCode::BAD_REQUEST,
-                    "not-supported",
-                    format!("{key}: this parameter is not supported yet"),
-                )
-                .with_expression(key.clone()));
-            }
-            _ => match search::parameter(rt.name(), name) {
-                Some(definition) if !COLUMN_PARAMETERS.contains(&name) => {
-                    let criterion = Criterion::parse(key, value);
-                    if criterion.values.len() > MAX_VALUES {
-                        return Err(ApiError::bad_request(format!(
-                            "{key} lists {} values; at most {MAX_VALUES} are allowed",
-                            criterion.values.len()
-                        ))
-                        .with_expression(key.clone()));
-                    }
-                    criteria.push((criterion, definition));
-                }
-                _ if lenient => continue,
-                _ => {
-                    return Err(ApiError::bad_request(format!(
-                        "{} has no search parameter '{name}' in FHIR R4; send 'Prefer: \
-                         handling=lenient' to ignore unknown parameters",
-                        rt.name()
-                    ))
-                    .with_expression(key.clone()))
-                }
-            },
-        }
-        said.push((key.clone(), value.clone()));
-    }
-    if criteria.len() > MAX_CRITERIA {
-        return Err(ApiError::bad_request(format!(
-            "the search has {} parameters; at most {MAX_CRITERIA} are allowed",
-            criteria.len()
-        )));
-    }
-    if !criteria.is_empty() {
-        filter.condition = Some(search::sql::compile(
-            rt,
-            attributes,
-            &criteria,
-            "r.resource",
-            base_url,
-        )?);
-    }
-    Ok((filter, said))
-}
-
-fn page_url(
+/// A conditional write's search: the subject must be allowed to search the type (and what
+/// the search chains through), asked as that `GET` on its own would be; then its filter.
+pub(super) async fn conditional_filter(
+    state: &AppState,
     ctx: &ApiContext,
-    type_name: &str,
-    filter_params: &[(String, String)],
-    count: i64,
-    after: Option<&str>,
-) -> String {
+    who: &Who,
+    rt: ResourceType,
+    query: &str,
+) -> Result<crate::store::search::PageFilter, ApiError> {
+    if let Some(reason) = who
+        .refusal(state, ctx, "GET", rt, None, &Value::Null)
+        .await?
+    {
+        return Err(ApiError::new(
+            StatusCode::FORBIDDEN,
+            "forbidden",
+            format!("a conditional write searches {rt}, which may not be searched here: {reason}"),
+        ));
+    }
+    let params = form_urlencoded_pairs(query);
+    authorize_chains(state, ctx, who, rt, &params).await?;
+    let converter = state.formats.converter().await?;
+    Ok(Plan::filter_only(
+        rt,
+        converter.rules().for_type(rt.name()),
+        &params,
+        &ctx.url(""),
+        &state.settings.search,
+    )?)
+}
+
+/// The types the plan's includes may read that the subject may search (asked as a `GET` of
+/// the type on its own); the others are left out of the page, which says so.
+async fn readable(
+    state: &AppState,
+    ctx: &ApiContext,
+    who: &Who,
+    plan: &Plan,
+) -> Result<HashSet<ResourceType>, ApiError> {
+    let mut types: Vec<ResourceType> = plan.includes.iter().flat_map(|i| i.reads()).collect();
+    types.sort_by_key(|t| t.name());
+    types.dedup();
+    let mut readable = HashSet::new();
+    for rt in types {
+        if who
+            .refusal(state, ctx, "GET", rt, None, &Value::Null)
+            .await?
+            .is_none()
+        {
+            readable.insert(rt);
+        }
+    }
+    Ok(readable)
+}
+
+/// How each entry's resource is shaped: `_elements`, or `_summary` (`true`: the summary
+/// elements; `text`: the narrative and the mandatory elements; `data`: all but the
+/// narrative; `false` and `count`: as stored).
+enum Shape {
+    Whole,
+    Elements(Elements),
+    Summary(&'static str),
+}
+
+impl Shape {
+    fn of(
+        rt: ResourceType,
+        elements: Option<&str>,
+        summary: Option<&str>,
+    ) -> Result<Shape, ApiError> {
+        match (elements, summary) {
+            (Some(_), Some(s)) if s != "false" && s != "count" => Err(ApiError::bad_request(
+                "_elements and _summary cannot be used together",
+            )
+            .with_expression("_summary")),
+            (Some(listed), _) => {
+                let mut elements = Elements::default();
+                for item in listed.split(',') {
+                    elements.add(item.trim()).map_err(|message| {
+                        ApiError::bad_request(message).with_expression("_elements")
+                    })?;
+                }
+                Ok(Shape::Elements(elements))
+            }
+            (None, None | Some("false" | "count")) => Ok(Shape::Whole),
+            (None, Some(s @ ("true" | "text" | "data"))) if rt.is_fhir() => {
+                Ok(Shape::Summary(match s {
+                    "true" => "true",
+                    "text" => "text",
+                    _ => "data",
+                }))
+            }
+            (None, Some(other)) => Err(ApiError::bad_request(format!(
+                "_summary is true, text, data, count or false, not '{other}'"
+            ))
+            .with_expression("_summary")),
+        }
+    }
+
+    fn apply(&self, type_name: &str, resource: &mut Value) {
+        match self {
+            Shape::Whole => {}
+            Shape::Elements(elements) => elements.subset(type_name, resource),
+            Shape::Summary(mode) => {
+                crate::bulk::export::elements::summary(type_name, mode, resource)
+            }
+        }
+    }
+}
+
+/// The OperationOutcome entry of a page: the parameters ignored and what includes left out.
+fn outcome(ignored: &[String], notes: &[String]) -> Option<Value> {
+    let mut issues: Vec<Value> = ignored
+        .iter()
+        .map(|key| {
+            json!({
+                "severity": "warning",
+                "code": "not-supported",
+                "diagnostics": format!("{key}: not a search parameter of this type; ignored \
+                    (send 'Prefer: handling=strict' to have it refused)"),
+                "expression": [key],
+            })
+        })
+        .collect();
+    issues.extend(notes.iter().map(
+        |note| json!({"severity": "information", "code": "informational", "diagnostics": note}),
+    ));
+    (!issues.is_empty()).then(|| json!({"resourceType": "OperationOutcome", "issue": issues}))
+}
+
+/// The URL of this search (`cursor`: of the page after it).
+fn page_url(ctx: &ApiContext, type_name: &str, plan: &Plan, cursor: Option<&str>) -> String {
     let mut query = form_urlencoded::Serializer::new(String::new());
-    for (name, value) in filter_params {
+    for (name, value) in plan.said.iter().filter(|(n, _)| n != "_count") {
         query.append_pair(name, value);
     }
-    query.append_pair("_count", &count.to_string());
-    if let Some(after) = after {
-        query.append_pair("_cursor", after);
+    query.append_pair("_count", &plan.count.to_string());
+    if let Some(cursor) = cursor {
+        query.append_pair("_cursor", cursor);
     }
     ctx.url(&format!("{type_name}?{}", query.finish()))
 }

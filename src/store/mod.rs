@@ -25,6 +25,7 @@ pub mod replicas;
 pub mod resources;
 pub mod roles;
 pub mod schema;
+pub mod search;
 pub mod search_functions;
 pub mod session;
 pub mod socket;

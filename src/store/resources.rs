@@ -1,4 +1,4 @@
-//! Resource versions: create, update, delete, read, history and paging.
+//! Resource versions: create, update, delete, read and history (searches: [`super::search`]).
 //!
 //! Writes run inside a caller's transaction, so that a bundle or `PUT /` commits all of its
 //! writes or none. Concurrent writers of one resource serialize on its row lock
@@ -16,7 +16,7 @@ use crate::resource_type::ResourceType;
 use super::{GenericClient, StoreError, Tx};
 
 /// The columns every read selects, in the order [`from_row`] expects.
-const COLUMNS: &str = "id, txid, cts, ts, status, resource";
+pub(super) const COLUMNS: &str = "id, txid, cts, ts, status, resource";
 
 /// What a read by id found.
 #[derive(Debug)]
@@ -27,7 +27,7 @@ pub enum Lookup {
     Missing,
 }
 
-fn from_row(rt: ResourceType, row: &Row) -> StoredResource {
+pub(super) fn from_row(rt: ResourceType, row: &Row) -> StoredResource {
     let body: Value = row.get(5);
     StoredResource {
         resource_type: rt,
@@ -216,95 +216,6 @@ pub async fn version(
     let statement = client.prepare_cached(&sql).await?;
     let row = client.query_opt(&statement, &[&id, &txid]).await?;
     Ok(row.map(|row| from_row(rt, &row)))
-}
-
-/// What a search page is filtered by (`_id`, `_lastUpdated`, token parameters); `None`: no
-/// condition.
-#[derive(Debug, Default, Clone)]
-pub struct PageFilter {
-    pub ids: Option<Vec<String>>,
-    pub updated_from: Option<chrono::DateTime<chrono::Utc>>,
-    pub updated_before: Option<chrono::DateTime<chrono::Utc>>,
-    /// The search's other criteria, compiled by `search` to one condition on `r.resource`.
-    pub condition: Option<super::condition::Condition>,
-}
-
-type Param<'a> = &'a (dyn tokio_postgres::types::ToSql + Sync);
-
-/// The filter as SQL on `r` (and the table's own columns), its values appended to `params`
-/// (numbered after what is there already): bind parameters only.
-fn filter_sql<'a>(filter: &'a PageFilter, params: &mut Vec<Param<'a>>) -> String {
-    let n = params.len();
-    let mut sql = format!(
-        "(${a}::text[] IS NULL OR id = ANY(${a}))
-            AND (${b}::timestamptz IS NULL OR ts >= ${b})
-            AND (${c}::timestamptz IS NULL OR ts < ${c})",
-        a = n + 1,
-        b = n + 2,
-        c = n + 3
-    );
-    params.extend([
-        &filter.ids as Param<'a>,
-        &filter.updated_from,
-        &filter.updated_before,
-    ]);
-    if let Some(condition) = &filter.condition {
-        let first = params.len() + 1;
-        let rendered = condition.render(|i| format!("${}", first + i));
-        sql.push_str(&format!(" AND ({rendered})"));
-        params.extend(condition.binds.iter().map(|b| b as Param<'a>));
-    }
-    sql
-}
-
-/// Prepares a statement; those with search conditions vary with the request: not worth
-/// caching (and the cache must not grow with what clients send).
-async fn prepare(
-    client: &impl GenericClient,
-    filter: &PageFilter,
-    sql: &str,
-) -> Result<tokio_postgres::Statement, StoreError> {
-    Ok(if filter.condition.is_none() {
-        client.prepare_cached(sql).await?
-    } else {
-        client.prepare(sql).await?
-    })
-}
-
-/// A page of current resources ordered by id, starting after `after` (keyset paging: stable
-/// while other clients write, and an index range scan however deep the page). Fetches `limit`
-/// rows.
-pub async fn page(
-    client: &impl GenericClient,
-    rt: ResourceType,
-    filter: &PageFilter,
-    after: Option<&str>,
-    limit: i64,
-) -> Result<Vec<StoredResource>, StoreError> {
-    // Ids are never empty, so '' starts before the first one.
-    let after = after.unwrap_or("");
-    let mut params: Vec<Param<'_>> = vec![&after, &limit];
-    let condition = filter_sql(filter, &mut params);
-    let sql = format!(
-        "SELECT {COLUMNS} FROM {} AS r WHERE id > $1 AND {condition} ORDER BY id LIMIT $2",
-        rt.table()
-    );
-    let statement = prepare(client, filter, &sql).await?;
-    let rows = client.query(&statement, &params).await?;
-    Ok(rows.iter().map(|row| from_row(rt, row)).collect())
-}
-
-/// How many current resources match the filter (a search's `_total=accurate`).
-pub async fn count(
-    client: &impl GenericClient,
-    rt: ResourceType,
-    filter: &PageFilter,
-) -> Result<i64, StoreError> {
-    let mut params: Vec<Param<'_>> = Vec::new();
-    let condition = filter_sql(filter, &mut params);
-    let sql = format!("SELECT count(*) FROM {} AS r WHERE {condition}", rt.table());
-    let statement = prepare(client, filter, &sql).await?;
-    Ok(client.query_one(&statement, &params).await?.get(0))
 }
 
 /// Creates or replaces a resource without keeping the replaced version: for server-managed

@@ -65,6 +65,8 @@ $fn$;
 -- covers: '2013' is the whole year, '2013-01-14T10:00:00+01:00' that second. Without a
 -- time zone, UTC. No row for text that is not a date (or names a day that does not exist).
 -- Plain SQL, so that PostgreSQL inlines it; CASE keeps make_* from seeing invalid fields.
+-- `OFFSET 0` keeps `base` a subquery of its own, computed once: pulled up, it would be
+-- computed again for each use (5x slower for `high`, which the sort keys and prefixes use).
 CREATE OR REPLACE FUNCTION fhirbox_search_instant_range(t text, OUT low timestamptz, OUT high timestamptz) RETURNS SETOF record
 LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $fn$
   SELECT v.base,
@@ -88,7 +90,7 @@ LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $fn$
                     WHEN coalesce(f.h, 0) > 23 OR coalesce(f.mi, 0) > 59 OR f.s > 59 THEN NULL
                     ELSE make_timestamptz(f.y, coalesce(f.mo, 1), coalesce(f.d, 1), coalesce(f.h, 0),
                                           coalesce(f.mi, 0), f.s + coalesce(f.frac, '0')::numeric::double precision, f.zone)
-                  END AS base) AS v
+                  END AS base OFFSET 0) AS v
    WHERE v.base IS NOT NULL
 $fn$;
 

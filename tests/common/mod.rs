@@ -9,6 +9,7 @@ pub mod fixtures;
 pub mod keys;
 pub mod process;
 pub mod s3;
+pub mod search;
 pub mod smart;
 pub mod standby;
 
@@ -495,6 +496,7 @@ pub fn test_settings(database: &str) -> AppSettings {
             views: Default::default(),
             view_session: view_session(),
             view_output: Default::default(),
+            search: Default::default(),
             base_url: None,
             listen_base: None,
             connections: fhirbox::http::serve::ConnectionSettings::default(),

@@ -3,7 +3,8 @@
 
 Computes, from the R4 specification (https://hl7.org/fhir/R4/search.html), the official R4
 SearchParameter definitions and the data alone, which resources a FHIR search must return, so that a
-server's answers can be compared with it. It shares no code with the server.
+server's answers can be compared with it, and, for _sort and _include/_revinclude, their order and the
+resources the includes bring in. It shares no code with the server.
 
     python oracle.py --data DIR --params search-parameters.json.gz --queries queries.tsv
     python oracle.py --self-test
@@ -14,6 +15,7 @@ than guess. See README.md beside this file for the rules and the decisions taken
 """
 
 import argparse
+import functools
 import glob
 import gzip
 import json
@@ -685,6 +687,7 @@ def parts_for_type(sp, rtype):
 # --------------------------------------------------------------------------------------------------
 # Data, parameters, evaluation
 
+# Refused by eval_param. _sort, _include and _revinclude never reach it: search() handles them.
 RESULT_PARAMS = {"_count", "_sort", "_include", "_revinclude", "_summary", "_elements", "_total", "_format",
                  "_contained", "_containedType", "_pretty", "_type", "_since", "_at", "_list", "_text",
                  "_content", "_query", "_filter", "_has", "_outputFormat", "_page", "_offset"}
@@ -706,6 +709,7 @@ class Registry:
             bundle = json.load(f)
         self.by_base = {}
         self.by_url = {}
+        self.codes_by_base = {}
         for e in bundle.get("entry", []):
             r = e.get("resource", {})
             if r.get("resourceType") != "SearchParameter":
@@ -715,6 +719,7 @@ class Registry:
                 self.by_url[url] = r
             for b in r.get("base", []):
                 self.by_base[(b, r["code"])] = r
+                self.codes_by_base.setdefault(b, set()).add(r["code"])
 
     def lookup(self, rtype, code):
         for b in (rtype, "DomainResource", "Resource"):
@@ -722,6 +727,13 @@ class Registry:
             if sp is not None:
                 return sp
         return None
+
+    def codes(self, rtype):
+        """The codes of every parameter that lookup(rtype, code) finds."""
+        out = set()
+        for b in (rtype, "DomainResource", "Resource"):
+            out |= self.codes_by_base.get(b, set())
+        return out
 
 
 def load_data(directory, last_updated):
@@ -748,7 +760,7 @@ SYSTEM_TYPE_NAMES = {"System.String": "string", "System.Boolean": "boolean", "Sy
 
 
 class Evaluator:
-    def __init__(self, data, registry):
+    def __init__(self, data, registry, last_updated="file"):
         import fhirpathpy
         from fhirpathpy.engine.nodes import ResourceNode
         from fhirpathpy.models import models
@@ -757,6 +769,8 @@ class Evaluator:
         self.model = models["r4"]
         self.data = data
         self.registry = registry
+        self.last_updated = last_updated    # "now", "file" or an instant: how meta.lastUpdated was set
+        self.index = {t: {r["id"]: i for i, r in enumerate(rs)} for t, rs in data.items()}
         self.cache = {}
         self.compiled = {}
         t2p = self.model["type2Parent"]
@@ -986,20 +1000,275 @@ def eval_param(ev, rtype, name, raw_value, now_ns):
     return result
 
 
-def run_query(ev, query, now_ns):
+# --------------------------------------------------------------------------------------------------
+# _sort (search.html#sort). R4 leaves the order of a resource with several values to the server; the
+# oracle applies the server's documented order, stated in README.md: one sort value per resource and
+# key (the minimum ascending, the maximum descending), resources without a value last in both
+# directions, then the next key, then the id.
+
+def sort_fold(s):
+    """The fold used to sort strings: NFD, U+0300..U+036F dropped, then lower()."""
+    s = unicodedata.normalize("NFD", s)
+    return "".join(c for c in s if not 0x300 <= ord(c) <= 0x36F).lower()
+
+
+SORT_TYPES = {"string", "token", "date", "number", "quantity", "reference", "uri"}
+
+
+def sort_check_type(sptype, ftype):
+    if sptype == "string":
+        string_parts(ftype, {})  # raises when unsupported
+        return
+    ok = {"token": SYSTEM_TYPES | SYSTEMLESS_TYPES,
+          "date": DATE_PRIMITIVES | {"Period", "Timing"},
+          "number": NUMBER_TYPES,
+          "quantity": QUANTITY_TYPES,
+          "reference": {"Reference"},
+          "uri": URI_TYPES}[sptype]
+    if ftype not in ok:
+        raise Unsupported("_sort on a %s parameter with a %s value" % (sptype, ftype))
+
+
+def sort_candidates(sptype, values, descending):
+    """Everything one resource's values offer for one sort key; its sort value is their min or max."""
+    out = []
+    for ftype, data in values:
+        if sptype == "string":
+            out.extend(sort_fold(s) for s in string_parts(ftype, data))
+        elif sptype == "token":
+            if ftype in SYSTEM_TYPES:
+                out.extend(c for _, c in token_codings(ftype, data) if isinstance(c, str))
+            else:
+                c = token_plain(ftype, data)
+                if isinstance(c, str):
+                    out.append(c)
+        elif sptype == "date":
+            # ascending: the lowest start; descending: the highest end
+            out.extend(hi if descending else lo for lo, hi in date_ranges(ftype, data))
+        elif sptype == "number":
+            d = as_decimal(data)
+            if d is not None:
+                out.append(d)
+        elif sptype == "quantity":
+            d = as_decimal(data.get("value"))
+            if d is not None:
+                out.append(d)
+        elif sptype == "reference":
+            ref = data.get("reference")
+            if isinstance(ref, str):
+                p = parse_stored_reference(ref)
+                out.append("%s/%s" % (p[1], p[2]) if p[0] == "local" else ref)
+        elif sptype == "uri":
+            if isinstance(data, str):
+                out.append(data)
+        else:
+            raise AssertionError(sptype)
+    return out
+
+
+def sort_value(sptype, values, descending):
+    """The one value a resource sorts by for one key, or None when it has none."""
+    c = sort_candidates(sptype, values, descending)
+    if not c:
+        return None
+    return max(c) if descending else min(c)
+
+
+def parse_sort(ev, rtype, raws):
+    """[(code, SearchParameter, descending)] of the _sort parameter's values."""
+    if len(raws) > 1:
+        raise Unsupported("_sort given more than once")
+    keys = []
+    for k in raws[0].split(","):
+        desc = k.startswith("-")
+        code = k[1:] if desc else k
+        if code == "":
+            raise Unsupported("empty _sort key")
+        sp = ev.registry.lookup(rtype, code)
+        if sp is None:
+            raise Unsupported("_sort on unknown parameter %r for %s" % (code, rtype))
+        if sp["type"] not in SORT_TYPES:
+            raise Unsupported("_sort on a %s parameter (%r)" % (sp["type"], code))
+        if code == "_lastUpdated" and ev.last_updated == "now":
+            raise Unsupported("_sort=_lastUpdated with --last-updated now: the order depends on when the "
+                              "server stamped each resource")
+        keys.append((code, sp, desc))
+    return keys
+
+
+def sort_compare(columns, ids, a, b):
+    """cmp of resources a and b (indices): key by key, no value last, then the id."""
+    for col, desc in columns:
+        va, vb = col[a], col[b]
+        if va is None or vb is None:
+            if va is None and vb is None:
+                continue
+            return 1 if va is None else -1
+        if va != vb:
+            r = -1 if va < vb else 1
+            return -r if desc else r
+    return (ids[a] > ids[b]) - (ids[a] < ids[b])
+
+
+def sort_order(ev, rtype, selected, keys):
+    rs = ev.data.get(rtype, [])
+    ids = [r["id"] for r in rs]
+    columns = []
+    for _, sp, desc in keys:
+        vals, types = ev.param_values(rtype, sp)
+        for t in sorted(types):
+            sort_check_type(sp["type"], t)
+        columns.append(({i: sort_value(sp["type"], vals[i], desc) for i in selected}, desc))
+    order = sorted(selected, key=functools.cmp_to_key(lambda a, b: sort_compare(columns, ids, a, b)))
+    return [ids[i] for i in order]
+
+
+# --------------------------------------------------------------------------------------------------
+# _include and _revinclude (search.html#include), over all the matches.
+
+INCLUDE_NAMES = {"_include": (False, False), "_include:iterate": (False, True),
+                 "_revinclude": (True, False), "_revinclude:iterate": (True, True)}
+MAX_INCLUDE_ROUNDS = 4   # the first round and at most 3 :iterate rounds
+
+
+def parse_include(ev, name, raw):
+    """(reverse, iterate, Source, [SearchParameter], Target or None) of one _include/_revinclude."""
+    if name not in INCLUDE_NAMES:
+        raise Unsupported("%r is not supported (only _include, _revinclude and their :iterate)" % name)
+    rev, iterate = INCLUDE_NAMES[name]
+    parts = raw.split(":")
+    if len(parts) not in (2, 3) or not all(parts):
+        raise Unsupported("%s value %r is not Source:param[:Target]" % (name, raw))
+    source, code = parts[0], parts[1]
+    target = parts[2] if len(parts) == 3 else None
+    if source not in ev.resource_types:
+        raise Unsupported("%s: unknown resource type %r" % (name, source))
+    if target is not None and target not in ev.resource_types:
+        raise Unsupported("%s: unknown target type %r" % (name, target))
+    if code == "*":
+        if target is not None:
+            raise Unsupported("%s: Source:*:Target" % name)
+        sps = [ev.registry.lookup(source, c) for c in sorted(ev.registry.codes(source))]
+        sps = [sp for sp in sps if sp["type"] == "reference"]
+    else:
+        sp = ev.registry.lookup(source, code)
+        if sp is None:
+            raise Unsupported("%s: unknown parameter %r for %s" % (name, code, source))
+        if sp["type"] != "reference":
+            raise Unsupported("%s: %s:%s is a %s parameter, not a reference"
+                              % (name, source, code, sp["type"]))
+        if target is not None and target not in sp.get("target", []):
+            raise Unsupported("%s: %s is not a target of %s:%s" % (name, target, source, code))
+        sps = [sp]
+    return rev, iterate, source, sps, target
+
+
+def reference_index(ev, rtype, sp):
+    """Per resource of rtype, the relative (Type, id) its parameter sp references (after the resolve
+    filter), and the reverse map (Type, id) -> indices. Absolute, contained and urn: references are
+    left out: they bring nothing in. Cached."""
+    key = ("refs", rtype, sp["code"])
+    if key not in ev.cache:
+        vals, types = ev.param_values(rtype, sp)
+        for t in sorted(types):
+            if t != "Reference":
+                raise Unsupported("include through %s:%s, which has a %s value" % (rtype, sp["code"], t))
+        fwd, back = [], {}
+        for i, vs in enumerate(vals):
+            refs = []
+            for _, data in vs:
+                ref = data.get("reference")
+                if isinstance(ref, str):
+                    p = parse_stored_reference(ref)
+                    if p[0] == "local":
+                        refs.append((p[1], p[2]))
+                        back.setdefault((p[1], p[2]), set()).add(i)
+            fwd.append(refs)
+        ev.cache[key] = (fwd, back)
+    return ev.cache[key]
+
+
+def apply_includes(ev, incs, frontier):
+    """The (Type, id) that the includes bring in from the resources of frontier (a set of (Type, id))."""
+    out = set()
+    for rev, _, source, sps, target in incs:
+        for sp in sps:
+            fwd, back = reference_index(ev, source, sp)
+            if rev:
+                for t, i in frontier:
+                    if target is None or t == target:
+                        out.update((source, ev.data[source][j]["id"]) for j in back.get((t, i), ()))
+            else:
+                idx = ev.index.get(source, {})
+                for t, i in frontier:
+                    if t != source:
+                        continue
+                    for tt, ti in fwd[idx[i]]:
+                        if (target is None or tt == target) and ti in ev.index.get(tt, {}):
+                            out.add((tt, ti))
+    return out
+
+
+def include_closure(ev, matches, incs):
+    """Sorted "Type/id" of the resources that are not matches and that the includes bring in: all of
+    them on the matches, then the :iterate ones on what the previous round added, until nothing is
+    new (refused if a round beyond MAX_INCLUDE_ROUNDS would still add something)."""
+    known = set(matches)
+    new = apply_includes(ev, incs, known) - known
+    included = set(new)
+    known |= new
+    iterates = [inc for inc in incs if inc[1]]
+    rounds = 1
+    while iterates and new:
+        new = apply_includes(ev, iterates, new) - known
+        if not new:
+            break
+        rounds += 1
+        if rounds > MAX_INCLUDE_ROUNDS:
+            raise Unsupported(":iterate still adds resources after %d rounds" % MAX_INCLUDE_ROUNDS)
+        included |= new
+        known |= new
+    return sorted("%s/%s" % x for x in included)
+
+
+# --------------------------------------------------------------------------------------------------
+# Queries
+
+def search(ev, query, now_ns):
+    """The answer's fields: "ids" (sorted), and "ordered" with _sort, "included" with includes."""
     rtype, _, qs = query.partition("?")
     if rtype not in ev.resource_types:
         raise Unsupported("unknown resource type %r" % rtype)
     n = len(ev.data.get(rtype, []))
     selected = set(range(n))
+    sorts, incs = [], []
     for piece in qs.split("&"):
         if piece == "":
             continue
         if "=" not in piece:
             raise Unsupported("parameter without '=': %r" % piece)
         name, _, value = piece.partition("=")
-        selected &= eval_param(ev, rtype, unquote_plus(name), unquote_plus(value), now_ns)
-    return sorted(ev.data[rtype][i]["id"] for i in selected) if n else []
+        name, value = unquote_plus(name), unquote_plus(value)
+        code = name.partition(":")[0]
+        if code == "_sort":
+            if name != code:
+                raise Unsupported("modifier on _sort: %r" % name)
+            sorts.append(value)
+        elif code in ("_include", "_revinclude"):
+            incs.append(parse_include(ev, name, value))
+        else:
+            selected &= eval_param(ev, rtype, name, value, now_ns)
+    rs = ev.data.get(rtype, [])
+    out = {"ids": sorted(rs[i]["id"] for i in selected)}
+    if sorts:
+        out["ordered"] = sort_order(ev, rtype, selected, parse_sort(ev, rtype, sorts))
+    if incs:
+        out["included"] = include_closure(ev, {(rtype, rs[i]["id"]) for i in selected}, incs)
+    return out
+
+
+def run_query(ev, query, now_ns):
+    return search(ev, query, now_ns)["ids"]
 
 
 DEFAULT_PARAMS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "fhir-r4",
@@ -1033,7 +1302,8 @@ def main(argv=None):
     if lu is not None:
         date_range(lu)
     data = load_data(args.data, lu)
-    ev = Evaluator(data, Registry(args.params))
+    ev = Evaluator(data, Registry(args.params),
+                   last_updated="now" if args.last_updated == "now" else "file" if lu is None else lu)
     out = sys.stdout
     with open(args.queries, encoding="utf-8") as f:
         for line in f:
@@ -1045,7 +1315,7 @@ def main(argv=None):
                 query = line
             query = query.strip()
             try:
-                obj = {"query": query, "ids": run_query(ev, query, now_ns)}
+                obj = dict({"query": query}, **search(ev, query, now_ns))
             except Unsupported as e:
                 obj = {"query": query, "error": str(e)}
             out.write(json.dumps(obj) + "\n")
@@ -1226,6 +1496,41 @@ def self_test(params_path):
     check("uri above", UriMatcher("http://acme.org/fhir/ValueSet/123/_history/5", "above")(u), True)
     check("uri not prefix", UriMatcher("http://acme.org/fhir/", "")(u), False)
 
+    # _sort: one value per resource and key, missing last, then the id
+    check("sort fold", sort_fold("María Ñandú"), "maria nandu")
+    check("sort fold lower not casefold", sort_fold("Straße"), "straße")
+    hn = ("HumanName", {"family": "Zed", "given": ["Ámy", "bob"], "prefix": ["Mr."]})
+    check("sort string asc", sort_value("string", [hn], False), "amy")
+    check("sort string desc", sort_value("string", [hn], True), "zed")
+    check("sort token cc", sort_value("token", [cc, ("Coding", {"code": "1"})], False), "1")
+    check("sort token desc", sort_value("token", [cc, ("Coding", {"code": "1"})], True), "8302-2")
+    check("sort token no code", sort_value("token", [("Coding", {"display": "x"})], False), None)
+    check("sort token boolean", sort_value("token", [("boolean", True)], False), "true")
+    check("sort token identifier", sort_value("token", [("Identifier", {"system": "s", "value": "v"})], False), "v")
+    day1, day2 = date_range("2013-01-01"), date_range("2013-01-02")
+    check("sort date asc lo", sort_value("date", [("date", "2013-01-02"), ("date", "2013-01-01")], False), day1[0])
+    check("sort date desc hi", sort_value("date", [("date", "2013-01-02"), ("date", "2013-01-01")], True), day2[1])
+    check("sort date year vs day desc", sort_value("date", [("date", "2013")], True) >
+          sort_value("date", [("date", "2013-12-31")], True), False)
+    check("sort period open start", sort_value("date", [("Period", {"end": "2013"})], False), -INF)
+    check("sort period open end", sort_value("date", [("Period", {"start": "2013"})], True), INF)
+    check("sort period empty", sort_value("date", [("Period", {})], False), None)
+    check("sort number", sort_value("number", [("decimal", Decimal("2.50")), ("integer", 3)], False), Decimal("2.5"))
+    check("sort quantity", sort_value("quantity", [q], True), Decimal("181.2"))
+    check("sort ref history", sort_value("reference", [("Reference", {"reference": "Patient/1/_history/2"})], False),
+          "Patient/1")
+    check("sort ref absolute", sort_value("reference", [("Reference", {"reference": "http://h/Patient/1"})], False),
+          "http://h/Patient/1")
+    check("sort ref no reference", sort_value("reference", [("Reference", {"display": "x"})], False), None)
+    cols = [({0: None, 1: "b", 2: "a", 3: "b"}, False)]
+    ids4 = ["w", "z", "y", "x"]
+    order4 = lambda cs: [ids4[i] for i in sorted(range(4), key=functools.cmp_to_key(
+        lambda a, b: sort_compare(cs, ids4, a, b)))]
+    check("sort asc, missing last, ties by id", order4(cols), ["y", "x", "z", "w"])
+    check("sort desc, missing last", order4([(cols[0][0], True)]), ["x", "z", "y", "w"])
+    check("sort second key", order4([(cols[0][0], True), ({0: 1, 1: 1, 2: 1, 3: 2}, True)]), ["x", "z", "y", "w"])
+    raises("sort composite type", lambda: sort_check_type("quantity", "Range"))
+
     # expressions
     check("split", split_top_level("A.b | (A.c as X) | B.d.where(x='|')"), ["A.b", "(A.c as X)", "B.d.where(x='|')"])
     check("rewrite as", rewrite_part("(Observation.value as Quantity)"), ("(Observation.value.ofType(Quantity))", None))
@@ -1261,8 +1566,21 @@ def self_test(params_path):
                            {"code": {"coding": [{"system": loinc, "code": "8462-4"}]}, "valueQuantity": q("90")}]},
             {"resourceType": "Observation", "id": "o3", "status": "final",
              "code": {"coding": [{"system": loinc, "code": "8302-2"}]}, "subject": {"reference": "Patient/p2"},
-             "effectiveDateTime": "2013-01-31T12:00:00Z"},
+             "effectiveDateTime": "2013-01-31T12:00:00Z", "encounter": {"reference": "http://h/fhir/Encounter/e2"}},
+            {"resourceType": "Patient", "id": "p3"},
+            {"resourceType": "Organization", "id": "org1"},
         ]
+        resources[2]["encounter"] = {"reference": "Encounter/e1"}
+        resources[3]["encounter"] = {"reference": "#nothing"}
+        # a chain of Encounters: e1 -> e2 -> ... -> e6 through partOf
+        for k in range(1, 7):
+            e = {"resourceType": "Encounter", "id": "e%d" % k, "status": "finished",
+                 "class": {"code": "AMB"}, "subject": {"reference": "Patient/p%d" % (2 - k % 2)}}
+            if k < 6:
+                e["partOf"] = {"reference": "Encounter/e%d/_history/1" % (k + 1)}
+            if k == 1:
+                e["serviceProvider"] = {"reference": "Organization/org1"}
+            resources.append(e)
         data = {}
         for r in resources:
             r.setdefault("meta", {})["lastUpdated"] = "2020-01-01T00:00:00.000Z"
@@ -1309,6 +1627,81 @@ def self_test(params_path):
                 got = "error: %s" % e
             if got != want:
                 failures.append("%s: got %r, want %r" % (query, got, want))
+
+        # (query, field of the answer, want); want None: refused
+        field_cases = [
+            ("Patient?_sort=family", "ordered", ["p2", "p1", "p3"]),          # mull < muller; no name last
+            ("Patient?_sort=-family", "ordered", ["p1", "p2", "p3"]),
+            ("Patient?_sort=given", "ordered", ["p1", "p2", "p3"]),
+            ("Patient?_sort=birthdate", "ordered", ["p1", "p2", "p3"]),       # 1970 starts first
+            ("Patient?_sort=-birthdate", "ordered", ["p1", "p2", "p3"]),      # and ends last
+            ("Patient?_sort=_lastUpdated", "ordered", ["p1", "p2", "p3"]),    # all equal: by id
+            ("Patient?family=mull&_sort=-_id", "ordered", ["p2", "p1"]),
+            ("Patient?family=mull&_sort=-_id", "ids", ["p1", "p2"]),
+            ("Observation?_sort=date", "ordered", ["o2", "o3", "o1"]),
+            ("Observation?_sort=-date", "ordered", ["o2", "o1", "o3"]),       # o2's period has no end
+            ("Observation?_sort=value-quantity", "ordered", ["o1", "o2", "o3"]),
+            ("Observation?_sort=-value-quantity", "ordered", ["o1", "o2", "o3"]),
+            ("Observation?_sort=subject", "ordered", ["o2", "o1", "o3"]),     # Group/g1 < Patient/p1
+            ("Observation?_sort=patient,-_id", "ordered", ["o1", "o3", "o2"]),
+            ("Observation?_sort=-patient,-_id", "ordered", ["o3", "o1", "o2"]),
+            ("Observation?_sort=status,-_id", "ordered", ["o3", "o2", "o1"]),
+            ("Observation?_sort=-code", "ordered", ["o2", "o1", "o3"]),
+            ("Observation?_sort=code-value-quantity", "ordered", None),
+            ("Observation?_sort=foo", "ordered", None),
+            ("Patient?_sort=", "ordered", None),
+            ("Patient?_sort=family&_sort=given", "ordered", None),
+            ("Patient?_sort:asc=family", "ordered", None),
+            ("Observation?_include=Observation:encounter", "included", ["Encounter/e1"]),
+            ("Observation?_include=Observation:subject", "included", ["Patient/p1", "Patient/p2"]),
+            ("Observation?_include=Observation:subject:Group", "included", []),   # Group/g1 is not in the data
+            ("Observation?code=8480-6&_include=Observation:patient", "included", ["Patient/p1"]),
+            ("Observation?_include=Patient:link", "included", []),
+            ("Patient?_id=p1&_revinclude=Observation:subject", "included", ["Observation/o1"]),
+            ("Patient?_revinclude=Observation:patient&_revinclude=Encounter:subject:Patient", "included",
+             ["Encounter/e1", "Encounter/e2", "Encounter/e3", "Encounter/e4", "Encounter/e5", "Encounter/e6",
+              "Observation/o1", "Observation/o3"]),
+            ("Patient?_id=p1&_revinclude=Encounter:subject:Group", "included", []),
+            ("Encounter?_id=e1&_include=Encounter:part-of", "included", ["Encounter/e2"]),
+            ("Encounter?_id=e1,e2&_include=Encounter:part-of", "included", ["Encounter/e3"]),
+            ("Encounter?_id=e1&_include=Encounter:*", "included", ["Encounter/e2", "Organization/org1", "Patient/p1"]),
+            ("Encounter?_id=e2&_include:iterate=Encounter:part-of", "included",
+             ["Encounter/e3", "Encounter/e4", "Encounter/e5", "Encounter/e6"]),
+            ("Encounter?_id=e1&_include:iterate=Encounter:part-of", "included", None),   # a 5th round
+            ("Encounter?_id=e5&_revinclude:iterate=Encounter:part-of", "included",
+             ["Encounter/e1", "Encounter/e2", "Encounter/e3", "Encounter/e4"]),
+            ("Encounter?_id=e6&_revinclude:iterate=Encounter:part-of", "included", None),
+            ("Encounter?_id=e6&_revinclude=Encounter:part-of", "included", ["Encounter/e5"]),
+            ("Observation?_id=o1&_include=Observation:encounter&_include:iterate=Encounter:service-provider",
+             "included", ["Encounter/e1", "Organization/org1"]),
+            ("Observation?_id=o1&_include=Observation:encounter&_include=Encounter:service-provider",
+             "included", ["Encounter/e1"]),
+            ("Patient?_id=p1&_revinclude=Observation:subject&_include=Observation:encounter", "included",
+             ["Observation/o1"]),
+            ("Patient?_id=p1&_revinclude=Observation:subject&_include:iterate=Observation:encounter", "included",
+             ["Encounter/e1", "Observation/o1"]),
+            ("Patient?_id=p1&_revinclude=Observation:subject&_sort=family", "ordered", ["p1"]),
+            ("Observation?_include=Observation:code", "included", None),
+            ("Observation?_include=Observation:foo", "included", None),
+            ("Observation?_include=Observation:subject:Practitioner", "included", None),
+            ("Observation?_include=Observation", "included", None),
+            ("Observation?_include:recurse=Observation:subject", "included", None),
+            ("Observation?_include=Foo:subject", "included", None),
+        ]
+        for query, field, want in field_cases:
+            count[0] += 1
+            try:
+                got = search(ev, query, now_ns).get(field, "no field %r" % field)
+            except Unsupported:
+                got = None
+            if got != want:
+                failures.append("%s [%s]: got %r, want %r" % (query, field, got, want))
+        count[0] += 1
+        try:
+            search(Evaluator(data, ev.registry, last_updated="now"), "Patient?_sort=-_lastUpdated", now_ns)
+            failures.append("_sort=-_lastUpdated with --last-updated now: did not refuse")
+        except Unsupported:
+            pass
 
     for f in failures:
         print("FAIL " + f)

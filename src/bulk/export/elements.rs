@@ -14,7 +14,7 @@ use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Map, Value};
 
-use crate::fhir::r4::MANDATORY_ELEMENTS;
+use crate::fhir::r4::{MANDATORY_ELEMENTS, SUMMARY_ELEMENTS};
 use crate::resource_type::ResourceType;
 
 /// The tag of a subsetted resource (FHIR's `SUBSETTED`).
@@ -102,6 +102,37 @@ impl Elements {
             cut(&kept, resource);
         }
     }
+}
+
+/// `_summary` of a search: `true` keeps the type's summary elements (`isSummary`), `text`
+/// the narrative and the mandatory elements, `data` all but the narrative; each with
+/// `resourceType`, `id` and `meta`, tagged `SUBSETTED`.
+pub fn summary(type_name: &str, mode: &str, resource: &mut Value) {
+    let Value::Object(resource) = resource else {
+        return;
+    };
+    let listed = |table: &[(&str, &'static [&'static str])]| {
+        table
+            .iter()
+            .find(|(name, _)| *name == type_name)
+            .map_or(&[][..], |(_, names)| *names)
+    };
+    let base = ["resourceType", "id", "meta"].into_iter();
+    let kept: BTreeSet<&str> = match mode {
+        "true" => base
+            .chain(listed(SUMMARY_ELEMENTS).iter().copied())
+            .collect(),
+        "text" => base
+            .chain(["text"])
+            .chain(listed(MANDATORY_ELEMENTS).iter().copied())
+            .collect(),
+        _ => {
+            resource.remove("text");
+            tag_subsetted(resource);
+            return;
+        }
+    };
+    cut(&kept, resource);
 }
 
 fn cut(kept: &BTreeSet<&str>, resource: &mut Map<String, Value>) {

@@ -4,6 +4,8 @@
 //! document must pass against its URL live here, once, for both. Each `*_in` function runs in a
 //! caller's transaction; the others open one of their own.
 
+pub mod conditional;
+
 use serde_json::{Map, Value};
 
 use crate::format::FormatError;
@@ -34,6 +36,12 @@ pub enum CrudError {
     Store(#[from] StoreError),
     #[error(transparent)]
     Format(#[from] FormatError),
+    /// A conditional write's search (its parameters are wrong).
+    #[error(transparent)]
+    Search(#[from] crate::search::SearchError),
+    /// A conditional write's search found more than one resource.
+    #[error("{0}")]
+    PreconditionFailed(String),
 }
 
 impl CrudError {
@@ -391,29 +399,4 @@ pub async fn vread(
         Some(version) => Ok(version),
         None => Err(not_found()),
     }
-}
-
-/// A page of current resources after the id `after`: up to `count`, and whether more follow.
-/// How many current resources of `rt` match `filter`.
-pub async fn count(
-    store: &Store,
-    rt: ResourceType,
-    filter: &resources::PageFilter,
-) -> Result<i64, CrudError> {
-    let conn = store.connection().await?;
-    Ok(resources::count(&conn, rt, filter).await?)
-}
-
-pub async fn page(
-    store: &Store,
-    rt: ResourceType,
-    filter: &resources::PageFilter,
-    after: Option<&str>,
-    count: i64,
-) -> Result<(Vec<StoredResource>, bool), CrudError> {
-    let conn = store.connection().await?;
-    let mut rows = resources::page(&conn, rt, filter, after, count + 1).await?;
-    let more = rows.len() as i64 > count;
-    rows.truncate(count as usize);
-    Ok((rows, more))
 }

@@ -7,19 +7,25 @@
 //!   when the reference comes before the entry.
 //! - `batch`: each entry runs in a transaction of its own; failures are reported per entry.
 //!
-//! Entries support `POST [type]`, `PUT [type]/[id]`, `DELETE [type]/[id]` and `GET [type]/[id]`.
+//! Entries support `POST [type]` (with `ifNoneExist`), `PUT [type]/[id]`, `DELETE [type]/[id]`,
+//! `GET [type]/[id]`, and the conditional `PUT [type]?[search]` and `DELETE [type]?[search]`
+//! (see `crud::conditional`; in a transaction they find what they are about before any
+//! entry runs, so that references to their `fullUrl` name it).
 //! As the reference product does, the Bundle's `resourceType` may be spelled `bundle`, and an
 //! entry's resource may leave out `resourceType` (the URL names it).
+
+mod references;
 
 use std::collections::HashMap;
 
 use axum::http::StatusCode;
-use serde_json::{Map, Value};
+use serde_json::Value;
 
 use crate::crud::{self, Checked, CrudError, Deleted};
 use crate::format::FormatError;
 use crate::resource::{new_id, StoredResource};
 use crate::resource_type::ResourceType;
+use crate::store::search::PageFilter;
 use crate::store::{Store, StoreError, Tx};
 
 #[derive(Debug, thiserror::Error)]
@@ -113,43 +119,89 @@ pub struct Parsed {
 }
 
 /// What an entry would be as a request of its own: its method, type and id (for its
-/// authorization). `None`: its URL is not one fhirbox runs (the entry fails when planned).
-pub fn entry_request(entry: &RawEntry) -> Option<(&str, ResourceType, Option<String>)> {
-    let (rt, id) = parse_entry_url(&entry.url).ok()?;
-    Some((entry.method.as_str(), rt, id))
+/// authorization), and a conditional entry's search (`Type?search` or `ifNoneExist`), which
+/// is authorized and compiled as a search. `None`: its URL is not one fhirbox runs (the
+/// entry fails when planned).
+pub fn entry_request(entry: &RawEntry) -> Option<EntryRequest<'_>> {
+    let (rt, id, query) = parse_entry_url(&entry.url).ok()?;
+    let search = match entry.method.as_str() {
+        "POST" => entry
+            .if_none_exist
+            .as_deref()
+            .map(|q| q.split_once('?').map_or(q, |(_, q)| q)),
+        _ => query,
+    };
+    Some(EntryRequest {
+        method: entry.method.as_str(),
+        rt,
+        id,
+        search: search.map(str::to_string),
+    })
 }
 
-/// `POST /`: runs a transaction or batch Bundle. `refused[i]`: why entry `i` may not run, if
-/// it may not (its authorization, decided by the caller): a transaction with a refused entry
-/// is refused whole before anything runs; in a batch that entry alone fails, with 403.
+/// An entry as the request it stands for.
+pub struct EntryRequest<'a> {
+    pub method: &'a str,
+    pub rt: ResourceType,
+    pub id: Option<String>,
+    /// A conditional entry's search (the query, without `Type?`).
+    pub search: Option<String>,
+}
+
+/// What the caller decided about an entry before it runs.
+#[derive(Debug, Default)]
+pub struct Facts {
+    /// Why it may not run, if it may not (its authorization).
+    pub refused: Option<String>,
+    /// A conditional entry's search, compiled (or why it cannot be).
+    pub search: Option<Result<PageFilter, CrudError>>,
+}
+
+/// `POST /`: runs a transaction or batch Bundle. `facts[i]`: entry `i`'s authorization and
+/// conditional search, decided by the caller: a transaction with a refused entry is refused
+/// whole before anything runs; in a batch that entry alone fails, with 403.
 pub async fn process(
     store: &Store,
     bundle: Parsed,
     inbound: Inbound<'_>,
-    refused: Vec<Option<String>>,
+    facts: Vec<Facts>,
 ) -> Result<(BundleKind, Vec<Result<EntryResult, CrudError>>), BundleError> {
     let Parsed { kind, entries } = bundle;
-    let refusal = |index: usize| refused.get(index).cloned().flatten();
     if kind == BundleKind::Transaction {
-        if let Some((index, why)) = (0..entries.len()).find_map(|i| refusal(i).map(|r| (i, r))) {
+        if let Some((index, why)) = facts
+            .iter()
+            .enumerate()
+            .find_map(|(i, f)| f.refused.clone().map(|r| (i, r)))
+        {
             return Err(BundleError::entry(index, CrudError::Forbidden(why)));
         }
     }
+    let mut facts = facts.into_iter();
     let mut planned = Vec::with_capacity(entries.len());
     for (index, entry) in entries.into_iter().enumerate() {
-        planned.push(match refusal(index) {
+        let Facts { refused, search } = facts.next().unwrap_or_default();
+        planned.push(match refused {
             // Not even checked: a refused entry learns nothing about its resource.
             Some(why) => Err(CrudError::Forbidden(why)),
-            None => Ok(plan(entry, &inbound).map_err(|e| BundleError::entry(index, e))?),
+            None => Ok(plan(entry, &inbound, search).map_err(|e| BundleError::entry(index, e))?),
         });
     }
     match kind {
         BundleKind::Transaction => {
-            let mut planned: Vec<Op> = planned.into_iter().flatten().collect();
-            resolve_full_urls(&mut planned);
+            let planned: Vec<Op> = planned.into_iter().flatten().collect();
             let tx = store.begin().await?;
-            let mut results = Vec::with_capacity(planned.len());
+            // Conditional entries find what they are about first, so that references to
+            // their fullUrls name what they found.
+            let mut settled = Vec::with_capacity(planned.len());
             for (index, op) in planned.into_iter().enumerate() {
+                match settle(&tx, op).await {
+                    Ok(op) => settled.push(op),
+                    Err(error) => return tx.finish(Err(BundleError::entry(index, error))).await,
+                }
+            }
+            resolve_full_urls(&mut settled);
+            let mut results = Vec::with_capacity(settled.len());
+            for (index, op) in settled.into_iter().enumerate() {
                 match run(&tx, op).await {
                     Ok(result) => results.push(Ok(result)),
                     Err(error) => return tx.finish(Err(BundleError::entry(index, error))).await,
@@ -176,6 +228,8 @@ pub struct RawEntry {
     full_url: Option<String>,
     method: String,
     url: String,
+    /// `request.ifNoneExist`: a conditional create's search.
+    if_none_exist: Option<String>,
     /// The entry's resource as sent.
     pub resource: Option<Value>,
 }
@@ -227,6 +281,7 @@ pub fn parse(bundle: Value) -> Result<Parsed, BundleError> {
                 .map(str::to_string),
             method: method.to_ascii_uppercase(),
             url,
+            if_none_exist: field("ifNoneExist"),
             resource: entry.shift_remove("resource"),
         });
     }
@@ -252,56 +307,156 @@ enum Op {
         rt: ResourceType,
         id: String,
     },
+    /// `POST` with `ifNoneExist`.
+    CreateUnless {
+        full_url: Option<String>,
+        doc: Checked,
+        filter: PageFilter,
+    },
+    /// `PUT [type]?search`.
+    UpdateWhere {
+        full_url: Option<String>,
+        doc: Checked,
+        filter: PageFilter,
+    },
+    /// `DELETE [type]?search`.
+    DeleteWhere {
+        rt: ResourceType,
+        filter: PageFilter,
+    },
+    /// A conditional create that found its resource: nothing to write.
+    Found {
+        full_url: Option<String>,
+        resource: StoredResource,
+    },
+    /// A conditional delete that found nothing.
+    Nothing,
 }
 
-fn plan(entry: RawEntry, inbound: &Inbound<'_>) -> Result<Op, CrudError> {
-    let (rt, url_id) = parse_entry_url(&entry.url)?;
+fn plan(
+    entry: RawEntry,
+    inbound: &Inbound<'_>,
+    search: Option<Result<PageFilter, CrudError>>,
+) -> Result<Op, CrudError> {
+    let (rt, url_id, query) = parse_entry_url(&entry.url)?;
     let checked = |resource: Option<Value>, id: Option<&str>| -> Result<Checked, CrudError> {
         let doc = resource
             .ok_or_else(|| CrudError::invalid(format!("{} needs a resource", entry.method)))?;
         crud::check((inbound.to_native)(doc)?, Some(rt), id)
     };
-    match (entry.method.as_str(), url_id) {
-        ("POST", None) => {
+    let filter = || -> Result<PageFilter, CrudError> {
+        search.ok_or_else(|| CrudError::invalid("the conditional entry's search was not read"))?
+    };
+    match (entry.method.as_str(), url_id, query) {
+        ("POST", None, None) => {
+            let conditional = entry.if_none_exist.is_some();
             let mut doc = checked(entry.resource, None)?;
             // Decide the id now, so references to this entry can be rewritten before it runs.
             doc.id = match doc.id.take() {
                 Some(id) if inbound.keep_post_ids => Some(id),
                 _ => Some(new_id()),
             };
-            Ok(Op::Create { full_url: entry.full_url, doc })
+            let full_url = entry.full_url;
+            Ok(match conditional {
+                true => Op::CreateUnless {
+                    full_url,
+                    doc,
+                    filter: filter()?,
+                },
+                false => Op::Create { full_url, doc },
+            })
         }
-        ("PUT", Some(id)) => Ok(Op::Update {
+        ("PUT", Some(id), None) => Ok(Op::Update {
             doc: checked(entry.resource, Some(&id))?,
             full_url: entry.full_url,
             id,
         }),
-        ("DELETE", Some(id)) => Ok(Op::Delete { rt, id }),
-        ("GET", Some(id)) => Ok(Op::Read { rt, id }),
-        (method, _) => Err(CrudError::invalid(format!(
-            "unsupported entry request '{method} {}' (supported: POST [type], PUT/DELETE/GET [type]/[id])",
+        ("PUT", None, Some(_)) => {
+            let resource = entry.resource;
+            let id = resource
+                .as_ref()
+                .and_then(|r| r.get("id"))
+                .and_then(Value::as_str)
+                .map(str::to_string);
+            Ok(Op::UpdateWhere {
+                doc: checked(resource, id.as_deref())?,
+                full_url: entry.full_url,
+                filter: filter()?,
+            })
+        }
+        ("DELETE", Some(id), None) => Ok(Op::Delete { rt, id }),
+        ("DELETE", None, Some(_)) => Ok(Op::DeleteWhere {
+            rt,
+            filter: filter()?,
+        }),
+        ("GET", Some(id), None) => Ok(Op::Read { rt, id }),
+        (method, _, _) => Err(CrudError::invalid(format!(
+            "unsupported entry request '{method} {}' (supported: POST [type], PUT/DELETE/GET \
+             [type]/[id], PUT/DELETE [type]?[search])",
             entry.url
         ))),
     }
 }
 
-/// `Patient`, `/Patient`, `Patient/pt-1`, `/Attribute/Patient.citizenship`.
-fn parse_entry_url(url: &str) -> Result<(ResourceType, Option<String>), CrudError> {
-    if url.contains('?') {
-        return Err(CrudError::invalid(format!(
-            "'{url}': conditional operations are not supported"
-        )));
-    }
-    let segments: Vec<&str> = url.trim_start_matches('/').split('/').collect();
-    match segments.as_slice() {
-        [name] => Ok((crud::resource_type(name)?, None)),
-        [name, id] => {
+/// A conditional entry made plain: what its search found decides what it does.
+async fn settle(tx: &Tx, op: Op) -> Result<Op, CrudError> {
+    use crud::conditional::find_in;
+    Ok(match op {
+        Op::CreateUnless {
+            full_url,
+            doc,
+            filter,
+        } => match find_in(tx, doc.resource_type, &filter, "ifNoneExist search").await? {
+            Some(resource) => Op::Found { full_url, resource },
+            None => Op::Create { full_url, doc },
+        },
+        Op::UpdateWhere {
+            full_url,
+            doc,
+            filter,
+        } => {
+            let rt = doc.resource_type;
+            let found = find_in(tx, rt, &filter, "conditional update's search").await?;
+            let id = match (found, doc.id.clone()) {
+                (Some(found), Some(id)) if found.id != id => {
+                    return Err(CrudError::invalid(format!(
+                        "the search found {rt}/{}, but the resource's id is {id}",
+                        found.id
+                    )))
+                }
+                (Some(found), _) => found.id,
+                (None, Some(id)) => id,
+                (None, None) => new_id(),
+            };
+            Op::Update { full_url, id, doc }
+        }
+        Op::DeleteWhere { rt, filter } => {
+            match find_in(tx, rt, &filter, "conditional delete's search").await? {
+                Some(found) => Op::Delete { rt, id: found.id },
+                None => Op::Nothing,
+            }
+        }
+        other => other,
+    })
+}
+
+/// `Patient`, `/Patient`, `Patient/pt-1`, `/Attribute/Patient.citizenship`, and
+/// `Patient?identifier=x` (a conditional entry's search, returned apart).
+fn parse_entry_url(url: &str) -> Result<(ResourceType, Option<String>, Option<&str>), CrudError> {
+    let (path, query) = match url.split_once('?') {
+        Some((path, query)) => (path, Some(query)),
+        None => (url, None),
+    };
+    let segments: Vec<&str> = path.trim_start_matches('/').split('/').collect();
+    match (segments.as_slice(), query) {
+        ([name], _) => Ok((crud::resource_type(name)?, None, query)),
+        ([name, id], None) => {
             let rt = crud::resource_type(name)?;
             crud::check_id(rt, id)?;
-            Ok((rt, Some((*id).to_string())))
+            Ok((rt, Some((*id).to_string()), None))
         }
         _ => Err(CrudError::invalid(format!(
-            "'{url}' is not a [type] or [type]/[id] URL"
+            "'{url}' is not a [type], [type]/[id] or [type]?[search] URL"
         ))),
     }
 }
@@ -328,6 +483,12 @@ fn resolve_full_urls(ops: &mut [Op]) {
             } => {
                 targets.insert(url.clone(), (doc.resource_type, id.clone()));
             }
+            Op::Found {
+                full_url: Some(url),
+                resource,
+            } => {
+                targets.insert(url.clone(), (resource.resource_type, resource.id.clone()));
+            }
             _ => {}
         }
     }
@@ -337,45 +498,9 @@ fn resolve_full_urls(ops: &mut [Op]) {
     for op in ops.iter_mut() {
         if let Op::Create { doc, .. } | Op::Update { doc, .. } = op {
             for value in doc.body.values_mut() {
-                rewrite_references(value, &targets);
+                references::rewrite(value, &targets);
             }
         }
-    }
-}
-
-fn rewrite_references(value: &mut Value, targets: &HashMap<String, (ResourceType, String)>) {
-    match value {
-        Value::Object(map) => {
-            rewrite_reference_object(map, targets);
-            for child in map.values_mut() {
-                rewrite_references(child, targets);
-            }
-        }
-        Value::Array(items) => {
-            for item in items {
-                rewrite_references(item, targets);
-            }
-        }
-        _ => {}
-    }
-}
-
-fn rewrite_reference_object(
-    map: &mut Map<String, Value>,
-    targets: &HashMap<String, (ResourceType, String)>,
-) {
-    let target = |key: &str| {
-        map.get(key)
-            .and_then(Value::as_str)
-            .and_then(|url| targets.get(url))
-            .cloned()
-    };
-    if let Some((rt, id)) = target("uri") {
-        map.shift_remove("uri");
-        map.insert("resourceType".into(), rt.name().into());
-        map.insert("id".into(), id.into());
-    } else if let Some((rt, id)) = target("reference") {
-        map.insert("reference".into(), format!("{rt}/{id}").into());
     }
 }
 
@@ -403,6 +528,11 @@ async fn run(tx: &Tx, op: Op) -> Result<EntryResult, CrudError> {
             let found = crud::read_with(&**tx, rt, &id).await?;
             Ok(done(StatusCode::OK, Some(found)))
         }
+        Op::Found { resource, .. } => Ok(done(StatusCode::OK, Some(resource))),
+        Op::Nothing => Ok(done(StatusCode::NO_CONTENT, None)),
+        conditional @ (Op::CreateUnless { .. }
+        | Op::UpdateWhere { .. }
+        | Op::DeleteWhere { .. }) => Box::pin(run(tx, settle(tx, conditional).await?)).await,
     }
 }
 
@@ -416,40 +546,23 @@ async fn run_alone(store: &Store, op: Op) -> Result<EntryResult, CrudError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use serde_json::json;
 
     #[test]
     fn entry_urls() {
-        let (rt, id) = parse_entry_url("/Attribute/Patient.citizenship").expect("valid url");
+        let (rt, id, _) = parse_entry_url("/Attribute/Patient.citizenship").expect("valid url");
         assert_eq!(
             (rt.name(), id.as_deref()),
             ("Attribute", Some("Patient.citizenship"))
         );
-        let (rt, id) = parse_entry_url("Patient").expect("valid url");
-        assert_eq!((rt.name(), id), ("Patient", None));
+        let (rt, id, query) = parse_entry_url("Patient").expect("valid url");
+        assert_eq!((rt.name(), id, query), ("Patient", None, None));
+        let (rt, id, query) = parse_entry_url("Patient?name=x").expect("valid url");
+        assert_eq!((rt.name(), id, query), ("Patient", None, Some("name=x")));
         assert!(matches!(
             parse_entry_url("/Nope"),
             Err(CrudError::UnknownType(_))
         ));
-        assert!(parse_entry_url("/Patient?name=x").is_err());
+        assert!(parse_entry_url("/Patient/p1?name=x").is_err());
         assert!(parse_entry_url("/Patient/a/b").is_err());
-    }
-
-    #[test]
-    fn full_url_references_are_rewritten_in_both_shapes() {
-        let rt = ResourceType::parse("Patient").expect("known type");
-        let targets = HashMap::from([("urn:uuid:1".to_string(), (rt, "p1".to_string()))]);
-        let mut doc = json!({
-            "subject": {"uri": "urn:uuid:1", "display": "Alice"},
-            "performer": [{"reference": "urn:uuid:1"}, {"uri": "urn:uuid:other"}]
-        });
-        rewrite_references(&mut doc, &targets);
-        assert_eq!(
-            doc,
-            json!({
-                "subject": {"display": "Alice", "resourceType": "Patient", "id": "p1"},
-                "performer": [{"reference": "Patient/p1"}, {"uri": "urn:uuid:other"}]
-            })
-        );
     }
 }
