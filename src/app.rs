@@ -61,6 +61,8 @@ pub enum AppError {
     Sources(#[from] SourceError),
     #[error(transparent)]
     Storage(#[from] crate::objects::ObjectError),
+    #[error("configuration: {0}")]
+    Config(String),
 }
 
 /// Builds a fhirbox on the database of `config`, and starts its background work.
@@ -82,6 +84,15 @@ pub async fn build(
         let mut conn = store.connection().await.map_err(AppError::Unreachable)?;
         if settings.migrate {
             schema::migrate(&mut conn).await?;
+        }
+        let indexes = settings
+            .http
+            .search_indexes
+            .definitions()
+            .map_err(|e| AppError::Config(e.to_string()))?;
+        let (created, dropped) = crate::store::search_indexes::apply(&mut conn, &indexes).await?;
+        if !created.is_empty() || !dropped.is_empty() {
+            tracing::info!(?created, ?dropped, "search indexes");
         }
         roles::limit(&conn, &settings.roles).await?;
         token_key = tokens::signing_key(&conn).await?;

@@ -73,6 +73,9 @@ pub enum ServeError {
     /// A flag of object storage that cannot be used.
     #[error("{0}")]
     Storage(String),
+    /// A flag that cannot be used (the message names it).
+    #[error("{0}")]
+    Config(String),
     #[error("server error: {0}")]
     Serve(std::io::Error),
     #[error("the data directory {dir}: {source}")]
@@ -291,6 +294,10 @@ async fn serve_with_database(
             views: view_limits(args),
             view_session: view_session(args),
             view_output: OutputBounds::views(args.view_max_rows, args.view_max_bytes),
+            search_indexes: std::sync::Arc::new(
+                crate::search::index::Indexes::parse(&args.search_indexes)
+                    .map_err(|e| ServeError::Config(e.to_string()))?,
+            ),
             search: crate::search::Limits {
                 default_count: args
                     .search_default_count

@@ -94,6 +94,8 @@ pub struct Settings {
     pub view_session: crate::store::session::SessionLimits,
     /// What one search may ask for (`--search-*`).
     pub search: crate::search::Limits,
+    /// The search indexes in force (`--search-indexes`).
+    pub search_indexes: std::sync::Arc<crate::search::index::Indexes>,
     /// Public base URL for links; `None`: from the request's `Host`.
     pub base_url: Option<String>,
     /// Without `base_url`, the URL of the address fhirbox listens on, when that is one

@@ -53,6 +53,7 @@ pub async fn search(
         prefers(&headers, "handling=strict"),
         &ctx.url(""),
         limits,
+        &state.settings.search_indexes,
     )?;
     authorize_chains(&state, &ctx, &who, rt, &params).await?;
     let readable = readable(&state, &ctx, &who, &plan).await?;
@@ -151,6 +152,7 @@ pub(super) async fn conditional_filter(
         &params,
         &ctx.url(""),
         &state.settings.search,
+        &state.settings.search_indexes,
     )?)
 }
 

@@ -104,6 +104,7 @@ pub(super) fn has_sql(
         attributes: None,
         resource: format!("{alias}.resource"),
         depth: at.depth + 1,
+        indexes: at.indexes,
     };
     let references = values_in(&inner, reference, counter)?;
     let here = binds.bind(at.rt.name());

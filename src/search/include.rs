@@ -253,6 +253,7 @@ fn level(rt: ResourceType) -> Level<'static> {
         attributes: None,
         resource: "r.resource".into(),
         depth: 0,
+        indexes: super::index::Indexes::none(),
     }
 }
 

@@ -17,6 +17,7 @@ mod composite;
 pub mod cursor;
 mod has;
 pub mod include;
+pub mod index;
 mod matchers;
 pub mod query;
 pub mod request;
@@ -148,7 +149,14 @@ pub fn condition(
         };
         criteria.push((Criterion::parse(key, value), definition));
     }
-    sql::compile(rt, attributes, &criteria, resource, base_url)
+    sql::compile(
+        rt,
+        attributes,
+        &criteria,
+        resource,
+        base_url,
+        index::Indexes::none(),
+    )
 }
 
 /// The types a chained parameter (`subject:Patient.organization.name`) reads besides

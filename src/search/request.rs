@@ -3,6 +3,7 @@
 //! entries (`_elements`, `_summary` but `count`, `_format`) are the caller's.
 
 use super::include::Include;
+use super::index::Indexes;
 use super::sort;
 use super::{Criterion, SearchError};
 use crate::format::attributes::TypeAttributes;
@@ -93,6 +94,7 @@ impl Plan {
         strict: bool,
         base_url: &str,
         limits: &Limits,
+        indexes: &Indexes,
     ) -> Result<Plan, SearchError> {
         let mut plan = Plan {
             rt,
@@ -178,6 +180,7 @@ impl Plan {
                 &criteria,
                 "r.resource",
                 base_url,
+                indexes,
             )?);
         }
         plan.after = cursor
@@ -195,6 +198,7 @@ impl Plan {
         params: &[(String, String)],
         base_url: &str,
         limits: &Limits,
+        indexes: &Indexes,
     ) -> Result<PageFilter, SearchError> {
         if let Some((key, _)) = params
             .iter()
@@ -211,7 +215,7 @@ impl Plan {
                 "a conditional write needs search parameters (an empty search matches everything)",
             ));
         }
-        Ok(Plan::parse(rt, attributes, params, true, base_url, limits)?.filter)
+        Ok(Plan::parse(rt, attributes, params, true, base_url, limits, indexes)?.filter)
     }
 
     /// Repeated `_id`s must all hold: the ids in every list.

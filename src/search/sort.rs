@@ -55,6 +55,7 @@ fn key(rt: ResourceType, name: &str) -> Result<SortKey, SearchError> {
         attributes: None,
         resource: "r.resource".into(),
         depth: 0,
+        indexes: super::index::Indexes::none(),
     };
     let values = || values_in(&at, param, &Cell::new(0));
     let pick = if descending { "max" } else { "min" };

@@ -10,6 +10,7 @@
 use std::cell::{Cell, RefCell};
 use std::collections::HashSet;
 
+use super::index::Indexes;
 use super::matchers::{
     date_test, number_test, quantity_test, reference_test, string_test, token_test, uri_test,
 };
@@ -59,6 +60,7 @@ pub fn compile(
     criteria: &[(Criterion, &'static SearchParam)],
     resource: &'static str,
     base_url: &str,
+    indexes: &Indexes,
 ) -> Result<Condition, SearchError> {
     let mut binds = Binds::new();
     let counter = Cell::new(0);
@@ -67,6 +69,7 @@ pub fn compile(
         attributes,
         resource: resource.to_string(),
         depth: 0,
+        indexes,
     };
     let sql = conditions_sql(&at, criteria, base_url, &mut binds, &counter)?;
     Ok(binds.condition(sql))
@@ -82,6 +85,8 @@ pub(super) struct Level<'a> {
     pub(super) attributes: Option<&'a TypeAttributes>,
     pub(super) resource: String,
     pub(super) depth: usize,
+    /// The search indexes in force (a criterion on an indexed parameter gets a prefilter).
+    pub(super) indexes: &'a Indexes,
 }
 
 impl<'a> Level<'a> {
@@ -177,7 +182,13 @@ pub(super) fn conditions_sql(
             ("composite", modifier) if modifier != Some("missing") => {
                 super::composite::composite_sql(&scope, &focus, criterion, param, binds)?
             }
-            _ => criterion_sql(criterion, param, &values, binds, base_url)?,
+            _ => {
+                let exact = criterion_sql(criterion, param, &values, binds, base_url)?;
+                match super::index::prefilter(at, criterion, param, base_url, binds) {
+                    Some(indexed) => format!("({indexed} AND {exact})"),
+                    None => exact,
+                }
+            }
         });
         if !frame.budget.spend(parts.last().map_or(0, String::len)) {
             return Err(SearchError::invalid(
@@ -239,6 +250,7 @@ fn chain_sql(
         attributes: None,
         resource: format!("{alias}.resource"),
         depth: at.depth + 1,
+        indexes: at.indexes,
     };
     let condition = conditions_sql(
         &inner,
@@ -399,6 +411,7 @@ mod tests {
                 &[(criterion, param)],
                 "r.resource",
                 "http://localhost/fhir",
+                Indexes::none(),
             ) {
                 failures.push(format!("{}.{}: {e}", param.base, param.code));
             }
@@ -428,8 +441,15 @@ mod tests {
             (Criterion::parse(name, value), param)
         })
         .collect();
-        let condition =
-            compile(rt, None, &criteria, "r.resource", "http://localhost/fhir").expect("compiles");
+        let condition = compile(
+            rt,
+            None,
+            &criteria,
+            "r.resource",
+            "http://localhost/fhir",
+            Indexes::none(),
+        )
+        .expect("compiles");
         assert_eq!(
             condition.binds,
             ["http://loinc.org", "8302-2", "2020-01", "O'Hara", "Patient"]

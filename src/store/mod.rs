@@ -27,6 +27,7 @@ pub mod roles;
 pub mod schema;
 pub mod search;
 pub mod search_functions;
+pub mod search_indexes;
 pub mod session;
 pub mod socket;
 pub mod token;

@@ -497,6 +497,9 @@ pub fn test_settings(database: &str) -> AppSettings {
             view_session: view_session(),
             view_output: Default::default(),
             search: Default::default(),
+            search_indexes: std::sync::Arc::new(
+                fhirbox::search::index::Indexes::parse("default").expect("the default indexes"),
+            ),
             base_url: None,
             listen_base: None,
             connections: fhirbox::http::serve::ConnectionSettings::default(),

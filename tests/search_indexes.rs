@@ -1,0 +1,164 @@
+//! Search indexes: made at start-up as `--search-indexes` says (the default set, `none`,
+//! extra `Type.parameter` entries; those no longer configured dropped), and used: the
+//! condition search compiles for an indexed parameter is answered by a scan of its index.
+//! (That results stay exact with the indexes is `search.rs`'s oracle comparison, which runs
+//! with the default set.)
+
+mod common;
+
+use std::sync::Arc;
+
+use common::TestServer;
+use fhirbox::search::index::{Indexes, DEFAULT_INDEXES};
+use fhirbox::search::{Limits, Plan};
+use reqwest::{Method, StatusCode};
+use serde_json::json;
+
+async fn index_names(server: &TestServer) -> Vec<String> {
+    let db = server.db().await;
+    let rows = db
+        .query(
+            "SELECT indexname FROM pg_indexes WHERE starts_with(indexname, 'fhirbox_sp_') ORDER BY 1",
+            &[],
+        )
+        .await
+        .expect("indexes listed");
+    rows.iter().map(|row| row.get(0)).collect()
+}
+
+/// The plan of `Type?query` as the server compiles it (with the default indexes), with
+/// sequential scans priced out so that any index that can answer it does.
+async fn plan_of(server: &TestServer, type_name: &str, query: &str) -> String {
+    let rt = fhirbox::resource_type::ResourceType::parse(type_name).expect("a type");
+    let params: Vec<(String, String)> = form_urlencoded::parse(query.as_bytes())
+        .into_owned()
+        .collect();
+    let indexes = Indexes::parse("default").expect("defaults");
+    let plan = Plan::parse(
+        rt,
+        None,
+        &params,
+        true,
+        "http://localhost/fhir",
+        &Limits::default(),
+        &indexes,
+    )
+    .expect("a plan");
+    let condition = plan.filter.condition.expect("a condition");
+    let sql = format!(
+        "EXPLAIN SELECT r.id FROM {} AS r WHERE {}",
+        rt.table(),
+        condition.render(|i| format!("${}", i + 1))
+    );
+    let db = server.db().await;
+    db.batch_execute("SET enable_seqscan = off")
+        .await
+        .expect("set");
+    let params: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> = condition
+        .binds
+        .iter()
+        .map(|b| b as &(dyn tokio_postgres::types::ToSql + Sync))
+        .collect();
+    let rows = db.query(&sql, &params).await.expect("explained");
+    rows.iter()
+        .map(|row| row.get::<_, String>(0))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+#[tokio::test]
+async fn the_configured_indexes_exist_and_searches_use_them() {
+    let database = common::fresh_database().await;
+    let server = TestServer::start_custom(database.clone(), |_| {}).await;
+    let names = index_names(&server).await;
+    assert_eq!(names.len(), DEFAULT_INDEXES.len(), "{names:?}");
+    for name in [
+        "fhirbox_sp_observation_code",
+        "fhirbox_sp_observation_subject",
+        "fhirbox_sp_patient_identifier",
+    ] {
+        assert!(names.contains(&name.to_string()), "{name}: {names:?}");
+    }
+    for (type_name, query, index) in [
+        (
+            "Observation",
+            "code=http://loinc.org|8302-2",
+            "fhirbox_sp_observation_code",
+        ),
+        (
+            "Observation",
+            "code=8302-2,8480-6&status=final",
+            "fhirbox_sp_observation_code",
+        ),
+        (
+            "Observation",
+            "subject=Patient/p1",
+            "fhirbox_sp_observation_subject",
+        ),
+        (
+            "Observation",
+            "patient=p1",
+            "fhirbox_sp_observation_patient",
+        ),
+        (
+            "Patient",
+            "identifier=urn:mrn|123",
+            "fhirbox_sp_patient_identifier",
+        ),
+    ] {
+        let plan = plan_of(&server, type_name, query).await;
+        assert!(
+            plan.contains(index),
+            "{type_name}?{query} does not use {index}:\n{plan}"
+        );
+    }
+    // A modifier or a system alone has no terms: the search scans (and stays exact).
+    let plan = plan_of(&server, "Observation", "code:not=8302-2").await;
+    assert!(!plan.contains("fhirbox_sp_"), "{plan}");
+
+    // Results through the index are the same as without: one quick check here.
+    for (id, code) in [("o1", "8302-2"), ("o2", "8480-6")] {
+        let body = json!({"resourceType": "Observation", "id": id, "status": "final",
+            "code": {"coding": [{"system": "http://loinc.org", "code": code}]},
+            "subject": {"reference": "Patient/p1"}});
+        let (status, _) = server
+            .json(Method::PUT, &format!("/fhir/Observation/{id}"), &body)
+            .await;
+        assert!(status.is_success());
+    }
+    let (status, bundle) = server
+        .get("/fhir/Observation?code=http://loinc.org|8302-2&patient=p1")
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(
+        bundle["entry"].as_array().map(Vec::len),
+        Some(1),
+        "{bundle}"
+    );
+
+    // Another configuration on the same database: `none` drops them all; an entry adds one.
+    drop(server);
+    let server = TestServer::start_custom(database.clone(), |settings| {
+        settings.http.search_indexes =
+            Arc::new(Indexes::parse("none,Encounter.class").expect("valid"));
+    })
+    .await;
+    assert_eq!(index_names(&server).await, ["fhirbox_sp_encounter_class"]);
+    let (_, bundle) = server.get("/fhir/Observation?code=8302-2").await;
+    assert_eq!(
+        bundle["entry"].as_array().map(Vec::len),
+        Some(1),
+        "no index, same answer"
+    );
+}
+
+#[test]
+fn only_token_and_reference_parameters_are_indexed() {
+    let error = Indexes::parse("default,Observation.date").expect_err("a date parameter");
+    assert!(
+        error
+            .to_string()
+            .contains("indexes serve token and reference"),
+        "{error}"
+    );
+}
