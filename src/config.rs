@@ -212,11 +212,12 @@ pub struct ServeArgs {
     #[arg(long, env = "FHIRBOX_SEARCH_MAX_PARAMETERS", default_value_t = 50)]
     pub search_max_parameters: usize,
 
-    /// The search indexes: `default` (references to patients, subjects and encounters,
-    /// codes and identifiers of the common types; see docs/search.md), `none`, and
-    /// `Type.parameter` entries (token and reference parameters), comma-separated. Made so at
-    /// start-up: configured ones created, others that fhirbox made dropped.
-    #[arg(long, env = "FHIRBOX_SEARCH_INDEXES", default_value = "default")]
+    /// The search indexes: `none`, `common` (references to patients, subjects and
+    /// encounters, codes and identifiers of the common types: fast searches, slower bulk
+    /// loads; see docs/search.md), and `Type.parameter` entries (token and reference
+    /// parameters), comma-separated. Made so at start-up: configured ones created, others
+    /// that fhirbox made dropped.
+    #[arg(long, env = "FHIRBOX_SEARCH_INDEXES", default_value = "none")]
     pub search_indexes: String,
 
     /// Most resources `_include` and `_revinclude` may add to one search page.

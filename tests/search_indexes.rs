@@ -1,15 +1,15 @@
-//! Search indexes: made at start-up as `--search-indexes` says (the default set, `none`,
+//! Search indexes: made at start-up as `--search-indexes` says (`none`, the common set,
 //! extra `Type.parameter` entries; those no longer configured dropped), and used: the
 //! condition search compiles for an indexed parameter is answered by a scan of its index.
 //! (That results stay exact with the indexes is `search.rs`'s oracle comparison, which runs
-//! with the default set.)
+//! with the common set.)
 
 mod common;
 
 use std::sync::Arc;
 
 use common::TestServer;
-use fhirbox::search::index::{Indexes, DEFAULT_INDEXES};
+use fhirbox::search::index::{Indexes, COMMON_INDEXES};
 use fhirbox::search::{Limits, Plan};
 use reqwest::{Method, StatusCode};
 use serde_json::json;
@@ -26,14 +26,14 @@ async fn index_names(server: &TestServer) -> Vec<String> {
     rows.iter().map(|row| row.get(0)).collect()
 }
 
-/// The plan of `Type?query` as the server compiles it (with the default indexes), with
+/// The plan of `Type?query` as the server compiles it (with the common indexes), with
 /// sequential scans priced out so that any index that can answer it does.
 async fn plan_of(server: &TestServer, type_name: &str, query: &str) -> String {
     let rt = fhirbox::resource_type::ResourceType::parse(type_name).expect("a type");
     let params: Vec<(String, String)> = form_urlencoded::parse(query.as_bytes())
         .into_owned()
         .collect();
-    let indexes = Indexes::parse("default").expect("defaults");
+    let indexes = Indexes::parse("common").expect("the common set");
     let plan = Plan::parse(
         rt,
         None,
@@ -69,9 +69,10 @@ async fn plan_of(server: &TestServer, type_name: &str, query: &str) -> String {
 #[tokio::test]
 async fn the_configured_indexes_exist_and_searches_use_them() {
     let database = common::fresh_database().await;
+    // The harness's servers run with the common set (the server's default is none).
     let server = TestServer::start_custom(database.clone(), |_| {}).await;
     let names = index_names(&server).await;
-    assert_eq!(names.len(), DEFAULT_INDEXES.len(), "{names:?}");
+    assert_eq!(names.len(), COMMON_INDEXES.len(), "{names:?}");
     for name in [
         "fhirbox_sp_observation_code",
         "fhirbox_sp_observation_subject",
@@ -154,7 +155,7 @@ async fn the_configured_indexes_exist_and_searches_use_them() {
 
 #[test]
 fn only_token_and_reference_parameters_are_indexed() {
-    let error = Indexes::parse("default,Observation.date").expect_err("a date parameter");
+    let error = Indexes::parse("common,Observation.date").expect_err("a date parameter");
     assert!(
         error
             .to_string()

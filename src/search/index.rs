@@ -21,9 +21,10 @@ use crate::resource_type::ResourceType;
 /// The parameter types an index can serve.
 pub const INDEXABLE_KINDS: &[&str] = &["token", "reference"];
 
-/// What `--search-indexes default` creates: the references to a patient, subject and
-/// encounter, identifiers, codes and statuses of the types real data has most of.
-pub const DEFAULT_INDEXES: &[&str] = &[
+/// What `--search-indexes common` creates: the references to a patient, subject and
+/// encounter, identifiers and codes of the types real data has most of. Not made unless asked
+/// for: the four on Observation make a `$load` into it about 5x slower (docs/search.md).
+pub const COMMON_INDEXES: &[&str] = &[
     "Observation.code",
     "Observation.subject",
     "Observation.patient",
@@ -52,13 +53,13 @@ impl Indexes {
         &NONE
     }
 
-    /// `--search-indexes`: `default`, `none`, and `Type.param` entries, comma-separated.
+    /// `--search-indexes`: `none`, `common`, and `Type.param` entries, comma-separated.
     pub fn parse(list: &str) -> Result<Indexes, SearchError> {
         let mut set = BTreeSet::new();
         for item in list.split(',').map(str::trim).filter(|i| !i.is_empty()) {
             let named: Vec<&str> = match item {
                 "none" => Vec::new(),
-                "default" => DEFAULT_INDEXES.to_vec(),
+                "common" => COMMON_INDEXES.to_vec(),
                 other => vec![other],
             };
             for entry in named {
@@ -242,11 +243,11 @@ mod tests {
 
     #[test]
     fn the_default_set_names_indexable_parameters() {
-        let indexes = Indexes::parse("default").expect("the defaults are valid");
-        assert_eq!(indexes.0.len(), DEFAULT_INDEXES.len());
+        let indexes = Indexes::parse("common").expect("the common set is valid");
+        assert_eq!(indexes.0.len(), COMMON_INDEXES.len());
         assert_eq!(
             indexes.definitions().expect("compile").len(),
-            DEFAULT_INDEXES.len()
+            COMMON_INDEXES.len()
         );
         assert!(Indexes::parse("none").expect("valid").0.is_empty());
         for (list, says) in [

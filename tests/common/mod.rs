@@ -498,7 +498,7 @@ pub fn test_settings(database: &str) -> AppSettings {
             view_output: Default::default(),
             search: Default::default(),
             search_indexes: std::sync::Arc::new(
-                fhirbox::search::index::Indexes::parse("default").expect("the default indexes"),
+                fhirbox::search::index::Indexes::parse("common").expect("the common indexes"),
             ),
             base_url: None,
             listen_base: None,
