@@ -6,7 +6,9 @@
 //! (`FHIRBOX_SEARCH_INDEXES` overrides it; the time the server takes to build them is
 //! printed), and times representative searches through real HTTP: each query
 //! `FHIRBOX_BENCH_SEARCH_ROUNDS` times (default 20), p50 and p95 of the latency to the last
-//! byte, with the number of entries the first page had.
+//! byte, with the number of entries the first page had. With `FHIRBOX_BENCH_HOLD` set, the
+//! server and its database stay up after the table (their URLs printed) until interrupted,
+//! for `EXPLAIN ANALYZE` by hand.
 
 #[allow(dead_code)] // the bulk bench uses more of it
 #[path = "bulk/server.rs"]
@@ -233,6 +235,14 @@ async fn main() {
             percentile(&times, 0.5).as_secs_f64() * 1000.0,
             percentile(&times, 0.95).as_secs_f64() * 1000.0
         );
+    }
+    if std::env::var_os("FHIRBOX_BENCH_HOLD").is_some() {
+        eprintln!(
+            "holding: server {} database {}",
+            server.base,
+            cluster.url(setup::DATABASE)
+        );
+        tokio::signal::ctrl_c().await.expect("wait for ctrl-c");
     }
 }
 

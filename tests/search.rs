@@ -355,6 +355,7 @@ async fn chains_follow_references_to_the_resources_they_name() {
     chain_world(&server).await;
     for (query, expected) in [
         ("Observation?subject:Patient.name=smith", vec!["o1", "o4"]),
+        ("Observation?subject:Patient._id=p1", vec!["o1", "o4"]),
         (
             "Observation?subject:Patient.family=sm",
             vec!["o1", "o2", "o4"],
@@ -468,6 +469,13 @@ async fn reverse_chains_find_what_is_referred_to() {
             vec!["other"],
         ),
         ("Patient?_has:Observation:subject:status=cancelled", vec![]),
+        // `_id` inside a reverse chain is the other resource's id, not this one's (it was
+        // this one's until the bench found a `_has:Encounter:patient:_id=...` with no match).
+        (
+            "Patient?_has:Observation:subject:_id=o2,o3",
+            vec!["p2", "p3"],
+        ),
+        ("Patient?_has:Observation:subject:_id=p1", vec![]),
     ] {
         let (status, bundle) = server.get(&format!("/fhir/{query}")).await;
         assert_eq!(status, StatusCode::OK, "{query}: {bundle}");

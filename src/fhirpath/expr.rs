@@ -128,7 +128,7 @@ pub fn json_literal(value: &serde_json::Value) -> String {
 /// What an expression is compiled against.
 pub struct Scope<'a, 'v> {
     /// The row's alias (`r`): `getResourceKey()` is `r.id` anywhere.
-    pub row: &'static str,
+    pub row: &'v str,
     pub resource: &'static str,
     pub constants: &'v [Constant],
     pub attributes: Option<&'a TypeAttributes>,

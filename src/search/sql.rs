@@ -120,9 +120,11 @@ impl Frame {
         }
     }
 
-    fn scope<'s>(&'s self, at: &Level<'s>, counter: &'s Cell<usize>) -> Scope<'s, 's> {
+    fn scope<'s>(&'s self, at: &'s Level<'s>, counter: &'s Cell<usize>) -> Scope<'s, 's> {
         Scope {
-            row: "r",
+            // The row whose columns (`id`) the expressions read: the level's own alias (a
+            // chain's or a `_has`'s table), not the outer row.
+            row: at.resource.strip_suffix(".resource").unwrap_or("r"),
             resource: at.rt.name(),
             constants: &[],
             attributes: at.attributes,
