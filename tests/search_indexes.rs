@@ -1,6 +1,7 @@
 //! Search indexes: made at start-up as `--search-indexes` says (`none`, the common set,
-//! extra `Type.parameter` entries; those no longer configured dropped), and used: the
-//! condition search compiles for an indexed parameter is answered by a scan of its index.
+//! extra `Type.parameter` entries; those no longer configured dropped, and those of earlier
+//! versions), and used: the condition search compiles for an indexed parameter (or one its
+//! index serves) is answered by a scan of its index.
 //! (That results stay exact with the indexes is `search.rs`'s oracle comparison, which runs
 //! with the common set.)
 
@@ -18,7 +19,7 @@ async fn index_names(server: &TestServer) -> Vec<String> {
     let db = server.db().await;
     let rows = db
         .query(
-            "SELECT indexname FROM pg_indexes WHERE starts_with(indexname, 'fhirbox_sp_') ORDER BY 1",
+            "SELECT indexname FROM pg_indexes WHERE starts_with(indexname, 'fhirbox_si_') ORDER BY 1",
             &[],
         )
         .await
@@ -74,9 +75,9 @@ async fn the_configured_indexes_exist_and_searches_use_them() {
     let names = index_names(&server).await;
     assert_eq!(names.len(), COMMON_INDEXES.len(), "{names:?}");
     for name in [
-        "fhirbox_sp_observation_code",
-        "fhirbox_sp_observation_subject",
-        "fhirbox_sp_patient_identifier",
+        "fhirbox_si_observation_code",
+        "fhirbox_si_observation_subject",
+        "fhirbox_si_patient_identifier",
     ] {
         assert!(names.contains(&name.to_string()), "{name}: {names:?}");
     }
@@ -84,27 +85,51 @@ async fn the_configured_indexes_exist_and_searches_use_them() {
         (
             "Observation",
             "code=http://loinc.org|8302-2",
-            "fhirbox_sp_observation_code",
+            "fhirbox_si_observation_code",
         ),
         (
             "Observation",
             "code=8302-2,8480-6&status=final",
-            "fhirbox_sp_observation_code",
+            "fhirbox_si_observation_code",
         ),
         (
             "Observation",
             "subject=Patient/p1",
-            "fhirbox_sp_observation_subject",
+            "fhirbox_si_observation_subject",
         ),
+        // Served by subject's index: patient is subject where it is a Patient.
         (
             "Observation",
             "patient=p1",
-            "fhirbox_sp_observation_patient",
+            "fhirbox_si_observation_subject",
+        ),
+        (
+            "Observation",
+            "subject:Patient=p1,p2",
+            "fhirbox_si_observation_subject",
+        ),
+        ("Patient", "family=smi", "fhirbox_si_patient_name"),
+        ("Patient", "name:contains=mit", "fhirbox_si_patient_name"),
+        ("Patient", "given:exact=Jon", "fhirbox_si_patient_name"),
+        (
+            "Patient",
+            "birthdate=1970-01",
+            "fhirbox_si_patient_birthdate",
+        ),
+        (
+            "Patient",
+            "birthdate=ge2001-02-03",
+            "fhirbox_si_patient_birthdate",
+        ),
+        (
+            "Patient",
+            "birthdate=eb1970",
+            "fhirbox_si_patient_birthdate",
         ),
         (
             "Patient",
             "identifier=urn:mrn|123",
-            "fhirbox_sp_patient_identifier",
+            "fhirbox_si_patient_identifier",
         ),
     ] {
         let plan = plan_of(&server, type_name, query).await;
@@ -113,9 +138,17 @@ async fn the_configured_indexes_exist_and_searches_use_them() {
             "{type_name}?{query} does not use {index}:\n{plan}"
         );
     }
-    // A modifier or a system alone has no terms: the search scans (and stays exact).
-    let plan = plan_of(&server, "Observation", "code:not=8302-2").await;
-    assert!(!plan.contains("fhirbox_sp_"), "{plan}");
+    // A negation, a system alone, a date `ne`: no index can say which rows, so the search
+    // scans (and stays exact).
+    for (type_name, query) in [
+        ("Observation", "code:not=8302-2"),
+        ("Observation", "code=http://loinc.org|"),
+        ("Patient", "birthdate=ne1970"),
+        ("Patient", "name=o\"brien"),
+    ] {
+        let plan = plan_of(&server, type_name, query).await;
+        assert!(!plan.contains("fhirbox_si_"), "{type_name}?{query}: {plan}");
+    }
 
     // Results through the index are the same as without: one quick check here.
     for (id, code) in [("o1", "8302-2"), ("o2", "8480-6")] {
@@ -137,14 +170,34 @@ async fn the_configured_indexes_exist_and_searches_use_them() {
         "{bundle}"
     );
 
-    // Another configuration on the same database: `none` drops them all; an entry adds one.
+    // Another configuration on the same database: `none` drops them all (and what an
+    // earlier version made: `fhirbox_sp_` indexes on `fhirbox_terms_` functions); an entry
+    // adds one.
+    let db = server.db().await;
     drop(server);
+    db.batch_execute(
+        "CREATE FUNCTION fhirbox_terms_observation_status(resource jsonb) RETURNS text[]
+           LANGUAGE sql IMMUTABLE AS $$ SELECT ARRAY[resource ->> 'status'] $$;
+         CREATE INDEX fhirbox_sp_observation_status ON observation
+           USING gin (fhirbox_terms_observation_status(resource))",
+    )
+    .await
+    .expect("a legacy index");
     let server = TestServer::start_custom(database.clone(), |settings| {
         settings.http.search_indexes =
             Arc::new(Indexes::parse("none,Encounter.class").expect("valid"));
     })
     .await;
-    assert_eq!(index_names(&server).await, ["fhirbox_sp_encounter_class"]);
+    assert_eq!(index_names(&server).await, ["fhirbox_si_encounter_class"]);
+    let legacy = db
+        .query(
+            "SELECT 1 FROM pg_class WHERE relname = 'fhirbox_sp_observation_status'
+             UNION ALL SELECT 1 FROM pg_proc WHERE proname = 'fhirbox_terms_observation_status'",
+            &[],
+        )
+        .await
+        .expect("catalog read");
+    assert!(legacy.is_empty(), "the legacy index and function are gone");
     let (_, bundle) = server.get("/fhir/Observation?code=8302-2").await;
     assert_eq!(
         bundle["entry"].as_array().map(Vec::len),
@@ -154,12 +207,12 @@ async fn the_configured_indexes_exist_and_searches_use_them() {
 }
 
 #[test]
-fn only_token_and_reference_parameters_are_indexed() {
-    let error = Indexes::parse("common,Observation.date").expect_err("a date parameter");
+fn only_parameters_an_index_can_answer_are_indexed() {
+    let error = Indexes::parse("common,Observation.value-quantity").expect_err("a quantity");
     assert!(
         error
             .to_string()
-            .contains("indexes serve token and reference"),
+            .contains("indexes serve token, reference, string, date"),
         "{error}"
     );
 }

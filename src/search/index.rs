@@ -1,16 +1,28 @@
-//! Search indexes: a GIN index per (type, parameter) on the parameter's "terms", an IMMUTABLE
-//! SQL function of the `resource` column, so that PostgreSQL keeps the index up to date
-//! itself and `$load`/`$import` still stream through COPY.
+//! Search indexes: per (type, parameter), an IMMUTABLE SQL function of the `resource` column
+//! and an index on it, so that PostgreSQL keeps the index up to date itself and
+//! `$load`/`$import` still stream through COPY.
 //!
-//! The terms of a token value are `c<code>` (any system), `s<system>|<code>` and, without a
-//! system, `n<code>`; of a reference `<Type>/<id>`, `i<id>` and `u<uri>`. A criterion whose
-//! every value names its terms (`code`, `system|code`, `|code`; `Type/id`, `id`, a URL) gets
-//! `terms(resource) && ARRAY[...]` ahead of its exact condition: a superset of the matches
-//! that the index answers, the exact condition then deciding. Without the index the search
-//! is the same, only slower; `--search-indexes` says which exist (see `docs/search.md`).
+//! Each function is one expression of built-in functions (PostgreSQL inlines it, into the
+//! index and into the queries): what it costs per row on a load is what its jsonpath costs.
+//! - **token, reference**: the parameter's values as a jsonb array, in a GIN
+//!   `jsonb_path_ops` index; a criterion becomes containments of the shapes its values can
+//!   take (`[{"coding": [{"code": "x"}]}]`, `[{"resourceType": "Patient", "id": "1"}]`, ...).
+//! - **string**: the values' JSON text, case- and accent-folded, in a trigram index (the
+//!   `pg_trgm` extension): a prefix `smi` is the text containing `"smi`.
+//! - **date**: the one range spanning every value's instants, in a GiST index: a criterion
+//!   becomes "overlaps" of the range its prefix allows.
+//!
+//! Every such condition is a necessary one (a superset of the matches), put ahead of the
+//! criterion's exact condition, which decides. An index also serves a parameter whose
+//! values are a part of its own: `subject`'s serves `patient`
+//! (`Observation.subject.where(resolve() is Patient)`), `name`'s serves `family` and `given`.
+//! Without an index the search is the same, only slower; `--search-indexes` says which exist
+//! (see `docs/search.md`).
 
 use std::cell::Cell;
 use std::collections::BTreeSet;
+
+use serde_json::{json, Value};
 
 use super::query::{split_escaped, unescape, Criterion};
 use super::sql::{values_in, Binds, Level};
@@ -19,24 +31,29 @@ use crate::fhir::meta::SearchParam;
 use crate::resource_type::ResourceType;
 
 /// The parameter types an index can serve.
-pub const INDEXABLE_KINDS: &[&str] = &["token", "reference"];
+pub const INDEXABLE_KINDS: &[&str] = &["token", "reference", "string", "date"];
 
-/// What `--search-indexes common` creates: the references to a patient, subject and
-/// encounter, identifiers and codes of the types real data has most of. Not made unless asked
-/// for: the four on Observation make a `$load` into it about 5x slower (docs/search.md).
+/// Prefix of the name of every search index and its function (what start-up may drop).
+pub const PREFIX: &str = "fhirbox_si_";
+
+/// What `--search-indexes common` creates: references to a patient, subject and encounter,
+/// identifiers and codes of the types real data has most of, and a patient's name and birth
+/// date. Three on Observation cost a `$load` into it about a third more time
+/// (docs/search.md has the measurements).
 pub const COMMON_INDEXES: &[&str] = &[
     "Observation.code",
     "Observation.subject",
-    "Observation.patient",
     "Observation.encounter",
     "Condition.code",
-    "Condition.patient",
-    "Encounter.patient",
-    "Procedure.patient",
-    "MedicationRequest.patient",
-    "DiagnosticReport.patient",
+    "Condition.subject",
+    "Encounter.subject",
+    "Procedure.subject",
+    "MedicationRequest.subject",
+    "DiagnosticReport.subject",
     "Immunization.patient",
     "Patient.identifier",
+    "Patient.name",
+    "Patient.birthdate",
     "Practitioner.identifier",
     "Organization.identifier",
 ];
@@ -46,6 +63,14 @@ pub const COMMON_INDEXES: &[&str] = &[
 pub struct Indexes(BTreeSet<(String, String)>);
 
 static NONE: Indexes = Indexes(BTreeSet::new());
+
+/// An index that can answer a criterion on some parameter: its function, its kind, and the
+/// reference type the parameter keeps (`patient` served by `subject`'s index).
+#[derive(Debug, Clone, Copy)]
+struct Served {
+    function_of: &'static SearchParam,
+    only_type: Option<&'static str>,
+}
 
 impl Indexes {
     /// No index (searches scan).
@@ -74,21 +99,73 @@ impl Indexes {
         self.0.contains(&(rt.name().to_string(), code.to_string()))
     }
 
-    /// Each index: its type, its parameter, the name of its terms function and of the index,
-    /// and the function's body (SQL from the R4 definitions only).
+    /// The index that answers criteria on `param` of `rt`, if one does.
+    fn serving(&self, rt: ResourceType, param: &SearchParam) -> Option<Served> {
+        self.0
+            .iter()
+            .filter(|(t, _)| t == rt.name())
+            .filter_map(|(t, code)| super::parameter(t, code))
+            .find_map(|indexed| serves(indexed, param))
+    }
+
+    /// Each index: its type, names, what it is built with, and its function's body (SQL
+    /// from the R4 definitions only).
     pub fn definitions(&self) -> Result<Vec<Definition>, SearchError> {
         self.0
             .iter()
             .map(|(t, code)| {
                 let (rt, param) = indexable(&format!("{t}.{code}"))?;
+                let name = object_name(rt, code);
+                let (returns, method) = match param.kind {
+                    "string" => ("text", format!("gin ({name}(resource) gin_trgm_ops)")),
+                    "date" => ("tstzrange", format!("gist ({name}(resource))")),
+                    _ => ("jsonb", format!("gin ({name}(resource) jsonb_path_ops)")),
+                };
                 Ok(Definition {
                     rt,
-                    function: function_name(rt, code),
-                    index: format!("fhirbox_sp_{}_{}", rt.table().trim_matches('"'), slug(code)),
-                    body: terms_sql(rt, param)?,
+                    function: name.clone(),
+                    index: name,
+                    returns,
+                    method,
+                    extension: (param.kind == "string").then_some("pg_trgm"),
+                    body: function_sql(rt, param)?,
                 })
             })
             .collect()
+    }
+}
+
+/// Whether the index on `indexed` answers criteria on `param` (the same parameter, or one
+/// whose values are some of its values).
+fn serves(indexed: &'static SearchParam, param: &SearchParam) -> Option<Served> {
+    let served = |only_type| {
+        Some(Served {
+            function_of: indexed,
+            only_type,
+        })
+    };
+    if indexed.code == param.code {
+        return served(None);
+    }
+    match (indexed.kind, param.kind) {
+        ("reference", "reference") => {
+            let rest = param.expression.strip_prefix(indexed.expression)?;
+            let target = rest
+                .strip_prefix(".where(resolve() is ")?
+                .strip_suffix(')')?;
+            let target = param.targets.iter().find(|t| **t == target)?;
+            served(Some(*target))
+        }
+        ("string", "string") => {
+            let rest = param.expression.strip_prefix(indexed.expression)?;
+            let simple = |c: char| c.is_ascii_alphanumeric() || c == '.';
+            if rest.starts_with('.') && rest.chars().all(simple) {
+                served(None)
+            } else {
+                None
+            }
+        }
+        _ => None,
     }
 }
 
@@ -98,7 +175,13 @@ pub struct Definition {
     pub rt: ResourceType,
     pub function: String,
     pub index: String,
-    /// `SELECT` of the terms of the function's argument `resource`, as a `text[]`.
+    /// The function's SQL type.
+    pub returns: &'static str,
+    /// `USING ...` of the index: its method and expression.
+    pub method: String,
+    /// The extension the index needs, if any.
+    pub extension: Option<&'static str>,
+    /// The expression the function returns, of its argument `resource`.
     pub body: String,
 }
 
@@ -116,7 +199,7 @@ fn indexable(entry: &str) -> Result<(ResourceType, &'static SearchParam), Search
         return Err(invalid(format!(
             "{entry} is a {} parameter; indexes serve {} parameters",
             param.kind,
-            INDEXABLE_KINDS.join(" and ")
+            INDEXABLE_KINDS.join(", ")
         )));
     }
     Ok((rt, param))
@@ -132,16 +215,13 @@ fn slug(code: &str) -> String {
         .collect()
 }
 
-fn function_name(rt: ResourceType, code: &str) -> String {
-    format!(
-        "fhirbox_terms_{}_{}",
-        rt.table().trim_matches('"'),
-        slug(code)
-    )
+/// The name of both the index and its function.
+fn object_name(rt: ResourceType, code: &str) -> String {
+    format!("{PREFIX}{}_{}", rt.table().trim_matches('"'), slug(code))
 }
 
-/// The function's body: the terms of every value of the parameter in `resource`.
-fn terms_sql(rt: ResourceType, param: &SearchParam) -> Result<String, SearchError> {
+/// The function's expression: the values, their folded text, or their span.
+fn function_sql(rt: ResourceType, param: &SearchParam) -> Result<String, SearchError> {
     let at = Level {
         rt,
         attributes: None,
@@ -149,33 +229,25 @@ fn terms_sql(rt: ResourceType, param: &SearchParam) -> Result<String, SearchErro
         depth: 0,
         indexes: Indexes::none(),
     };
-    let values = values_in(&at, param, &Cell::new(0))?;
-    let terms = match param.kind {
-        "token" => {
-            "SELECT 'c' || t.code FROM fhirbox_search_tokens(v) AS t WHERE t.code IS NOT NULL \
-             UNION ALL SELECT CASE WHEN t.system IS NULL THEN 'n' || t.code \
-             ELSE 's' || t.system || '|' || t.code END \
-             FROM fhirbox_search_tokens(v) AS t WHERE t.code IS NOT NULL"
-        }
-        _ => {
-            "SELECT (v ->> 'resourceType') || '/' || (v ->> 'id') \
-             UNION ALL SELECT 'i' || (v ->> 'id') UNION ALL SELECT 'u' || (v ->> 'uri')"
-        }
-    };
-    let objects = if param.kind == "token" {
-        ""
-    } else {
-        " WHERE jsonb_typeof(v) = 'object'"
-    };
-    Ok(format!(
-        "SELECT coalesce(array_agg(DISTINCT x) FILTER (WHERE x IS NOT NULL), '{{}}'::text[]) \
-         FROM jsonb_array_elements(coalesce({values}, '[]'::jsonb)) AS v, LATERAL ({terms}) AS t(x)\
-         {objects}"
-    ))
+    let values = format!(
+        "coalesce({}, '[]'::jsonb)",
+        values_in(&at, param, &Cell::new(0))?
+    );
+    Ok(match param.kind {
+        "string" => format!("fhirbox_search_norm({values}::text)"),
+        // No value: NULL, which no range overlaps. A Period ending before it starts still
+        // lies inside the span (least/greatest).
+        "date" => format!(
+            "(SELECT CASE WHEN count(*) > 0 THEN tstzrange(min(least(g.low, g.high)), \
+             max(greatest(g.low, g.high)), '[]') END \
+             FROM jsonb_array_elements({values}) AS v, fhirbox_search_ranges(v) AS g)"
+        ),
+        _ => values,
+    })
 }
 
-/// `terms(resource) && ARRAY[...]` for a criterion on `at`, when the parameter has an index
-/// there and every value of the criterion names its terms.
+/// The necessary condition an index gives for a criterion on `at`, when one serves the
+/// parameter and every value of the criterion can be put to it.
 pub(super) fn prefilter(
     at: &Level<'_>,
     criterion: &Criterion,
@@ -183,40 +255,88 @@ pub(super) fn prefilter(
     base_url: &str,
     binds: &mut Binds,
 ) -> Option<String> {
-    if criterion.modifier.is_some() || !at.indexes.contains(at.rt, param.code) {
-        return None;
-    }
-    let mut terms = Vec::new();
+    let served = at.indexes.serving(at.rt, param)?;
+    let function = format!(
+        "{}({})",
+        object_name(at.rt, served.function_of.code),
+        at.resource
+    );
+    let modifier = criterion.modifier.as_deref();
+    let mut alternatives = Vec::new();
     for value in &criterion.values {
-        terms.extend(match param.kind {
-            "token" => token_terms(value)?,
-            "reference" => reference_terms(value, base_url)?,
+        match param.kind {
+            "token" if modifier.is_none() => {
+                for shape in token_shapes(value)? {
+                    alternatives.push(format!(
+                        "{function} @> {}::jsonb",
+                        binds.bind(shape.to_string())
+                    ));
+                }
+            }
+            "reference" => {
+                let shape = reference_shape(value, base_url, modifier, served.only_type)?;
+                alternatives.push(format!(
+                    "{function} @> {}::jsonb",
+                    binds.bind(shape.to_string())
+                ));
+            }
+            "string" => alternatives.push(string_filter(&function, value, modifier, binds)?),
+            "date" if modifier.is_none() => {
+                alternatives.push(date_filter(&function, value, binds)?)
+            }
             _ => return None,
-        });
-    }
-    let array: Vec<String> = terms.into_iter().map(|t| binds.bind(t)).collect();
-    Some(format!(
-        "{}({}) && ARRAY[{}]",
-        function_name(at.rt, param.code),
-        at.resource,
-        array.join(", ")
-    ))
-}
-
-fn token_terms(value: &str) -> Option<Vec<String>> {
-    match split_escaped(value, '|').as_slice() {
-        [code] => Some(vec![format!("c{}", unescape(code))]),
-        ["", code] => Some(vec![format!("n{}", unescape(code))]),
-        [system, code] if !system.is_empty() && !code.is_empty() => {
-            Some(vec![format!("s{}|{}", unescape(system), unescape(code))])
         }
-        _ => None,
     }
+    (!alternatives.is_empty()).then(|| format!("({})", alternatives.join(" OR ")))
 }
 
-/// As `matchers::reference_test` reads a reference: this server's base dropped, any
-/// version, `Type/id`, a bare id, or another server's URL.
-fn reference_terms(value: &str, base_url: &str) -> Option<Vec<String>> {
+/// The shapes, as jsonb arrays of one value, that a token's matches contain: a
+/// CodeableConcept's Coding, a Coding, an Identifier or ContactPoint, a plain code (string,
+/// boolean or number), as `fhirbox_search_tokens` reads each.
+fn token_shapes(value: &str) -> Option<Vec<Value>> {
+    let (system, code) = match split_escaped(value, '|').as_slice() {
+        [code] | ["", code] if !code.is_empty() => (None, unescape(code)),
+        [system, code] if !system.is_empty() && !code.is_empty() => {
+            (Some(unescape(system)), unescape(code))
+        }
+        _ => return None,
+    };
+    let with_system = |mut object: Value| {
+        if let Some(system) = &system {
+            object["system"] = json!(system);
+        }
+        object
+    };
+    let mut shapes = vec![
+        json!([{ "coding": [with_system(json!({ "code": code }))] }]),
+        json!([with_system(json!({ "code": code }))]),
+        json!([with_system(json!({ "value": code }))]),
+    ];
+    if system.is_none() {
+        shapes.push(json!([code]));
+        if let Ok(plain) = serde_json::from_str::<Value>(&code) {
+            if plain.is_boolean() || plain.is_number() {
+                shapes.push(json!([plain]));
+            }
+        }
+    }
+    Some(shapes)
+}
+
+/// The shape of a reference's matches, as `matchers::reference_test` reads a reference: this
+/// server's base dropped, any version, `Type/id`, a bare id (typed by a `:Type` modifier or
+/// by the parameter an index serves), or another server's URL.
+fn reference_shape(
+    value: &str,
+    base_url: &str,
+    modifier: Option<&str>,
+    only_type: Option<&str>,
+) -> Option<Value> {
+    let type_modifier = match modifier {
+        None => None,
+        Some(t) if t.starts_with(char::is_uppercase) => Some(t),
+        Some(_) => return None,
+    };
     let value = unescape(value);
     let local = value
         .strip_prefix(base_url.trim_end_matches('/'))
@@ -224,17 +344,71 @@ fn reference_terms(value: &str, base_url: &str) -> Option<Vec<String>> {
         .unwrap_or(&value);
     let local = local.split("/_history/").next().unwrap_or(local);
     if local.contains("://") {
-        return Some(vec![format!("u{local}")]);
+        return Some(json!([{ "uri": local }]));
     }
-    match local.rsplit_once('/') {
-        Some((ty, id)) if !id.is_empty() => Some(vec![format!(
-            "{}/{id}",
-            ty.rsplit('/').next().unwrap_or(ty)
-        )]),
-        Some(_) => None,
-        None if local.is_empty() => None,
-        None => Some(vec![format!("i{local}")]),
+    let (ty, id) = match local.rsplit_once('/') {
+        Some((ty, id)) => (Some(ty.rsplit('/').next().unwrap_or(ty)), id),
+        None => (type_modifier.or(only_type), local),
+    };
+    if id.is_empty() {
+        return None;
     }
+    Some(match ty {
+        Some(ty) => json!([{ "resourceType": ty, "id": id }]),
+        None => json!([{ "id": id }]),
+    })
+}
+
+/// `text LIKE pattern` for a string criterion: the folded value after a quote (a part
+/// starting with it), anywhere (`:contains`), or between quotes (`:exact`). Values that
+/// JSON text escapes (a quote, a backslash, control characters) get no prefilter.
+fn string_filter(
+    function: &str,
+    value: &str,
+    modifier: Option<&str>,
+    binds: &mut Binds,
+) -> Option<String> {
+    let value = unescape(value);
+    if value.is_empty()
+        || value
+            .chars()
+            .any(|c| c == '"' || c == '\\' || c.is_control())
+    {
+        return None;
+    }
+    let (before, after) = match modifier {
+        None => ("%\"", "%"),
+        Some("contains") => ("%", "%"),
+        Some("exact") => ("%\"", "\"%"),
+        Some(_) => return None,
+    };
+    let folded = format!(
+        "replace(replace(replace(fhirbox_search_norm({}), '\\', '\\\\'), '%', '\\%'), '_', '\\_')",
+        binds.bind(value)
+    );
+    Some(format!(
+        "{function} LIKE '{before}' || {folded} || '{after}'"
+    ))
+}
+
+/// `span && range` for a date criterion: the instants a match must have some of, for each
+/// prefix as `matchers::date_test` decides it (`ne` and `ap` give none).
+fn date_filter(function: &str, value: &str, binds: &mut Binds) -> Option<String> {
+    let (prefix, date) = super::matchers::prefixed(value);
+    let range = match prefix {
+        "eq" => "tstzrange(w.low, w.high, '[]')",
+        "gt" => "tstzrange(w.high, NULL, '()')",
+        "lt" => "tstzrange(NULL, w.low, '()')",
+        "ge" => "tstzrange(w.low, NULL, '[)')",
+        "le" => "tstzrange(NULL, w.high, '(]')",
+        "sa" => "tstzrange(w.high, NULL, '[)')",
+        "eb" => "tstzrange(NULL, w.low, '(]')",
+        _ => return None,
+    };
+    let date = binds.bind(unescape(date));
+    Some(format!(
+        "{function} && (SELECT {range} FROM fhirbox_search_instant_range({date}) AS w)"
+    ))
 }
 
 #[cfg(test)]
@@ -251,7 +425,7 @@ mod tests {
         );
         assert!(Indexes::parse("none").expect("valid").0.is_empty());
         for (list, says) in [
-            ("Observation.date", "indexes serve"),
+            ("Observation.value-quantity", "indexes serve"),
             ("Observation.colour", "no search parameter"),
             ("Nothing.code", "not a FHIR resource type"),
             ("code", "Type.parameter"),
@@ -262,27 +436,63 @@ mod tests {
     }
 
     #[test]
-    fn values_name_the_terms_their_matches_hold() {
-        assert_eq!(token_terms("8302-2"), Some(vec!["c8302-2".into()]));
-        assert_eq!(token_terms("|x"), Some(vec!["nx".into()]));
+    fn an_index_serves_the_parameters_whose_values_are_part_of_its_own() {
+        let indexes = Indexes::parse("common").expect("valid");
+        let rt = |name| ResourceType::parse(name).expect("a type");
+        let param = |t, code| crate::search::parameter(t, code).expect("a parameter");
+        let served = indexes
+            .serving(rt("Observation"), param("Observation", "patient"))
+            .expect("subject's index serves patient");
+        assert_eq!(served.function_of.code, "subject");
+        assert_eq!(served.only_type, Some("Patient"));
+        let served = indexes
+            .serving(rt("Patient"), param("Patient", "family"))
+            .expect("name's index serves family");
+        assert_eq!(served.function_of.code, "name");
+        assert!(indexes
+            .serving(rt("Observation"), param("Observation", "performer"))
+            .is_none());
+        assert!(indexes
+            .serving(rt("Patient"), param("Patient", "address-city"))
+            .is_none());
+    }
+
+    #[test]
+    fn values_name_the_shapes_their_matches_hold() {
         assert_eq!(
-            token_terms("http://loinc.org|8302-2"),
-            Some(vec!["shttp://loinc.org|8302-2".into()])
+            token_shapes("http://loinc.org|8302-2").expect("shapes"),
+            vec![
+                json!([{"coding": [{"code": "8302-2", "system": "http://loinc.org"}]}]),
+                json!([{"code": "8302-2", "system": "http://loinc.org"}]),
+                json!([{"value": "8302-2", "system": "http://loinc.org"}]),
+            ]
         );
-        assert_eq!(token_terms("http://loinc.org|"), None);
+        assert_eq!(token_shapes("true").expect("shapes").len(), 5);
+        assert_eq!(token_shapes("|x").expect("shapes").len(), 4);
+        assert_eq!(token_shapes("http://loinc.org|"), None);
         let base = "http://h/fhir";
+        let reference = |value, modifier, only| reference_shape(value, base, modifier, only);
         assert_eq!(
-            reference_terms("Patient/1", base),
-            Some(vec!["Patient/1".into()])
+            reference("Patient/1", None, None),
+            Some(json!([{"resourceType": "Patient", "id": "1"}]))
         );
         assert_eq!(
-            reference_terms("http://h/fhir/Patient/1/_history/2", base),
-            Some(vec!["Patient/1".into()])
+            reference("http://h/fhir/Patient/1/_history/2", None, None),
+            Some(json!([{"resourceType": "Patient", "id": "1"}]))
         );
-        assert_eq!(reference_terms("1", base), Some(vec!["i1".into()]));
+        assert_eq!(reference("1", None, None), Some(json!([{"id": "1"}])));
         assert_eq!(
-            reference_terms("http://other/Patient/1", base),
-            Some(vec!["uhttp://other/Patient/1".into()])
+            reference("1", None, Some("Patient")),
+            Some(json!([{"resourceType": "Patient", "id": "1"}]))
+        );
+        assert_eq!(
+            reference("1", Some("Group"), None),
+            Some(json!([{"resourceType": "Group", "id": "1"}]))
+        );
+        assert_eq!(reference("1", Some("identifier"), None), None);
+        assert_eq!(
+            reference("http://other/Patient/1", None, None),
+            Some(json!([{"uri": "http://other/Patient/1"}]))
         );
     }
 }

@@ -80,7 +80,7 @@ pub(super) fn token_test(
 const PREFIXES: &[&str] = &["eq", "ne", "gt", "lt", "ge", "le", "sa", "eb", "ap"];
 
 /// A value's comparison prefix (default `eq`) and the rest.
-fn prefixed(value: &str) -> (&str, &str) {
+pub(super) fn prefixed(value: &str) -> (&str, &str) {
     match value.get(..2) {
         Some(p) if PREFIXES.contains(&p) && value.len() > 2 => (p, &value[2..]),
         _ => ("eq", value),

@@ -1,13 +1,13 @@
 //! The search indexes in force, made so at start-up: each configured (type, parameter) gets
-//! its terms function (`CREATE OR REPLACE`) and a GIN index on it; fhirbox's search indexes
-//! that are no longer configured are dropped. Names and function bodies come from the R4
-//! definitions and the checked configuration (`search::index`), never from a request.
+//! its function (`CREATE OR REPLACE`) and its index; fhirbox's search indexes that are no
+//! longer configured are dropped with their functions. Names and function bodies come from
+//! the R4 definitions and the checked configuration (`search::index`), never from a request.
 
 use super::{Connection, StoreError};
-use crate::search::index::Definition;
+use crate::search::index::{Definition, PREFIX};
 
-/// Prefix of every search index's name (what start-up may drop).
-const PREFIX: &str = "fhirbox_sp_";
+/// What earlier versions named their search indexes and functions (`text[]` terms): dropped.
+const LEGACY: (&str, &str) = ("fhirbox_sp_", "fhirbox_terms_");
 
 /// Makes the indexes of the database exactly `wanted`; the names of those created and
 /// dropped. Serialized with other start-ups (and migrations) by a transaction lock.
@@ -26,38 +26,50 @@ pub async fn apply(
     let existing: Vec<String> = tx
         .query(
             "SELECT indexname FROM pg_indexes
-              WHERE schemaname = current_schema() AND starts_with(indexname, $1)",
-            &[&PREFIX],
+              WHERE schemaname = current_schema()
+                AND (starts_with(indexname, $1) OR starts_with(indexname, $2))",
+            &[&PREFIX, &LEGACY.0],
         )
         .await?
         .iter()
         .map(|row| row.get(0))
         .collect();
+    let mut dropped = Vec::new();
+    for name in &existing {
+        if !wanted.iter().any(|d| &d.index == name) {
+            // Names read back from the catalog, of fhirbox's own prefixes.
+            let function = match name.strip_prefix(LEGACY.0) {
+                Some(rest) => format!("{}{rest}", LEGACY.1),
+                None => name.clone(),
+            };
+            tx.batch_execute(&format!(
+                "DROP INDEX IF EXISTS \"{name}\"; DROP FUNCTION IF EXISTS \"{function}\"(jsonb)"
+            ))
+            .await?;
+            dropped.push(name.clone());
+        }
+    }
     let mut created = Vec::new();
     for definition in wanted {
+        if let Some(extension) = definition.extension {
+            tx.batch_execute(&format!("CREATE EXTENSION IF NOT EXISTS {extension}"))
+                .await?;
+        }
         tx.batch_execute(&format!(
-            "CREATE OR REPLACE FUNCTION {}(resource jsonb) RETURNS text[]
-             LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $fn$ {} $fn$",
-            definition.function, definition.body
+            "CREATE OR REPLACE FUNCTION {}(resource jsonb) RETURNS {}
+             LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $fn$ SELECT {} $fn$",
+            definition.function, definition.returns, definition.body
         ))
         .await?;
         if !existing.contains(&definition.index) {
             tx.batch_execute(&format!(
-                "CREATE INDEX IF NOT EXISTS {} ON {} USING gin ({}(resource))",
+                "CREATE INDEX IF NOT EXISTS {} ON {} USING {}",
                 definition.index,
                 definition.rt.table(),
-                definition.function
+                definition.method
             ))
             .await?;
             created.push(definition.index.clone());
-        }
-    }
-    let mut dropped = Vec::new();
-    for name in existing {
-        if !wanted.iter().any(|d| d.index == name) {
-            tx.batch_execute(&format!("DROP INDEX IF EXISTS \"{name}\""))
-                .await?;
-            dropped.push(name);
         }
     }
     tx.commit().await?;
