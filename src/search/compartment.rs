@@ -67,5 +67,21 @@ pub(super) fn compartment_sql(
             counter,
         )?);
     }
-    Ok(format!("({})", alternatives.join(" OR ")))
+    let exact = format!("({})", alternatives.join(" OR "));
+    // The compartment index `$export` keeps (the ids of the Patients a resource refers to
+    // through the compartment's paths) holds every match: it goes first.
+    if crate::store::export::compartment_paths(at.rt.name()).is_none() {
+        return Ok(exact);
+    }
+    let function = crate::store::export::patients_function(at.rt);
+    let bound = binds.bind(unescape(id));
+    let indexed = if at.rt.name() == "Patient" {
+        format!(
+            "({row}.id = {bound} OR {function}({}) ? {bound})",
+            at.resource
+        )
+    } else {
+        format!("{function}({}) ? {bound}", at.resource)
+    };
+    Ok(format!("({indexed} AND {exact})"))
 }

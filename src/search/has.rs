@@ -1,7 +1,7 @@
 //! Reverse chains: `Patient?_has:Observation:subject:code=1234` is the Patients that some
-//! Observation refers to (by its `subject`) and that has code 1234. An EXISTS on the other
-//! type's table, whose reference parameter points at this row, with the rest compiled
-//! against it (which may be another `_has`).
+//! Observation refers to (by its `subject`) and that has code 1234: this row's id among the
+//! ids that the other type's matches (the rest compiled against them, which may be another
+//! `_has`) refer to through that parameter.
 
 use std::cell::Cell;
 
@@ -109,10 +109,12 @@ pub(super) fn has_sql(
     let references = values_in(&inner, reference, counter)?;
     let here = binds.bind(at.rt.name());
     let condition = conditions_sql(&inner, &[(nested, nested_param)], base_url, binds, counter)?;
+    // Uncorrelated: the other type's matches are found once (on their own indexes), and
+    // the ids they refer to are looked up here by primary key.
     Ok(format!(
-        "EXISTS (SELECT 1 FROM {} AS {alias} WHERE EXISTS (SELECT 1 FROM \
+        "{row}.id IN (SELECT v ->> 'id' FROM {} AS {alias}, \
          jsonb_array_elements(coalesce({references}, '[]'::jsonb)) AS v \
-         WHERE v ->> 'resourceType' = {here} AND v ->> 'id' = {row}.id) AND {condition})",
+         WHERE v ->> 'resourceType' = {here} AND {condition})",
         rt.table()
     ))
 }

@@ -8,6 +8,7 @@
 //! page's resources. `:iterate` applies again to what was included, at most [`MAX_ROUNDS`]
 //! times. Types the subject may not read are left out (and said so), never read.
 
+use super::index::Indexes;
 use std::cell::Cell;
 use std::collections::HashSet;
 
@@ -136,6 +137,7 @@ pub async fn included(
     client: &impl GenericClient,
     matches: &[StoredResource],
     includes: &[Include],
+    indexes: &Indexes,
     allowed: &HashSet<ResourceType>,
     max: usize,
 ) -> Result<Included, RunError> {
@@ -146,7 +148,7 @@ pub async fn included(
     for round in 0..=MAX_ROUNDS {
         let mut found = Vec::new();
         for include in includes.iter().filter(|i| round == 0 || i.iterate) {
-            for (rt, mut resources) in one(client, &frontier, include, max).await? {
+            for (rt, mut resources) in one(client, &frontier, include, indexes, max).await? {
                 if !allowed.contains(&rt) {
                     let note =
                         format!("{rt} resources were not included: this subject may not read them");
@@ -186,6 +188,7 @@ async fn one(
     client: &impl GenericClient,
     from: &[StoredResource],
     include: &Include,
+    indexes: &Indexes,
     max: usize,
 ) -> Result<Vec<(ResourceType, Vec<StoredResource>)>, RunError> {
     let limit = max as i64 + 1;
@@ -203,7 +206,7 @@ async fn one(
             return Ok(Vec::new());
         }
         let filter = PageFilter {
-            condition: Some(referring(include, &refs)?),
+            condition: Some(referring(include, &refs, indexes)?),
             ..PageFilter::default()
         };
         return Ok(vec![(include.source, page(include.source, filter).await?)]);
@@ -218,7 +221,11 @@ async fn one(
     }
     let mut targets: Vec<(String, String)> = Vec::new();
     for param in &include.params {
-        let values = values_in(&level(include.source), param, &Cell::new(0))?;
+        let values = values_in(
+            &level(include.source, Indexes::none()),
+            param,
+            &Cell::new(0),
+        )?;
         for (ty, id) in statements::references(client, include.source, &ids, &values, limit).await?
         {
             let wanted =
@@ -247,29 +254,41 @@ async fn one(
     Ok(out)
 }
 
-fn level(rt: ResourceType) -> Level<'static> {
+fn level(rt: ResourceType, indexes: &Indexes) -> Level<'_> {
     Level {
         rt,
         attributes: None,
         resource: "r.resource".into(),
         depth: 0,
-        indexes: super::index::Indexes::none(),
+        indexes,
     }
 }
 
 /// The condition "refers to one of `refs` (`Type/id`) through one of the include's
-/// parameters", on the source type's rows; the references are one bound JSON array.
-fn referring(include: &Include, refs: &[String]) -> Result<super::Condition, SearchError> {
+/// parameters", on the source type's rows; the references are one bound JSON array. An
+/// index on a parameter puts its containments ahead (the exact test then decides).
+fn referring(
+    include: &Include,
+    refs: &[String],
+    indexes: &Indexes,
+) -> Result<super::Condition, SearchError> {
     let mut binds = Binds::new();
     let list = binds.bind(serde_json::Value::from(refs.to_vec()).to_string());
+    let at = level(include.source, indexes);
     let mut alternatives = Vec::new();
     for param in &include.params {
-        let values = values_in(&level(include.source), param, &Cell::new(0))?;
-        alternatives.push(format!(
+        let values = values_in(&at, param, &Cell::new(0))?;
+        let exact = format!(
             "EXISTS (SELECT 1 FROM jsonb_array_elements(coalesce({values}, '[]'::jsonb)) AS v \
              WHERE (v ->> 'resourceType') || '/' || (v ->> 'id') \
                    IN (SELECT jsonb_array_elements_text({list}::jsonb)))"
-        ));
+        );
+        alternatives.push(
+            match super::index::referring_any(&at, param, refs, &mut binds) {
+                Some(indexed) => format!("({indexed} AND {exact})"),
+                None => exact,
+            },
+        );
     }
     if alternatives.is_empty() {
         alternatives.push("false".into());

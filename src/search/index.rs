@@ -290,6 +290,73 @@ pub(super) fn prefilter(
     (!alternatives.is_empty()).then(|| format!("({})", alternatives.join(" OR ")))
 }
 
+/// The names a chain's join uses: the type it goes to (its name, and the bind holding it),
+/// that type's table and alias, and the alias of this type's rows that refer to it.
+pub(super) struct Join<'a> {
+    pub target: &'a str,
+    pub target_sql: &'a str,
+    pub target_table: &'a str,
+    pub alias: &'a str,
+    pub via: &'a str,
+}
+
+/// A chain through `param` as a semi-join on the index serving it: the rows of `at` that
+/// some row of the target meeting `condition` is referred to by. Exact, not a prefilter:
+/// the index holds the parameter's values, and a value holding `{resourceType, id}` of the
+/// match is a reference to it. PostgreSQL starts from the matches (found on their own
+/// indexes) and probes this index for each.
+pub(super) fn chain_join(
+    at: &Level<'_>,
+    param: &SearchParam,
+    join: &Join<'_>,
+    condition: &str,
+) -> Option<String> {
+    let row = at.resource.strip_suffix(".resource")?;
+    let served = at.indexes.serving(at.rt, param)?;
+    if served.only_type.is_some_and(|t| t != join.target) {
+        return None;
+    }
+    let Join {
+        target_sql,
+        target_table,
+        alias,
+        via,
+        ..
+    } = join;
+    Some(format!(
+        "{row}.id IN (SELECT {via}.id FROM {target_table} AS {alias} JOIN {} AS {via} \
+         ON {}({via}.resource) @> jsonb_build_array(jsonb_build_object('resourceType', \
+         {target_sql}, 'id', {alias}.id)) WHERE {condition})",
+        at.rt.table(),
+        object_name(at.rt, served.function_of.code),
+    ))
+}
+
+/// `Source:param` of a `_revinclude` referring to one of `refs` (`Type/id`) through the index
+/// serving it, as containments: a prefilter of the exact condition.
+pub(super) fn referring_any(
+    at: &Level<'_>,
+    param: &SearchParam,
+    refs: &[String],
+    binds: &mut Binds,
+) -> Option<String> {
+    let served = at.indexes.serving(at.rt, param)?;
+    let function = format!(
+        "{}({})",
+        object_name(at.rt, served.function_of.code),
+        at.resource
+    );
+    let alternatives: Vec<String> = refs
+        .iter()
+        .filter_map(|r| r.split_once('/'))
+        .map(|(ty, id)| {
+            let shape = json!([{ "resourceType": ty, "id": id }]).to_string();
+            format!("{function} @> {}::jsonb", binds.bind(shape))
+        })
+        .collect();
+    (!alternatives.is_empty()).then(|| format!("({})", alternatives.join(" OR ")))
+}
+
 /// The shapes, as jsonb arrays of one value, that a token's matches contain: a
 /// CodeableConcept's Coding, a Coding, an Identifier or ContactPoint, a plain code (string,
 /// boolean or number), as `fhirbox_search_tokens` reads each.

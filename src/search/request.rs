@@ -82,6 +82,8 @@ pub struct Plan {
     pub said: Vec<(String, String)>,
     /// Parameters ignored as unknown (lenient handling), to be said so.
     pub ignored: Vec<String>,
+    /// The search indexes in force (includes use them too).
+    pub indexes: Indexes,
 }
 
 impl Plan {
@@ -107,6 +109,7 @@ impl Plan {
             after: None,
             said: Vec::new(),
             ignored: Vec::new(),
+            indexes: indexes.clone(),
         };
         let mut criteria = Vec::new();
         let mut cursor = None;

@@ -58,6 +58,7 @@ pub async fn run(
             &client,
             &page.matches,
             &plan.includes,
+            &plan.indexes,
             readable,
             limits.max_included,
         )

@@ -176,6 +176,10 @@ pub(super) fn conditions_sql(
             }
             _ => {}
         }
+        if let Some(ids) = ids_sql(at, criterion, param, binds) {
+            parts.push(ids);
+            continue;
+        }
         let values = values_of(&scope, &focus, criterion, param)?;
         parts.push(match (param.kind, criterion.modifier.as_deref()) {
             _ if criterion.chain.is_some() => {
@@ -200,6 +204,26 @@ pub(super) fn conditions_sql(
         }
     }
     Ok(parts.join(" AND "))
+}
+
+/// `_id=a,b` as the row's own column (its primary key), where the row has an alias: what
+/// a chain's or a `_has`'s other type is looked up by.
+fn ids_sql(
+    at: &Level<'_>,
+    criterion: &Criterion,
+    param: &SearchParam,
+    binds: &mut Binds,
+) -> Option<String> {
+    let row = at.resource.strip_suffix(".resource")?;
+    if param.code != "_id" || criterion.modifier.is_some() || criterion.chain.is_some() {
+        return None;
+    }
+    let ids: Vec<String> = criterion
+        .values
+        .iter()
+        .map(|v| binds.bind(super::query::unescape(v)))
+        .collect();
+    Some(format!("{row}.id IN ({})", ids.join(", ")))
 }
 
 /// A chained criterion (`subject:Patient.name=peter`): a reference to a resource of the
@@ -261,7 +285,19 @@ fn chain_sql(
         binds,
         scope.counter,
     )?;
-    let target = binds.bind(target);
+    let target_sql = binds.bind(target);
+    let via = scope.fresh("via");
+    let through = super::index::Join {
+        target,
+        target_sql: &target_sql,
+        target_table: &target_rt.table(),
+        alias: &alias,
+        via: &via,
+    };
+    if let Some(joined) = super::index::chain_join(at, param, &through, &condition) {
+        return Ok(joined);
+    }
+    let target = target_sql;
     Ok(format!(
         "EXISTS (SELECT 1 FROM jsonb_array_elements(coalesce({values}, '[]'::jsonb)) AS v \
          WHERE v ->> 'resourceType' = {target} AND EXISTS (SELECT 1 FROM {} AS {alias} \
