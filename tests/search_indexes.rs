@@ -204,6 +204,63 @@ async fn the_configured_indexes_exist_and_searches_use_them() {
         Some(1),
         "no index, same answer"
     );
+
+    // A function that computes something else than this version's (as after an upgrade that
+    // changed it) gets its index built again at start-up.
+    let encounter = json!({"resourceType": "Encounter", "id": "e1", "status": "finished",
+        "class": {"system": "http://terminology.hl7.org/CodeSystem/v3-ActCode", "code": "AMB"}});
+    let (status, _) = server
+        .json(Method::PUT, "/fhir/Encounter/e1", &encounter)
+        .await;
+    assert!(status.is_success());
+    let source = "SELECT prosrc FROM pg_proc WHERE proname = 'fhirbox_si_encounter_class'";
+    let wanted: String = db.query_one(source, &[]).await.expect("read").get(0);
+    drop(server);
+    db.batch_execute(
+        "CREATE OR REPLACE FUNCTION fhirbox_si_encounter_class(resource jsonb) RETURNS jsonb
+           LANGUAGE sql IMMUTABLE AS $$ SELECT '[]'::jsonb $$;
+         REINDEX INDEX fhirbox_si_encounter_class;
+         SET enable_seqscan = off",
+    )
+    .await
+    .expect("an index built by another function");
+    let through_index = "SELECT count(*) FROM encounter
+        WHERE fhirbox_si_encounter_class(resource) @> '[{\"code\": \"AMB\"}]'";
+    let found: i64 = db
+        .query_one(through_index, &[])
+        .await
+        .expect("count")
+        .get(0);
+    assert_eq!(found, 0, "the stale index misses e1");
+    let server = TestServer::start_custom(database, |settings| {
+        settings.http.search_indexes = Arc::new(Indexes::parse("Encounter.class").expect("valid"));
+    })
+    .await;
+    // A new session: an old one keeps the index's expression as it first read it.
+    let db = server.db().await;
+    let now: String = db.query_one(source, &[]).await.expect("read").get(0);
+    assert_eq!(now, wanted);
+    db.batch_execute("SET enable_seqscan = off")
+        .await
+        .expect("set");
+    let plan: Vec<String> = db
+        .query(&format!("EXPLAIN {through_index}"), &[])
+        .await
+        .expect("explain")
+        .iter()
+        .map(|row| row.get(0))
+        .collect();
+    assert!(
+        plan.join("\n")
+            .contains("Index Scan on fhirbox_si_encounter_class"),
+        "{plan:?}"
+    );
+    let found: i64 = db
+        .query_one(through_index, &[])
+        .await
+        .expect("count")
+        .get(0);
+    assert_eq!(found, 1, "the index was built again");
 }
 
 #[test]

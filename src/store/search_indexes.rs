@@ -55,13 +55,32 @@ pub async fn apply(
             tx.batch_execute(&format!("CREATE EXTENSION IF NOT EXISTS {extension}"))
                 .await?;
         }
+        // An index holds what its function computed: when this version computes something
+        // else (another body), the index is built again, not left answering the old way.
+        let source = format!(" SELECT {} ", definition.body);
+        let current: Option<String> = tx
+            .query_opt(
+                "SELECT prosrc FROM pg_proc
+                  WHERE proname = $1 AND pronamespace = current_schema()::regnamespace",
+                &[&definition.function],
+            )
+            .await?
+            .map(|row| row.get(0));
+        let stale = current.is_some_and(|current| current != source);
+        if stale {
+            tx.batch_execute(&format!(
+                "DROP INDEX IF EXISTS {}; DROP FUNCTION IF EXISTS {}(jsonb)",
+                definition.index, definition.function
+            ))
+            .await?;
+        }
         tx.batch_execute(&format!(
             "CREATE OR REPLACE FUNCTION {}(resource jsonb) RETURNS {}
-             LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $fn$ SELECT {} $fn$",
-            definition.function, definition.returns, definition.body
+             LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $fn${source}$fn$",
+            definition.function, definition.returns
         ))
         .await?;
-        if !existing.contains(&definition.index) {
+        if stale || !existing.contains(&definition.index) {
             tx.batch_execute(&format!(
                 "CREATE INDEX IF NOT EXISTS {} ON {} USING {}",
                 definition.index,
