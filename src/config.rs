@@ -212,17 +212,23 @@ pub struct ServeArgs {
     #[arg(long, env = "FHIRBOX_SEARCH_MAX_PARAMETERS", default_value_t = 50)]
     pub search_max_parameters: usize,
 
-    /// The search indexes: `none`, `common` (references to patients, subjects and
-    /// encounters, codes and identifiers of the common types: fast searches, slower bulk
-    /// loads; see docs/search.md), and `Type.parameter` entries (token and reference
-    /// parameters), comma-separated. Made so at start-up: configured ones created, others
-    /// that fhirbox made dropped.
-    #[arg(long, env = "FHIRBOX_SEARCH_INDEXES", default_value = "none")]
+    /// The search indexes: `common` (references to patients, subjects and encounters, codes
+    /// and identifiers of the common types, a patient's name and birth date: fast searches,
+    /// a load into Observation about a third slower; see docs/search.md), `none` (for a
+    /// server that is only loaded and dumped), and `Type.parameter` entries (token,
+    /// reference, string and date parameters), comma-separated. Made so at start-up:
+    /// configured ones created, others that fhirbox made dropped.
+    #[arg(long, env = "FHIRBOX_SEARCH_INDEXES", default_value = "common")]
     pub search_indexes: String,
 
     /// Most resources `_include` and `_revinclude` may add to one search page.
     #[arg(long, env = "FHIRBOX_SEARCH_MAX_INCLUDED", default_value_t = 1000)]
     pub search_max_included: usize,
+
+    /// Longest one search's statements may run, in milliseconds (the page, its total and its
+    /// includes, together): past it, a 408 that says so.
+    #[arg(long, env = "FHIRBOX_SEARCH_TIMEOUT_MS", default_value_t = 30_000)]
+    pub search_timeout_ms: u64,
 
     /// Most rows one view may output: a run, each view of an export, a materialization.
     #[arg(long, env = "FHIRBOX_VIEW_MAX_ROWS", default_value_t = 100_000_000)]

@@ -306,6 +306,7 @@ async fn serve_with_database(
                 max_values: args.search_max_values.max(1),
                 max_parameters: args.search_max_parameters.max(1),
                 max_included: args.search_max_included,
+                timeout: std::time::Duration::from_millis(args.search_timeout_ms.max(1)),
             },
             base_url: args.base_url.clone(),
             listen_base: (!bound.ip().is_unspecified()).then(|| {

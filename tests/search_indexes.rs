@@ -70,7 +70,7 @@ async fn plan_of(server: &TestServer, type_name: &str, query: &str) -> String {
 #[tokio::test]
 async fn the_configured_indexes_exist_and_searches_use_them() {
     let database = common::fresh_database().await;
-    // The harness's servers run with the common set (the server's default is none).
+    // The harness's servers run with the common set (the server's default).
     let server = TestServer::start_custom(database.clone(), |_| {}).await;
     let names = index_names(&server).await;
     assert_eq!(names.len(), COMMON_INDEXES.len(), "{names:?}");

@@ -460,6 +460,12 @@ impl From<RunError> for ApiError {
     fn from(error: RunError) -> ApiError {
         match error {
             RunError::Search(error) => error.into(),
+            RunError::Store(error) if error.is_timeout() => ApiError::new(
+                StatusCode::REQUEST_TIMEOUT,
+                "timeout",
+                "the search ran longer than this server allows (--search-timeout-ms): \
+                 narrow it with a more selective parameter, or one with an index",
+            ),
             RunError::Store(error) => error.into(),
         }
     }

@@ -23,6 +23,8 @@ pub struct Limits {
     pub max_parameters: usize,
     /// Resources `_include`/`_revinclude` may add to one page.
     pub max_included: usize,
+    /// How long one search's statements may run, together.
+    pub timeout: std::time::Duration,
 }
 
 impl Default for Limits {
@@ -33,6 +35,7 @@ impl Default for Limits {
             max_values: 100,
             max_parameters: 50,
             max_included: 1000,
+            timeout: std::time::Duration::from_secs(30),
         }
     }
 }

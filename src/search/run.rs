@@ -31,12 +31,17 @@ pub async fn run(
     readable: &HashSet<ResourceType>,
     limits: &Limits,
 ) -> Result<Page, RunError> {
-    let client = store.connection().await?;
+    let mut conn = store.connection().await?;
+    let client = statements::read_transaction(&mut conn, limits.timeout).await?;
     let mut page = Page::default();
     if plan.total {
         page.total = Some(statements::count(&client, plan.rt, &plan.filter).await?);
     }
     if plan.count_only || plan.count == 0 {
+        client
+            .commit()
+            .await
+            .map_err(crate::store::StoreError::from)?;
         return Ok(page);
     }
     let mut rows = statements::page(
@@ -66,5 +71,9 @@ pub async fn run(
         page.included = found.resources;
         page.notes = found.notes;
     }
+    client
+        .commit()
+        .await
+        .map_err(crate::store::StoreError::from)?;
     Ok(page)
 }

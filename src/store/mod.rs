@@ -96,6 +96,12 @@ impl StoreError {
     }
 
     /// Whether the database is unreachable (as opposed to having rejected a statement).
+    /// Whether PostgreSQL cancelled the statement (its `statement_timeout` ran out).
+    pub fn is_timeout(&self) -> bool {
+        matches!(self, StoreError::Db(error)
+            if error.code() == Some(&tokio_postgres::error::SqlState::QUERY_CANCELED))
+    }
+
     pub fn is_unavailable(&self) -> bool {
         match self {
             StoreError::Pool(_) | StoreError::PoolBuild(_) => true,

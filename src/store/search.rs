@@ -227,6 +227,23 @@ pub async fn references(
     Ok(rows.iter().map(|row| (row.get(0), row.get(1))).collect())
 }
 
+/// The transaction one search reads in: its statements together may run `timeout`, and
+/// are planned without JIT compilation (which costs a search over many rows more than it
+/// saves: 25-55 ms of a 45 ms chain, measured at 1M resources).
+pub async fn read_transaction(
+    conn: &mut super::Connection,
+    timeout: std::time::Duration,
+) -> Result<deadpool_postgres::Transaction<'_>, StoreError> {
+    let tx = conn.build_transaction().read_only(true).start().await?;
+    // A number fhirbox prints, never request text.
+    tx.batch_execute(&format!(
+        "SET LOCAL jit = off; SET LOCAL statement_timeout = {}",
+        timeout.as_millis().max(1)
+    ))
+    .await?;
+    Ok(tx)
+}
+
 /// Serializes the conditional writes of one type until the transaction ends (an advisory
 /// lock keyed by the table): two conditional creates of the same identifier cannot both
 /// find nothing and both create. Writes that are not conditional do not wait for it.

@@ -52,8 +52,19 @@ pub async fn apply(
     let mut created = Vec::new();
     for definition in wanted {
         if let Some(extension) = definition.extension {
-            tx.batch_execute(&format!("CREATE EXTENSION IF NOT EXISTS {extension}"))
-                .await?;
+            // A database fhirbox does not own may refuse: say what to do about it.
+            if let Err(error) = tx
+                .batch_execute(&format!("CREATE EXTENSION IF NOT EXISTS {extension}"))
+                .await
+            {
+                return Err(StoreError::Invalid(format!(
+                    "the search index {} needs the {extension} extension, which could not be \
+                     created ({}): have the database owner run CREATE EXTENSION {extension}, \
+                     or leave that index out of --search-indexes",
+                    definition.index,
+                    StoreError::from(error)
+                )));
+            }
         }
         // An index holds what its function computed: when this version computes something
         // else (another body), the index is built again, not left answering the old way.
