@@ -304,7 +304,9 @@ pub(super) struct Join<'a> {
 /// some row of the target meeting `condition` is referred to by. Exact, not a prefilter:
 /// the index holds the parameter's values, and a value holding `{resourceType, id}` of the
 /// match is a reference to it. PostgreSQL starts from the matches (found on their own
-/// indexes) and probes this index for each.
+/// indexes) and probes this index for each; `OFFSET 0` keeps it from walking this type in
+/// page order instead, probing each row against the matches (713 ms against 25 ms for
+/// `Encounter?subject:Patient.identifier=...` at 1M resources, measured).
 pub(super) fn chain_join(
     at: &Level<'_>,
     param: &SearchParam,
@@ -326,7 +328,7 @@ pub(super) fn chain_join(
     Some(format!(
         "{row}.id IN (SELECT {via}.id FROM {target_table} AS {alias} JOIN {} AS {via} \
          ON {}({via}.resource) @> jsonb_build_array(jsonb_build_object('resourceType', \
-         {target_sql}, 'id', {alias}.id)) WHERE {condition})",
+         {target_sql}, 'id', {alias}.id)) WHERE {condition} OFFSET 0)",
         at.rt.table(),
         object_name(at.rt, served.function_of.code),
     ))
