@@ -417,6 +417,112 @@ async fn chains_follow_references_to_the_resources_they_name() {
 }
 
 #[tokio::test]
+async fn identifiers_match_by_their_type_and_references_by_their_identifier() {
+    let server = TestServer::start().await;
+    let mr = json!({"coding": [{"system": "http://terminology.hl7.org/CodeSystem/v2-0203", "code": "MR"}]});
+    for (id, identifier) in [
+        ("a", json!({"system": "urn:mrn", "value": "9", "type": mr})),
+        ("b", json!({"system": "urn:mrn", "value": "9"})),
+        ("c", json!({"value": "9", "type": mr})),
+    ] {
+        let patient = json!({"resourceType": "Patient", "id": id, "identifier": [identifier]});
+        let (status, body) = server
+            .json(Method::PUT, &format!("/fhir/Patient/{id}"), &patient)
+            .await;
+        assert!(status.is_success(), "{body}");
+    }
+    for (id, subject) in [
+        (
+            "x",
+            json!({"identifier": {"system": "urn:mrn", "value": "9"}}),
+        ),
+        (
+            "y",
+            json!({"identifier": {"value": "9"}, "display": "someone"}),
+        ),
+        ("z", json!({"reference": "Patient/a"})),
+    ] {
+        let observation = json!({"resourceType": "Observation", "id": id, "status": "final",
+            "code": {"text": "x"}, "subject": subject});
+        let (status, body) = server
+            .json(
+                Method::PUT,
+                &format!("/fhir/Observation/{id}"),
+                &observation,
+            )
+            .await;
+        assert!(status.is_success(), "{body}");
+    }
+    let v2 = "http://terminology.hl7.org/CodeSystem/v2-0203";
+    for (query, expected) in [
+        (
+            format!("Patient?identifier:of-type={v2}|MR|9"),
+            vec!["a", "c"],
+        ),
+        (format!("Patient?identifier:of-type={v2}|SS|9"), vec![]),
+        (
+            format!("Patient?identifier:of-type={v2}|MR|8,{v2}|MR|9"),
+            vec!["a", "c"],
+        ),
+        ("Observation?subject:identifier=urn:mrn|9".into(), vec!["x"]),
+        ("Observation?subject:identifier=9".into(), vec!["x", "y"]),
+        ("Observation?subject:identifier=|9".into(), vec!["y"]),
+        ("Observation?subject:identifier=urn:mrn|".into(), vec!["x"]),
+        ("Observation?subject:identifier=urn:other|9".into(), vec![]),
+    ] {
+        let (status, bundle) = server.get(&format!("/fhir/{query}")).await;
+        assert_eq!(status, StatusCode::OK, "{query}: {bundle}");
+        assert_eq!(ids_of(&bundle), expected, "{query}");
+    }
+    for query in [
+        "Patient?identifier:of-type=MR|9",
+        "Patient?identifier:of-type=|MR|9",
+    ] {
+        let (status, outcome) = server.get(&format!("/fhir/{query}")).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{query}: {outcome}");
+    }
+}
+
+#[tokio::test]
+async fn a_list_names_the_resources_it_holds() {
+    let server = TestServer::start().await;
+    chain_world(&server).await;
+    let list = json!({"resourceType": "List", "id": "l1", "status": "current", "mode": "working",
+        "entry": [
+            {"item": {"reference": "Observation/o1"}},
+            {"item": {"reference": "Observation/o3"}, "deleted": true},
+            {"item": {"reference": "Patient/p2"}},
+            {"item": {"reference": "Observation/o4"}}]});
+    let (status, body) = server.json(Method::PUT, "/fhir/List/l1", &list).await;
+    assert!(status.is_success(), "{body}");
+    for (query, expected) in [
+        ("Observation?_list=l1", vec!["o1", "o4"]),
+        ("Observation?_list=l1&status=final", vec!["o1", "o4"]),
+        ("Patient?_list=l1", vec!["p2"]),
+        ("Observation?_list=nothing,l1", vec!["o1", "o4"]),
+        ("Observation?_list=nothing", vec![]),
+    ] {
+        let (status, bundle) = server.get(&format!("/fhir/{query}")).await;
+        assert_eq!(status, StatusCode::OK, "{query}: {bundle}");
+        assert_eq!(ids_of(&bundle), expected, "{query}");
+    }
+    let (status, outcome) = server
+        .get("/fhir/Observation?_list=$current-allergies")
+        .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{outcome}");
+    // Not in a _typeFilter: an export's authorization does not look at the List.
+    let (status, _, _) = common::export::kick_off(
+        &server,
+        Method::GET,
+        "/fhir/$export?_type=Observation&_typeFilter=Observation%3F_list%3Dl1",
+        None,
+        &[],
+    )
+    .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+}
+
+#[tokio::test]
 async fn a_chain_cannot_read_a_type_its_client_may_not_search() {
     let (server, get) = searcher_of("/fhir/Observation").await;
     let (status, bundle) = server
@@ -430,6 +536,8 @@ async fn a_chain_cannot_read_a_type_its_client_may_not_search() {
     for query in [
         "/fhir/Observation?subject:Patient.name=smith",
         "/fhir/Observation?subject:Patient.organization.name=acme",
+        // Which observations some List holds: it reads the List.
+        "/fhir/Observation?_list=l1",
     ] {
         let (status, outcome) = server.send(get(&server, query)).await;
         assert_eq!(status, StatusCode::FORBIDDEN, "{query}: {outcome}");

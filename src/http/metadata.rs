@@ -46,13 +46,14 @@ fn modifiers(kind: &str) -> &'static str {
     match kind {
         "string" => "modifiers :exact, :contains, :missing; _sort",
         "token" => {
-            "forms code, system|code, |code, system|; modifiers :not, :text, :missing; _sort"
+            "forms code, system|code, |code, system|; modifiers :not, :text, :of-type \
+             (system|code|value, on Identifiers), :missing; _sort"
         }
         "date" => "prefixes eq ne gt lt ge le sa eb ap; modifier :missing; _sort",
         "number" | "quantity" => "prefixes eq ne gt lt ge le sa eb ap; modifier :missing; _sort",
         "reference" => {
-            "Type/id, id or an absolute URL on this server; modifiers :[type], :missing; \
-             chains (param:Type.param) and _has; _sort"
+            "Type/id, id or an absolute URL on this server; modifiers :[type], :identifier \
+             (system|value), :missing; chains (param:Type.param) and _has; _sort"
         }
         "uri" => "modifiers :below, :above, :missing; _sort",
         "composite" => "components joined by $",
@@ -106,7 +107,8 @@ fn statement(ctx: &ApiContext) -> Value {
                 json!({"name": "_count", "type": "number",
                        "documentation": "page size (default 100, at most 1000, both flags); also \
                        _sort, _include, _revinclude (:iterate), _total, _summary, _elements, \
-                       _compartment=Patient/[id] (what GET /Patient/[id]/[type] searches)"}),
+                       _compartment=Patient/[id] (what GET /Patient/[id]/[type] searches), \
+                       _list=[List id] (the resources a List's entries name; searching List too)"}),
             ];
             search_params.extend(crate::search::searchable(rt.name()).map(|param| {
                 json!({"name": param.code, "type": param.kind,

@@ -45,7 +45,10 @@ pub(super) fn token_test(
     value: &str,
     binds: &mut Binds,
 ) -> Result<String, SearchError> {
-    no_modifier(name, modifier, &["not", "text"])?;
+    no_modifier(name, modifier, &["not", "text", "of-type"])?;
+    if modifier == Some("of-type") {
+        return of_type_test(name, value, binds);
+    }
     if modifier == Some("text") {
         let b = binds.bind(unescape(value));
         return Ok(format!(
@@ -74,6 +77,32 @@ pub(super) fn token_test(
     };
     Ok(format!(
         "EXISTS (SELECT 1 FROM fhirbox_search_tokens(v) AS t WHERE {test})"
+    ))
+}
+
+/// `identifier:of-type=system|code|value`: an Identifier of that value whose type has that
+/// Coding.
+fn of_type_test(name: &str, value: &str, binds: &mut Binds) -> Result<String, SearchError> {
+    let [system, code, wanted] = split_escaped(value, '|')[..] else {
+        return Err(SearchError::invalid(
+            name,
+            format!("'{value}' is not system|code|value (the type's system and code, then the identifier's value)"),
+        ));
+    };
+    if system.is_empty() || code.is_empty() || wanted.is_empty() {
+        return Err(SearchError::invalid(
+            name,
+            format!("'{value}': :of-type needs all three of system|code|value"),
+        ));
+    }
+    Ok(format!(
+        "jsonb_typeof(v) = 'object' AND v ->> 'value' = {} AND EXISTS (SELECT 1 FROM \
+         jsonb_array_elements(CASE WHEN jsonb_typeof(v #> '{{type,coding}}') = 'array' \
+         THEN v #> '{{type,coding}}' ELSE '[]' END) AS c \
+         WHERE c ->> 'system' = {} AND c ->> 'code' = {})",
+        binds.bind(unescape(wanted)),
+        binds.bind(unescape(system)),
+        binds.bind(unescape(code))
     ))
 }
 
@@ -250,6 +279,7 @@ pub(super) fn reference_test(
 ) -> Result<String, SearchError> {
     let type_modifier = match modifier {
         None => None,
+        Some("identifier") => return reference_identifier_test(name, value, binds),
         Some(t) if param.targets.contains(&t) => Some(t),
         Some(t) if t.starts_with(char::is_uppercase) => {
             return Err(SearchError::invalid(
@@ -290,6 +320,44 @@ pub(super) fn reference_test(
         (Some(ty), Some(m)) if ty != m => test = "false".into(),
         (Some(ty), _) => test.push_str(&format!(" AND v ->> 'resourceType' = {}", binds.bind(ty))),
         (None, _) => {}
+    }
+    Ok(test)
+}
+
+/// `subject:identifier=system|value`: a reference carrying that logical identifier
+/// (`Reference.identifier`), whatever it points at (or if it points nowhere).
+fn reference_identifier_test(
+    name: &str,
+    value: &str,
+    binds: &mut Binds,
+) -> Result<String, SearchError> {
+    let identifier = "(v -> 'identifier')";
+    let parts = match split_escaped(value, '|').as_slice() {
+        [value] if !value.is_empty() => vec![("value", unescape(value))],
+        ["", value] if !value.is_empty() => {
+            return Ok(format!(
+                "jsonb_typeof({identifier}) = 'object' AND NOT {identifier} ? 'system' \
+                 AND {identifier} ->> 'value' = {}",
+                binds.bind(unescape(value))
+            ))
+        }
+        [system, ""] if !system.is_empty() => vec![("system", unescape(system))],
+        [system, value] if !system.is_empty() => {
+            vec![("system", unescape(system)), ("value", unescape(value))]
+        }
+        _ => {
+            return Err(SearchError::invalid(
+                name,
+                format!("'{value}' is not an identifier (value, system|value, |value or system|)"),
+            ))
+        }
+    };
+    let mut test = format!("jsonb_typeof(v) = 'object' AND jsonb_typeof({identifier}) = 'object'");
+    for (field, wanted) in parts {
+        test.push_str(&format!(
+            " AND {identifier} ->> '{field}' = {}",
+            binds.bind(wanted)
+        ));
     }
     Ok(test)
 }

@@ -18,6 +18,7 @@ pub mod cursor;
 mod has;
 pub mod include;
 pub mod index;
+mod list;
 mod matchers;
 pub mod query;
 pub mod request;
@@ -74,6 +75,7 @@ pub fn parameter(type_name: &str, code: &str) -> Option<&'static SearchParam> {
     match code {
         "_has" => return Some(&has::HAS),
         "_compartment" => return Some(&compartment::COMPARTMENT),
+        "_list" => return Some(&list::LIST),
         _ => {}
     }
     let find = |base: &str| {
@@ -136,7 +138,7 @@ pub fn condition(
     for (key, value) in pairs {
         let name = key.split(':').next().unwrap_or(key);
         // A chain reads another type, which an export's authorization did not look at.
-        if key.contains('.') || name == "_has" {
+        if key.contains('.') || name == "_has" || name == "_list" {
             return Err(SearchError::Unsupported(format!(
                 "{key}: chained parameters are not supported yet"
             )));
@@ -163,6 +165,9 @@ pub fn condition(
 /// `type_name`, in order, as far as they can be told (a chain that names no type where it
 /// must is an error when it is compiled). The caller authorizes reading each.
 pub fn chained_types(type_name: &str, key: &str) -> Vec<&'static str> {
+    if key == "_list" || key.starts_with("_list:") {
+        return vec!["List"];
+    }
     if !key.contains('.') && !key.starts_with("_has:") {
         return Vec::new();
     }

@@ -60,7 +60,6 @@ pub const RESULT_PARAMETERS: &[&str] = &[
 const NOT_SUPPORTED: &[&str] = &[
     "_contained",
     "_containedType",
-    "_list",
     "_text",
     "_content",
     "_query",

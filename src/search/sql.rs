@@ -168,6 +168,10 @@ pub(super) fn conditions_sql(
                 )?);
                 continue;
             }
+            "list" => {
+                parts.push(super::list::list_sql(at, criterion, binds)?);
+                continue;
+            }
             "compartment" => {
                 parts.push(super::compartment::compartment_sql(
                     at, criterion, base_url, binds, counter,
