@@ -6,7 +6,7 @@
 
 mod common;
 
-use common::search::{chain_world, ids_of, searcher_of};
+use common::search::{chain_world, ids_of, next_path, searcher_of};
 use common::TestServer;
 use reqwest::{Method, StatusCode};
 use serde_json::{json, Value};
@@ -29,19 +29,6 @@ fn entries(bundle: &Value) -> Vec<(String, String)> {
             )
         })
         .collect()
-}
-
-fn next_path(server: &TestServer, bundle: &Value) -> Option<String> {
-    let next = bundle["link"]
-        .as_array()?
-        .iter()
-        .find(|l| l["relation"] == "next")?["url"]
-        .as_str()?;
-    Some(
-        next.strip_prefix(&server.url(""))
-            .expect("ours")
-            .to_string(),
-    )
 }
 
 async fn put_patient(server: &TestServer, id: &str, family: &str) {

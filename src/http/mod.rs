@@ -32,6 +32,7 @@ mod metadata;
 pub mod normalize;
 mod search;
 mod search_forms;
+mod search_system;
 pub mod serve;
 mod smart;
 mod view_export;
@@ -211,7 +212,12 @@ fn routes() -> Router<AppState> {
             .route("/{type}/{id}/$materialize", post(views::materialize))
     };
     let native = resources()
-        .route("/", post(bundle::post_bundle).put(bundle::put_list))
+        .route(
+            "/",
+            get(search_system::search)
+                .post(bundle::post_bundle)
+                .put(bundle::put_list),
+        )
         .route("/$load", post(load::load_mixed))
         .route("/$dump-sql", post(dump_sql::dump_sql))
         .route("/$import", post(import::start))
@@ -219,7 +225,7 @@ fn routes() -> Router<AppState> {
         .route("/{type}/$dump-csv", get(dump_csv::dump_csv))
         .layer(Extension(Api::Native));
     let fhir = resources()
-        .route("/", post(bundle::post_bundle))
+        .route("/", get(search_system::search).post(bundle::post_bundle))
         .route("/$import", post(import::start))
         .route("/$load", post(load::load_mixed))
         .route("/metadata", get(metadata::capability_statement))

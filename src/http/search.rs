@@ -91,7 +91,7 @@ pub async fn search(
 /// search each of them, asked exactly as a `GET` of that type on its own would be (else a
 /// client allowed to search Observations could read Patients' names through
 /// `subject:Patient.name`).
-async fn authorize_chains(
+pub(super) async fn authorize_chains(
     state: &AppState,
     ctx: &ApiContext,
     who: &Who,
@@ -183,14 +183,14 @@ async fn readable(
 /// How each entry's resource is shaped: `_elements`, or `_summary` (`true`: the summary
 /// elements; `text`: the narrative and the mandatory elements; `data`: all but the
 /// narrative; `false` and `count`: as stored).
-enum Shape {
+pub(super) enum Shape {
     Whole,
     Elements(Elements),
     Summary(&'static str),
 }
 
 impl Shape {
-    fn of(
+    pub(super) fn of(
         rt: ResourceType,
         elements: Option<&str>,
         summary: Option<&str>,
@@ -224,7 +224,7 @@ impl Shape {
         }
     }
 
-    fn apply(&self, type_name: &str, resource: &mut Value) {
+    pub(super) fn apply(&self, type_name: &str, resource: &mut Value) {
         match self {
             Shape::Whole => {}
             Shape::Elements(elements) => elements.subset(type_name, resource),
@@ -236,7 +236,7 @@ impl Shape {
 }
 
 /// The OperationOutcome entry of a page: the parameters ignored and what includes left out.
-fn outcome(ignored: &[String], notes: &[String]) -> Option<Value> {
+pub(super) fn outcome(ignored: &[String], notes: &[String]) -> Option<Value> {
     let mut issues: Vec<Value> = ignored
         .iter()
         .map(|key| {

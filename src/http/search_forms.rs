@@ -1,4 +1,4 @@
-//! The two other ways FHIR asks for a search, turned into the `GET /[type]?...` they mean
+//! The other ways FHIR asks for a search, turned into the `GET /[type]?...` they mean
 //! before routing, so that access control and the handler see exactly that search (one
 //! authorization, whatever the way in):
 //!
@@ -6,6 +6,8 @@
 //!   parameters are appended to the query's.
 //! - `GET /Patient/[id]/[type]?...`, a Patient compartment search: the type's search with
 //!   `_compartment=Patient/[id]` (see `search::compartment`). Other compartments are a 400.
+//! - `GET /?_type=[type]&...`, a search of the whole server naming one type: that type's
+//!   search (several types: `search_system`).
 
 use axum::body::Body;
 use axum::extract::{Request, State};
@@ -28,6 +30,9 @@ pub async fn rewrite(State(max_body): State<usize>, request: Request, next: Next
 
 async fn rewritten(request: Request, max_body: usize) -> Result<Request, ApiError> {
     let path = request.uri().path().to_string();
+    if let Some(target) = one_type_search(&request, &path) {
+        return retarget(request, &target, Vec::new(), &["_type"]);
+    }
     let (prefix, rest) = match path.strip_prefix("/fhir/") {
         Some(rest) => ("/fhir", rest),
         None => ("", path.trim_start_matches('/')),
@@ -48,7 +53,7 @@ async fn rewritten(request: Request, max_body: usize) -> Result<Request, ApiErro
                 .replace('$', "\\$");
             let extra = vec![("_compartment".to_string(), format!("Patient/{escaped}"))];
             let target = format!("{prefix}/{ty}");
-            retarget(request, &target, extra)
+            retarget(request, &target, extra, &[])
         }
         (
             &Method::GET,
@@ -87,18 +92,48 @@ async fn form_search(request: Request, target: &str, max_body: usize) -> Result<
     let text = std::str::from_utf8(&bytes)
         .map_err(|_| ApiError::bad_request("the form body is not UTF-8"))?;
     let request = Request::from_parts(parts, Body::empty());
-    retarget(request, target, form_urlencoded_pairs(text))
+    retarget(request, target, form_urlencoded_pairs(text), &[])
 }
 
-/// The request as `GET target?query&extra`.
+/// `GET /?_type=Observation&...` (one type): the path of that type's search.
+fn one_type_search(request: &Request, path: &str) -> Option<String> {
+    let prefix = match path {
+        "/fhir" | "/fhir/" => "/fhir",
+        "/" => "",
+        _ => return None,
+    };
+    if request.method() != Method::GET {
+        return None;
+    }
+    let pairs = form_urlencoded_pairs(request.uri().query().unwrap_or_default());
+    let mut types: Vec<&str> = pairs
+        .iter()
+        .filter(|(name, _)| name == "_type")
+        .flat_map(|(_, value)| value.split(','))
+        .map(str::trim)
+        .collect();
+    types.dedup();
+    match types.as_slice() {
+        [one] if ResourceType::parse(one).is_some_and(|rt| rt.is_fhir()) => {
+            Some(format!("{prefix}/{one}"))
+        }
+        _ => None,
+    }
+}
+
+/// The request as `GET target?query&extra`, without the query's parameters named in `drop`.
 fn retarget(
     mut request: Request,
     target: &str,
     extra: Vec<(String, String)>,
+    drop: &[&str],
 ) -> Result<Request, ApiError> {
     let mut query = form_urlencoded::Serializer::new(String::new());
     let given = form_urlencoded_pairs(request.uri().query().unwrap_or_default());
-    for (name, value) in given.iter().chain(extra.iter()) {
+    let kept = given
+        .iter()
+        .filter(|(name, _)| !drop.contains(&name.as_str()));
+    for (name, value) in kept.chain(extra.iter()) {
         query.append_pair(name, value);
     }
     let uri: Uri = format!("{target}?{}", query.finish())

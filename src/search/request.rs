@@ -154,8 +154,8 @@ impl Plan {
                         return Err(SearchError::invalid(
                             key,
                             format!(
-                                "{} has no search parameter '{name}' in FHIR R4 (sent with \
-                                 'Prefer: handling=strict')",
+                                "{} has no search parameter '{name}' in FHIR R4 (refused, not \
+                                 ignored: 'Prefer: handling=strict', or a search of several types)",
                                 rt.name()
                             ),
                         ))

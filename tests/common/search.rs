@@ -92,3 +92,17 @@ pub async fn searcher_of(
     };
     (server, get)
 }
+
+/// The path (from the server's root) of a searchset's `next` link, if it has one.
+pub fn next_path(server: &TestServer, bundle: &Value) -> Option<String> {
+    let next = bundle["link"]
+        .as_array()?
+        .iter()
+        .find(|l| l["relation"] == "next")?["url"]
+        .as_str()?;
+    Some(
+        next.strip_prefix(&server.url(""))
+            .expect("ours")
+            .to_string(),
+    )
+}
