@@ -177,6 +177,18 @@ def token_texts(ftype, data):
     return [t for t in out if isinstance(t, str)]
 
 
+def of_type_match(type_system, type_code, value, ftype, data):
+    """:of-type (search.html#token): an Identifier whose type has a Coding (type_system, type_code) and
+    whose value is value. Any other value type does not match."""
+    if ftype != "Identifier" or data.get("value") != value:
+        return False
+    t = data.get("type")
+    if not isinstance(t, dict):
+        return False
+    return any(isinstance(c, dict) and c.get("system") == type_system and c.get("code") == type_code
+               for c in t.get("coding", []))
+
+
 class TokenMatcher:
     def __init__(self, raw, modifier):
         self.modifier = modifier
@@ -184,6 +196,12 @@ class TokenMatcher:
             self.text = unescape(raw)
             if not self.text:
                 raise Unsupported("empty :text value")
+            return
+        if modifier == "of-type":
+            parts = [unescape(p) for p in split_unescaped(raw, "|")]
+            if len(parts) != 3 or not all(parts):
+                raise Unsupported(":of-type value must be system|code|value, all three non-empty")
+            self.type_system, self.type_code, self.value = parts
             return
         parts = split_unescaped(raw, "|")
         if len(parts) == 1:
@@ -203,6 +221,8 @@ class TokenMatcher:
         if self.modifier == "text":
             token_texts(ftype, {})
             return
+        if self.modifier == "of-type":
+            return   # only an Identifier can match; any other value simply does not
         if ftype in SYSTEM_TYPES:
             return
         if ftype in SYSTEMLESS_TYPES:
@@ -217,6 +237,8 @@ class TokenMatcher:
     def one(self, ftype, data):
         if self.modifier == "text":
             return any(fold(t).startswith(fold(self.text)) for t in token_texts(ftype, data))
+        if self.modifier == "of-type":
+            return of_type_match(self.type_system, self.type_code, self.value, ftype, data)
         if ftype in SYSTEM_TYPES:
             for system, code in token_codings(ftype, data):
                 if not self.has_bar:
@@ -518,11 +540,17 @@ def reference_type(ref, resource):
 
 class ReferenceMatcher:
     def __init__(self, raw, modifier, targets, resource_types):
+        self.identifier = None     # with :identifier, a token matcher applied to Reference.identifier
+        self.exact = None          # a stored reference string to compare whole
+        self.local = None          # set of (Type, id)
+        if modifier == "identifier":
+            # search.html#reference: "the search value works as a token search" on Reference.identifier:
+            # system|value, value, |value (no system), system| (any value). It does not resolve anything.
+            self.identifier = TokenMatcher(raw, "")
+            return
         v = unescape(raw)
         if v == "":
             raise Unsupported("empty reference value")
-        self.exact = None          # a stored reference string to compare whole
-        self.local = None          # set of (Type, id)
         if modifier:               # the :Type modifier
             if modifier not in targets:
                 raise Unsupported("modifier :%s is not a target type of this parameter" % modifier)
@@ -556,6 +584,11 @@ class ReferenceMatcher:
 
     def __call__(self, values):
         for ftype, data in values:
+            if self.identifier is not None:
+                ident = data.get("identifier")
+                if isinstance(ident, dict) and self.identifier.one("Identifier", ident):
+                    return True
+                continue
             ref = data.get("reference")
             if not isinstance(ref, str):
                 continue
@@ -693,12 +726,12 @@ RESULT_PARAMS = {"_count", "_sort", "_include", "_revinclude", "_summary", "_ele
                  "_content", "_query", "_filter", "_has", "_outputFormat", "_page", "_offset"}
 MODIFIERS = {
     "string": {"exact", "contains"},
-    "token": {"not", "text"},
+    "token": {"not", "text", "of-type"},
     "date": set(),
     "number": set(),
     "quantity": set(),
     "uri": {"below", "above"},
-    "reference": set(),   # plus :Type
+    "reference": {"identifier"},   # plus :Type
     "composite": set(),
 }
 
@@ -854,6 +887,20 @@ class Evaluator:
             self.cache[key] = (vals, types)
         return self.cache[key]
 
+    def check_identifier_only_references(self, rtype, sp):
+        """For :identifier: refuses when a part's .where(resolve() is T) filter drops a Reference that has
+        an identifier but no `reference`. resolve() finds nothing for it, so the R4 expression leaves it
+        out, while the modifier exists to find such references: which one the spec means is not settled."""
+        for expr, filt in parts_for_type(sp, rtype):
+            if filt is None:
+                continue
+            for vs in self.part_values(rtype, expr, None):
+                for ftype, data in vs:
+                    if ftype == "Reference" and not isinstance(data.get("reference"), str) \
+                            and isinstance(data.get("identifier"), dict):
+                        raise Unsupported(":identifier on %r, whose resolve() filter drops a reference that "
+                                          "has only an identifier" % sp["code"])
+
     def roots(self, rtype, expr):
         """Per resource, the raw items of a composite's expression part. Cached."""
         key = ("roots", rtype, expr)
@@ -959,7 +1006,7 @@ def eval_param(ev, rtype, name, raw_value, now_ns):
     if modifier:
         allowed = MODIFIERS[sptype]
         if sptype == "reference":
-            if modifier not in ev.resource_types:
+            if modifier not in allowed and modifier not in ev.resource_types:
                 raise Unsupported("modifier :%s on a reference parameter" % modifier)
         elif modifier not in allowed:
             raise Unsupported("modifier :%s on a %s parameter" % (modifier, sptype))
@@ -988,6 +1035,8 @@ def eval_param(ev, rtype, name, raw_value, now_ns):
                     result.add(i)
         return result
 
+    if sptype == "reference" and modifier == "identifier":
+        ev.check_identifier_only_references(rtype, sp)
     vals, types = ev.param_values(rtype, sp)
     result = set()
     for ov in or_values:
@@ -1389,6 +1438,36 @@ def self_test(params_path):
     raises("boolean non-boolean", lambda: TokenMatcher("yes", "").check_type("boolean"))
     raises("text on code", lambda: TokenMatcher("m", "text").check_type("code"))
 
+    # token :of-type: system|code|value on Identifier.type.coding and Identifier.value
+    v2 = "http://terminology.hl7.org/CodeSystem/v2-0203"
+    mr = ("Identifier", {"system": "urn:h", "value": "42", "type": {"coding": [
+        {"system": "urn:other", "code": "X"}, {"system": v2, "code": "MR", "display": "Medical record"}],
+        "text": "MRN"}})
+    check("of-type", TokenMatcher(v2 + "|MR|42", "of-type")([mr]), True)
+    check("of-type second coding", TokenMatcher("urn:other|X|42", "of-type")([mr]), True)
+    check("of-type mixed codings", TokenMatcher("urn:other|MR|42", "of-type")([mr]), False)
+    check("of-type wrong code", TokenMatcher(v2 + "|SS|42", "of-type")([mr]), False)
+    check("of-type code case", TokenMatcher(v2 + "|mr|42", "of-type")([mr]), False)
+    check("of-type wrong value", TokenMatcher(v2 + "|MR|4", "of-type")([mr]), False)
+    check("of-type value is not the system", TokenMatcher(v2 + "|MR|urn:h", "of-type")([mr]), False)
+    check("of-type untyped", TokenMatcher(v2 + "|MR|42", "of-type")([("Identifier", {"value": "42"})]), False)
+    check("of-type type text only", TokenMatcher(v2 + "|MR|42", "of-type")(
+        [("Identifier", {"value": "42", "type": {"text": "MR"}})]), False)
+    check("of-type any identifier", TokenMatcher(v2 + "|MR|42", "of-type")(
+        [("Identifier", {"value": "1"}), mr]), True)
+    check("of-type escapes", TokenMatcher(r"urn:a\|b|C\,D|x\|y\$z\\", "of-type")(
+        [("Identifier", {"value": "x|y$z\\", "type": {"coding": [{"system": "urn:a|b", "code": "C,D"}]}})]), True)
+    check("of-type on a CodeableConcept", TokenMatcher("http://loinc.org|8302-2|8302-2", "of-type")([cc]), False)
+    check("of-type on a Coding", TokenMatcher("s|c|c", "of-type")([("Coding", {"system": "s", "code": "c"})]), False)
+    check("of-type on a string", TokenMatcher("s|c|v", "of-type")([("string", "v")]), False)
+    check("of-type accepts any token type", TokenMatcher("s|c|v", "of-type").check_type("code"), None)
+    raises("of-type two parts", lambda: TokenMatcher(v2 + "|MR", "of-type"))
+    raises("of-type one part", lambda: TokenMatcher("42", "of-type"))
+    raises("of-type four parts", lambda: TokenMatcher(v2 + "|MR|42|x", "of-type"))
+    raises("of-type empty system", lambda: TokenMatcher("|MR|42", "of-type"))
+    raises("of-type empty code", lambda: TokenMatcher(v2 + "||42", "of-type"))
+    raises("of-type empty value", lambda: TokenMatcher(v2 + "|MR|", "of-type"))
+
     # dates: precision ranges
     jan = date_range("2013-01", search=True)
     check("month lo", jan[0], date_range("2013-01-01T00:00:00Z")[0])
@@ -1486,6 +1565,32 @@ def self_test(params_path):
     check("ref versioned stored", ReferenceMatcher("Patient/123", "", ["Patient"], rt)(
         [("Reference", {"reference": "Patient/123/_history/2"})]), True)
     check("ref contained", ReferenceMatcher("123", "", ["Patient"], rt)([("Reference", {"reference": "#123"})]), False)
+    # reference :identifier: a token search on Reference.identifier, which resolves nothing
+    lid = [("Reference", {"identifier": {"system": "urn:mrn", "value": "m1"}, "type": "Patient"})]
+    lid_nosys = [("Reference", {"identifier": {"value": "m1"}})]
+    both = [("Reference", {"reference": "Patient/123", "identifier": {"system": "urn:mrn", "value": "m9"}})]
+
+    def rid(v, values):
+        return ReferenceMatcher(v, "identifier", ["Patient", "Group"], rt)(values)
+    check("ref :identifier system|value", rid("urn:mrn|m1", lid), True)
+    check("ref :identifier wrong system", rid("urn:x|m1", lid), False)
+    check("ref :identifier wrong value", rid("urn:mrn|m2", lid), False)
+    check("ref :identifier value case", rid("urn:mrn|M1", lid), False)
+    check("ref :identifier value", rid("m1", lid), True)
+    check("ref :identifier value, no system", rid("m1", lid_nosys), True)
+    check("ref :identifier |value", rid("|m1", lid_nosys), True)
+    check("ref :identifier |value with system", rid("|m1", lid), False)
+    check("ref :identifier system|", rid("urn:mrn|", lid), True)
+    check("ref :identifier system| no system", rid("urn:mrn|", lid_nosys), False)
+    check("ref :identifier beside a reference", rid("urn:mrn|m9", both), True)
+    check("ref :identifier not the literal reference", rid("Patient/123", ref), False)
+    check("ref :identifier not the id", rid("123", ref), False)
+    check("ref :identifier escapes", rid(r"urn:a\|b|m\,1", [("Reference", {"identifier": {"system": "urn:a|b", "value": "m,1"}})]),
+          True)
+    check("ref :identifier not a type", ReferenceMatcher("m1", "Patient", ["Patient"], rt)(lid), False)
+    raises("ref :identifier |", lambda: ReferenceMatcher("|", "identifier", ["Patient"], rt))
+    raises("ref :identifier two bars", lambda: ReferenceMatcher("a|b|c", "identifier", ["Patient"], rt))
+    raises("ref :identifier on a canonical", lambda: ReferenceMatcher("m1", "identifier", [], rt).check_type("canonical"))
     check("resolve type", reference_type("Patient/1", {}), "Patient")
     check("resolve contained", reference_type("#c", {"contained": [{"resourceType": "Group", "id": "c"}]}), "Group")
 
@@ -1571,6 +1676,20 @@ def self_test(params_path):
             {"resourceType": "Organization", "id": "org1"},
         ]
         resources[2]["encounter"] = {"reference": "Encounter/e1"}
+        # identifiers, for :of-type and :identifier
+        v2 = "http://terminology.hl7.org/CodeSystem/v2-0203"
+        resources[0]["identifier"] = [
+            {"system": "urn:mrn", "value": "m1", "type": {"coding": [{"system": v2, "code": "MR"}]}},
+            {"system": "urn:ssn", "value": "s1"}]
+        resources[1]["identifier"] = [
+            {"system": "urn:ssn", "value": "s2", "type": {"coding": [{"system": v2, "code": "SS"}]}}]
+        resources[2]["subject"]["identifier"] = {"system": "urn:mrn", "value": "m1"}
+        resources += [
+            {"resourceType": "Condition", "id": "c1", "subject": {"identifier": {"system": "urn:mrn", "value": "m2"}}},
+            {"resourceType": "Condition", "id": "c2",
+             "subject": {"reference": "Patient/p1", "identifier": {"system": "urn:mrn", "value": "m1"}}},
+            {"resourceType": "Condition", "id": "c3", "subject": {"identifier": {"value": "m2"}}},
+        ]
         resources[3]["encounter"] = {"reference": "#nothing"}
         # a chain of Encounters: e1 -> e2 -> ... -> e6 through partOf
         for k in range(1, 7):
@@ -1618,13 +1737,33 @@ def self_test(params_path):
             ("Observation?code=8302-2,8480-6&date=2013-01", ["o3"]),
             ("Observation?_id=o1,o3", ["o1", "o3"]),
             ("Observation?_lastUpdated=2020", ["o1", "o2", "o3"]),
+            ("Patient?identifier:of-type=http%3A%2F%2Fterminology.hl7.org%2FCodeSystem%2Fv2-0203%7CMR%7Cm1", ["p1"]),
+            ("Patient?identifier:of-type=http%3A%2F%2Fterminology.hl7.org%2FCodeSystem%2Fv2-0203%7CSS%7Cm1", []),
+            ("Patient?identifier:of-type=http%3A%2F%2Fterminology.hl7.org%2FCodeSystem%2Fv2-0203%7CSS%7Cs1", []),
+            ("Patient?identifier:of-type=http%3A%2F%2Fterminology.hl7.org%2FCodeSystem%2Fv2-0203%7CMR%7Cm1,"
+             "http%3A%2F%2Fterminology.hl7.org%2FCodeSystem%2Fv2-0203%7CSS%7Cs2", ["p1", "p2"]),
+            ("Patient?identifier:of-type=http%3A%2F%2Fterminology.hl7.org%2FCodeSystem%2Fv2-0203%7CMR", "refused"),
+            ("Patient?identifier:of-type=%7CMR%7Cm1", "refused"),
+            ("Observation?code:of-type=http%3A%2F%2Floinc.org%7C8480-6%7C8480-6", []),
+            ("Condition?subject:identifier=urn%3Amrn%7Cm1", ["c2"]),
+            ("Condition?subject:identifier=m2", ["c1", "c3"]),
+            ("Condition?subject:identifier=%7Cm2", ["c3"]),
+            ("Condition?subject:identifier=urn%3Amrn%7C", ["c1", "c2"]),
+            ("Condition?subject:identifier=urn%3Amrn%7Cm1,%7Cm2", ["c2", "c3"]),
+            ("Condition?subject:identifier=Patient%2Fp1", []),
+            ("Condition?subject=Patient%2Fp1", ["c2"]),
+            ("Condition?subject:identifier=%7C", "refused"),
+            ("Condition?patient:identifier=urn%3Amrn%7Cm1", "refused"),   # c1 has no reference for resolve()
+            ("Observation?patient:identifier=urn%3Amrn%7Cm1", ["o1"]),
+            ("Observation?subject:identifier=urn%3Assn%7Cs1", []),          # p1's own identifier: not resolved
+            ("Observation?subject:identifier=urn%3Amrn%7Cm1&subject=Patient%2Fp2", []),
         ]
         for query, want in cases:
             count[0] += 1
             try:
                 got = run_query(ev, query, now_ns)
             except Unsupported as e:
-                got = "error: %s" % e
+                got = "refused" if want == "refused" else "error: %s" % e
             if got != want:
                 failures.append("%s: got %r, want %r" % (query, got, want))
 
