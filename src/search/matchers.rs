@@ -80,6 +80,60 @@ pub(super) fn token_test(
     ))
 }
 
+/// The systems a ContactPoint's `system` may be, which `fhirbox_search_tokens` does not
+/// read as a token system.
+const CONTACT_SYSTEMS: &[&str] = &["phone", "fax", "email", "pager", "url", "sms", "other"];
+
+/// A token value as one `jsonb_path_exists` over the values, where it can be written so:
+/// `code` and `system|code` (other forms, and a code that reads as a number, take the
+/// general test). The same matches as `token_test` reads them (a plain code, a
+/// CodeableConcept's Coding, a Coding, an Identifier's or ContactPoint's value), but without
+/// a subquery per row, which PostgreSQL cannot run in parallel workers: a count over 300k
+/// Observations by `status` went from 690 ms to 281 ms (in parallel workers).
+pub(super) fn token_path_test(values: &str, value: &str, binds: &mut Binds) -> Option<String> {
+    let (system, code) = match split_escaped(value, '|').as_slice() {
+        [code] if !code.is_empty() => (None, unescape(code)),
+        [system, code] if !system.is_empty() && !code.is_empty() => {
+            (Some(unescape(system)), unescape(code))
+        }
+        _ => return None,
+    };
+    // A stored number matches by its text, which jsonpath cannot compare.
+    if serde_json::from_str::<serde_json::Value>(&code).is_ok_and(|v| v.is_number()) {
+        return None;
+    }
+    let path = match &system {
+        Some(system) if CONTACT_SYSTEMS.contains(&system.as_str()) => return None,
+        Some(_) => "$[*] ? (exists(@.coding[*] ? (@.system == $s && @.code == $c)) \
+             || (@.system == $s && @.code == $c && !exists(@.value) && !exists(@.coding)) \
+             || (@.system == $s && @.value == $c))"
+            .to_string(),
+        None => {
+            let boolean = match code.as_str() {
+                "true" => " || @ == true",
+                "false" => " || @ == false",
+                _ => "",
+            };
+            format!(
+                "$[*] ? (@ == $c || @.coding[*].code == $c \
+                 || (@.code == $c && !exists(@.value) && !exists(@.coding)) \
+                 || @.value == $c{boolean})"
+            )
+        }
+    };
+    let vars = match &system {
+        Some(system) => format!(
+            "jsonb_build_object('c', {}, 's', {})",
+            binds.bind(code),
+            binds.bind(system.clone())
+        ),
+        None => format!("jsonb_build_object('c', {})", binds.bind(code)),
+    };
+    Some(format!(
+        "jsonb_path_exists(coalesce({values}, '[]'::jsonb), '{path}', {vars})"
+    ))
+}
+
 /// `identifier:of-type=system|code|value`: an Identifier of that value whose type has that
 /// Coding.
 fn of_type_test(name: &str, value: &str, binds: &mut Binds) -> Result<String, SearchError> {

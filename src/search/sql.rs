@@ -389,6 +389,12 @@ fn criterion_sql(
     };
     let mut alternatives = Vec::new();
     for value in &criterion.values {
+        if param.kind == "token" && matches!(modifier, None | Some("not")) {
+            if let Some(test) = super::matchers::token_path_test(values, value, binds) {
+                alternatives.push(test);
+                continue;
+            }
+        }
         let test = match param.kind {
             "string" => string_test(name, modifier, value, binds)?,
             "token" => token_test(name, modifier, value, binds)?,
@@ -494,7 +500,7 @@ mod tests {
         .expect("compiles");
         assert_eq!(
             condition.binds,
-            ["http://loinc.org", "8302-2", "2020-01", "O'Hara", "Patient"]
+            ["8302-2", "http://loinc.org", "2020-01", "O'Hara", "Patient"]
         );
         for value in &condition.binds {
             assert!(
