@@ -407,17 +407,9 @@ fn reference_shape(
         Some(_) => return None,
     };
     let value = unescape(value);
-    let local = value
-        .strip_prefix(base_url.trim_end_matches('/'))
-        .map(|rest| rest.trim_start_matches('/'))
-        .unwrap_or(&value);
-    let local = local.split("/_history/").next().unwrap_or(local);
-    if local.contains("://") {
-        return Some(json!([{ "uri": local }]));
-    }
-    let (ty, id) = match local.rsplit_once('/') {
-        Some((ty, id)) => (Some(ty.rsplit('/').next().unwrap_or(ty)), id),
-        None => (type_modifier.or(only_type), local),
+    let (ty, id) = match super::matchers::local_reference(&value, base_url) {
+        super::matchers::Target::Url(url) => return Some(json!([{ "uri": url }])),
+        super::matchers::Target::Local(ty, id) => (ty.or(type_modifier).or(only_type), id),
     };
     if id.is_empty() {
         return None;

@@ -350,18 +350,9 @@ pub(super) fn reference_test(
         }
     };
     let value = unescape(value);
-    let local = value
-        .strip_prefix(base_url.trim_end_matches('/'))
-        .map(|rest| rest.trim_start_matches('/'))
-        .unwrap_or(&value);
-    // A versioned reference matches the resource whatever its version.
-    let local = local.split("/_history/").next().unwrap_or(local);
-    if local.contains("://") {
-        return Ok(format!("v ->> 'uri' = {}", binds.bind(local)));
-    }
-    let (ty, id) = match local.rsplit_once('/') {
-        Some((ty, id)) => (Some(ty.rsplit('/').next().unwrap_or(ty)), id),
-        None => (type_modifier, local),
+    let (ty, id) = match local_reference(&value, base_url) {
+        Target::Url(url) => return Ok(format!("v ->> 'uri' = {}", binds.bind(url))),
+        Target::Local(ty, id) => (ty.or(type_modifier), id),
     };
     if id.is_empty() {
         return Err(SearchError::invalid(
@@ -414,6 +405,32 @@ fn reference_identifier_test(
         ));
     }
     Ok(test)
+}
+
+/// What a reference search value names.
+pub(super) enum Target<'a> {
+    /// Another server's resource: matched by the same absolute reference only.
+    Url(&'a str),
+    /// One of this server's: its type when the value says it, and its id.
+    Local(Option<&'a str>, &'a str),
+}
+
+/// A reference search value (unescaped) as search reads it: this server's base dropped, any
+/// version (`/_history/n`: the resource whatever its version), `Type/id` or a bare id, or
+/// another server's URL.
+pub(super) fn local_reference<'a>(value: &'a str, base_url: &str) -> Target<'a> {
+    let local = value
+        .strip_prefix(base_url.trim_end_matches('/'))
+        .map(|rest| rest.trim_start_matches('/'))
+        .unwrap_or(value);
+    let local = local.split("/_history/").next().unwrap_or(local);
+    if local.contains("://") {
+        return Target::Url(local);
+    }
+    match local.rsplit_once('/') {
+        Some((ty, id)) => Target::Local(Some(ty.rsplit('/').next().unwrap_or(ty)), id),
+        None => Target::Local(None, local),
+    }
 }
 
 pub(super) fn uri_test(

@@ -77,7 +77,10 @@ pub async fn apply(
             )
             .await?
             .map(|row| row.get(0));
-        let stale = current.is_some_and(|current| current != source);
+        let stale = current.as_ref().is_some_and(|current| current != &source);
+        if current.is_some() && !stale && existing.contains(&definition.index) {
+            continue; // As this version makes it: nothing to do.
+        }
         if stale {
             tx.batch_execute(&format!(
                 "DROP INDEX IF EXISTS {}; DROP FUNCTION IF EXISTS {}(jsonb)",
