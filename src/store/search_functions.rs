@@ -63,10 +63,14 @@ $fn$;
 
 -- The instant range [low, high) a date, dateTime or instant written with any precision
 -- covers: '2013' is the whole year, '2013-01-14T10:00:00+01:00' that second. Without a
--- time zone, UTC. No row for text that is not a date (or names a day that does not exist).
--- Plain SQL, so that PostgreSQL inlines it; CASE keeps make_* from seeing invalid fields.
--- `OFFSET 0` keeps `base` a subquery of its own, computed once: pulled up, it would be
--- computed again for each use (5x slower for `high`, which the sort keys and prefixes use).
+-- time zone, UTC. No row for text that is not a date (or names a day that does not exist,
+-- or year 0). Plain SQL, so that PostgreSQL inlines it; CASE keeps the casts and make_*
+-- from seeing text that is not a date. The shape is checked by one regular expression
+-- without captures and the fields are read at their fixed places: 5x faster than capturing
+-- them with regexp_match (28 us a value), which sorting by a date does for every match.
+-- `OFFSET 0` keeps `ok` and `base` subqueries of their own, computed once: pulled up, each
+-- would be computed again for each use (the regular expression eight times; `base` 5x
+-- slower for `high`, which the sort keys and prefixes use).
 CREATE OR REPLACE FUNCTION fhirbox_search_instant_range(t text, OUT low timestamptz, OUT high timestamptz) RETURNS SETOF record
 LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $fn$
   SELECT v.base,
@@ -74,15 +78,22 @@ LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $fn$
            WHEN f.mo IS NULL THEN v.base + interval '1 year'
            WHEN f.d IS NULL THEN v.base + interval '1 month'
            WHEN f.h IS NULL THEN v.base + interval '1 day'
-           WHEN f.frac IS NULL AND m[6] IS NULL THEN v.base + interval '1 minute'
+           WHEN f.frac IS NULL AND NOT f.secs THEN v.base + interval '1 minute'
            WHEN f.frac IS NULL THEN v.base + interval '1 second'
            ELSE v.base + make_interval(secs => power(10, -(length(f.frac) - 1)))
          END
-    FROM regexp_match(t, '^(\d{4})(?:-(\d{2})(?:-(\d{2})(?:T(\d{2}):(\d{2})(?::(\d{2})(\.\d+)?)?(Z|[+-]\d{2}:\d{2})?)?)?)?$') AS m,
-         LATERAL (SELECT m[1]::int AS y, m[2]::int AS mo, m[3]::int AS d, m[4]::int AS h,
-                         m[5]::int AS mi, coalesce(m[6], '0')::int AS s, m[7] AS frac,
-                         CASE WHEN m[8] IS NULL OR m[8] = 'Z' THEN 'UTC' ELSE m[8] END AS zone) AS f,
+    FROM (SELECT t ~ '^\d{4}(-\d\d(-\d\d(T\d\d:\d\d(:\d\d(\.\d+)?)?(Z|[+-]\d\d:\d\d)?)?)?)?$' AS ok OFFSET 0) AS c,
+         LATERAL (SELECT CASE WHEN c.ok THEN substr(t, 1, 4)::int END AS y,
+                         CASE WHEN c.ok AND length(t) >= 7 THEN substr(t, 6, 2)::int END AS mo,
+                         CASE WHEN c.ok AND length(t) >= 10 THEN substr(t, 9, 2)::int END AS d,
+                         CASE WHEN c.ok AND length(t) >= 16 THEN substr(t, 12, 2)::int END AS h,
+                         CASE WHEN c.ok AND length(t) >= 16 THEN substr(t, 15, 2)::int END AS mi,
+                         substr(t, 17, 1) = ':' AS secs,
+                         CASE WHEN c.ok AND substr(t, 17, 1) = ':' THEN substr(t, 18, 2)::int ELSE 0 END AS s,
+                         CASE WHEN c.ok AND substr(t, 20, 1) = '.' THEN substring(t from '\.\d+') END AS frac,
+                         CASE WHEN length(t) > 16 AND substr(t, length(t) - 5, 1) IN ('+', '-') THEN right(t, 6) ELSE 'UTC' END AS zone) AS f,
          LATERAL (SELECT CASE
+                    WHEN NOT c.ok OR f.y < 1 THEN NULL
                     WHEN coalesce(f.mo, 1) NOT BETWEEN 1 AND 12 THEN NULL
                     WHEN coalesce(f.d, 1) NOT BETWEEN 1 AND
                          extract(day FROM make_date(f.y, coalesce(f.mo, 1), 1) + interval '1 month' - interval '1 day')
@@ -91,7 +102,7 @@ LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $fn$
                     ELSE make_timestamptz(f.y, coalesce(f.mo, 1), coalesce(f.d, 1), coalesce(f.h, 0),
                                           coalesce(f.mi, 0), f.s + coalesce(f.frac, '0')::numeric::double precision, f.zone)
                   END AS base OFFSET 0) AS v
-   WHERE v.base IS NOT NULL
+   WHERE c.ok AND v.base IS NOT NULL
 $fn$;
 
 -- The ranges one value of a date parameter covers: a date/dateTime/instant string; a
