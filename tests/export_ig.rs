@@ -43,16 +43,6 @@ async fn warnings(server: &TestServer, manifest: &Value) -> String {
     text
 }
 
-async fn put(server: &TestServer, resource: Value) {
-    let path = format!(
-        "/fhir/{}/{}",
-        resource["resourceType"].as_str().expect("type"),
-        resource["id"].as_str().expect("id")
-    );
-    let (status, body) = server.json(Method::PUT, &path, &resource).await;
-    assert!(status.is_success(), "{path}: {body}");
-}
-
 #[tokio::test]
 async fn every_file_of_a_lenient_system_export_without_type_answers() {
     // bulk-data-client --global aborted here: the OperationOutcome type's own task deleted
@@ -85,12 +75,11 @@ async fn every_file_of_a_lenient_system_export_without_type_answers() {
 async fn group_exports_drop_types_outside_the_compartment_and_say_so() {
     let server = TestServer::start().await;
     small_world(&server).await;
-    put(
-        &server,
-        json!({"resourceType": "Device", "id": "pump", "patient": {"reference": "Patient/p1"}}),
-    )
+    server.put_fhir(&json!({"resourceType": "Device", "id": "pump", "patient": {"reference": "Patient/p1"}}))
     .await;
-    put(&server, json!({"resourceType": "Device", "id": "spare"})).await;
+    server
+        .put_fhir(&json!({"resourceType": "Device", "id": "spare"}))
+        .await;
     // smart-fetch bulk --group asks for Device among its defaults; Organization is not the
     // patients' either.
     let status_url = start(
@@ -128,14 +117,12 @@ async fn resources_are_exported_as_they_were_at_transaction_time() {
     let (first, status_url, job) = waiting_job("/fhir/$export?_type=Patient,Observation").await;
     // While the export waits: an update, a delete, a creation, and a $load that replaces
     // without asking for history.
-    put(
-        &first,
-        json!({"resourceType": "Patient", "id": "p1", "gender": "female"}),
-    )
-    .await;
+    first
+        .put_fhir(&json!({"resourceType": "Patient", "id": "p1", "gender": "female"}))
+        .await;
     let (status, _) = first.delete("/fhir/Observation/o1").await;
     assert!(status.is_success());
-    put(&first, json!({"resourceType": "Observation", "id": "o-new", "status": "final", "code": {"text": "x"}})).await;
+    first.put_fhir(&json!({"resourceType": "Observation", "id": "o-new", "status": "final", "code": {"text": "x"}})).await;
     let file = b"{\"resourceType\":\"Patient\",\"id\":\"p2\",\"gender\":\"male\"}\n".to_vec();
     let fixtures = FixtureServer::start(vec![("/p2.ndjson", Fixture::Bytes(file))]).await;
     let (status, body) = first
@@ -174,10 +161,16 @@ async fn provenance_of_compartment_resources_comes_with_a_group_export() {
                "agent": [{"who": {"reference": "Organization/org"}}],
                "target": [{"reference": target}]})
     };
-    put(&server, provenance("of-o1", "Observation/o1")).await;
-    put(&server, provenance("of-p2", "Patient/p2")).await;
-    put(&server, provenance("of-o3", "Observation/o3")).await; // p3 is an inactive member
-    put(&server, provenance("of-org", "Organization/org")).await;
+    server
+        .put_fhir(&provenance("of-o1", "Observation/o1"))
+        .await;
+    server.put_fhir(&provenance("of-p2", "Patient/p2")).await;
+    server
+        .put_fhir(&provenance("of-o3", "Observation/o3"))
+        .await; // p3 is an inactive member
+    server
+        .put_fhir(&provenance("of-org", "Organization/org"))
+        .await;
     let exported = exported_ids(&server, "/fhir/Group/g/$export?_type=Provenance").await;
     assert_eq!(exported["Provenance"], set(&["of-o1", "of-p2"]));
     let everyone = exported_ids(&server, "/fhir/Patient/$export?_type=Provenance").await;
@@ -218,7 +211,7 @@ async fn deletions_since_come_as_bundles_of_deletes() {
     tokio::time::sleep(Duration::from_millis(20)).await;
     let (status, _) = server.delete("/fhir/Observation/o2").await;
     assert!(status.is_success());
-    put(&server, json!({"resourceType": "Observation", "id": "o3", "status": "amended", "code": {"text": "x"}})).await;
+    server.put_fhir(&json!({"resourceType": "Observation", "id": "o3", "status": "amended", "code": {"text": "x"}})).await;
     let path = format!(
         "/fhir/$export?_type=Observation,Patient&_since={}",
         since.format("%Y-%m-%dT%H:%M:%S%.6fZ")
@@ -250,7 +243,7 @@ async fn until_and_elements() {
     tokio::time::sleep(Duration::from_millis(20)).await;
     let until = chrono::Utc::now();
     tokio::time::sleep(Duration::from_millis(20)).await;
-    put(&server, json!({"resourceType": "Patient", "id": "p1", "gender": "female", "birthDate": "2000-01-01"})).await;
+    server.put_fhir(&json!({"resourceType": "Patient", "id": "p1", "gender": "female", "birthDate": "2000-01-01"})).await;
     let path = format!(
         "/fhir/$export?_type=Patient&_until={}",
         until.format("%Y-%m-%dT%H:%M:%S%.6fZ")
@@ -459,7 +452,7 @@ async fn polling_faster_than_retry_after_is_refused() {
 async fn groups_are_found_by_identifier_and_filters_are_discoverable() {
     let server = TestServer::start().await;
     small_world(&server).await;
-    put(&server, json!({"resourceType": "Group", "id": "cohort", "type": "person", "actual": true,
+    server.put_fhir(&json!({"resourceType": "Group", "id": "cohort", "type": "person", "actual": true,
                         "identifier": [{"system": "https://example.org/cohorts", "value": "diabetes-2024"}]})).await;
     let (status, bundle) = server
         .get("/fhir/Group?identifier=https://example.org/cohorts%7Cdiabetes-2024")

@@ -589,7 +589,7 @@ async fn a_chain_cannot_read_a_type_its_client_may_not_search() {
             outcome["issue"][0]["diagnostics"]
                 .as_str()
                 .unwrap_or_default()
-                .contains("the search chains through"),
+                .contains("the search reads"),
             "{outcome}"
         );
     }
@@ -676,7 +676,7 @@ async fn a_reverse_chain_cannot_read_a_type_its_client_may_not_search() {
         outcome["issue"][0]["diagnostics"]
             .as_str()
             .unwrap_or_default()
-            .contains("the search chains through Observation"),
+            .contains("the search reads Observation too"),
         "{outcome}"
     );
 }

@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use common::TestServer;
 use fhirbox::search::Limits;
-use reqwest::{Method, StatusCode};
+use reqwest::StatusCode;
 use serde_json::{json, Value};
 
 async fn small_server(timeout: Duration) -> TestServer {
@@ -28,16 +28,6 @@ async fn small_server(timeout: Duration) -> TestServer {
     .await
 }
 
-async fn put(server: &TestServer, resource: Value) {
-    let path = format!(
-        "/fhir/{}/{}",
-        resource["resourceType"].as_str().unwrap_or_default(),
-        resource["id"].as_str().unwrap_or_default()
-    );
-    let (status, body) = server.json(Method::PUT, &path, &resource).await;
-    assert!(status.is_success(), "{path}: {body}");
-}
-
 fn entries(bundle: &Value) -> usize {
     bundle["entry"].as_array().map_or(0, Vec::len)
 }
@@ -46,19 +36,17 @@ fn entries(bundle: &Value) -> usize {
 async fn a_search_past_each_bound_is_capped_or_refused_by_name() {
     let server = small_server(Duration::from_secs(30)).await;
     for id in ["p1", "p2", "p3", "p4"] {
-        put(
-            &server,
-            json!({"resourceType": "Patient", "id": id, "name": [{"family": "Smith"}]}),
-        )
-        .await;
+        server
+            .put_fhir(&json!({"resourceType": "Patient", "id": id, "name": [{"family": "Smith"}]}))
+            .await;
     }
     for (id, patient) in [("o1", "p1"), ("o2", "p2")] {
-        put(
-            &server,
-            json!({"resourceType": "Observation", "id": id, "status": "final",
+        server
+            .put_fhir(
+                &json!({"resourceType": "Observation", "id": id, "status": "final",
                 "code": {"text": "x"}, "subject": {"reference": format!("Patient/{patient}")}}),
-        )
-        .await;
+            )
+            .await;
     }
 
     // `_count`: the default when unsaid, the most a page carries when more is asked for.

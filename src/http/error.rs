@@ -216,6 +216,11 @@ impl From<StoreError> for ApiError {
             StoreError::AlreadyExists { .. } => {
                 ApiError::new(StatusCode::CONFLICT, "duplicate", error.to_string())
             }
+            _ if error.refusal().is_some() => ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "not-supported",
+                error.refusal().unwrap_or_default().to_string(),
+            ),
             _ if error.is_busy() => ApiError::new(
                 StatusCode::SERVICE_UNAVAILABLE,
                 "transient",

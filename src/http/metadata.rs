@@ -47,7 +47,9 @@ fn modifiers(kind: &str) -> &'static str {
         "string" => "modifiers :exact, :contains, :missing; _sort",
         "token" => {
             "forms code, system|code, |code, system|; modifiers :not, :text, :of-type \
-             (system|code|value, on Identifiers), :missing; _sort"
+             (system|code|value, on Identifiers), :in and :not-in (a stored ValueSet), \
+             :below and :above (system|code, in a stored CodeSystem's hierarchy; these four \
+             not in _typeFilter), :missing; _sort"
         }
         "date" => "prefixes eq ne gt lt ge le sa eb ap; modifier :missing; _sort",
         "number" | "quantity" => "prefixes eq ne gt lt ge le sa eb ap; modifier :missing; _sort",

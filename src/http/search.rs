@@ -116,7 +116,8 @@ pub(super) async fn authorize_chains(
                 StatusCode::FORBIDDEN,
                 "forbidden",
                 format!(
-                    "the search chains through {name}, which may not be searched here: {reason}"
+                    "the search reads {name} too (through a chain, _has, _list, :in or \
+                     :below), which may not be searched here: {reason}"
                 ),
             ));
         }
@@ -125,7 +126,7 @@ pub(super) async fn authorize_chains(
 }
 
 /// A conditional write's search: the subject must be allowed to search the type (and what
-/// the search chains through), asked as that `GET` on its own would be; then its filter.
+/// the search reads too), asked as that `GET` on its own would be; then its filter.
 pub(super) async fn conditional_filter(
     state: &AppState,
     ctx: &ApiContext,

@@ -45,7 +45,17 @@ pub(super) fn token_test(
     value: &str,
     binds: &mut Binds,
 ) -> Result<String, SearchError> {
-    no_modifier(name, modifier, &["not", "text", "of-type"])?;
+    no_modifier(
+        name,
+        modifier,
+        &["not", "text", "of-type", "in", "not-in", "below", "above"],
+    )?;
+    if let Some(m) = modifier.filter(|m| super::terminology::MODIFIERS.contains(m)) {
+        // `sql::criterion_sql` answers these; a composite's token component takes none.
+        return Err(SearchError::Unsupported(format!(
+            "{name}: :{m} is not supported here"
+        )));
+    }
     if modifier == Some("of-type") {
         return of_type_test(name, value, binds);
     }

@@ -25,6 +25,7 @@ pub mod request;
 pub mod run;
 pub mod sort;
 pub mod sql;
+pub mod terminology;
 
 pub use query::Criterion;
 pub use request::{Limits, Plan};
@@ -143,6 +144,17 @@ pub fn condition(
                 "{key}: chained parameters are not supported yet"
             )));
         }
+        // So does a terminology modifier (it reads a ValueSet or CodeSystem).
+        if let Some(modifier) = key.split(':').nth(1) {
+            if terminology::MODIFIERS.contains(&modifier)
+                && parameter(rt.name(), name).is_some_and(|p| p.kind == "token")
+            {
+                return Err(SearchError::Unsupported(format!(
+                    "{key}: :{modifier} reads stored terminology, which an export's \
+                     authorization does not cover; not supported in _typeFilter"
+                )));
+            }
+        }
         let Some(definition) = parameter(rt.name(), name) else {
             return Err(SearchError::invalid(
                 key,
@@ -168,9 +180,6 @@ pub fn chained_types(type_name: &str, key: &str) -> Vec<&'static str> {
     if key == "_list" || key.starts_with("_list:") {
         return vec!["List"];
     }
-    if !key.contains('.') && !key.starts_with("_has:") {
-        return Vec::new();
-    }
     let mut types = Vec::new();
     let mut current = type_name.to_string();
     let mut key = key.to_string();
@@ -185,8 +194,14 @@ pub fn chained_types(type_name: &str, key: &str) -> Vec<&'static str> {
             key = rest;
             continue;
         }
-        let (Some(param), Some(rest)) = (parameter(&current, &criterion.name), criterion.chain)
-        else {
+        let Some(param) = parameter(&current, &criterion.name) else {
+            return types;
+        };
+        let Some(rest) = criterion.chain else {
+            // The last parameter may read stored terminology (`code:in=...`).
+            if let (Some(modifier), "token") = (criterion.modifier.as_deref(), param.kind) {
+                types.extend(terminology::types_read(modifier));
+            }
             return types;
         };
         let Ok(target) =

@@ -395,26 +395,43 @@ fn criterion_sql(
                 continue;
             }
         }
-        let test = match param.kind {
-            "string" => string_test(name, modifier, value, binds)?,
-            "token" => token_test(name, modifier, value, binds)?,
-            "date" => date_test(name, modifier, value, binds)?,
-            "number" => number_test(name, modifier, value, binds)?,
-            "quantity" => quantity_test(name, modifier, value, binds)?,
-            "reference" => reference_test(name, modifier, value, param, binds, base_url)?,
-            "uri" => uri_test(name, modifier, value, binds)?,
-            other => {
-                return Err(SearchError::Unsupported(format!(
-                    "{name}: {other} parameters are not supported yet"
-                )))
+        let test = match (param.kind, modifier) {
+            ("token", Some(m)) if super::terminology::MODIFIERS.contains(&m) => {
+                super::terminology::token_test(name, m, value, base_url, binds)?
             }
+            _ => plain_test(name, modifier, value, param, binds, base_url)?,
         };
         alternatives.push(each(&test));
     }
     let any = format!("({})", alternatives.join(" OR "));
     Ok(match (param.kind, modifier) {
-        ("token", Some("not")) => format!("NOT {any}"),
+        ("token", Some("not" | "not-in")) => format!("NOT {any}"),
         _ => any,
+    })
+}
+
+/// The test of one value `v` by the rules of the parameter's type.
+fn plain_test(
+    name: &str,
+    modifier: Option<&str>,
+    value: &str,
+    param: &SearchParam,
+    binds: &mut Binds,
+    base_url: &str,
+) -> Result<String, SearchError> {
+    Ok(match param.kind {
+        "string" => string_test(name, modifier, value, binds)?,
+        "token" => token_test(name, modifier, value, binds)?,
+        "date" => date_test(name, modifier, value, binds)?,
+        "number" => number_test(name, modifier, value, binds)?,
+        "quantity" => quantity_test(name, modifier, value, binds)?,
+        "reference" => reference_test(name, modifier, value, param, binds, base_url)?,
+        "uri" => uri_test(name, modifier, value, binds)?,
+        other => {
+            return Err(SearchError::Unsupported(format!(
+                "{name}: {other} parameters are not supported yet"
+            )))
+        }
     })
 }
 

@@ -28,6 +28,7 @@ pub mod schema;
 pub mod search;
 pub mod search_functions;
 pub mod search_indexes;
+pub mod search_terminology;
 pub mod session;
 pub mod socket;
 pub mod token;
@@ -95,13 +96,24 @@ impl StoreError {
         )
     }
 
-    /// Whether the database is unreachable (as opposed to having rejected a statement).
     /// Whether PostgreSQL cancelled the statement (its `statement_timeout` ran out).
     pub fn is_timeout(&self) -> bool {
         matches!(self, StoreError::Db(error)
             if error.code() == Some(&tokio_postgres::error::SqlState::QUERY_CANCELED))
     }
 
+    /// What a search function refused, for the client: a ValueSet or CodeSystem a
+    /// terminology modifier needs that is not stored, or cannot be read exactly (SQLSTATE
+    /// [`search_terminology::REFUSAL`]).
+    pub fn refusal(&self) -> Option<&str> {
+        let StoreError::Db(error) = self else {
+            return None;
+        };
+        let db = error.as_db_error()?;
+        (db.code().code() == search_terminology::REFUSAL).then(|| db.message())
+    }
+
+    /// Whether the database is unreachable (as opposed to having rejected a statement).
     pub fn is_unavailable(&self) -> bool {
         match self {
             StoreError::Pool(_) | StoreError::PoolBuild(_) => true,

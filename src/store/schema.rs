@@ -173,6 +173,8 @@ pub async fn migrate(conn: &mut Connection) -> Result<(), StoreError> {
         .await?;
     tx.batch_execute(super::search_functions::FUNCTIONS_DDL)
         .await?;
+    tx.batch_execute(super::search_terminology::FUNCTIONS_DDL)
+        .await?;
     tx.batch_execute(super::materialized::SCHEMA_DDL).await?;
     super::roles::grant(&tx).await?;
     tx.commit().await?;

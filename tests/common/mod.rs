@@ -304,6 +304,17 @@ impl TestServer {
         self.send(self.request(Method::DELETE, path)).await
     }
 
+    /// `PUT /fhir/[type]/[id]` of a FHIR resource, which must succeed.
+    pub async fn put_fhir(&self, resource: &Value) {
+        let path = format!(
+            "/fhir/{}/{}",
+            resource["resourceType"].as_str().unwrap_or_default(),
+            resource["id"].as_str().unwrap_or_default()
+        );
+        let (status, body) = self.json(Method::PUT, &path, resource).await;
+        assert!(status.is_success(), "{path}: {body}");
+    }
+
     pub async fn json(&self, method: Method, path: &str, body: &Value) -> (StatusCode, Value) {
         self.send(self.request(method, path).json(body)).await
     }
