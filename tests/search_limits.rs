@@ -104,4 +104,29 @@ async fn a_search_running_past_its_time_is_cancelled() {
         .await;
     assert_eq!(status, StatusCode::REQUEST_TIMEOUT, "{outcome}");
     insta::assert_snapshot!(common::pretty(&outcome));
+
+    // A conditional write's search has the same bound, alone and in a transaction, and
+    // writes nothing past it.
+    let before = server.count("patient").await;
+    let patient = json!({"resourceType": "Patient", "name": [{"family": "Late"}]});
+    let (status, outcome) = server
+        .send(
+            server
+                .request(reqwest::Method::POST, "/fhir/Patient")
+                .header("If-None-Exist", "address-city:contains=nowhere")
+                .json(&patient),
+        )
+        .await;
+    assert_eq!(status, StatusCode::REQUEST_TIMEOUT, "{outcome}");
+    assert!(
+        common::diagnostics(&outcome).contains("If-None-Exist search ran longer"),
+        "{outcome}"
+    );
+    let transaction = json!({"resourceType": "Bundle", "type": "transaction", "entry": [
+        {"resource": patient, "request": {"method": "PUT", "url": "Patient?address-city:contains=nowhere"}}]});
+    let (status, outcome) = server
+        .json(reqwest::Method::POST, "/fhir", &transaction)
+        .await;
+    assert_eq!(status, StatusCode::REQUEST_TIMEOUT, "{outcome}");
+    assert_eq!(server.count("patient").await, before);
 }

@@ -418,3 +418,33 @@ async fn every_parameter_the_capability_statement_lists_works() {
         failures.join("\n")
     );
 }
+
+#[tokio::test]
+async fn what_fhirbox_does_not_search_is_refused_by_name_never_ignored() {
+    let server = TestServer::start().await;
+    chain_world(&server).await;
+    // The defaults, said out loud, are the search without them.
+    let (_, plain) = server.get("/fhir/Observation?status=final").await;
+    for query in [
+        "/fhir/Observation?status=final&_contained=false",
+        "/fhir/Observation?status=final&_containedType=container",
+    ] {
+        let (status, bundle) = server.get(query).await;
+        assert_eq!(status, StatusCode::OK, "{query}: {bundle}");
+        assert_eq!(ids_of(&bundle), ids_of(&plain), "{query}");
+    }
+    let mut answers = Vec::new();
+    for query in [
+        "/fhir/Observation?_contained=true",
+        "/fhir/Observation?_contained=both",
+        "/fhir/Observation?_containedType=contained",
+        "/fhir/Observation?_text=cough",
+        "/fhir/Observation?_content=cough",
+        "/fhir/Location?near=42.25|-83.69|10|km",
+    ] {
+        let (status, outcome) = server.get(query).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{query}: {outcome}");
+        answers.push(json!({"query": query, "outcome": outcome}));
+    }
+    insta::assert_snapshot!(common::pretty(&answers));
+}

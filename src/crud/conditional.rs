@@ -5,7 +5,8 @@
 //! of the type takes (`store::search::lock_conditional`), so a second conditional create of
 //! the same identifier waits for the first to commit and then finds what it created: two
 //! concurrent conditional creates make one resource. The search is compiled by `search`,
-//! filters only (no `_sort`, `_include`, paging); more than one match is 412.
+//! filters only (no `_sort`, `_include`, paging), bounded by `--search-timeout-ms` as a
+//! search is (past it, a 408 and nothing written); more than one match is 412.
 
 use super::{create_in, delete_in, update_in, Checked, CrudError, Deleted};
 use crate::resource::StoredResource;
@@ -22,7 +23,15 @@ pub async fn find_in(
     what: &str,
 ) -> Result<Option<StoredResource>, CrudError> {
     statements::lock_conditional(&**tx, rt).await?;
-    let mut found = statements::page(&**tx, rt, filter, &[], None, 2).await?;
+    let mut found = statements::bounded_page(&**tx, rt, filter, 2)
+        .await
+        .map_err(|error| match error.is_timeout() {
+            true => CrudError::Timeout(format!(
+                "the {what} ran longer than this server allows (--search-timeout-ms): make it \
+                 more selective, or search by a parameter with an index"
+            )),
+            false => error.into(),
+        })?;
     match found.len() {
         0 => Ok(None),
         1 => Ok(found.pop().map(|(r, _)| r)),

@@ -42,6 +42,9 @@ pub enum CrudError {
     /// A conditional write's search found more than one resource.
     #[error("{0}")]
     PreconditionFailed(String),
+    /// A statement ran past its time (a conditional write's search).
+    #[error("{0}")]
+    Timeout(String),
 }
 
 impl CrudError {

@@ -260,6 +260,7 @@ impl From<CrudError> for ApiError {
             CrudError::PreconditionFailed(_) => {
                 ApiError::new(StatusCode::PRECONDITION_FAILED, "multiple-matches", message)
             }
+            CrudError::Timeout(_) => ApiError::new(StatusCode::REQUEST_TIMEOUT, "timeout", message),
         }
     }
 }

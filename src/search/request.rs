@@ -57,14 +57,7 @@ pub const RESULT_PARAMETERS: &[&str] = &[
 
 /// Parameters FHIR defines that fhirbox does not apply: refused, never ignored (ignoring one
 /// would answer with more than was asked for).
-const NOT_SUPPORTED: &[&str] = &[
-    "_contained",
-    "_containedType",
-    "_text",
-    "_content",
-    "_query",
-    "_filter",
-];
+const NOT_SUPPORTED: &[&str] = &["_text", "_content", "_query", "_filter"];
 
 /// A search, ready to run.
 #[derive(Debug, Clone)]
@@ -128,6 +121,15 @@ impl Plan {
                 "_sort" => plan.keys = sort::keys(rt, value)?,
                 "_include" | "_revinclude" => plan.includes.push(Include::parse(key, value)?),
                 _ if RESULT_PARAMETERS.contains(&name) => {}
+                // What every search does anyway: match containers, not what they contain.
+                "_contained" if key == name && value == "false" => {}
+                "_containedType" if key == name && value == "container" => {}
+                "_contained" | "_containedType" => {
+                    return Err(SearchError::Unsupported(format!(
+                        "{key}={value}: fhirbox does not search inside contained resources \
+                         (only _contained=false and _containedType=container, the defaults)"
+                    )))
+                }
                 "_id" if key == name => plan.ids(value),
                 "_lastUpdated" if key == name => plan.last_updated(value)?,
                 _ if NOT_SUPPORTED.contains(&name) => {
@@ -220,7 +222,10 @@ impl Plan {
                 "a conditional write needs search parameters (an empty search matches everything)",
             ));
         }
-        Ok(Plan::parse(rt, attributes, params, true, base_url, limits, indexes)?.filter)
+        let mut filter =
+            Plan::parse(rt, attributes, params, true, base_url, limits, indexes)?.filter;
+        filter.timeout = Some(limits.timeout);
+        Ok(filter)
     }
 
     /// Repeated `_id`s must all hold: the ids in every list.

@@ -23,6 +23,9 @@ pub struct PageFilter {
     pub updated_from: Option<chrono::DateTime<chrono::Utc>>,
     pub updated_before: Option<chrono::DateTime<chrono::Utc>>,
     pub condition: Option<Condition>,
+    /// The longest the page's statement may run, where the transaction does not bound it
+    /// already (a conditional write's search, inside the write's transaction).
+    pub timeout: Option<std::time::Duration>,
 }
 
 /// The SQL type of a sort key, which says how a cursor's text is read back.
@@ -247,6 +250,31 @@ pub async fn read_transaction(
     ))
     .await?;
     Ok(tx)
+}
+
+/// [`page`] with the filter's `timeout` as the statement's (the rest of the transaction
+/// keeps the server's default).
+pub async fn bounded_page(
+    client: &impl GenericClient,
+    rt: ResourceType,
+    filter: &PageFilter,
+    limit: i64,
+) -> Result<Vec<Ranked>, StoreError> {
+    let Some(timeout) = filter.timeout else {
+        return page(client, rt, filter, &[], None, limit).await;
+    };
+    // A number fhirbox prints, never request text.
+    client
+        .batch_execute(&format!(
+            "SET LOCAL statement_timeout = {}",
+            timeout.as_millis().max(1)
+        ))
+        .await?;
+    let found = page(client, rt, filter, &[], None, limit).await?;
+    client
+        .batch_execute("SET LOCAL statement_timeout TO DEFAULT")
+        .await?;
+    Ok(found)
 }
 
 /// Serializes the conditional writes of one type until the transaction ends (an advisory
