@@ -13,7 +13,7 @@ use crate::bulk::export::ExportSettings;
 use crate::bulk::jobs::JobSettings;
 use crate::bulk::source::{SourceError, SourcePolicy, Sources};
 use crate::bulk::Background;
-use crate::format::Formats;
+use crate::formats::Formats;
 use crate::http::{AppState, Settings};
 use crate::store::replicas::{ReadPools, Readers, ReplicaPools, ReplicaSettings};
 use crate::store::roles::{self, RoleLimits, SQL_ADMIN_ROLE, SQL_READER_ROLE};

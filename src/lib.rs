@@ -12,9 +12,11 @@
 //!   their statements with [`fhirpath`], the FHIRPath-to-SQL front end (which runs nothing).
 //! - [`store`]: every SQL statement and every connection's life (pool, dedicated connections
 //!   that are cancelled and closed when abandoned, transactions, COPY, jobs, migrations, the
-//!   Patient compartment, and the read replicas that take the bulk reads); [`format`]: native <-> FHIR conversion, driven by [`fhir`], the R4
-//!   element table (and compartment and search parameters) generated from the official
-//!   definitions. They call nothing above them.
+//!   Patient compartment, and the read replicas that take the bulk reads); [`format`]: native
+//!   <-> FHIR conversion, driven by [`fhir`], the R4 element table (and compartment and search
+//!   parameters) generated from the official definitions, with the rules [`formats`] reads
+//!   from the Attribute resources and hands it. They call nothing above them, and [`metrics`]
+//!   (counted from everywhere) calls nothing of fhirbox's.
 //!
 //! Around them: [`config`] (the command line), [`app`] (a running fhirbox's parts, built
 //! from its settings), [`server`] (start-up and shutdown), [`cluster`] (the managed local
@@ -31,6 +33,7 @@ pub mod crud;
 pub mod fhir;
 pub mod fhirpath;
 pub mod format;
+pub mod formats;
 pub mod http;
 pub mod json_text;
 pub mod metrics;

@@ -17,14 +17,15 @@
 //!   `fhirbox_replica_fallbacks_total{reason}`, `fhirbox_replica_up{replica}` and
 //!   `fhirbox_replica_lag_bytes{replica}`.
 
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
 use std::time::Duration;
 
 use axum::extract::State;
 use axum::routing::get;
 use metrics::{counter, gauge, histogram};
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
-
-use crate::http::AppState;
 
 /// Request latency buckets, in seconds: from a cached read to a long dump.
 const LATENCY_BUCKETS: &[f64] = &[
@@ -96,56 +97,46 @@ pub fn install() -> Result<PrometheusHandle, MetricsError> {
         .map_err(|e| MetricsError(e.to_string()))
 }
 
+/// What a scrape runs first, to set the gauges read at scrape time (the connection pools,
+/// the job queue): given by the layer that knows the running parts (`server`), so that this
+/// module depends on nothing of fhirbox's.
+pub type Refresh = Arc<dyn Fn() -> Pin<Box<dyn Future<Output = ()> + Send>> + Send + Sync>;
+
 /// Serves `GET /metrics` on `listener` until `shutdown`.
 pub async fn serve(
     listener: tokio::net::TcpListener,
     handle: PrometheusHandle,
-    state: AppState,
+    refresh: Refresh,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
     let app = axum::Router::new()
         .route("/metrics", get(scrape))
-        .with_state((handle, state));
+        .with_state((handle, refresh));
     axum::serve(listener, app)
         .with_graceful_shutdown(shutdown)
         .await
 }
 
-async fn scrape(State((handle, state)): State<(PrometheusHandle, AppState)>) -> String {
-    let mut pools = vec![
-        ("primary".to_string(), "interactive", state.store.clone()),
-        ("primary".to_string(), "bulk", state.bulk_store.clone()),
-        (
-            "primary".to_string(),
-            "sql_reader",
-            state.sql_reader.clone(),
-        ),
-        ("primary".to_string(), "sql_admin", state.sql_admin.clone()),
-    ];
-    for (replica, read) in state.readers.replica_pools() {
-        pools.push((replica.clone(), "bulk", read.bulk));
-        pools.push((replica.clone(), "sql_reader", read.sql_reader));
-        pools.push((replica, "sql_admin", read.sql_admin));
-    }
-    for (server, pool, store) in pools {
-        let status = store.status();
-        let in_use = status.size.saturating_sub(status.available);
-        for (kind, value) in [
-            ("in_use", in_use),
-            ("idle", status.available),
-            ("waiting", status.waiting),
-        ] {
-            gauge!("fhirbox_db_connections", "server" => server.clone(), "pool" => pool, "state" => kind)
-                .set(value as f64);
-        }
-    }
-    match state.background.jobs.task_counts().await {
-        Ok(counts) => {
-            for (kind, status, count) in counts {
-                gauge!("fhirbox_job_tasks", "kind" => kind, "status" => status).set(count as f64);
-            }
-        }
-        Err(error) => tracing::warn!(%error, "could not count the job tasks for the metrics"),
-    }
+async fn scrape(State((handle, refresh)): State<(PrometheusHandle, Refresh)>) -> String {
+    refresh().await;
     handle.render()
+}
+
+/// A connection pool's state at a scrape (`server`: `primary` or `replica N`).
+pub fn db_connections(
+    server: &str,
+    pool: &'static str,
+    in_use: usize,
+    idle: usize,
+    waiting: usize,
+) {
+    for (state, value) in [("in_use", in_use), ("idle", idle), ("waiting", waiting)] {
+        gauge!("fhirbox_db_connections", "server" => server.to_string(), "pool" => pool, "state" => state)
+            .set(value as f64);
+    }
+}
+
+/// The job queue at a scrape: tasks of `kind` in `status` (`waiting` is its depth).
+pub fn job_tasks(kind: String, status: String, count: i64) {
+    gauge!("fhirbox_job_tasks", "kind" => kind, "status" => status).set(count as f64);
 }

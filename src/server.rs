@@ -342,10 +342,15 @@ async fn serve_with_database(
         let local = metrics.local_addr().map_err(ServeError::Serve)?;
         println!("fhirbox metrics on http://{local}/metrics");
         let stopped = stop.clone();
+        let scraped = state.clone();
+        let refresh: crate::metrics::Refresh = Arc::new(move || {
+            let state = scraped.clone();
+            Box::pin(async move { record_gauges(&state).await })
+        });
         tokio::spawn(crate::metrics::serve(
             metrics,
             handle,
-            state.clone(),
+            refresh,
             async move { stopped.cancelled().await },
         ));
     }
@@ -585,5 +590,37 @@ fn parquet_row_groups(args: &ServeArgs) -> crate::views::parquet::RowGroups {
     crate::views::parquet::RowGroups {
         rows: args.parquet_row_group_rows.max(1),
         bytes: args.parquet_row_group_bytes.max(1),
+    }
+}
+
+/// The gauges a metrics scrape reads now: every connection pool's state, the job queue.
+async fn record_gauges(state: &http::AppState) {
+    let mut pools = vec![
+        ("primary".to_string(), "interactive", state.store.clone()),
+        ("primary".to_string(), "bulk", state.bulk_store.clone()),
+        (
+            "primary".to_string(),
+            "sql_reader",
+            state.sql_reader.clone(),
+        ),
+        ("primary".to_string(), "sql_admin", state.sql_admin.clone()),
+    ];
+    for (replica, read) in state.readers.replica_pools() {
+        pools.push((replica.clone(), "bulk", read.bulk));
+        pools.push((replica.clone(), "sql_reader", read.sql_reader));
+        pools.push((replica, "sql_admin", read.sql_admin));
+    }
+    for (server, pool, store) in pools {
+        let status = store.status();
+        let in_use = status.size.saturating_sub(status.available);
+        crate::metrics::db_connections(&server, pool, in_use, status.available, status.waiting);
+    }
+    match state.background.jobs.task_counts().await {
+        Ok(counts) => {
+            for (kind, status, count) in counts {
+                crate::metrics::job_tasks(kind, status, count);
+            }
+        }
+        Err(error) => tracing::warn!(%error, "could not count the job tasks for the metrics"),
     }
 }

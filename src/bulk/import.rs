@@ -23,7 +23,7 @@ use super::prepare::{own_type_refusal, LineRules};
 use super::report::Report;
 use super::source::{Reader, SourceError, Sources};
 use crate::auth::access::JobFacts;
-use crate::format::Formats;
+use crate::formats::Formats;
 use crate::resource::format_instant;
 use crate::resource_type::ResourceType;
 use crate::store::jobs::{self as sql, Finished, JobKind, JobRow, NewTask, TaskRow};

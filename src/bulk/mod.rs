@@ -20,7 +20,7 @@ pub mod stream;
 
 use std::sync::Arc;
 
-use crate::format::Formats;
+use crate::formats::Formats;
 use crate::store::Store;
 
 /// The background work of a process: the job machinery's workers running imports and

@@ -2,11 +2,10 @@
 //! operation goes through. The rules are in [`walk`] (choices, references, meta) and
 //! [`attributes`] (first-class extensions from `Attribute` resources).
 //!
-//! Handlers get a [`Converter`] for the request ([`Formats::converter`]) and call
-//! [`Converter::to_native`] on what comes in and [`Converter::to_fhir`] on what goes out.
-//! Attributes are read from the database and cached; each request checks a cheap stamp of the
-//! `attribute` table (its newest version ids and row count), so a created, changed or deleted
-//! Attribute takes effect on the next request, in every fhirbox process, without a restart.
+//! A [`Converter`] holds the rules in force (from the Attribute resources) as a value, handed
+//! in by the layer above (`crate::formats` reads and caches them), and converts with them:
+//! [`Converter::to_native`] on what comes in, [`Converter::to_fhir`] on what goes out. This
+//! module reads no database: it depends on `fhir` (the element table) and nothing above.
 
 pub mod attributes;
 pub mod shape;
@@ -18,9 +17,6 @@ use std::sync::Arc;
 
 use serde_json::Value;
 
-use crate::resource_type::ResourceType;
-use crate::store::cached::TableCache;
-use crate::store::{Store, StoreError};
 use attributes::Rules;
 use trail::Trail;
 use walk::{ToFhir, ToNative};
@@ -56,34 +52,6 @@ impl FormatError {
     }
 }
 
-/// The conversion service, shared by all requests.
-#[derive(Clone)]
-pub struct Formats {
-    store: Store,
-    rules: Arc<TableCache<Rules>>,
-}
-
-impl Formats {
-    pub fn new(store: Store) -> Formats {
-        let attribute = ResourceType::parse("Attribute").expect("a fhirbox type");
-        Formats {
-            store,
-            rules: Arc::new(TableCache::new(attribute)),
-        }
-    }
-
-    /// The conversion rules in force now.
-    pub async fn converter(&self) -> Result<Converter, StoreError> {
-        let rules = self
-            .rules
-            .get(&self.store, |attributes| {
-                Rules::from_attributes(attributes.iter().map(|(_, body)| body))
-            })
-            .await?;
-        Ok(Converter { rules })
-    }
-}
-
 /// The rules in force for one request (or one bulk operation). Cheap to clone and `Send`, so
 /// bulk operations can convert on several threads.
 #[derive(Debug, Clone, Default)]
@@ -99,9 +67,12 @@ impl Converter {
 
     /// A converter with the given rules (tests and benchmarks).
     pub fn with_rules(rules: Rules) -> Converter {
-        Converter {
-            rules: Arc::new(rules),
-        }
+        Converter::with_shared(Arc::new(rules))
+    }
+
+    /// A converter with rules shared with others (`crate::formats`' cache).
+    pub fn with_shared(rules: Arc<Rules>) -> Converter {
+        Converter { rules }
     }
 
     /// FHIR JSON -> native document. Fails on a reference that cannot be parsed or a choice

@@ -47,7 +47,8 @@ use axum::{Extension, Router};
 
 use crate::auth::Authenticator;
 use crate::bulk::source::Sources;
-use crate::format::{Api, Formats};
+use crate::format::Api;
+use crate::formats::Formats;
 use crate::store::jobs::JobKind;
 use crate::store::Store;
 use error::ApiError;

@@ -33,8 +33,7 @@ use crate::resource_type::ResourceType;
 /// The parameter types an index can serve.
 pub const INDEXABLE_KINDS: &[&str] = &["token", "reference", "string", "date"];
 
-/// Prefix of the name of every search index and its function (what start-up may drop).
-pub const PREFIX: &str = "fhirbox_si_";
+pub use crate::store::search_indexes::{Definition, PREFIX};
 
 /// What `--search-indexes common` creates: references to a patient, subject and encounter,
 /// identifiers and codes of the types real data has most of, and a patient's name and birth
@@ -167,22 +166,6 @@ fn serves(indexed: &'static SearchParam, param: &SearchParam) -> Option<Served> 
         }
         _ => None,
     }
-}
-
-/// One index to create.
-#[derive(Debug, Clone)]
-pub struct Definition {
-    pub rt: ResourceType,
-    pub function: String,
-    pub index: String,
-    /// The function's SQL type.
-    pub returns: &'static str,
-    /// `USING ...` of the index: its method and expression.
-    pub method: String,
-    /// The extension the index needs, if any.
-    pub extension: Option<&'static str>,
-    /// The expression the function returns, of its argument `resource`.
-    pub body: String,
 }
 
 fn indexable(entry: &str) -> Result<(ResourceType, &'static SearchParam), SearchError> {

@@ -4,7 +4,26 @@
 //! the R4 definitions and the checked configuration (`search::index`), never from a request.
 
 use super::{Connection, StoreError};
-use crate::search::index::{Definition, PREFIX};
+use crate::resource_type::ResourceType;
+
+/// Prefix of the name of every search index and its function (what start-up may drop).
+pub const PREFIX: &str = "fhirbox_si_";
+
+/// One index to create.
+#[derive(Debug, Clone)]
+pub struct Definition {
+    pub rt: ResourceType,
+    pub function: String,
+    pub index: String,
+    /// The function's SQL type.
+    pub returns: &'static str,
+    /// `USING ...` of the index: its method and expression.
+    pub method: String,
+    /// The extension the index needs, if any.
+    pub extension: Option<&'static str>,
+    /// The expression the function returns, of its argument `resource`.
+    pub body: String,
+}
 
 /// What earlier versions named their search indexes and functions (`text[]` terms): dropped.
 const LEGACY: (&str, &str) = ("fhirbox_sp_", "fhirbox_terms_");

@@ -35,7 +35,7 @@ use self::output::{result_deleted, result_files};
 use self::request::{ExportSpec, Level};
 use super::jobs::Jobs;
 use crate::auth::access::JobFacts;
-use crate::format::Formats;
+use crate::formats::Formats;
 use crate::resource_type::ResourceType;
 use crate::store::jobs::{self as sql, JobKind, JobRow, NewTask, TaskRow};
 use crate::store::replicas::Readers;
