@@ -77,6 +77,28 @@ fn main() {
     let fhir_mb = fhir_lines.iter().map(String::len).sum::<usize>() as f64 / 1e6;
     let native_mb = native_lines.iter().map(String::len).sum::<usize>() as f64 / 1e6;
 
+    // `FHIRBOX_BENCH_FORMAT=text`: the bulk exports' text path alone, 20 rounds, to run
+    // under a profiler (`perf record -g target/release/deps/format-*`; docs/performance.md).
+    if std::env::var("FHIRBOX_BENCH_FORMAT").is_ok_and(|v| v == "text") {
+        let started = Instant::now();
+        let mut out = Vec::with_capacity(1 << 20);
+        for _ in 0..20 {
+            for line in &native_lines {
+                out.clear();
+                converter
+                    .to_fhir_text(line.as_bytes(), &mut out)
+                    .expect("converts");
+                std::hint::black_box(&out);
+            }
+        }
+        let seconds = started.elapsed().as_secs_f64();
+        println!(
+            "native -> FHIR, text path: {:.1} MB/s over 20 rounds",
+            native_mb * 20.0 / seconds
+        );
+        return;
+    }
+
     let parse_serialize = |line: &str| {
         serde_json::from_str::<Value>(line)
             .expect("json")

@@ -99,14 +99,33 @@ pub fn end_of_string(text: &[u8], i: usize) -> Option<usize> {
         return None;
     }
     let mut j = i + 1;
+    // Jump from one quote or backslash to the next (SIMD in memchr): most of a resource's
+    // bytes are inside strings, and this is the text path's hottest loop. (Looking at the
+    // first bytes one by one before that was slower, measured.)
     loop {
-        match text.get(j)? {
+        j += memchr::memchr2(b'"', b'\\', text.get(j..)?)?;
+        match text[j] {
             b'"' => return Some(j + 1),
-            b'\\' => j += 2,
-            _ => j += 1,
+            _ => j += 2,
         }
     }
 }
+
+/// What a byte means to the scan of a container, outside strings.
+const OTHER: u8 = 0;
+const QUOTE: u8 = 1;
+const OPEN: u8 = 2;
+const CLOSE: u8 = 3;
+
+static CLASS: [u8; 256] = {
+    let mut class = [OTHER; 256];
+    class[b'"' as usize] = QUOTE;
+    class[b'{' as usize] = OPEN;
+    class[b'[' as usize] = OPEN;
+    class[b'}' as usize] = CLOSE;
+    class[b']' as usize] = CLOSE;
+    class
+};
 
 /// The index just past the value starting at `i`.
 pub fn end_of_value(text: &[u8], i: usize) -> Option<usize> {
@@ -115,14 +134,14 @@ pub fn end_of_value(text: &[u8], i: usize) -> Option<usize> {
         b'{' | b'[' => {
             let mut depth = 0usize;
             let mut j = i;
-            loop {
-                match text.get(j)? {
-                    b'"' => {
+            while j < text.len() {
+                match CLASS[text[j] as usize] {
+                    QUOTE => {
                         j = end_of_string(text, j)?;
                         continue;
                     }
-                    b'{' | b'[' => depth += 1,
-                    b'}' | b']' => {
+                    OPEN => depth += 1,
+                    CLOSE => {
                         depth -= 1;
                         if depth == 0 {
                             return Some(j + 1);
@@ -132,6 +151,7 @@ pub fn end_of_value(text: &[u8], i: usize) -> Option<usize> {
                 }
                 j += 1;
             }
+            None
         }
         _ => {
             let mut j = i;
