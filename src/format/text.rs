@@ -12,34 +12,39 @@ use serde_json::Value;
 use super::attributes::Rules;
 use super::walk::{capitalize, ToFhir, CREATED_AT_URL};
 use crate::fhir::meta::{type_index, Kind, TypeIndex};
-use crate::json_text::{self, first_byte, string_inner, write_compact, Member};
+use crate::json_text::{self, first_byte, string_inner, write_compact, Ends, Member};
 
 /// Converts one native resource to a compact FHIR JSON text, appended to `out`. `None` if the
 /// input is not a JSON object (then `out` may hold a partial write: truncate on error).
 pub fn native_to_fhir(rules: &Rules, input: &[u8], out: &mut Vec<u8>) -> Option<()> {
+    let mut ends = Ends::default();
+    ends.index(input);
     Writer {
         rules,
         out,
+        ends: &ends,
         member_lists: Vec::new(),
         item_lists: Vec::new(),
     }
     .resource(input)
 }
 
-struct Writer<'r, 'o, 'i> {
+struct Writer<'r, 'o, 'e, 'i> {
     rules: &'r Rules,
     out: &'o mut Vec<u8>,
+    /// Where the input's objects and arrays end, found once.
+    ends: &'e Ends,
     /// Scratch vectors for the members and items of nested objects and arrays, reused so
     /// that a conversion allocates a handful of vectors, not one per object.
     member_lists: Vec<Vec<Member<'i>>>,
     item_lists: Vec<Vec<&'i [u8]>>,
 }
 
-impl<'i> Writer<'_, '_, 'i> {
+impl<'i> Writer<'_, '_, '_, 'i> {
     /// The members of an object, in a pooled vector (give it back with `give_members`).
     fn members_of(&mut self, text: &'i [u8]) -> Option<Vec<Member<'i>>> {
         let mut members = self.member_lists.pop().unwrap_or_default();
-        match json_text::members(text, &mut members) {
+        match self.ends.members(text, &mut members) {
             Some(()) => Some(members),
             None => {
                 self.member_lists.push(members);
@@ -54,7 +59,7 @@ impl<'i> Writer<'_, '_, 'i> {
 
     fn items_of(&mut self, text: &'i [u8]) -> Option<Vec<&'i [u8]>> {
         let mut items = self.item_lists.pop().unwrap_or_default();
-        match json_text::items(text, &mut items) {
+        match self.ends.items(text, &mut items) {
             Some(()) => Some(items),
             None => {
                 self.item_lists.push(items);
@@ -136,8 +141,8 @@ impl<'i> Writer<'_, '_, 'i> {
         let key = member.key;
         let plain =
             key.first() == Some(&b'_') || key == b"extension" || key == b"modifierExtension";
-        let element = match (plain, ty, std::str::from_utf8(key)) {
-            (false, Some(ty), Ok(name)) => ty.def.element(name),
+        let element = match (plain, ty) {
+            (false, Some(ty)) => ty.def.element_named(key),
             _ => None,
         };
         let Some(element) = element else {
