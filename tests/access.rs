@@ -583,3 +583,72 @@ async fn malformed_policies_are_rejected_on_write() {
     assert_eq!(status, StatusCode::BAD_REQUEST);
     assert_eq!(server.count("accesspolicy").await, 0);
 }
+
+/// A page's script (the console) asks with `X-Requested-With: XMLHttpRequest`: a refusal is
+/// the same 401 and OperationOutcome without the `Basic` challenge, which would make the
+/// browser pop its own sign-in box over the page. Other clients keep both challenges.
+#[tokio::test]
+async fn scripted_requests_get_no_basic_challenge() {
+    let server = seeded().await;
+    let challenges = |response: &reqwest::Response| -> Vec<String> {
+        response
+            .headers()
+            .get_all("www-authenticate")
+            .iter()
+            .filter_map(|v| v.to_str().ok().map(str::to_string))
+            .collect()
+    };
+    for request in [
+        as_client(
+            &server,
+            Method::GET,
+            "/Patient/$dump",
+            "bulk-client",
+            "wrong",
+        ),
+        server.client.get(server.url("/fhir/Patient")),
+    ] {
+        let response = request
+            .header("x-requested-with", "XMLHttpRequest")
+            .send()
+            .await
+            .expect("sent");
+        assert_eq!(response.status(), StatusCode::UNAUTHORIZED);
+        let offered = challenges(&response);
+        assert!(
+            offered
+                .iter()
+                .all(|c| !c.to_ascii_lowercase().starts_with("basic")),
+            "{offered:?}"
+        );
+        assert!(
+            offered.iter().any(|c| c.starts_with("Bearer ")),
+            "{offered:?}"
+        );
+        let outcome: serde_json::Value = response.json().await.expect("an OperationOutcome");
+        assert_eq!(outcome["resourceType"], "OperationOutcome");
+    }
+    // The right credentials from a script: answered as from anyone.
+    let response = as_client(
+        &server,
+        Method::GET,
+        "/Patient/$dump",
+        "bulk-client",
+        "secret",
+    )
+    .header("x-requested-with", "XMLHttpRequest")
+    .send()
+    .await
+    .expect("sent");
+    assert_eq!(response.status(), StatusCode::OK);
+    // Without the header: both challenges, as before.
+    let response = server
+        .client
+        .get(server.url("/fhir/Patient"))
+        .send()
+        .await
+        .expect("sent");
+    assert!(challenges(&response)
+        .iter()
+        .any(|c| c.starts_with("Basic ")));
+}

@@ -17,6 +17,7 @@ pub mod access;
 pub mod admission;
 pub mod body;
 mod bundle;
+pub mod challenge;
 pub mod context;
 mod crud;
 mod dump;
@@ -125,6 +126,7 @@ pub fn app(state: AppState) -> Router {
             search_forms::rewrite,
         ))
         .layer(middleware::from_fn(normalize::normalize_path))
+        .layer(middleware::from_fn(challenge::suppress_basic))
         .layer(middleware::from_fn(log::log_requests))
 }
 
