@@ -34,7 +34,7 @@ async fn plan_of(server: &TestServer, type_name: &str, query: &str) -> String {
     let params: Vec<(String, String)> = form_urlencoded::parse(query.as_bytes())
         .into_owned()
         .collect();
-    let indexes = Indexes::parse("common").expect("the common set");
+    let indexes = std::sync::Arc::new(Indexes::parse("common").expect("the common set"));
     let plan = Plan::parse(
         rt,
         None,

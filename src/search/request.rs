@@ -2,6 +2,8 @@
 //! order, which page, what to include, whether to count. Parameters that shape the answer's
 //! entries (`_elements`, `_summary` but `count`, `_format`) are the caller's.
 
+use std::sync::Arc;
+
 use super::include::Include;
 use super::index::Indexes;
 use super::sort;
@@ -77,8 +79,8 @@ pub struct Plan {
     pub said: Vec<(String, String)>,
     /// Parameters ignored as unknown (lenient handling), to be said so.
     pub ignored: Vec<String>,
-    /// The search indexes in force (includes use them too).
-    pub indexes: Indexes,
+    /// The search indexes in force (includes use them too), shared with the server's.
+    pub indexes: Arc<Indexes>,
 }
 
 impl Plan {
@@ -91,7 +93,7 @@ impl Plan {
         strict: bool,
         base_url: &str,
         limits: &Limits,
-        indexes: &Indexes,
+        indexes: &Arc<Indexes>,
     ) -> Result<Plan, SearchError> {
         let mut plan = Plan {
             rt,
@@ -104,7 +106,7 @@ impl Plan {
             after: None,
             said: Vec::new(),
             ignored: Vec::new(),
-            indexes: indexes.clone(),
+            indexes: Arc::clone(indexes),
         };
         let mut criteria = Vec::new();
         let mut cursor = None;
@@ -205,7 +207,7 @@ impl Plan {
         params: &[(String, String)],
         base_url: &str,
         limits: &Limits,
-        indexes: &Indexes,
+        indexes: &Arc<Indexes>,
     ) -> Result<PageFilter, SearchError> {
         if let Some((key, _)) = params
             .iter()

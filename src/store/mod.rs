@@ -117,7 +117,14 @@ impl StoreError {
     pub fn is_unavailable(&self) -> bool {
         match self {
             StoreError::Pool(_) | StoreError::PoolBuild(_) => true,
-            StoreError::Db(error) => error.is_closed() || error.as_db_error().is_none(),
+            // The connection closed or its socket failed. Other client-side errors (a value
+            // that does not convert to its column's type, a statement fhirbox got wrong) are
+            // fhirbox's own: a 500, not a "try again".
+            StoreError::Db(error) => {
+                error.is_closed()
+                    || std::error::Error::source(error)
+                        .is_some_and(|source| source.is::<std::io::Error>())
+            }
             StoreError::AlreadyExists { .. } | StoreError::Invalid(_) => false,
         }
     }
