@@ -204,21 +204,7 @@ pub async fn load_tracked(
     // for PostgreSQL to take a COPY; the channel bounds how far ahead they get. The task ends
     // when the stream does, or as soon as the writer is gone (the load failed, or its request
     // went away): then it stops reading the source at once, even in the middle of a line.
-    let (sender, mut receiver) = tokio::sync::mpsc::channel(PREPARED_AHEAD);
-    tokio::spawn(async move {
-        let mut prepared = std::pin::pin!(prepared);
-        loop {
-            let batch = tokio::select! {
-                batch = prepared.next() => batch,
-                () = sender.closed() => break,
-            };
-            let Some(batch) = batch else { break };
-            let failed = batch.is_err();
-            if sender.send(batch).await.is_err() || failed {
-                break;
-            }
-        }
-    });
+    let mut receiver = super::stream::read_ahead(prepared, PREPARED_AHEAD);
     while let Some(batch) = receiver.recv().await {
         let batch = batch?;
         let rows = batch.len() as u64;

@@ -26,6 +26,37 @@ use crate::store::copy_out::CopyOut;
 /// A body stream, as the HTTP layer takes it.
 pub type ByteStream = Pin<Box<dyn Stream<Item = Result<Bytes, io::Error>> + Send>>;
 
+/// Runs `stream` in a task of its own, at most `depth` items ahead of whoever reads the
+/// receiver: producing (a COPY, its conversion) goes on while the reader waits on something
+/// else (PostgreSQL taking a COPY, a file being written), and memory stays bounded by
+/// `depth` items. The task ends after the last item or the first error, or as soon as the
+/// receiver is dropped (the work failed or its request went away), without reading further.
+pub fn read_ahead<T, E>(
+    stream: impl Stream<Item = Result<T, E>> + Send + 'static,
+    depth: usize,
+) -> tokio::sync::mpsc::Receiver<Result<T, E>>
+where
+    T: Send + 'static,
+    E: Send + 'static,
+{
+    let (sender, receiver) = tokio::sync::mpsc::channel(depth.max(1));
+    tokio::spawn(async move {
+        let mut stream = std::pin::pin!(stream);
+        loop {
+            let item = tokio::select! {
+                item = stream.next() => item,
+                () = sender.closed() => break,
+            };
+            let Some(item) = item else { break };
+            let failed = item.is_err();
+            if sender.send(item).await.is_err() || failed {
+                break;
+            }
+        }
+    });
+    receiver
+}
+
 /// The compression level of every gzip fhirbox writes.
 ///
 /// Level 1 because the bulk API's point is speed: zlib-rs does about 320 MiB/s per core at
