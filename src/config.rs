@@ -307,6 +307,11 @@ pub struct ServeArgs {
     #[arg(long, env = "FHIRBOX_IMPORT_LEASE", default_value_t = 30)]
     pub import_lease: u64,
 
+    /// Milliseconds between two records of a running job task's progress (resources and
+    /// bytes done), which the job list, the status routes and the console show. At least 200.
+    #[arg(long, env = "FHIRBOX_JOB_PROGRESS_INTERVAL_MS", default_value_t = 1000)]
+    pub job_progress_interval_ms: u64,
+
     /// Where `$export` writes its files (default: `exports` in the data directory). Every
     /// fhirbox process serving the same database must see the same directory.
     #[arg(long, env = "FHIRBOX_EXPORT_DIR")]
@@ -396,4 +401,58 @@ pub struct ServeArgs {
     /// Seconds an http(s) source may send nothing before the load fails.
     #[arg(long, env = "FHIRBOX_SOURCE_READ_TIMEOUT", default_value_t = 60)]
     pub source_read_timeout: u64,
+}
+
+/// Words of the flags that bound work (sizes, times, counts, concurrency): the settings the
+/// console's health page lists as "the limits in force". An allow-list, so that a new flag
+/// holding a secret or an address is never shown by accident.
+const LIMIT_WORDS: &[&str] = &[
+    "max",
+    "timeout",
+    "per-",
+    "burst",
+    "queue",
+    "concurrency",
+    "workers",
+    "lease",
+    "size",
+    "bytes",
+    "rows",
+    "count",
+    "wait",
+    "interval",
+    "expiry",
+    "lifetime",
+    "polls",
+    "streams",
+    "depth",
+    "columns",
+    "branches",
+    "parameters",
+    "values",
+    "included",
+    "indexes",
+    "work-mem",
+];
+
+/// The limits `serve` runs with, from its parsed command line (defaults included): each flag
+/// (`--search-max-count`) with its value(s) as given.
+pub fn limits_in_force(matches: &clap::ArgMatches) -> Vec<(String, String)> {
+    use clap::Args;
+    let Some(("serve", serve)) = matches.subcommand() else {
+        return Vec::new();
+    };
+    let command = ServeArgs::augment_args(clap::Command::new("serve"));
+    command
+        .get_arguments()
+        .filter_map(|arg| {
+            let long = arg.get_long()?;
+            if !LIMIT_WORDS.iter().any(|word| long.contains(word)) {
+                return None;
+            }
+            let values = serve.get_raw(arg.get_id().as_str())?;
+            let shown: Vec<String> = values.map(|v| v.to_string_lossy().into_owned()).collect();
+            Some((format!("--{long}"), shown.join(",")))
+        })
+        .collect()
 }

@@ -3,16 +3,17 @@
 
 use std::io::IsTerminal;
 
-use clap::Parser;
-use fhirbox::config::{Cli, Command, LogFormat};
+use clap::{CommandFactory, FromArgMatches};
+use fhirbox::config::{limits_in_force, Cli, Command, LogFormat};
 use tracing_subscriber::EnvFilter;
 
 fn main() -> anyhow::Result<()> {
-    let cli = Cli::parse();
+    let matches = Cli::command().get_matches();
+    let cli = Cli::from_arg_matches(&matches).unwrap_or_else(|error| error.exit());
     let Command::Serve(args) = cli.command;
     init_logging(args.log_format);
     let runtime = tokio::runtime::Runtime::new()?;
-    runtime.block_on(fhirbox::server::run(args))?;
+    runtime.block_on(fhirbox::server::run(args, limits_in_force(&matches)))?;
     Ok(())
 }
 

@@ -84,8 +84,9 @@ pub enum ServeError {
     Busy(String),
 }
 
-/// Runs the server until a shutdown signal.
-pub async fn run(args: ServeArgs) -> Result<(), ServeError> {
+/// Runs the server until a shutdown signal. `limits`: the flags that bound work, with their
+/// values (see [`crate::config::limits_in_force`]), for the console's health page.
+pub async fn run(args: ServeArgs, limits: Vec<(String, String)>) -> Result<(), ServeError> {
     // The managed cluster's data directory is locked for the life of the process: a second
     // fhirbox on it would adopt, and on exit stop, this one's PostgreSQL. (With a database
     // URL, processes may share a data directory: its export files must be shared anyway.)
@@ -100,7 +101,7 @@ pub async fn run(args: ServeArgs) -> Result<(), ServeError> {
     let supervisor = cluster
         .clone()
         .map(|cluster| tokio::spawn(supervise(cluster, stop_supervisor.clone())));
-    let result = serve_with_database(&args, cluster.as_deref()).await;
+    let result = serve_with_database(&args, cluster.as_deref(), limits).await;
     stop_supervisor.cancel();
     if let Some(supervisor) = supervisor {
         let _ = supervisor.await;
@@ -187,6 +188,7 @@ async fn start_managed_cluster(args: &ServeArgs) -> Result<ManagedCluster, Serve
 async fn serve_with_database(
     args: &ServeArgs,
     cluster: Option<&ManagedCluster>,
+    limits: Vec<(String, String)>,
 ) -> Result<(), ServeError> {
     let config = match (cluster, &args.database_url) {
         (Some(cluster), _) => {
@@ -239,6 +241,7 @@ async fn serve_with_database(
             lease: Duration::from_secs(args.import_lease.max(1)),
             jobs_per_subject: args.jobs_per_subject.max(1),
             tasks_per_subject: args.job_tasks_per_subject.max(1),
+            progress_every: Duration::from_millis(args.job_progress_interval_ms.max(200)),
         },
         exports: ExportSettings {
             dir: args
@@ -284,6 +287,7 @@ async fn serve_with_database(
             per_subject: args.bulk_streams_per_subject.max(1),
         },
         http: Settings {
+            limits: std::sync::Arc::new(limits),
             max_body_bytes: args.max_body_bytes,
             sql_limits: SqlLimits {
                 timeout: Duration::from_secs(args.sql_timeout),

@@ -237,17 +237,8 @@ impl Imports {
         let Some(job) = sql::job(&conn, JobKind::Import, id).await? else {
             return Ok(JobFacts::default());
         };
-        let mut types: Vec<ResourceType> = sql::tasks(&conn, id)
-            .await?
-            .iter()
-            .filter_map(|task| ResourceType::parse(&task.resource_type))
-            .collect();
-        types.dedup();
-        Ok(JobFacts {
-            owner: Some(job.subject),
-            types,
-            writes: true,
-        })
+        let tasks = sql::tasks(&conn, id).await?;
+        Ok(facts_of(job, &tasks))
     }
 
     /// Rewrites the job's BulkImportStatus from its rows. Must run in a transaction: it locks
@@ -507,4 +498,19 @@ fn job_progress(inputs: &[TaskRow]) -> Value {
 
 fn round1(value: f64) -> f64 {
     (value * 10.0).round() / 10.0
+}
+
+/// What authorization needs to know about an import job (see [`Imports::facts`]).
+pub fn facts_of(job: JobRow, tasks: &[TaskRow]) -> JobFacts {
+    let mut types: Vec<ResourceType> = tasks
+        .iter()
+        .filter_map(|task| ResourceType::parse(&task.resource_type))
+        .collect();
+    types.sort_by_key(|rt| rt.name());
+    types.dedup();
+    JobFacts {
+        owner: Some(job.subject),
+        types,
+        writes: true,
+    }
 }

@@ -35,6 +35,9 @@ pub struct JobSettings {
     pub jobs_per_subject: usize,
     /// Tasks of one subject running at once, across processes; more wait their turn.
     pub tasks_per_subject: usize,
+    /// How often a running task records its progress (and renews its claim): what the job
+    /// list and status routes show is at most this old.
+    pub progress_every: Duration,
 }
 
 /// A subject has as many unfinished jobs as it may have.
@@ -272,7 +275,10 @@ impl Jobs {
         worker: &str,
         progress: &Progress,
     ) {
-        let every = (self.settings.lease / 3).max(Duration::from_millis(200));
+        // Often enough for the claim (a third of the lease) and for people watching progress.
+        let every = (self.settings.lease / 3)
+            .min(self.settings.progress_every)
+            .max(Duration::from_millis(200));
         loop {
             tokio::time::sleep(every).await;
             let rows = progress.rows.load(Ordering::Relaxed) as i64;

@@ -8,6 +8,7 @@ pub mod dump_csv;
 pub mod dump_sql;
 pub mod export;
 pub mod import;
+pub mod job_list;
 pub mod jobs;
 pub mod lines;
 pub mod load;

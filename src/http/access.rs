@@ -38,20 +38,21 @@ const POLICY_BODY_LIMIT: usize = 1024 * 1024;
 
 /// What anyone may call without credentials: the health check, the CapabilityStatement and
 /// the SMART configuration (clients read them before they authenticate; they say what fhirbox
-/// supports and hold no data), and the token endpoint (its caller authenticates with a signed
+/// supports and hold no data), the console's page and files (no data either: it signs in
+/// from the browser), and the token endpoint (its caller authenticates with a signed
 /// assertion instead).
 fn is_public(method: &axum::http::Method, path: &str) -> bool {
     use axum::http::Method;
-    (method == Method::GET
-        && matches!(
-            path,
-            "/health"
-                | "/metadata"
-                | "/fhir/metadata"
-                | "/.well-known/smart-configuration"
-                | "/fhir/.well-known/smart-configuration"
-        ))
-        || (method == Method::POST && path == "/auth/token")
+    let page = matches!(
+        path,
+        "/health"
+            | "/metadata"
+            | "/fhir/metadata"
+            | "/.well-known/smart-configuration"
+            | "/fhir/.well-known/smart-configuration"
+            | "/console"
+    ) || path.starts_with("/console/");
+    (method == Method::GET && page) || (method == Method::POST && path == "/auth/token")
 }
 
 /// The middleware. The answer carries who asked and which route it was, for the log.
@@ -123,6 +124,7 @@ async fn authorize(state: AppState, request: Request, next: Next) -> (Response, 
                 || matched == "/fhir"
                 || matched == "/fhir/"
                 || matched.ends_with("/{type}")
+                || matched == super::COUNTS
             {
                 // Each entry of a Bundle is authorized on its own, with this request's facts,
                 // and so is each type a search chains through.

@@ -18,7 +18,9 @@ pub mod admission;
 pub mod body;
 mod bundle;
 pub mod challenge;
+mod console;
 pub mod context;
+mod counts;
 mod crud;
 mod dump;
 mod dump_csv;
@@ -27,6 +29,7 @@ pub mod error;
 mod export;
 mod health;
 mod import;
+mod jobs;
 mod load;
 pub mod log;
 mod metadata;
@@ -36,6 +39,7 @@ mod search_forms;
 mod search_system;
 pub mod serve;
 mod smart;
+mod status;
 mod view_export;
 mod views;
 
@@ -84,6 +88,8 @@ pub struct AppState {
 /// HTTP settings from the configuration.
 #[derive(Debug, Clone)]
 pub struct Settings {
+    /// The flags that bound work and their values, as `serve` runs (for `GET /$status`).
+    pub limits: Arc<Vec<(String, String)>>,
     pub max_body_bytes: usize,
     pub sql_limits: crate::bulk::dump_sql::SqlLimits,
     /// Parquet row groups of `$viewdefinition-run`.
@@ -160,6 +166,12 @@ const EXPORT_STATUS: &str = "/$export-status/{id}";
 /// Under `/fhir`.
 const EXPORT_FILE: &str = "/$export-file/{id}/{name}";
 
+/// The job list: every signed-in subject may ask it; it lists the jobs the job routes'
+/// rule lets the asker follow ([`jobs`]).
+pub const JOB_LIST: &str = "/$jobs";
+/// Resource counts: every signed-in subject may ask; they cover the types it may search.
+pub const COUNTS: &str = "/$counts";
+
 /// The kind of job a route (as matched, `/fhir/$export-status/{id}`) follows, if it is a job
 /// route.
 fn job_route(matched: &str) -> Option<JobKind> {
@@ -226,6 +238,9 @@ fn routes() -> Router<AppState> {
         .route("/$import", post(import::start))
         .route(IMPORT_STATUS, get(import::status).delete(import::cancel))
         .route("/{type}/$dump-csv", get(dump_csv::dump_csv))
+        .route(JOB_LIST, get(jobs::list))
+        .route(COUNTS, get(counts::counts))
+        .route("/$status", get(status::status))
         .layer(Extension(Api::Native));
     let fhir = resources()
         .route("/", get(search_system::search).post(bundle::post_bundle))
@@ -258,6 +273,8 @@ fn routes() -> Router<AppState> {
             get(smart::configuration),
         )
         .route("/auth/token", post(smart::token))
+        .route("/console", get(console::page))
+        .route("/console/{name}", get(console::file))
         .nest("/fhir", fhir)
         .merge(native)
         .fallback(not_found)

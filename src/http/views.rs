@@ -190,7 +190,7 @@ impl Params {
                     text()
                         .as_deref()
                         .and_then(ViewFormat::parse)
-                        .ok_or_else(|| invalid("expected csv, ndjson or json"))?,
+                        .ok_or_else(|| invalid("expected csv, ndjson, json, parquet or sql"))?,
                 )
             }
             "header" => {

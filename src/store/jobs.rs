@@ -30,7 +30,8 @@ impl JobKind {
         }
     }
 
-    fn parse(name: &str) -> Option<JobKind> {
+    /// The kind stored under `name`, if this version knows it.
+    pub fn parse(name: &str) -> Option<JobKind> {
         match name {
             "import" => Some(JobKind::Import),
             "export" => Some(JobKind::Export),
@@ -251,6 +252,23 @@ pub async fn tasks(client: &impl GenericClient, job_id: &str) -> Result<Vec<Task
                 "SELECT {TASK_COLUMNS} FROM fhirbox_task t WHERE t.job_id = $1 ORDER BY t.position"
             ),
             &[&job_id],
+        )
+        .await?;
+    Ok(rows.iter().map(task_row).collect())
+}
+
+/// The tasks of several jobs, by job and position.
+pub async fn tasks_of(
+    client: &impl GenericClient,
+    job_ids: &[&str],
+) -> Result<Vec<TaskRow>, StoreError> {
+    let rows = client
+        .query(
+            &format!(
+                "SELECT {TASK_COLUMNS} FROM fhirbox_task t WHERE t.job_id = ANY($1)
+                  ORDER BY t.job_id, t.position"
+            ),
+            &[&job_ids],
         )
         .await?;
     Ok(rows.iter().map(task_row).collect())

@@ -339,6 +339,27 @@ impl Readers {
         }
     }
 
+    /// Every standby as the last check left it: its label, whether bulk reads use it, and
+    /// what the check found (for the console's health page).
+    pub fn replica_states(&self) -> Vec<(String, bool, String)> {
+        self.inner
+            .replicas
+            .iter()
+            .map(|r| {
+                let (up, detail) = match &*lock(&r.state) {
+                    State::Unknown => (true, "not checked yet".to_string()),
+                    State::Up => (true, "up, replaying".to_string()),
+                    State::Down(reason) => (false, format!("down: {reason}")),
+                    State::Promoted => {
+                        (false, "promoted out of recovery: not read from".to_string())
+                    }
+                    State::Lagging => (false, "lagging behind the primary: skipped".to_string()),
+                };
+                (r.label.clone(), up, format!("{}: {detail}", r.pools.server))
+            })
+            .collect()
+    }
+
     /// Every standby's pools, for the metrics of their connections.
     pub fn replica_pools(&self) -> Vec<(String, ReadPools)> {
         self.inner

@@ -25,10 +25,12 @@ pub enum ViewFormat {
     Ndjson,
     Json,
     Parquet,
+    /// Not the rows: the SQL the view compiles to (what a run would execute), as text.
+    Sql,
 }
 
 impl ViewFormat {
-    /// `_format`'s values: `csv`, `ndjson`, `json` (and their media types).
+    /// `_format`'s values: `csv`, `ndjson`, `json`, `parquet`, `sql` (and their media types).
     pub fn parse(text: &str) -> Option<ViewFormat> {
         match text {
             "csv" | "text/csv" => Some(ViewFormat::Csv),
@@ -38,6 +40,7 @@ impl ViewFormat {
             | "application/fhir+ndjson" => Some(ViewFormat::Ndjson),
             "json" | "application/json" | "application/fhir+json" => Some(ViewFormat::Json),
             "parquet" | "application/vnd.apache.parquet" => Some(ViewFormat::Parquet),
+            "sql" | "application/sql" => Some(ViewFormat::Sql),
             _ => None,
         }
     }
@@ -48,6 +51,7 @@ impl ViewFormat {
             ViewFormat::Ndjson => "application/x-ndjson",
             ViewFormat::Json => "application/json",
             ViewFormat::Parquet => "application/vnd.apache.parquet",
+            ViewFormat::Sql => "application/sql; charset=utf-8",
         }
     }
 }
@@ -83,6 +87,10 @@ pub async fn run(
         _ => Columns::Json,
     };
     let compiled = view_sql::compile(&view, attributes, &request.rows, columns, &request.limits)?;
+    if request.format == ViewFormat::Sql {
+        let text = Bytes::from(format!("{}\n", compiled.sql));
+        return Ok(Box::pin(futures_util::stream::once(async { Ok(text) })));
+    }
     let physical = Physical::columns(&view, &compiled);
     let json_fields = compiled.json_fields();
     let format = match request.format {

@@ -4,6 +4,7 @@
 #![allow(dead_code)] // each test binary uses its own subset of these helpers
 
 pub mod backends;
+pub mod browser;
 pub mod export;
 pub mod fixtures;
 pub mod keys;
@@ -467,6 +468,7 @@ pub fn test_settings(database: &str) -> AppSettings {
             lease: Duration::from_secs(5),
             jobs_per_subject: 8,
             tasks_per_subject: 2,
+            progress_every: Duration::from_secs(1),
         },
         exports: fhirbox::bulk::export::ExportSettings {
             dir: std::env::temp_dir().join(format!(
@@ -501,6 +503,7 @@ pub fn test_settings(database: &str) -> AppSettings {
         s3: Default::default(),
         replicas: Default::default(),
         http: Settings {
+            limits: std::sync::Arc::new(vec![("--max-body-bytes".into(), "1048576".into())]),
             max_body_bytes: 1024 * 1024,
             sql_limits: default_sql_limits(),
             parquet: Default::default(),

@@ -170,6 +170,15 @@ pub enum Links {
 }
 
 impl Exports {
+    /// Where the files go: `local` or `s3`, and the directory or bucket.
+    pub fn storage_place(&self) -> (&'static str, String) {
+        let kind = match &*self.storage {
+            ExportStorage::Local { .. } => "local",
+            ExportStorage::Bucket { .. } => "s3",
+        };
+        (kind, self.storage.describe())
+    }
+
     pub fn new(
         jobs: Jobs,
         formats: Formats,
@@ -306,30 +315,7 @@ impl Exports {
     pub async fn facts(&self, id: &str) -> Result<JobFacts, StoreError> {
         let conn = self.jobs.store().connection().await?;
         let job = sql::job(&conn, JobKind::Export, id).await?;
-        let Some(job) = job.filter(|job| !job.cancelled) else {
-            return Ok(JobFacts::default());
-        };
-        // A spec this version cannot read names no types: only root and the owner's scope
-        // for every type would do, and the owner rule still holds.
-        let spec = serde_json::from_value::<ExportSpec>(job.document).ok();
-        let mut types: Vec<ResourceType> = spec
-            .iter()
-            .flat_map(|spec| {
-                let views = spec
-                    .views
-                    .iter()
-                    .filter_map(|v| v.view["resource"].as_str());
-                spec.types.iter().map(String::as_str).chain(views)
-            })
-            .filter_map(ResourceType::parse)
-            .collect();
-        types.sort_by_key(|rt| rt.name());
-        types.dedup();
-        Ok(JobFacts {
-            owner: Some(job.subject),
-            types,
-            writes: false,
-        })
+        Ok(job.map(facts_of).unwrap_or_default())
     }
 
     /// The status of a job (`None`: no such job, or cancelled, or expired, or no such manifest
@@ -633,4 +619,33 @@ pub fn is_file_name(name: &str) -> bool {
 /// The default export directory for a data directory.
 pub fn default_dir(data_dir: &Path) -> PathBuf {
     data_dir.join("exports")
+}
+
+/// What authorization needs to know about an export job (see [`Exports::facts`]): nothing
+/// for a cancelled one, which no longer exists for its owner.
+pub fn facts_of(job: JobRow) -> JobFacts {
+    if job.cancelled {
+        return JobFacts::default();
+    }
+    // A spec this version cannot read names no types: only root and the owner's scope
+    // for every type would do, and the owner rule still holds.
+    let spec = serde_json::from_value::<ExportSpec>(job.document).ok();
+    let mut types: Vec<ResourceType> = spec
+        .iter()
+        .flat_map(|spec| {
+            let views = spec
+                .views
+                .iter()
+                .filter_map(|v| v.view["resource"].as_str());
+            spec.types.iter().map(String::as_str).chain(views)
+        })
+        .filter_map(ResourceType::parse)
+        .collect();
+    types.sort_by_key(|rt| rt.name());
+    types.dedup();
+    JobFacts {
+        owner: Some(job.subject),
+        types,
+        writes: false,
+    }
 }

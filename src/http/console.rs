@@ -1,0 +1,71 @@
+//! `GET /console`: the web console, a single page compiled into the binary (the files under
+//! `console/` in the repository). It is only an API client: it signs in with a Client's
+//! credentials (or root's), sent on each request, and everything it shows comes from the
+//! API under the same authorization as any other client (docs/security.md says why no
+//! cookie). The page itself holds no data, so it is public; it is served with a strict
+//! Content-Security-Policy (its own script and style only, no inline code, no framing).
+
+use axum::extract::Path;
+use axum::http::{header, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+
+use super::error::ApiError;
+
+/// The console's files: name, media type, content.
+const FILES: &[(&str, &str, &str)] = &[
+    (
+        "index.html",
+        "text/html; charset=utf-8",
+        include_str!("../../console/index.html"),
+    ),
+    (
+        "console.js",
+        "text/javascript; charset=utf-8",
+        include_str!("../../console/console.js"),
+    ),
+    (
+        "console.css",
+        "text/css; charset=utf-8",
+        include_str!("../../console/console.css"),
+    ),
+];
+
+const POLICY: &str = "default-src 'self'; img-src 'self' data: blob:; style-src 'self'; \
+                      script-src 'self'; connect-src 'self'; frame-ancestors 'none'; \
+                      base-uri 'none'; form-action 'self'";
+
+/// `GET /console`: the page.
+pub async fn page() -> Response {
+    file_response("index.html").unwrap_or_else(|error| error.into_response())
+}
+
+/// `GET /console/{name}`: one of its files.
+pub async fn file(Path(name): Path<String>) -> Result<Response, ApiError> {
+    file_response(&name)
+}
+
+fn file_response(name: &str) -> Result<Response, ApiError> {
+    let (_, media_type, content) = FILES
+        .iter()
+        .find(|(file, _, _)| *file == name)
+        .ok_or_else(|| ApiError::not_found(format!("the console has no file '{name}'")))?;
+    let mut response = (StatusCode::OK, *content).into_response();
+    let headers = response.headers_mut();
+    headers.insert(header::CONTENT_TYPE, HeaderValue::from_static(media_type));
+    headers.insert(
+        header::CONTENT_SECURITY_POLICY,
+        HeaderValue::from_static(POLICY),
+    );
+    headers.insert(
+        header::X_CONTENT_TYPE_OPTIONS,
+        HeaderValue::from_static("nosniff"),
+    );
+    headers.insert(header::X_FRAME_OPTIONS, HeaderValue::from_static("DENY"));
+    headers.insert(
+        header::REFERRER_POLICY,
+        HeaderValue::from_static("no-referrer"),
+    );
+    // A new binary may bring a new console: always revalidate.
+    headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+    Ok(response)
+}
