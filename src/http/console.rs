@@ -1,9 +1,11 @@
 //! `GET /console`: the web console, a single page compiled into the binary (the files under
-//! `console/` in the repository). It is only an API client: it signs in with a Client's
-//! credentials (or root's), sent on each request, and everything it shows comes from the
-//! API under the same authorization as any other client (docs/security.md says why no
-//! cookie). The page itself holds no data, so it is public; it is served with a strict
-//! Content-Security-Policy (its own script and style only, no inline code, no framing).
+//! `console/` in the repository: the page, its stylesheet, and its script as ES modules, the
+//! entry `console.js` importing the others as `/console/{name}`). It is only an API client:
+//! it signs in with a Client's credentials (or root's), sent on each request, and everything
+//! it shows comes from the API under the same authorization as any other client
+//! (docs/security.md says why no cookie). The page itself holds no data, so it is public; it
+//! is served with a strict Content-Security-Policy (its own script and style only, no inline
+//! code, no framing).
 
 use axum::extract::Path;
 use axum::http::{header, HeaderValue, StatusCode};
@@ -11,7 +13,8 @@ use axum::response::{IntoResponse, Response};
 
 use super::error::ApiError;
 
-/// The console's files: name, media type, content.
+/// The console's files: name, media type, content. Every module the page imports must be
+/// listed here.
 const FILES: &[(&str, &str, &str)] = &[
     (
         "index.html",
@@ -22,6 +25,51 @@ const FILES: &[(&str, &str, &str)] = &[
         "console.js",
         "text/javascript; charset=utf-8",
         include_str!("../../console/console.js"),
+    ),
+    (
+        "session.js",
+        "text/javascript; charset=utf-8",
+        include_str!("../../console/session.js"),
+    ),
+    (
+        "api.js",
+        "text/javascript; charset=utf-8",
+        include_str!("../../console/api.js"),
+    ),
+    (
+        "dom.js",
+        "text/javascript; charset=utf-8",
+        include_str!("../../console/dom.js"),
+    ),
+    (
+        "jobs.js",
+        "text/javascript; charset=utf-8",
+        include_str!("../../console/jobs.js"),
+    ),
+    (
+        "job-progress.js",
+        "text/javascript; charset=utf-8",
+        include_str!("../../console/job-progress.js"),
+    ),
+    (
+        "job-details.js",
+        "text/javascript; charset=utf-8",
+        include_str!("../../console/job-details.js"),
+    ),
+    (
+        "data.js",
+        "text/javascript; charset=utf-8",
+        include_str!("../../console/data.js"),
+    ),
+    (
+        "sql.js",
+        "text/javascript; charset=utf-8",
+        include_str!("../../console/sql.js"),
+    ),
+    (
+        "health.js",
+        "text/javascript; charset=utf-8",
+        include_str!("../../console/health.js"),
     ),
     (
         "console.css",
