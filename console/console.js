@@ -19,6 +19,7 @@ import { loadCounts, resetData, initData } from '/console/data.js';
 import { byId, showMessage, handler } from '/console/dom.js';
 import { loadHealth } from '/console/health.js';
 import { startPolling, stopPolling, resetJobs, redrawCharts, initJobs } from '/console/jobs.js';
+import { initLoad } from '/console/load.js';
 import {
   ROUTES, signedIn, subject, beginSession, endSession, currentRoute,
 } from '/console/session.js';
@@ -103,6 +104,7 @@ function route() {
 
 function init() {
   initJobs();
+  initLoad();
   initData();
   initSql();
 

@@ -76,15 +76,21 @@ async fn sign_in(page: &Page, id: &str, secret: &str) {
 async fn the_console_is_small_public_and_locked_down() {
     let server = TestServer::start().await;
     let mut total_gzip = 0;
-    for (path, media_type) in [
-        ("/console", "text/html"),
-        ("/console/console.js", "text/javascript"),
-        ("/console/console.css", "text/css"),
-    ] {
+    // The page, its stylesheet, and every module it imports, followed from the entry.
+    let mut files = vec![
+        ("/console".to_string(), "text/html"),
+        ("/console/console.css".to_string(), "text/css"),
+        ("/console/console.js".to_string(), "text/javascript"),
+    ];
+    let mut seen = std::collections::BTreeSet::new();
+    while let Some((path, media_type)) = files.pop() {
+        if !seen.insert(path.clone()) {
+            continue;
+        }
         // No credentials: the page holds no data.
         let response = server
             .client
-            .get(server.url(path))
+            .get(server.url(&path))
             .send()
             .await
             .expect("sent");
@@ -98,10 +104,16 @@ async fn the_console_is_small_public_and_locked_down() {
         assert!(policy.contains("script-src 'self'") && policy.contains("frame-ancestors 'none'"));
         assert_eq!(headers["x-frame-options"], "DENY");
         let bytes = response.bytes().await.expect("body");
+        let text = String::from_utf8_lossy(&bytes);
+        for import in text.split("from '/console/").skip(1) {
+            let name = import.split('\'').next().expect("a module name");
+            files.push((format!("/console/{name}"), "text/javascript"));
+        }
         let mut gzip = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::best());
         gzip.write_all(&bytes).expect("gzip");
         total_gzip += gzip.finish().expect("gzip").len();
     }
+    assert!(seen.len() > 5, "the modules were followed: {seen:?}");
     assert!(
         total_gzip < 300 * 1024,
         "the console weighs {total_gzip} bytes gzipped"
@@ -273,9 +285,14 @@ async fn the_console_in_a_browser() {
     let dataset = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("testdata/synthea-10");
     let patients = std::fs::read(dataset.join("Patient.000.ndjson.gz")).expect("patients");
     let encounters = std::fs::read(dataset.join("Encounter.000.ndjson.gz")).expect("encounters");
+    let organizations =
+        std::fs::read(dataset.join("Organization.000.ndjson.gz")).expect("organizations");
+    let bad = b"{\"resourceType\":\"Location\",\"id\":\"ok\"}\nnot json\n".to_vec();
     let fixtures = FixtureServer::start(vec![
         ("/Patient.ndjson.gz", Fixture::Bytes(patients)),
         ("/Encounter.ndjson.gz", Fixture::Bytes(encounters)),
+        ("/Organization.ndjson.gz", Fixture::Bytes(organizations)),
+        ("/bad.ndjson", Fixture::Bytes(bad)),
     ])
     .await;
     let browser = Browser::start();
@@ -298,6 +315,29 @@ async fn the_console_in_a_browser() {
     page.screenshot("signin-refused").await;
 
     sign_in(&page, "root", ROOT_PASSWORD).await;
+
+    // A $load from the page: not a job, a bar of its own that fills when it answers.
+    page.fill("#load-type", "Organization").await;
+    page.fill("#load-source", &fixtures.url("/Organization.ndjson.gz"))
+        .await;
+    page.click("#load-start").await;
+    page.until("document.querySelector('#load-bar').dataset.percent === '100'")
+        .await;
+    let organizations = server.count("organization").await;
+    assert!(organizations > 0);
+    let loaded = page.text("#load-message").await;
+    assert!(loaded.contains(&organizations.to_string()), "{loaded}");
+
+    // An import whose source has a bad line: the error names it.
+    let bad = json!({"id": "bad-import", "inputFormat": "application/fhir+ndjson", "inputs": [
+        {"resourceType": "Location", "url": fixtures.url("/bad.ndjson")}]});
+    page.fill("#import-body", &bad.to_string()).await;
+    page.click("#import-start").await;
+    page.until(
+        "(document.querySelector('[data-job-id=\"bad-import\"] .job-errors') || {}).textContent \
+         && document.querySelector('[data-job-id=\"bad-import\"] .job-errors').textContent.includes('line 2')",
+    )
+    .await;
 
     // An import started from the page, followed to 100%.
     let import = json!({"id": "console-import", "inputFormat": "application/fhir+ndjson",
@@ -387,6 +427,22 @@ async fn the_console_in_a_browser() {
         .await;
     assert_eq!(rows, json!(5));
     page.screenshot("sql").await;
+    // The whole result as TSV, downloaded.
+    page.click("#sql-download-tsv").await;
+    let tsv = downloads.path().join("query.tsv");
+    for _ in 0..200 {
+        if tsv.exists() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let tsv = std::fs::read_to_string(&tsv).expect("query.tsv downloaded");
+    assert_eq!(
+        tsv.lines().count(),
+        expected.len() + 1,
+        "a header and every patient"
+    );
+    assert!(tsv.starts_with("id\tgender\n"), "{tsv}");
     page.fill("#sql-editor", "SELECT id FROM patient WHERE")
         .await;
     page.click("#sql-run").await;
@@ -542,6 +598,21 @@ async fn the_console_follows_a_long_job_every_second() {
     ))
     .await;
     page.screenshot("jobs-long").await;
+
+    // Cancel, from the page: a second slow import, stopped while it runs.
+    let import = json!({"id": "cancelled-import", "inputFormat": "application/fhir+ndjson",
+        "inputs": [{"resourceType": "Patient", "url": fixtures.url("/Patient.ndjson")}]});
+    page.fill("#import-body", &import.to_string()).await;
+    page.click("#import-start").await;
+    let job = "document.querySelector('[data-job-id=\"cancelled-import\"]')";
+    page.until(&format!("{job} && {job}.querySelector('.job-cancel')"))
+        .await;
+    page.click("[data-job-id=\"cancelled-import\"] .job-cancel")
+        .await;
+    page.until(&format!(
+        "{job}.querySelector('.job-status').textContent.includes('cancelled')"
+    ))
+    .await;
     assert_eq!(server.count("patient").await, 20_000);
     assert_eq!(
         page.errors(),

@@ -13,67 +13,44 @@ use axum::response::{IntoResponse, Response};
 
 use super::error::ApiError;
 
+const PAGE: &str = "text/html; charset=utf-8";
+const SCRIPT: &str = "text/javascript; charset=utf-8";
+const STYLE: &str = "text/css; charset=utf-8";
+
 /// The console's files: name, media type, content. Every module the page imports must be
-/// listed here.
+/// listed here (`tests/console.rs` follows the imports and fetches each).
 const FILES: &[(&str, &str, &str)] = &[
-    (
-        "index.html",
-        "text/html; charset=utf-8",
-        include_str!("../../console/index.html"),
-    ),
+    ("index.html", PAGE, include_str!("../../console/index.html")),
     (
         "console.js",
-        "text/javascript; charset=utf-8",
+        SCRIPT,
         include_str!("../../console/console.js"),
     ),
     (
         "session.js",
-        "text/javascript; charset=utf-8",
+        SCRIPT,
         include_str!("../../console/session.js"),
     ),
-    (
-        "api.js",
-        "text/javascript; charset=utf-8",
-        include_str!("../../console/api.js"),
-    ),
-    (
-        "dom.js",
-        "text/javascript; charset=utf-8",
-        include_str!("../../console/dom.js"),
-    ),
-    (
-        "jobs.js",
-        "text/javascript; charset=utf-8",
-        include_str!("../../console/jobs.js"),
-    ),
+    ("api.js", SCRIPT, include_str!("../../console/api.js")),
+    ("dom.js", SCRIPT, include_str!("../../console/dom.js")),
+    ("jobs.js", SCRIPT, include_str!("../../console/jobs.js")),
+    ("load.js", SCRIPT, include_str!("../../console/load.js")),
     (
         "job-progress.js",
-        "text/javascript; charset=utf-8",
+        SCRIPT,
         include_str!("../../console/job-progress.js"),
     ),
     (
         "job-details.js",
-        "text/javascript; charset=utf-8",
+        SCRIPT,
         include_str!("../../console/job-details.js"),
     ),
-    (
-        "data.js",
-        "text/javascript; charset=utf-8",
-        include_str!("../../console/data.js"),
-    ),
-    (
-        "sql.js",
-        "text/javascript; charset=utf-8",
-        include_str!("../../console/sql.js"),
-    ),
-    (
-        "health.js",
-        "text/javascript; charset=utf-8",
-        include_str!("../../console/health.js"),
-    ),
+    ("data.js", SCRIPT, include_str!("../../console/data.js")),
+    ("sql.js", SCRIPT, include_str!("../../console/sql.js")),
+    ("health.js", SCRIPT, include_str!("../../console/health.js")),
     (
         "console.css",
-        "text/css; charset=utf-8",
+        STYLE,
         include_str!("../../console/console.css"),
     ),
 ];

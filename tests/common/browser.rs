@@ -278,6 +278,8 @@ impl Page {
 
     /// Saves a PNG of the page as `target/console-screenshots/<name>.png`.
     pub async fn screenshot(&self, name: &str) -> PathBuf {
+        // Let transitions (a progress bar filling) end: the picture shows the state reached.
+        tokio::time::sleep(Duration::from_millis(500)).await;
         let shot = self
             .call("Page.captureScreenshot", json!({"format": "png"}))
             .await;
