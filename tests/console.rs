@@ -537,20 +537,26 @@ async fn the_console_shows_a_client_what_its_policy_refuses() {
 #[tokio::test]
 async fn the_console_follows_a_long_job_every_second() {
     let server = TestServer::start().await;
-    let lines: String = (0..20_000)
+    // FHIRBOX_CONSOLE_JOB_RESOURCES=1000000: the same at scale, served as fast as it is read
+    // (a one-off measurement; the suite's 20,000 are served slowly to last some seconds).
+    let scale: Option<usize> = std::env::var("FHIRBOX_CONSOLE_JOB_RESOURCES")
+        .ok()
+        .and_then(|n| n.parse().ok());
+    let resources = scale.unwrap_or(20_000);
+    let lines: String = (0..resources)
         .map(|i| {
             format!("{{\"resourceType\":\"Patient\",\"id\":\"slow-{i}\",\"gender\":\"female\"}}\n")
         })
         .collect();
-    let fixtures = FixtureServer::start(vec![(
-        "/Patient.ndjson",
-        Fixture::Slow {
+    let source = match scale {
+        Some(_) => Fixture::Bytes(lines.into_bytes()),
+        None => Fixture::Slow {
             bytes: lines.into_bytes(),
             chunk: 32 * 1024,
             every: Duration::from_millis(150),
         },
-    )])
-    .await;
+    };
+    let fixtures = FixtureServer::start(vec![("/Patient.ndjson", source)]).await;
     let browser = Browser::start();
     let downloads = tempfile::tempdir().expect("downloads");
     let page = browser.page(downloads.path()).await;
@@ -613,7 +619,7 @@ async fn the_console_follows_a_long_job_every_second() {
         "{job}.querySelector('.job-status').textContent.includes('cancelled')"
     ))
     .await;
-    assert_eq!(server.count("patient").await, 20_000);
+    assert_eq!(server.count("patient").await, resources as i64);
     assert_eq!(
         page.errors(),
         Vec::<String>::new(),
