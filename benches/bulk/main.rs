@@ -630,11 +630,12 @@ async fn http_as(server: &Server, request: reqwest::RequestBuilder) -> Measureme
 fn print(rows: &[Row]) {
     println!();
     println!(
-        "{:<34} {:>9} {:>9} {:>8} {:>8} {:>12} {:>9} {:>10} {:>10}",
+        "{:<34} {:>9} {:>9} {:>8} {:>9} {:>8} {:>12} {:>9} {:>10} {:>10}",
         "operation",
         "rows",
         "MB",
         "seconds",
+        "rows/s",
         "MB/s",
         "ratio/COPY",
         "peak RSS",
@@ -658,11 +659,12 @@ fn print(rows: &[Row]) {
             .map(|s| format!("{s:.2} s"))
             .unwrap_or_else(|| "-".into());
         println!(
-            "{:<34} {:>9} {:>9.1} {:>8.2} {:>8.1} {:>12.2} {:>9} {:>10} {:>10}",
+            "{:<34} {:>9} {:>9.1} {:>8.2} {:>9.0} {:>8.1} {:>12.2} {:>9} {:>10} {:>10}",
             row.operation,
             row.rows,
             mb,
             m.seconds,
+            row.rows as f64 / m.seconds,
             mb / m.seconds,
             row.baseline_seconds / m.seconds,
             peak,

@@ -134,6 +134,7 @@ pub async fn export(
         until: None,
         elements: Default::default(),
         by_patient: false,
+        include_history: false,
         partial_manifests: false,
         views,
         view_format: Some(format.unwrap_or("ndjson").to_string()),

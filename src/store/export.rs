@@ -164,6 +164,12 @@ pub enum Versions {
     /// The `deleted` versions of the resources whose last version at the transactionTime is a
     /// deletion: the manifest's `deleted` files.
     Deleted,
+    /// Every version written at or before the transactionTime (`_includeHistory`): the
+    /// current rows and the history's, deletions aside.
+    Every,
+    /// Every deletion at or before the transactionTime (`_includeHistory`), even of a
+    /// resource created again since.
+    EveryDeletion,
 }
 
 /// Who the patients of a `Listed` export are: the `member` Patients of a Group (not
@@ -311,6 +317,8 @@ fn export_sql(query: &ExportQuery<'_>) -> Result<(String, Vec<ValueRow>), StoreE
     let select = match query.versions {
         Versions::AtTime => at_time_sql(query.rt, &query.at, &conditions),
         Versions::Deleted => deleted_sql(query.rt, &query.at, query.since.as_ref(), &conditions),
+        Versions::Every => every_version_sql(query.rt, &query.at, &conditions),
+        Versions::EveryDeletion => every_deletion_sql(query.rt, &query.at, &conditions),
     };
     Ok((format!("COPY ({select}) TO STDOUT (FORMAT binary)"), values))
 }
@@ -376,6 +384,32 @@ pub(super) fn at_time_sql(rt: ResourceType, at: &DateTime<Utc>, conditions: &str
           WHERE status <> 'deleted'
             AND NOT EXISTS (SELECT 1 FROM {table} c WHERE c.id = then_.id AND c.ts <= {at})
             AND {conditions}"
+    )
+}
+
+/// Every version of the resources of a type written at or before `at` (the current rows and
+/// the replaced ones the history keeps), deletions aside, each meeting `conditions` on its
+/// own (`_since` and `_until` bound each version's time; a patient or filter condition is
+/// met by what that version says).
+fn every_version_sql(rt: ResourceType, at: &DateTime<Utc>, conditions: &str) -> String {
+    let (table, history) = (rt.table(), rt.history_table());
+    let at = timestamp_literal(at);
+    format!(
+        "SELECT id, txid, cts, ts, resource FROM {table} WHERE ts <= {at} AND {conditions}
+         UNION ALL
+         SELECT id, txid, cts, ts, resource FROM {history}
+          WHERE ts <= {at} AND status <> 'deleted' AND {conditions}"
+    )
+}
+
+/// Every deletion of a type at or before `at` meeting `conditions` (on the body the deletion
+/// kept), each with its own version and time.
+fn every_deletion_sql(rt: ResourceType, at: &DateTime<Utc>, conditions: &str) -> String {
+    let history = rt.history_table();
+    let at = timestamp_literal(at);
+    format!(
+        "SELECT id, txid, cts, ts, resource FROM {history}
+          WHERE ts <= {at} AND status = 'deleted' AND {conditions}"
     )
 }
 

@@ -59,6 +59,10 @@ pub struct ExportSpec {
     /// `organizeOutputBy=Patient`: files of patient blocks instead of files by type.
     #[serde(default)]
     pub by_patient: bool,
+    /// `_includeHistory=true` (HAPI's name): every version of each resource, not only the one
+    /// current at transactionTime, and every deletion in `deleted`, even without `_since`.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub include_history: bool,
     /// `allowPartialManifests=true`: the status shows the files of finished types while the
     /// export runs, in manifest pages.
     #[serde(default)]
@@ -157,6 +161,7 @@ pub fn specify(kick_off: KickOff) -> Result<ExportSpec, String> {
     let mut elements = Elements::default();
     let mut by_patient = false;
     let mut partial_manifests = false;
+    let mut include_history = false;
     for (name, value) in &params {
         match name.as_str() {
             "_outputFormat" => {
@@ -201,6 +206,15 @@ pub fn specify(kick_off: KickOff) -> Result<ExportSpec, String> {
                 other => {
                     return Err(format!(
                         "allowPartialManifests must be true or false, not '{other}'"
+                    ))
+                }
+            },
+            "_includeHistory" => match value.as_str() {
+                "true" => include_history = true,
+                "false" => include_history = false,
+                other => {
+                    return Err(format!(
+                        "_includeHistory must be true or false, not '{other}'"
                     ))
                 }
             },
@@ -295,6 +309,13 @@ pub fn specify(kick_off: KickOff) -> Result<ExportSpec, String> {
             associated_data.join(",")
         ))?;
     }
+    if include_history && by_patient {
+        return Err(
+            "_includeHistory=true and organizeOutputBy=Patient cannot be combined: \
+                    a patient block holds each resource once"
+                .into(),
+        );
+    }
     warnings.extend(dropped);
     Ok(ExportSpec {
         level,
@@ -308,6 +329,7 @@ pub fn specify(kick_off: KickOff) -> Result<ExportSpec, String> {
         until,
         elements,
         by_patient,
+        include_history,
         partial_manifests,
         views: Vec::new(),
         view_format: None,

@@ -162,7 +162,12 @@ impl Exports {
             .ok_or_else(|| TaskFailure::Failed(format!("unknown type {}", task.resource_type)))?;
         let converter = self.formats.converter().await.map_err(|e| failed(&e))?;
         let filters = filters_of(spec, rt, &converter)?;
-        let query = query_of(spec, rt, &filters, Versions::AtTime);
+        let versions = if spec.include_history {
+            Versions::Every
+        } else {
+            Versions::AtTime
+        };
+        let query = query_of(spec, rt, &filters, versions);
         let reader = self.reader(spec).await;
         let copy =
             crate::store::export::start(&reader, &query, source_of(spec), &self.settings.session)
@@ -208,7 +213,8 @@ impl Exports {
         })
     }
 
-    /// With `_since`, the deletions of `types` since then, as Bundles in files of `stem`.
+    /// With `_since`, the deletions of `types` since then, as Bundles in files of `stem`;
+    /// with `_includeHistory`, every deletion (since `_since` if given).
     async fn write_deletions(
         &self,
         spec: &ExportSpec,
@@ -217,7 +223,7 @@ impl Exports {
         types: &[ResourceType],
     ) -> Result<Vec<Written>, TaskFailure> {
         let mut output = self.output(task, stem).await?;
-        if spec.since.is_some() {
+        if spec.since.is_some() || spec.include_history {
             for rt in types {
                 self.write_deleted(spec, *rt, &mut output, task).await?;
             }
@@ -238,13 +244,18 @@ impl Exports {
     ) -> Result<(), TaskFailure> {
         let converter = self.formats.converter().await.map_err(|e| failed(&e))?;
         let filters = filters_of(spec, rt, &converter)?;
-        let query = query_of(spec, rt, &filters, Versions::Deleted);
+        let versions = if spec.include_history {
+            Versions::EveryDeletion
+        } else {
+            Versions::Deleted
+        };
+        let query = query_of(spec, rt, &filters, versions);
         let reader = self.reader(spec).await;
         let copy =
             crate::store::export::start(&reader, &query, source_of(spec), &self.settings.session)
                 .await
                 .map_err(|e| failed(&e))?;
-        let mut bundles = std::pin::pin!(deletion_bundles(copy, rt));
+        let mut bundles = std::pin::pin!(deletion_bundles(copy, rt, spec.include_history));
         while let Some(batch) = bundles.next().await {
             let batch = batch.map_err(|e| failed(&e))?;
             output
@@ -471,6 +482,7 @@ fn source_of(spec: &ExportSpec) -> PatientSource<'_> {
 fn deletion_bundles(
     copy: CopyOut,
     rt: ResourceType,
+    versioned: bool,
 ) -> impl Stream<Item = Result<Bytes, io::Error>> + Send {
     use crate::store::dump::fields;
     tuple_batches(copy, fields::COUNT, BATCH_BYTES).map(move |batch| {
@@ -479,11 +491,7 @@ fn deletion_bundles(
         for chunk in batch.chunks(DELETIONS_PER_BUNDLE) {
             let entries: Vec<serde_json::Value> = chunk
                 .iter()
-                .filter_map(|tuple| tuple.text(fields::ID))
-                .map(|id| {
-                    let url = format!("{}/{}", rt.name(), String::from_utf8_lossy(id));
-                    json!({"request": {"method": "DELETE", "url": url}})
-                })
+                .filter_map(|tuple| deletion_entry(tuple, rt, versioned))
                 .collect();
             let bundle = json!({"resourceType": "Bundle", "type": "transaction", "entry": entries});
             serde_json::to_writer(&mut out, &bundle).map_err(io::Error::other)?;
@@ -491,6 +499,31 @@ fn deletion_bundles(
         }
         Ok(out.into())
     })
+}
+
+/// A deletion as a transaction Bundle's entry: `DELETE Type/id`; `versioned`
+/// (`_includeHistory`): with the deletion's version and time as a history Bundle gives them
+/// (`response.etag` `W/"<versionId>"`, `response.lastModified`), so that it can be replayed
+/// exactly.
+fn deletion_entry(
+    tuple: &crate::store::copy::Tuple,
+    rt: ResourceType,
+    versioned: bool,
+) -> Option<serde_json::Value> {
+    use crate::store::dump::fields;
+    let id = tuple.text(fields::ID)?;
+    let url = format!("{}/{}", rt.name(), String::from_utf8_lossy(id));
+    let mut entry = json!({"request": {"method": "DELETE", "url": url}});
+    if versioned {
+        let mut at = Vec::new();
+        crate::bulk::native_line::write_instant(&mut at, tuple.i64(fields::TS)?);
+        entry["response"] = json!({
+            "status": "200 OK",
+            "etag": format!("W/\"{}\"", tuple.i64(fields::TXID)?),
+            "lastModified": String::from_utf8_lossy(&at),
+        });
+    }
+    Some(entry)
 }
 
 /// A batch of patient-block rows as FHIR lines, and where each patient's run of lines ends
