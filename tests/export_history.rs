@@ -219,3 +219,245 @@ async fn history_exports_keep_to_since_and_the_patient_compartment() {
     assert_eq!(status, StatusCode::BAD_REQUEST, "{outcome}");
     assert!(outcome.to_string().contains("_includeHistory"), "{outcome}");
 }
+
+/// A version as two stores may differ on it and still hold the same data: without what a
+/// server sets for itself (`meta.source`, the createdAt extension).
+fn comparable(mut resource: Value) -> Value {
+    if let Some(meta) = resource["meta"].as_object_mut() {
+        meta.remove("source");
+        if let Some(extensions) = meta.get_mut("extension").and_then(Value::as_array_mut) {
+            extensions.retain(|e| !e["url"].as_str().unwrap_or_default().contains("createdAt"));
+            if extensions.is_empty() {
+                meta.remove("extension");
+            }
+        }
+    }
+    resource
+}
+
+/// A `$dump`'s resources, comparable and in id order.
+async fn dumped(server: &TestServer, path: &str) -> Vec<Value> {
+    let response = server
+        .request(Method::GET, path)
+        .send()
+        .await
+        .expect("dump");
+    let text = response.text().await.expect("text");
+    let mut lines: Vec<Value> = text
+        .lines()
+        .map(|line| comparable(serde_json::from_str(line).expect("a resource")))
+        .collect();
+    lines.sort_by_key(|r| r["id"].as_str().map(str::to_string));
+    lines
+}
+
+/// Polls an import's status until it ends.
+async fn imported(server: &TestServer, id: &str) -> Value {
+    for _ in 0..600 {
+        let (_, status) = server.get(&format!("/BulkImportStatus/{id}")).await;
+        if status["status"] != "in-progress" && !status["status"].is_null() {
+            return status;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("the import {id} did not end");
+}
+
+/// The round trip of issue 30: a store with updates and deletions, exported with
+/// `_includeHistory` and imported in migration mode into an empty store, has the same
+/// `_history` for every resource (every version, equal but for what a server sets for
+/// itself) and the same current resources; and the import run again changes nothing.
+#[tokio::test]
+async fn a_history_export_imported_in_migration_mode_makes_the_same_store() {
+    let source = TestServer::start().await;
+    common::load_synthea(&source).await;
+    changing_store(&source).await;
+    let status_url = start(&source, "/fhir/$export?_includeHistory=true").await;
+    let listed = manifest(&source, &status_url).await;
+
+    // The export's files, served to the second store as an import's sources.
+    let mut files = Vec::new();
+    let mut inputs = Vec::new();
+    for list in ["output", "deleted"] {
+        for (index, entry) in listed[list].as_array().expect("files").iter().enumerate() {
+            let url = entry["url"].as_str().expect("url");
+            let bytes = as_root(&source, Method::GET, url)
+                .send()
+                .await
+                .expect("download")
+                .bytes()
+                .await
+                .expect("bytes");
+            let path = format!("/{list}-{index}.ndjson");
+            inputs.push((
+                entry["type"].as_str().expect("type").to_string(),
+                path.clone(),
+            ));
+            files.push((path, common::fixtures::Fixture::Bytes(bytes.to_vec())));
+        }
+    }
+    let fixtures = common::fixtures::FixtureServer::start(
+        files.iter().map(|(p, f)| (p.as_str(), f.clone())).collect(),
+    )
+    .await;
+    let target = TestServer::start().await;
+    let body = |id: &str| {
+        json!({"id": id, "inputFormat": "application/fhir+ndjson", "mode": "migration",
+               "inputs": inputs.iter().map(|(t, p)| json!({"resourceType": t, "url": fixtures.url(p)})).collect::<Vec<_>>()})
+    };
+    let (status, answer) = target
+        .json(Method::POST, "/fhir/$import", &body("migration"))
+        .await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{answer}");
+    let done = imported(&target, "migration").await;
+    assert_eq!(done["status"], "finished", "{done}");
+
+    // Every resource the export named: the same versions and deletions on both sides.
+    let mut paths = BTreeSet::new();
+    for resources in download(&source, &listed).await.values() {
+        for r in resources {
+            paths.insert(format!(
+                "{}/{}",
+                r["resourceType"].as_str().unwrap_or_default(),
+                r["id"].as_str().unwrap_or_default()
+            ));
+        }
+    }
+    paths.extend(deleted_entries(&source, &listed).await.into_keys());
+    assert!(paths.len() > 7000, "{} resources", paths.len());
+    let compare = |side: (Vec<Value>, Vec<Value>)| {
+        (
+            side.0.into_iter().map(comparable).collect::<Vec<_>>(),
+            side.1,
+        )
+    };
+    // Every resource with more than one version, and one in 50 of the others (a request
+    // each: all 7,000 take 40 s).
+    let changed = ["Patient/p1", "Patient/p2", "Patient/p3", "Observation/o1"];
+    let sampled = paths
+        .iter()
+        .enumerate()
+        .filter(|(index, path)| index % 50 == 0 || changed.contains(&path.as_str()));
+    for (_, path) in sampled {
+        let before = compare(history(&source, path).await);
+        let after = compare(history(&target, path).await);
+        assert_eq!(after, before, "{path}");
+    }
+    // The current resources of every type, as `$dump` gives them.
+    let types = listed["output"].as_array().expect("output").iter();
+    for type_name in types.filter_map(|o| o["type"].as_str()) {
+        let path = format!("/fhir/{type_name}/$dump");
+        assert_eq!(
+            dumped(&target, &path).await,
+            dumped(&source, &path).await,
+            "{type_name}"
+        );
+    }
+    // New writes on the target get newer versions than any imported.
+    target
+        .put_fhir(&json!({"resourceType": "Patient", "id": "p1", "gender": "female"}))
+        .await;
+    let (versions, _) = history(&target, "Patient/p1").await;
+    let numbers: Vec<i64> = versions
+        .iter()
+        .filter_map(|v| v["meta"]["versionId"].as_str()?.parse().ok())
+        .collect();
+    assert_eq!(numbers.len(), 4);
+    assert!(
+        numbers.iter().max() == numbers.last() || numbers.iter().max() == numbers.first(),
+        "{numbers:?}"
+    );
+
+    // Run again: nothing changes (every version is there with the same content).
+    let (status, answer) = target
+        .json(Method::POST, "/fhir/$import", &body("again"))
+        .await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{answer}");
+    assert_eq!(imported(&target, "again").await["status"], "finished");
+    let (versions, _) = history(&target, "Patient/p1").await;
+    assert_eq!(versions.len(), 4, "the same versions again are skipped");
+}
+
+/// What migration mode refuses: a version stored already with other content (naming the
+/// line), a line without its version, and anyone but root.
+#[tokio::test]
+async fn migration_mode_refuses_rewriting_a_version_and_is_roots_only() {
+    let server = TestServer::start().await;
+    server
+        .put_fhir(&json!({"resourceType": "Patient", "id": "p1", "gender": "female"}))
+        .await;
+    let (_, stored) = server.get("/fhir/Patient/p1").await;
+    let version = stored["meta"]["versionId"]
+        .as_str()
+        .expect("versionId")
+        .to_string();
+    let at = stored["meta"]["lastUpdated"].clone();
+    let line = |gender: &str, version: &str| {
+        json!({"resourceType": "Patient", "id": "p1", "gender": gender,
+               "meta": {"versionId": version, "lastUpdated": at}})
+        .to_string()
+    };
+    let files = [
+        ("/same.ndjson", format!("{}\n", line("female", &version))),
+        (
+            "/other.ndjson",
+            format!("{}\n{}\n", line("female", "1"), line("male", &version)),
+        ),
+        (
+            "/bare.ndjson",
+            "{\"resourceType\": \"Patient\", \"id\": \"p9\"}\n".to_string(),
+        ),
+    ];
+    let fixtures = common::fixtures::FixtureServer::start(
+        files
+            .iter()
+            .map(|(p, text)| {
+                (
+                    *p,
+                    common::fixtures::Fixture::Bytes(text.clone().into_bytes()),
+                )
+            })
+            .collect(),
+    )
+    .await;
+    let run = |id: &'static str, path: &str| {
+        let body = json!({"id": id, "inputFormat": "application/fhir+ndjson", "mode": "migration",
+            "inputs": [{"resourceType": "Patient", "url": fixtures.url(path)}]});
+        let server = &server;
+        async move {
+            let (status, answer) = server.json(Method::POST, "/fhir/$import", &body).await;
+            assert_eq!(status, StatusCode::ACCEPTED, "{answer}");
+            imported(server, id).await
+        }
+    };
+    assert_eq!(run("same", "/same.ndjson").await["status"], "finished");
+    let refused = run("other", "/other.ndjson").await;
+    let error = refused["inputs"][0]["error"].as_str().unwrap_or_default();
+    assert!(
+        error.contains(&format!(
+            "line 2: Patient/p1 version {version} is stored already"
+        )),
+        "{refused}"
+    );
+    let (versions, _) = history(&server, "Patient/p1").await;
+    assert_eq!(
+        versions.len(),
+        1,
+        "nothing of the refused input was written"
+    );
+    let bare = run("bare", "/bare.ndjson").await;
+    let error = bare["inputs"][0]["error"].as_str().unwrap_or_default();
+    assert!(error.contains("line 1: meta.versionId"), "{bare}");
+
+    let (status, body) = server.yaml(Method::PUT, "/", "- {resourceType: Client, id: c, secret: s, grant_types: [basic]}\n- {resourceType: AccessPolicy, id: all, engine: allow, link: [{id: c, resourceType: Client}]}\n").await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let response = server
+        .client
+        .post(server.url("/fhir/$import"))
+        .basic_auth("c", Some("s"))
+        .json(&json!({"mode": "migration", "inputs": [{"resourceType": "Patient", "url": fixtures.url("/same.ndjson")}]}))
+        .send()
+        .await
+        .expect("sent");
+    assert_eq!(response.status(), StatusCode::FORBIDDEN);
+}

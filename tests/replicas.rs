@@ -317,10 +317,10 @@ async fn a_paused_standby_is_waited_for_then_bypassed_until_it_catches_up() {
     let started = Instant::now();
     assert_eq!(lines(&server, "/Patient/$dump").await.len(), 1);
     let waited = started.elapsed();
-    assert!(
-        waited >= Duration::from_millis(1400),
-        "it waited: {waited:?}"
-    );
+    // Until max_wait, or until the checker found the standby lagging, whichever came first:
+    // the checker counts from the write (before `started`), so on a busy machine it may cut
+    // the wait short by the write's own time (1.34 s was seen under a parallel build).
+    assert!(waited >= max_wait / 2, "it waited: {waited:?}");
     // Once the checker sees it lagging, reads skip it without waiting.
     tokio::time::sleep(max_wait + Duration::from_millis(500)).await;
     let started = Instant::now();

@@ -323,14 +323,25 @@ impl Imports {
             })
         };
         let report = Report::start("$import", rt.name(), job.subject.clone(), "in");
-        let loaded = load_tracked(
-            self.jobs.store(),
-            &self.sources,
-            request,
-            progress.clone(),
-            Some(before_commit),
-        )
-        .await;
+        let loaded = if job.document["mode"] == "migration" {
+            super::migrate::migrate_tracked(
+                self.jobs.store(),
+                &self.sources,
+                request,
+                progress.clone(),
+                Some(before_commit),
+            )
+            .await
+        } else {
+            load_tracked(
+                self.jobs.store(),
+                &self.sources,
+                request,
+                progress.clone(),
+                Some(before_commit),
+            )
+            .await
+        };
         account(&report, &progress, &loaded);
         loaded.map(|_| ())
     }

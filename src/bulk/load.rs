@@ -76,7 +76,7 @@ pub enum LoadError {
 impl LoadError {
     /// A database error of one step of the load, said with the step (`copying rows into
     /// Observation`) unless it is about the data (a conflict, a value PostgreSQL refused).
-    fn during(doing: impl Into<String>) -> impl FnOnce(StoreError) -> LoadError {
+    pub(super) fn during(doing: impl Into<String>) -> impl FnOnce(StoreError) -> LoadError {
         let doing = doing.into();
         move |error| match LoadError::from(error) {
             LoadError::Store(error) if !error.is_unavailable() => {

@@ -12,6 +12,7 @@ pub mod job_list;
 pub mod jobs;
 pub mod lines;
 pub mod load;
+pub mod migrate;
 pub mod native_line;
 pub mod params;
 pub mod prepare;

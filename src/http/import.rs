@@ -137,7 +137,20 @@ fn parse(body: Value, fhir: bool, root: bool) -> Result<ImportRequest, ApiError>
                 Some("bulk") => {
                     request.echo.insert(name, value);
                 }
-                _ => return Err(invalid("mode", format!("mode must be bulk (each input loaded on its own), not {value}"))),
+                // Versions keep their numbers and times, deletions included: it rewrites
+                // history, so it is root's (docs/bulk-data.md).
+                Some("migration") if root => {
+                    request.echo.insert(name, value);
+                }
+                Some("migration") => {
+                    return Err(ApiError::new(
+                        axum::http::StatusCode::FORBIDDEN,
+                        "forbidden",
+                        "mode migration keeps the versions and times of another store, deletions included: only root may import so",
+                    )
+                    .with_expression("mode"))
+                }
+                _ => return Err(invalid("mode", format!("mode must be bulk (each input loaded on its own) or migration (versions kept as they are), not {value}"))),
             },
             "update" => match value {
                 Value::Bool(update) => request.keep_history = update,

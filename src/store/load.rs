@@ -53,6 +53,16 @@ impl LoadTx {
         })
     }
 
+    /// The transaction's connection (for the migration SQL, `store::migrate`).
+    pub(super) fn conn(&self) -> &Dedicated {
+        &self.conn
+    }
+
+    /// Sends a binary COPY stream with `sql` (a `COPY ... FROM STDIN`).
+    pub(super) async fn copy_in(&self, sql: &str, data: Bytes) -> Result<u64, StoreError> {
+        copy_in(&self.conn, sql, data).await
+    }
+
     /// The transaction's start time in PostgreSQL's microseconds: every row's `ts`, and the
     /// `cts` of new ones.
     pub fn now(&self) -> i64 {

@@ -22,6 +22,7 @@ pub mod job_list;
 pub mod jobs;
 pub mod load;
 pub mod materialized;
+pub mod migrate;
 pub mod policy;
 pub mod replicas;
 pub mod resources;
