@@ -534,7 +534,9 @@ async fn the_console_shows_a_client_what_its_policy_refuses() {
 
 /// A job that runs for seconds: the page shows its progress move at least every 2.5 s (the
 /// task records it every second, the page polls every second).
-#[tokio::test]
+// The server as it runs in production: on a multi-threaded runtime (a test's default runtime
+// has one thread, which a load at full speed keeps busy between progress records).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_console_follows_a_long_job_every_second() {
     let server = TestServer::start().await;
     // FHIRBOX_CONSOLE_JOB_RESOURCES=1000000: the same at scale, served as fast as it is read

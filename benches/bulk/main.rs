@@ -303,47 +303,14 @@ async fn import_benchmark(
         .iter()
         .map(|(name, file)| serde_json::json!({"resourceType": name, "url": format!("file://{}", file.display())}))
         .collect();
-    let probe = Probe::start(server);
-    let response = client
-        .post(format!("{}/fhir/$import", server.base))
-        .basic_auth("root", Some(PASSWORD))
-        .json(&serde_json::json!({"id": "bench", "inputs": inputs}))
-        .send()
-        .await
-        .expect("import");
-    assert_eq!(response.status().as_u16(), 202);
-    let mut progress = Vec::new();
-    loop {
-        let status: serde_json::Value = client
-            .get(format!("{}/BulkImportStatus/bench", server.base))
-            .basic_auth("root", Some(PASSWORD))
-            .send()
-            .await
-            .expect("status")
-            .json()
-            .await
-            .expect("json");
-        let loaded: i64 = status["inputs"]
-            .as_array()
-            .map(|i| i.iter().filter_map(|i| i["total"].as_i64()).sum())
-            .unwrap_or(0);
-        if status["status"] != "in-progress" {
-            assert_eq!(status["status"], "finished", "{status}");
-            break;
-        }
-        progress.push((probe.elapsed(), loaded));
-        tokio::time::sleep(Duration::from_millis(500)).await;
-    }
-    let imported = probe.finish(server, bytes);
-    let shown: Vec<String> = progress
-        .iter()
-        .step_by((progress.len() / 8).max(1))
-        .map(|(t, n)| format!("{t:.0}s:{n}"))
-        .collect();
-    eprintln!(
-        "$import progress (seconds: resources loaded, as the status showed it): {}",
-        shown.join(" ")
-    );
+    let body = serde_json::json!({"id": "bench", "inputs": inputs});
+    let imported = import_round(server, client, &body, bytes).await;
+    // The same files in migration mode (each line keeps its versionId and lastUpdated, as
+    // $dump?fhir=true wrote them), into the same empty tables.
+    truncate();
+    let body = serde_json::json!({"id": "bench-migration", "mode": "migration", "inputs": inputs});
+    let migrated = import_round(server, client, &body, bytes).await;
+    let imported_seconds = imported.seconds;
     vec![
         Row {
             operation: "sum of POST /fhir/[type]/$load".into(),
@@ -362,7 +329,66 @@ async fn import_benchmark(
             measurement: imported,
             baseline_seconds: sequential,
         },
+        Row {
+            operation: "... mode migration (vs $import)".into(),
+            rows: total_rows,
+            measurement: migrated,
+            baseline_seconds: imported_seconds,
+        },
     ]
+}
+
+/// One `$import` of `body` (its `id` names the job), followed to its end; its progress as
+/// the status showed it is printed.
+async fn import_round(
+    server: &Server,
+    client: &reqwest::Client,
+    body: &serde_json::Value,
+    bytes: u64,
+) -> Measurement {
+    let id = body["id"].as_str().expect("an id");
+    let probe = Probe::start(server);
+    let response = client
+        .post(format!("{}/fhir/$import", server.base))
+        .basic_auth("root", Some(PASSWORD))
+        .json(body)
+        .send()
+        .await
+        .expect("import");
+    assert_eq!(response.status().as_u16(), 202);
+    let mut progress = Vec::new();
+    loop {
+        let status: serde_json::Value = client
+            .get(format!("{}/BulkImportStatus/{id}", server.base))
+            .basic_auth("root", Some(PASSWORD))
+            .send()
+            .await
+            .expect("status")
+            .json()
+            .await
+            .expect("json");
+        let loaded: i64 = status["inputs"]
+            .as_array()
+            .map(|i| i.iter().filter_map(|i| i["total"].as_i64()).sum())
+            .unwrap_or(0);
+        if status["status"] != "in-progress" {
+            assert_eq!(status["status"], "finished", "{status}");
+            break;
+        }
+        progress.push((probe.elapsed(), loaded));
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    let measured = probe.finish(server, bytes);
+    let shown: Vec<String> = progress
+        .iter()
+        .step_by((progress.len() / 8).max(1))
+        .map(|(t, n)| format!("{t:.0}s:{n}"))
+        .collect();
+    eprintln!(
+        "$import {id} progress (seconds: resources loaded, as the status showed it): {}",
+        shown.join(" ")
+    );
+    measured
 }
 
 /// A system-level `$export` of the largest type, from kick-off to the manifest (the files
@@ -387,6 +413,27 @@ async fn export_benchmark(
         export.seconds / dump_seconds,
         dump_seconds
     );
+    // _includeHistory: one in ten resources of the type given an older version (a day
+    // earlier, the version number before), then every version exported.
+    let table = largest.to_ascii_lowercase();
+    psql(
+        url,
+        &format!(
+            "INSERT INTO \"{table}_history\" (id, txid, cts, ts, resource_type, status, resource)
+             SELECT id, txid - 1, cts, ts - interval '1 day', resource_type, 'created', resource
+               FROM \"{table}\" WHERE txid % 10 = 0
+             ON CONFLICT DO NOTHING"
+        ),
+    );
+    let versions = largest_rows
+        + psql_lines(url, &format!("SELECT count(*) FROM \"{table}_history\""))
+            .first()
+            .and_then(|n| n.trim().parse::<usize>().ok())
+            .unwrap_or(0);
+    let history_path = format!("/fhir/$export?_type={largest}&_includeHistory=true");
+    let history =
+        best(|| export_round(server, client, &history_path, Some(versions), export_dir)).await;
+    psql(url, &format!("TRUNCATE \"{table}_history\""));
     // A Group of 10 patients, every type of the Patient compartment: what the compartment
     // indexes are for.
     psql(
@@ -479,6 +526,12 @@ async fn export_benchmark(
             operation: "$export to manifest (vs $dump fhir)".into(),
             rows: largest_rows,
             measurement: export,
+            baseline_seconds: dump_seconds,
+        },
+        Row {
+            operation: "... _includeHistory (vs $dump fhir)".into(),
+            rows: versions,
+            measurement: history,
             baseline_seconds: dump_seconds,
         },
         Row {
