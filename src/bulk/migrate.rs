@@ -12,7 +12,7 @@ use std::sync::Arc;
 use chrono::{DateTime, Utc};
 use serde_json::Value;
 
-use super::lines::LineReader;
+use super::lines::{LineBatch, LineReader};
 use super::load::{BeforeCommit, LoadCounts, LoadError, LoadRequest, Progress};
 use super::prepare::LineRules;
 use super::source::Sources;
@@ -24,6 +24,9 @@ use crate::store::Store;
 
 /// Bytes of NDJSON read per batch.
 const BATCH_BYTES: usize = 1 << 20;
+
+/// Batches turned into versions that may wait for the COPY into the staging table.
+const PREPARED_AHEAD: usize = 8;
 
 /// One version to store.
 struct Version {
@@ -60,31 +63,59 @@ pub async fn migrate_tracked(
             }
         },
     ));
-    let mut reader = LineReader::new(source, BATCH_BYTES, sources.max_line_bytes()).await?;
+    let reader = LineReader::new(source, BATCH_BYTES, sources.max_line_bytes()).await?;
     let tx = LoadTx::begin(store).await?;
     migrate::create_stage(&tx)
         .await
         .map_err(LoadError::during("creating the staging table"))?;
-    let mut types: Vec<ResourceType> = Vec::new();
-    while let Some(batch) = reader.next_batch().await? {
-        let rules = request.rules.clone();
-        let lines: Vec<(u64, Vec<u8>)> = batch.lines().map(|(n, l)| (n, l.to_vec())).collect();
-        let versions = tokio::task::spawn_blocking(move || versions_of(&lines, &rules))
-            .await
-            .map_err(|e| LoadError::Read(e.to_string()))??;
-        let mut writer = TupleWriter::new();
-        for version in &versions {
-            if !types.contains(&version.resource_type) {
-                types.push(version.resource_type);
-            }
-            write_version(&mut writer, version);
+    // As a load does: batches read and turned into versions on blocking threads, one per
+    // core, order kept, ahead of the COPY into the staging table.
+    let workers = std::thread::available_parallelism().map_or(2, |n| n.get());
+    let rules = request.rules;
+    let batches = futures_util::stream::unfold(Some(reader), |reader| async move {
+        let mut reader = reader?;
+        match reader.next_batch().await {
+            Ok(Some(batch)) => Some((Ok(batch), Some(reader))),
+            Ok(None) => None,
+            Err(error) => Some((Err(LoadError::from(error)), None)),
         }
-        migrate::copy_stage(&tx, writer.finish())
+    });
+    let staged = futures_util::StreamExt::buffered(
+        futures_util::StreamExt::map(batches, move |batch: Result<LineBatch, LoadError>| {
+            let rules = rules.clone();
+            async move {
+                let batch = batch?;
+                tokio::task::spawn_blocking(move || {
+                    let versions = versions_of(&batch, &rules)?;
+                    let mut writer = TupleWriter::new();
+                    let mut types = Vec::new();
+                    for version in &versions {
+                        if !types.contains(&version.resource_type) {
+                            types.push(version.resource_type);
+                        }
+                        write_version(&mut writer, version);
+                    }
+                    Ok::<_, LoadError>((writer.finish(), versions.len(), types))
+                })
+                .await
+                .map_err(|e| LoadError::Read(e.to_string()))?
+            }
+        }),
+        workers,
+    );
+    let mut receiver = super::stream::read_ahead(staged, PREPARED_AHEAD);
+    let mut types: Vec<ResourceType> = Vec::new();
+    while let Some(batch) = receiver.recv().await {
+        let (data, rows, batch_types) = batch?;
+        for rt in batch_types {
+            if !types.contains(&rt) {
+                types.push(rt);
+            }
+        }
+        migrate::copy_stage(&tx, data)
             .await
             .map_err(LoadError::during("staging versions"))?;
-        progress
-            .rows
-            .fetch_add(versions.len() as u64, Ordering::Relaxed);
+        progress.rows.fetch_add(rows as u64, Ordering::Relaxed);
     }
     let mut counts = LoadCounts::new();
     for rt in types {
@@ -133,23 +164,20 @@ fn write_version(writer: &mut TupleWriter, version: &Version) {
 }
 
 /// The versions of a batch's lines.
-fn versions_of(lines: &[(u64, Vec<u8>)], rules: &LineRules) -> Result<Vec<Version>, LoadError> {
-    let mut versions = Vec::with_capacity(lines.len());
-    for (line, text) in lines {
-        let fail = |message: String| LoadError::Line {
-            line: *line,
-            message,
-        };
+fn versions_of(batch: &LineBatch, rules: &LineRules) -> Result<Vec<Version>, LoadError> {
+    let mut versions = Vec::new();
+    for (line, text) in batch.lines() {
+        let fail = |message: String| LoadError::Line { line, message };
         let doc: Value = serde_json::from_slice(text)
             .map_err(|e| fail(format!("malformed JSON at column {}: {e}", e.column())))?;
         if rules.only_type.is_some_and(|rt| rt.name() == "Bundle") && is_tombstones(&doc) {
-            tombstones(&doc, *line, &mut versions).map_err(fail)?;
+            tombstones(&doc, line, &mut versions).map_err(fail)?;
             continue;
         }
         let prepared = rules.prepare(text).map_err(|e| fail(e.message))?;
         let (txid, ts) = stamp(&doc["meta"]).map_err(fail)?;
         versions.push(Version {
-            line: *line,
+            line,
             resource_type: prepared.resource_type,
             id: prepared.id,
             txid,

@@ -24,6 +24,25 @@ type Sink = futures_util::stream::SplitSink<
     Message,
 >;
 
+/// Chromium's binary, installed by `scripts/ensure-chromium` on first use: once per test
+/// binary, the tests that start a browser at the same moment wait for that one run (two
+/// `apt-get`s at once would fight over dpkg's lock).
+fn chromium() -> &'static str {
+    static BINARY: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    BINARY.get_or_init(|| {
+        let script = concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/ensure-chromium");
+        let output = Command::new(script)
+            .output()
+            .expect("run scripts/ensure-chromium");
+        assert!(
+            output.status.success(),
+            "scripts/ensure-chromium failed: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        String::from_utf8_lossy(&output.stdout).trim().to_string()
+    })
+}
+
 /// The browser process; killed when dropped.
 pub struct Browser {
     child: Child,
@@ -34,16 +53,7 @@ pub struct Browser {
 impl Browser {
     /// Starts Chromium headless with a fresh profile, after making sure it is installed.
     pub fn start() -> Browser {
-        let script = concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/ensure-chromium");
-        let output = Command::new(script)
-            .output()
-            .expect("run scripts/ensure-chromium");
-        assert!(
-            output.status.success(),
-            "scripts/ensure-chromium failed: {}",
-            String::from_utf8_lossy(&output.stderr)
-        );
-        let binary = String::from_utf8_lossy(&output.stdout).trim().to_string();
+        let binary = chromium();
         let profile = tempfile::tempdir().expect("profile dir");
         let mut child = Command::new(binary)
             .args([
