@@ -1,7 +1,6 @@
 //! The web console (`/console`) and the routes it reads (`/$jobs`, `/$counts`, `/$status`,
 //! `$viewdefinition-run?_format=sql`): first over plain HTTP, attacks included, then in a
-//! real headless Chromium (`console_in_a_browser.rs` would need a second browser start; one
-//! file keeps one harness).
+//! real headless Chromium (`common::browser`), each browser test with a browser of its own.
 
 mod common;
 
