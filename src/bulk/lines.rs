@@ -64,6 +64,20 @@ pub struct LineReader {
 }
 
 impl LineReader {
+    /// The batches as a stream, ending after the last one or the first error.
+    pub fn into_batches(
+        self,
+    ) -> impl futures_util::Stream<Item = Result<LineBatch, LinesError>> + Send {
+        futures_util::stream::unfold(Some(self), |reader| async move {
+            let mut reader = reader?;
+            match reader.next_batch().await {
+                Ok(Some(batch)) => Some((Ok(batch), Some(reader))),
+                Ok(None) => None,
+                Err(error) => Some((Err(error), None)),
+            }
+        })
+    }
+
     /// Starts reading; looks at the first bytes to tell gzip from plain text. Batches are about
     /// `batch_bytes`; a line may be at most `max_line` bytes.
     pub async fn new(

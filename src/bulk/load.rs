@@ -188,13 +188,8 @@ pub async fn load_tracked(
         Writer::begin(store, request.keep_history, single_type, progress.clone()).await?;
     let workers = std::thread::available_parallelism().map_or(2, |n| n.get());
     let rules = request.rules;
-    let batches = futures_util::stream::unfold(Some(reader), |reader| async move {
-        let mut reader = reader?;
-        match reader.next_batch().await {
-            Ok(Some(batch)) => Some((Ok(batch), Some(reader))),
-            Ok(None) => None,
-            Err(error) => Some((Err(LoadError::from(error)), None)),
-        }
+    let batches = futures_util::StreamExt::map(reader.into_batches(), |batch| {
+        batch.map_err(LoadError::from)
     });
     let prepared = batches
         .map(move |batch: Result<LineBatch, LoadError>| {

@@ -72,13 +72,8 @@ pub async fn migrate_tracked(
     // core, order kept, ahead of the COPY into the staging table.
     let workers = std::thread::available_parallelism().map_or(2, |n| n.get());
     let rules = request.rules;
-    let batches = futures_util::stream::unfold(Some(reader), |reader| async move {
-        let mut reader = reader?;
-        match reader.next_batch().await {
-            Ok(Some(batch)) => Some((Ok(batch), Some(reader))),
-            Ok(None) => None,
-            Err(error) => Some((Err(LoadError::from(error)), None)),
-        }
+    let batches = futures_util::StreamExt::map(reader.into_batches(), |batch| {
+        batch.map_err(LoadError::from)
     });
     let staged = futures_util::StreamExt::buffered(
         futures_util::StreamExt::map(batches, move |batch: Result<LineBatch, LoadError>| {
