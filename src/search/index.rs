@@ -220,11 +220,7 @@ fn function_sql(rt: ResourceType, param: &SearchParam) -> Result<String, SearchE
         "string" => format!("fhirbox_search_norm({values}::text)"),
         // No value: NULL, which no range overlaps. A Period ending before it starts still
         // lies inside the span (least/greatest).
-        "date" => format!(
-            "(SELECT CASE WHEN count(*) > 0 THEN tstzrange(min(least(g.low, g.high)), \
-             max(greatest(g.low, g.high)), '[]') END \
-             FROM jsonb_array_elements({values}) AS v, fhirbox_search_ranges(v) AS g)"
-        ),
+        "date" => format!("fhirbox_search_span({values})"),
         _ => values,
     })
 }
