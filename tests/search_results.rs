@@ -448,3 +448,50 @@ async fn what_fhirbox_does_not_search_is_refused_by_name_never_ignored() {
     }
     insta::assert_snapshot!(common::pretty(&answers));
 }
+
+/// The three R4 composites that need more than the others: a reference component
+/// (`DocumentReference.relationship`, whose R4 definition pairs each component with the
+/// other's type: the value is `code$target`), and components that read `%resource` from
+/// inside each `variant` (`MolecularSequence`'s coordinates). Each component must hold on
+/// the same item: a relatesTo's code with another relatesTo's target is no match.
+#[tokio::test]
+async fn composites_with_a_reference_or_the_whole_resource_match_item_by_item() {
+    let server = TestServer::start().await;
+    for resource in [
+        json!({"resourceType": "DocumentReference", "id": "d1", "status": "current",
+               "content": [{"attachment": {"url": "http://example.org/1"}}],
+               "relatesTo": [{"code": "replaces", "target": {"reference": "DocumentReference/d0"}},
+                             {"code": "appends", "target": {"reference": "DocumentReference/d9"}}]}),
+        json!({"resourceType": "DocumentReference", "id": "d2", "status": "current",
+               "content": [{"attachment": {"url": "http://example.org/2"}}],
+               "relatesTo": [{"code": "transforms", "target": {"reference": "DocumentReference/d0"}}]}),
+        json!({"resourceType": "MolecularSequence", "id": "m1", "coordinateSystem": 0,
+               "referenceSeq": {"chromosome": {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/chromosome-human", "code": "1"}]},
+                                "referenceSeqId": {"coding": [{"system": "http://www.ncbi.nlm.nih.gov/nuccore", "code": "NC_000001.11"}]}},
+               "variant": [{"start": 100, "end": 101}, {"start": 5000, "end": 5010}]}),
+        json!({"resourceType": "MolecularSequence", "id": "m2", "coordinateSystem": 0,
+               "referenceSeq": {"chromosome": {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/chromosome-human", "code": "2"}]}},
+               "variant": [{"start": 100, "end": 200}]}),
+    ] {
+        server.put_fhir(&resource).await;
+    }
+    for (query, expected) in [
+        ("DocumentReference?relationship=replaces$DocumentReference/d0", vec!["d1"]),
+        ("DocumentReference?relationship=replaces$d0,transforms$d0", vec!["d1", "d2"]),
+        ("DocumentReference?relationship=appends$DocumentReference/d0", vec![]),
+        ("DocumentReference?relationship=appends$d9", vec!["d1"]),
+        ("MolecularSequence?chromosome-variant-coordinate=1$ge100$le101", vec!["m1"]),
+        ("MolecularSequence?chromosome-variant-coordinate=1$gt200$lt6000", vec!["m1"]),
+        ("MolecularSequence?chromosome-variant-coordinate=1$gt200$le101", vec![]),
+        ("MolecularSequence?chromosome-variant-coordinate=http://terminology.hl7.org/CodeSystem/chromosome-human|2$100$200", vec!["m2"]),
+        ("MolecularSequence?referenceseqid-variant-coordinate=NC_000001.11$ge5000$le5010", vec!["m1"]),
+        ("MolecularSequence?referenceseqid-variant-coordinate=NC_000001.11$ge5000$le200", vec![]),
+    ] {
+        let (status, bundle) = server.get(&format!("/fhir/{query}")).await;
+        assert_eq!(status, StatusCode::OK, "{query}: {bundle}");
+        let mut got: Vec<String> = ids_of(&bundle);
+        got.sort();
+        let expected: Vec<String> = expected.iter().map(|id| id.to_string()).collect();
+        assert_eq!(got, expected, "{query}");
+    }
+}

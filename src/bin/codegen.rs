@@ -412,6 +412,18 @@ impl SearchModel {
                 let expression = component["expression"].as_str().unwrap_or_default();
                 parts.push((kind, expression.to_string()));
             }
+            // R4's DocumentReference-relationship names each component by the other's
+            // definition (`relatesto`, a reference, for `code`; `relation`, a token, for
+            // `target`), so neither could ever match; R5 pairs them right. The kinds follow
+            // the expressions: the value is `code$target` (docs/search.md).
+            if code == "relationship"
+                && resource["base"][0] == "DocumentReference"
+                && parts.len() == 2
+            {
+                let (first, second) = (parts[0].0.clone(), parts[1].0.clone());
+                parts[0].0 = second;
+                parts[1].0 = first;
+            }
             for base in resource["base"].as_array().into_iter().flatten() {
                 if let Some(base) = base.as_str() {
                     targets.insert((base.to_string(), code.to_string()), to.clone());

@@ -255,13 +255,26 @@ fn variable<'a>(scope: &Scope<'a, '_>, focus: &Focus<'a>, name: &str) -> Res<Val
             Ty::Primitive("integer"),
         ));
     }
-    let constant = scope
-        .constants
-        .iter()
-        .find(|c| c.name == name)
-        .ok_or_else(|| {
-            format!("unknown constant %{name} (the view's constant list does not name it)")
-        })?;
+    let constant = scope.constants.iter().find(|c| c.name == name);
+    let constant = match constant {
+        Some(constant) => constant,
+        // FHIRPath's `%resource`: the row's resource, wherever the focus is (R4's
+        // `MolecularSequence` coordinates read it from inside each `variant`).
+        None if name == "resource" => {
+            let mut root = Val::new(
+                format!("{}.resource", scope.row),
+                Shape::One,
+                Ty::Complex(scope.resource),
+            );
+            root.root = true;
+            return Ok(root);
+        }
+        None => {
+            return Err(format!(
+                "unknown constant %{name} (the view's constant list does not name it)"
+            ))
+        }
+    };
     let ty = match constant.fhir_type.as_str() {
         "boolean" => {
             return Ok(Val::new(

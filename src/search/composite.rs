@@ -3,7 +3,9 @@
 //! Observation, or the same `component` of it). Each part of the expression's union is a
 //! value of its own type, and each component's expression is compiled relative to it.
 
-use super::matchers::{date_test, number_test, quantity_test, string_test, token_test, uri_test};
+use super::matchers::{
+    date_test, number_test, quantity_test, reference_test, string_test, token_test, uri_test,
+};
 use super::query::{split_escaped, Criterion};
 use super::sql::Binds;
 use super::SearchError;
@@ -17,6 +19,7 @@ pub(super) fn composite_sql(
     criterion: &Criterion,
     param: &SearchParam,
     binds: &mut Binds,
+    base_url: &str,
 ) -> Result<String, SearchError> {
     let name = criterion.name.as_str();
     if let Some(modifier) = &criterion.modifier {
@@ -66,6 +69,9 @@ pub(super) fn composite_sql(
                     "number" => number_test(name, None, piece, binds)?,
                     "quantity" => quantity_test(name, None, piece, binds)?,
                     "uri" => uri_test(name, None, piece, binds)?,
+                    // No modifier reaches a component, so the targets `reference_test`
+                    // checks a type modifier against are not needed.
+                    "reference" => reference_test(name, None, piece, param, binds, base_url)?,
                     other => {
                         return Err(unsupported(format!(
                             "a composite with a {other} component is not supported yet"

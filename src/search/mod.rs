@@ -102,15 +102,6 @@ pub const SUPPORTED_KINDS: &[&str] = &[
     "uri",
 ];
 
-/// R4 parameters whose expressions fhirbox does not compile (each a 400 saying so), left out
-/// of what [`searchable`] lists: a composite with a reference component, and two that read
-/// `%resource`.
-pub const NOT_COMPILED: &[&str] = &[
-    "DocumentReference.relationship",
-    "MolecularSequence.chromosome-variant-coordinate",
-    "MolecularSequence.referenceseqid-variant-coordinate",
-];
-
 /// Every parameter `type_name` can be searched by (its own and the common ones, `_id` and
 /// `_lastUpdated` aside: those are the table's own columns).
 pub fn searchable(type_name: &str) -> impl Iterator<Item = &'static SearchParam> + '_ {
@@ -120,7 +111,6 @@ pub fn searchable(type_name: &str) -> impl Iterator<Item = &'static SearchParam>
             && !p.expression.is_empty()
             && p.code != "_id"
             && p.code != "_lastUpdated"
-            && !NOT_COMPILED.contains(&format!("{}.{}", p.base, p.code).as_str())
     })
 }
 
