@@ -263,6 +263,50 @@ async fn the_configured_indexes_exist_and_searches_use_them() {
     assert_eq!(found, 1, "the index was built again");
 }
 
+/// Autovacuum's ANALYZE (and, from PostgreSQL 17 on, every maintenance command) evaluates
+/// index expressions with only `pg_catalog` on the search_path. The index functions that
+/// call fhirbox's own (a name's folded text, a date's span) once failed there, on every
+/// table that had one, every minute: statistics never refreshed, and a log full of errors.
+#[tokio::test]
+async fn indexed_tables_can_be_analyzed_as_autovacuum_does() {
+    let server = TestServer::start().await;
+    for resource in [
+        json!({"resourceType": "Patient", "id": "p1", "birthDate": "1970-01-02",
+               "name": [{"family": "Ångström"}]}),
+        json!({"resourceType": "Observation", "id": "o1", "status": "final",
+               "code": {"coding": [{"code": "8302-2"}]}, "subject": {"reference": "Patient/p1"}}),
+    ] {
+        server.put_fhir(&resource).await;
+    }
+    let db = server.db().await;
+    let tables: Vec<String> = db
+        .query(
+            "SELECT DISTINCT quote_ident(schemaname) || '.' || quote_ident(tablename)
+               FROM pg_indexes WHERE starts_with(indexname, 'fhirbox_si_') ORDER BY 1",
+            &[],
+        )
+        .await
+        .expect("tables listed")
+        .iter()
+        .map(|row| row.get(0))
+        .collect();
+    assert!(tables.len() >= 8, "{tables:?}");
+    db.batch_execute("SET search_path = pg_catalog, pg_temp")
+        .await
+        .expect("set");
+    for table in &tables {
+        db.batch_execute(&format!("ANALYZE {table}"))
+            .await
+            .unwrap_or_else(|e| panic!("ANALYZE {table}: {e:?}"));
+    }
+    // And a write under that search_path computes the index entries too.
+    db.batch_execute(
+        "UPDATE public.patient SET resource = resource || '{\"birthDate\": \"1971\"}'",
+    )
+    .await
+    .expect("a write with only pg_catalog on the search_path");
+}
+
 #[test]
 fn only_parameters_an_index_can_answer_are_indexed() {
     let error = Indexes::parse("common,Observation.value-quantity").expect_err("a quantity");

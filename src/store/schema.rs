@@ -171,7 +171,11 @@ pub async fn migrate(conn: &mut Connection) -> Result<(), StoreError> {
     tx.batch_execute(&super::export::compartment_ddl()).await?;
     tx.batch_execute(super::view_functions::FUNCTIONS_DDL)
         .await?;
-    tx.batch_execute(super::search_functions::FUNCTIONS_DDL)
+    let schema: String = tx
+        .query_one("SELECT quote_ident(current_schema())", &[])
+        .await?
+        .get(0);
+    tx.batch_execute(&super::search_functions::functions_ddl(&schema))
         .await?;
     tx.batch_execute(super::search_terminology::FUNCTIONS_DDL)
         .await?;

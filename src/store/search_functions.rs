@@ -4,7 +4,43 @@
 //! choice element such as `Observation.effective` is a dateTime in one resource and a
 //! Period in the next).
 
-pub const FUNCTIONS_DDL: &str = r#"
+/// `sql` with every call of one of fhirbox's functions (`fhirbox_...(`) qualified by
+/// `schema` (quoted). Autovacuum's ANALYZE, and every maintenance command from PostgreSQL 17
+/// on, evaluates index expressions with only `pg_catalog` on the search_path: an index
+/// function that calls ours unqualified fails there (statistics never refresh). Qualified
+/// names keep SQL functions inlinable and PL/pgSQL plans cached, which a `SET search_path`
+/// on the function would not (it made a Patient load twice as slow). The SQL is fhirbox's
+/// own (these definitions, bodies compiled from R4 expressions), never a request's.
+pub fn qualified(sql: &str, schema: &str) -> String {
+    let mut out = String::with_capacity(sql.len() + 64);
+    let mut rest = sql;
+    while let Some(at) = rest.find("fhirbox_") {
+        let (before, from) = rest.split_at(at);
+        out.push_str(before);
+        let name_len = from
+            .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+            .unwrap_or(from.len());
+        let starts_name = !out
+            .chars()
+            .last()
+            .is_some_and(|c| c.is_ascii_alphanumeric() || c == '_' || c == '.' || c == '"');
+        if starts_name && from[name_len..].starts_with('(') {
+            out.push_str(schema);
+            out.push('.');
+        }
+        out.push_str(&from[..name_len]);
+        rest = &from[name_len..];
+    }
+    out.push_str(rest);
+    out
+}
+
+/// The functions below, created in (and calling each other through) `schema`.
+pub fn functions_ddl(schema: &str) -> String {
+    qualified(FUNCTIONS_DDL, schema)
+}
+
+const FUNCTIONS_DDL: &str = r#"
 -- (Set-returning functions are plain SQL and not STRICT, so that PostgreSQL inlines them.)
 
 -- Case- and accent-insensitive form of a string, as FHIR's string search compares:
@@ -171,3 +207,21 @@ BEGIN
 END
 $fn$;
 "#;
+
+#[cfg(test)]
+mod tests {
+    use super::qualified;
+
+    #[test]
+    fn calls_of_our_functions_are_qualified_and_nothing_else() {
+        assert_eq!(
+            qualified(
+                "SELECT fhirbox_search_span(x), y.fhirbox_col, 'fhirbox_x', \"fhirbox_q\"(1), \
+                 myfhirbox_f(2), fhirbox_search_norm(fhirbox_a(t))",
+                "\"s\""
+            ),
+            "SELECT \"s\".fhirbox_search_span(x), y.fhirbox_col, 'fhirbox_x', \"fhirbox_q\"(1), \
+             myfhirbox_f(2), \"s\".fhirbox_search_norm(\"s\".fhirbox_a(t))"
+        );
+    }
+}

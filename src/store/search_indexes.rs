@@ -68,6 +68,10 @@ pub async fn apply(
             dropped.push(name.clone());
         }
     }
+    let schema: String = tx
+        .query_one("SELECT quote_ident(current_schema())", &[])
+        .await?
+        .get(0);
     let mut created = Vec::new();
     for definition in wanted {
         if let Some(extension) = definition.extension {
@@ -87,7 +91,10 @@ pub async fn apply(
         }
         // An index holds what its function computed: when this version computes something
         // else (another body), the index is built again, not left answering the old way.
-        let source = format!(" SELECT {} ", definition.body);
+        let source = format!(
+            " SELECT {} ",
+            super::search_functions::qualified(&definition.body, &schema)
+        );
         let current: Option<String> = tx
             .query_opt(
                 "SELECT prosrc FROM pg_proc
