@@ -461,3 +461,75 @@ async fn migration_mode_refuses_rewriting_a_version_and_is_roots_only() {
         .expect("sent");
     assert_eq!(response.status(), StatusCode::FORBIDDEN);
 }
+
+/// Migration mode through `$load` (one request, one transaction): every file of a history
+/// export, versions and deletion Bundles together in one mixed NDJSON, makes the same store;
+/// run again it changes nothing; `update` beside it is a 400, and a Client is refused.
+#[tokio::test]
+async fn a_history_export_loaded_in_migration_mode_makes_the_same_store() {
+    let source = TestServer::start().await;
+    changing_store(&source).await;
+    let status_url = start(&source, "/fhir/$export?_includeHistory=true").await;
+    let listed = manifest(&source, &status_url).await;
+    let mut all = Vec::new();
+    for list in ["output", "deleted"] {
+        for entry in listed[list].as_array().expect("files") {
+            let url = entry["url"].as_str().expect("url");
+            let bytes = as_root(&source, Method::GET, url)
+                .send()
+                .await
+                .expect("download")
+                .bytes()
+                .await
+                .expect("bytes");
+            all.extend_from_slice(&bytes);
+            if !all.ends_with(b"\n") {
+                all.push(b'\n');
+            }
+        }
+    }
+    let fixtures = common::fixtures::FixtureServer::start(vec![(
+        "/all.ndjson",
+        common::fixtures::Fixture::Bytes(all),
+    )])
+    .await;
+    let target = TestServer::start().await;
+    let body = json!({"source": fixtures.url("/all.ndjson"), "mode": "migration"});
+    for round in ["first", "again"] {
+        let (status, answer) = target.json(Method::POST, "/fhir/$load", &body).await;
+        assert_eq!(status, StatusCode::OK, "{round}: {answer}");
+        for path in ["Patient/p1", "Patient/p2", "Patient/p3", "Observation/o1"] {
+            let before = history(&source, path).await;
+            let after = history(&target, path).await;
+            assert_eq!(after.1, before.1, "{round}: {path}'s deletions");
+            assert_eq!(
+                after.0.into_iter().map(comparable).collect::<Vec<_>>(),
+                before.0.into_iter().map(comparable).collect::<Vec<_>>(),
+                "{round}: {path}'s versions"
+            );
+        }
+        for path in ["/fhir/Patient/$dump", "/fhir/Observation/$dump"] {
+            assert_eq!(
+                dumped(&target, path).await,
+                dumped(&source, path).await,
+                "{round}: {path}"
+            );
+        }
+    }
+
+    let mut with_update = body.clone();
+    with_update["update"] = json!(true);
+    let (status, answer) = target.json(Method::POST, "/fhir/$load", &with_update).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{answer}");
+    let (status, answer) = target.yaml(Method::PUT, "/", "- {resourceType: Client, id: c, secret: s, grant_types: [basic]}\n- {resourceType: AccessPolicy, id: all, engine: allow, link: [{id: c, resourceType: Client}]}\n").await;
+    assert_eq!(status, StatusCode::OK, "{answer}");
+    let response = target
+        .client
+        .post(target.url("/fhir/$load"))
+        .basic_auth("c", Some("s"))
+        .json(&body)
+        .send()
+        .await
+        .expect("sent");
+    assert_eq!(response.status(), StatusCode::FORBIDDEN);
+}

@@ -6,6 +6,9 @@
 //! own process, and times each bulk operation through real HTTP to a client that discards the
 //! bytes, beside raw PostgreSQL `COPY` of the same rows through `psql` in the same run. It
 //! samples the server's resident memory during each operation and prints one table.
+//! Each measurement is the best of `FHIRBOX_BENCH_ROUNDS` runs (default 5). The 10M run:
+//! `FHIRBOX_BENCH_RESOURCES=10000000 FHIRBOX_BENCH_ROUNDS=1 FHIRBOX_BENCH_DIR=/some/disk
+//! cargo bench --bench bulk -- dump export import load` (about 45 GB of disk; docs/performance.md).
 //!
 //! Operations: `dump`, `dump-sql`, `views` (SQL on FHIR), `export`, `smart` (bearer tokens against basic
 //! credentials, and the token endpoint's latency), `replicas` (`$dump` through a fhirbox
@@ -27,7 +30,14 @@ use futures_util::StreamExt;
 use server::{RssSampler, Server, PASSWORD};
 
 /// Runs per measurement; the fastest counts (the least disturbed by the rest of the machine).
-const ROUNDS: usize = 5;
+/// `FHIRBOX_BENCH_ROUNDS` overrides it (1 for the 10M run, where a round takes minutes).
+fn rounds() -> usize {
+    std::env::var("FHIRBOX_BENCH_ROUNDS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(5)
+        .max(1)
+}
 
 struct Measurement {
     bytes: u64,
@@ -79,14 +89,14 @@ impl Probe {
     }
 }
 
-/// Best of [`ROUNDS`].
+/// Best of [`rounds`].
 async fn best<F, Fut>(mut run: F) -> Measurement
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = Measurement>,
 {
     let mut best: Option<Measurement> = None;
-    for _ in 0..ROUNDS {
+    for _ in 0..rounds() {
         let m = run().await;
         let peak = match (&best, m.peak_rss) {
             (Some(b), Some(p)) => b

@@ -99,7 +99,7 @@ pub async fn replicas_benchmark(
             let before = cluster_cpu(cluster.pid());
             let m =
                 best(|| http(server, client, client.get(format!("{}{path}", server.base)))).await;
-            let primary_cpu = (cluster_cpu(cluster.pid()) - before) / super::ROUNDS as f64;
+            let primary_cpu = (cluster_cpu(cluster.pid()) - before) / super::rounds() as f64;
             other.pause(false);
             if slot
                 .as_ref()

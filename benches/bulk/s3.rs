@@ -254,7 +254,7 @@ pub async fn s3_benchmark(
         let before = weed.cpu_seconds();
         let b = best(|| export_round(&bucket, client, &path)).await;
         local.pause(false);
-        weed_cpu = weed_cpu.min((weed.cpu_seconds() - before) / super::ROUNDS as f64);
+        weed_cpu = weed_cpu.min((weed.cpu_seconds() - before) / super::rounds() as f64);
         if to_dir.as_ref().is_none_or(|m| d.seconds < m.seconds) {
             to_dir = Some(d);
         }

@@ -9,7 +9,7 @@ use jsonwebtoken::{encode, Algorithm, EncodingKey, Header};
 use serde_json::{json, Value};
 
 use crate::server::{Server, PASSWORD};
-use crate::{http_as, Measurement, Row, ROUNDS};
+use crate::{http_as, rounds, Measurement, Row};
 
 /// Token requests timed for the latency figures.
 const TOKEN_REQUESTS: usize = 200;
@@ -148,7 +148,7 @@ pub async fn smart_benchmark(
     // alike; the fastest of each counts.
     let path = format!("{}/{largest}/$dump", server.base);
     let (mut basic, mut bearer): (Option<Measurement>, Option<Measurement>) = (None, None);
-    for _ in 0..2 * ROUNDS {
+    for _ in 0..2 * rounds() {
         let request = client
             .get(&path)
             .basic_auth("bench-basic", Some("bench-secret"));

@@ -1,10 +1,11 @@
-//! A migration-mode import input (`mode: migration` in the `$import` body): each line is a
-//! version that keeps its `meta.versionId` and `meta.lastUpdated`, in any order and split
-//! across inputs as an `_includeHistory` export writes them; an input of type `Bundle` holds
-//! the export's `deleted` Bundles, whose DELETE entries (with `response.etag` and
-//! `response.lastModified`) are tombstones at their versions and times. The versions go to a
-//! staging table by binary COPY and are merged at the end of the input, in its transaction
-//! (`store::migrate`): nothing is written unless everything is.
+//! A migration-mode import input or load (`mode: migration` in the `$import` or `$load`
+//! body): each line is a version that keeps its `meta.versionId` and `meta.lastUpdated`, in
+//! any order and split across inputs as an `_includeHistory` export writes them; an input of
+//! type `Bundle` (or a mixed `$load`) holds the export's `deleted` Bundles, whose DELETE
+//! entries (with `response.etag` and `response.lastModified`) are tombstones at their
+//! versions and times. The versions go to a staging table by binary COPY and are merged at
+//! the end of the input, in its transaction (`store::migrate`): nothing is written unless
+//! everything is.
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -165,7 +166,10 @@ fn versions_of(batch: &LineBatch, rules: &LineRules) -> Result<Vec<Version>, Loa
         let fail = |message: String| LoadError::Line { line, message };
         let doc: Value = serde_json::from_slice(text)
             .map_err(|e| fail(format!("malformed JSON at column {}: {e}", e.column())))?;
-        if rules.only_type.is_some_and(|rt| rt.name() == "Bundle") && is_tombstones(&doc) {
+        // An `$import` input of type Bundle, or any line of a mixed `$load`: an export's
+        // deletions file may be among them (a transaction Bundle of DELETE entries only is
+        // read so, never stored, in migration mode).
+        if rules.only_type.is_none_or(|rt| rt.name() == "Bundle") && is_tombstones(&doc) {
             tombstones(&doc, line, &mut versions).map_err(fail)?;
             continue;
         }

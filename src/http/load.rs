@@ -6,6 +6,7 @@
 //! update: false        # true: keep replaced versions in history (slower)
 //! strip-nulls: false   # true: remove null members
 //! merge: {active: true}  # shallow-merged into every resource
+//! mode: bulk           # migration: keep each line's versionId and lastUpdated (root only)
 //! ```
 //!
 //! Answers `{"total": N}` for a one-type load, `{"Patient": N, ...}` for a mixed one.
@@ -23,6 +24,7 @@ use super::error::ApiError;
 use super::AppState;
 use crate::auth::Subject;
 use crate::bulk::load::{account, load_tracked, LoadRequest, Progress};
+use crate::bulk::migrate::migrate_tracked;
 use crate::bulk::prepare::{own_type_refusal, LineRules};
 use crate::bulk::report::Report;
 use crate::crud;
@@ -74,6 +76,16 @@ async fn run(
     body: Value,
 ) -> Result<crate::bulk::load::LoadCounts, ApiError> {
     let options = LoadOptions::parse(body)?;
+    if options.migration && !matches!(subject, Subject::Root) {
+        // Versions keep their numbers and times, deletions included: it rewrites history,
+        // as the migration-mode `$import` does, so it is root's too.
+        return Err(ApiError::new(
+            StatusCode::FORBIDDEN,
+            "forbidden",
+            "mode migration keeps the versions and times of another store, deletions included: only root may load so",
+        )
+        .with_expression("mode"));
+    }
     // Held until the load ends: it holds a bulk connection that long.
     let _permit = state.bulk.start(&subject.name())?;
     let fhir = match api {
@@ -99,14 +111,11 @@ async fn run(
     let what = only_type.map_or("mixed", |rt| rt.name());
     let report = Report::start("$load", what, subject.name(), "in");
     let progress = Arc::new(Progress::default());
-    let loaded = load_tracked(
-        &state.bulk_store,
-        &state.sources,
-        request,
-        progress.clone(),
-        None,
-    )
-    .await;
+    let (store, sources, tracked) = (&state.bulk_store, &state.sources, progress.clone());
+    let loaded = match options.migration {
+        true => migrate_tracked(store, sources, request, tracked, None).await,
+        false => load_tracked(store, sources, request, tracked, None).await,
+    };
     account(&report, &progress, &loaded);
     Ok(loaded?)
 }
@@ -119,6 +128,8 @@ struct LoadOptions {
     merge: Option<Map<String, Value>>,
     /// Refuse a file plainly in the other format (default).
     format_check: bool,
+    /// `mode: migration`: versions kept as they are (`bulk::migrate`).
+    migration: bool,
 }
 
 impl LoadOptions {
@@ -134,6 +145,7 @@ impl LoadOptions {
             strip_nulls: false,
             merge: None,
             format_check: true,
+            migration: false,
         };
         let flag = |name: &str, value: &Value| {
             value.as_bool().ok_or_else(|| {
@@ -155,6 +167,18 @@ impl LoadOptions {
                 "update" => options.update = flag(&name, &value)?,
                 "strip-nulls" => options.strip_nulls = flag(&name, &value)?,
                 "format-check" => options.format_check = flag(&name, &value)?,
+                "mode" => {
+                    options.migration = match value.as_str() {
+                        Some("bulk") => false,
+                        Some("migration") => true,
+                        _ => {
+                            return Err(ApiError::bad_request(format!(
+                                "'mode' must be bulk (each line a new version) or migration (versions kept as they are), not {value}"
+                            ))
+                            .with_expression("mode"))
+                        }
+                    }
+                }
                 "merge" => match value {
                     Value::Object(merge) => {
                         // Identity and server-kept metadata are the load's, not the caller's.
@@ -176,11 +200,17 @@ impl LoadOptions {
                 },
                 _ => {
                     return Err(ApiError::bad_request(format!(
-                        "unknown option '{name}' (supported: source, update, strip-nulls, merge, format-check)"
+                        "unknown option '{name}' (supported: source, update, strip-nulls, merge, format-check, mode)"
                     ))
                     .with_expression(name))
                 }
             }
+        }
+        if options.migration && options.update {
+            return Err(ApiError::bad_request(
+                "'update' has no meaning with mode migration: every version of the input is kept, in history or as the current one",
+            )
+            .with_expression("update"));
         }
         if options.source.is_empty() {
             return Err(
