@@ -690,9 +690,15 @@ async fn http_as(server: &Server, request: reqwest::RequestBuilder) -> Measureme
     probe.finish(server, bytes)
 }
 
+/// The table of `rows`, on stdout, or on stderr as the rows so far (a 10M run takes an hour).
 fn print(rows: &[Row]) {
-    println!();
-    println!(
+    write_table(&mut std::io::stdout(), rows);
+}
+
+fn write_table(out: &mut dyn std::io::Write, rows: &[Row]) {
+    let _ = writeln!(out);
+    let _ = writeln!(
+        out,
         "{:<34} {:>9} {:>9} {:>8} {:>9} {:>8} {:>12} {:>9} {:>10} {:>10}",
         "operation",
         "rows",
@@ -721,7 +727,8 @@ fn print(rows: &[Row]) {
             .server_cpu
             .map(|s| format!("{s:.2} s"))
             .unwrap_or_else(|| "-".into());
-        println!(
+        let _ = writeln!(
+            out,
             "{:<34} {:>9} {:>9.1} {:>8.2} {:>9.0} {:>8.1} {:>12.2} {:>9} {:>10} {:>10}",
             row.operation,
             row.rows,
@@ -826,6 +833,7 @@ async fn main() {
         rows.extend(
             export_benchmark(&server, &client, &url, &largest, largest_rows, &export_dir).await,
         );
+        write_table(&mut std::io::stderr(), &rows);
     }
 
     if selected("dump-sql") {
@@ -891,8 +899,10 @@ async fn main() {
         );
     }
 
+    write_table(&mut std::io::stderr(), &rows);
     if selected("import") {
         rows.extend(import_benchmark(&server, &client, &url, &counts, files.path()).await);
+        write_table(&mut std::io::stderr(), &rows);
     }
 
     if selected("load") {

@@ -66,18 +66,6 @@ pub enum SqlDumpError {
     Query(#[from] QueryError),
 }
 
-/// The query without what may trail it (`;`, blanks); an error when nothing is left.
-fn trimmed(query: &str) -> Result<String, SqlDumpError> {
-    let query = query
-        .trim()
-        .trim_end_matches([';', ' ', '\n', '\r', '\t'])
-        .to_string();
-    if query.is_empty() {
-        return Err(SqlDumpError::Empty);
-    }
-    Ok(query)
-}
-
 /// Starts the dump. Everything that can fail before the first row fails here.
 pub async fn dump_sql(
     reader: &Store,
@@ -85,7 +73,14 @@ pub async fn dump_sql(
     limits: &SqlLimits,
     report: &Report,
 ) -> Result<ByteStream, SqlDumpError> {
-    let query = trimmed(&request.query)?;
+    let query = request
+        .query
+        .trim()
+        .trim_end_matches([';', ' ', '\n', '\r', '\t'])
+        .to_string();
+    if query.is_empty() {
+        return Err(SqlDumpError::Empty);
+    }
     let running = dump_sql::run(
         reader,
         &query,
@@ -135,74 +130,6 @@ pub async fn dump_sql(
         (request.format == SqlFormat::Tsv && request.header).then(|| tsv_header(&running.columns));
     let head = futures_util::stream::iter(header.into_iter().chain(first).map(Ok));
     Ok(Box::pin(head.chain(body)))
-}
-
-/// Batches of a query's rows as binary COPY tuples.
-pub type TupleStream =
-    std::pin::Pin<Box<dyn Stream<Item = Result<Vec<crate::store::copy::Tuple>, io::Error>> + Send>>;
-
-/// Like [`dump_sql`] with [`SqlFormat::Fields`] and no parameters, but the rows as they come,
-/// tuple batches (Parquet makes no JSON of them), ended with an error past `limits` or
-/// `bounds` (rows, and bytes of the tuples).
-pub async fn dump_sql_tuples(
-    reader: &Store,
-    request: SqlDumpRequest,
-    limits: &SqlLimits,
-    bounds: crate::bulk::bounds::OutputBounds,
-    report: &Report,
-) -> Result<TupleStream, SqlDumpError> {
-    let query = trimmed(&request.query)?;
-    let fields = request.json_fields.len();
-    let running = dump_sql::run(
-        reader,
-        &query,
-        Vec::new(),
-        SqlFormat::Fields,
-        limits.timeout,
-        request.view,
-    )
-    .await?;
-    let Rows::CopyFields(copy) = running.rows else {
-        return Err(SqlDumpError::Limit(
-            "the query did not run as a COPY".into(),
-        ));
-    };
-    let counted = report.clone();
-    let (max_rows, max_bytes) = (limits.max_rows, limits.max_bytes);
-    let (mut rows, mut bytes, mut over) = (0u64, 0u64, false);
-    let batches = tuple_batches(copy, fields, BATCH_BYTES).map(move |batch| {
-        if over {
-            return Err(io::Error::other("limit exceeded"));
-        }
-        let batch = batch?;
-        counted.rows(batch.len() as u64);
-        rows += batch.len() as u64;
-        bytes += batch.iter().map(|t| t.size() as u64).sum::<u64>();
-        let why = match (max_rows, max_bytes) {
-            (Some(max), _) if rows > max => {
-                Some(format!("the result has more than the allowed {max} rows"))
-            }
-            (_, Some(max)) if bytes > max => {
-                Some(format!("the result is larger than the allowed {max} bytes"))
-            }
-            _ => bounds.exceeded(rows, bytes),
-        };
-        if let Some(why) = why {
-            over = true;
-            return Err(io::Error::other(why));
-        }
-        Ok(batch)
-    });
-    let mut batches = Box::pin(batches.fuse());
-    // The first batch decides between an error answer and a 200.
-    let first = match batches.next().await {
-        Some(Ok(batch)) => Some(batch),
-        Some(Err(error)) => return Err(first_chunk_error(error, running.offset)),
-        None => None,
-    };
-    Ok(Box::pin(
-        futures_util::stream::iter(first.map(Ok)).chain(batches),
-    ))
 }
 
 /// A binary COPY of text fields as JSON objects, one per line; `counted` hears of each

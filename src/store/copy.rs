@@ -55,12 +55,6 @@ impl Tuple {
         Some(&self.data[start..end])
     }
 
-    /// The raw bytes of field `index` without copying them (a view of the tuple's buffer).
-    pub fn field_bytes(&self, index: usize) -> Option<Bytes> {
-        let (start, end) = (*self.fields.get(index)?)?;
-        Some(self.data.slice(start..end))
-    }
-
     /// Field `index` as a big-endian i64 (bigint, timestamptz).
     pub fn i64(&self, index: usize) -> Option<i64> {
         let bytes: [u8; 8] = self.field(index)?.try_into().ok()?;

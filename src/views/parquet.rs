@@ -9,6 +9,7 @@ use std::io::{self, Write};
 use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
+use futures_util::StreamExt;
 use parquet::basic::Compression;
 use parquet::data_type::{BoolType, ByteArray, ByteArrayType, DoubleType, Int64Type};
 use parquet::file::properties::WriterProperties;
@@ -17,9 +18,7 @@ use parquet::schema::parser::parse_message_type;
 use serde_json::Value;
 
 use super::definition::View;
-use crate::bulk::dump_sql::TupleStream;
-use crate::bulk::stream::{read_ahead, ByteStream};
-use crate::store::copy::Tuple;
+use crate::bulk::stream::ByteStream;
 use crate::views::sql::Compiled;
 
 /// How large a row group may grow before it is written and sent
@@ -161,73 +160,6 @@ impl Column {
         Ok(size)
     }
 
-    /// Takes a field of a binary COPY tuple: the text of a string (`string`), else the text
-    /// of a JSON value. The common cases need no JSON: a string into a text column is the
-    /// field's own bytes (not even copied), a number or boolean is parsed from its text. The
-    /// rest goes through [`Column::push`], so values and errors are the same either way.
-    fn push_field(&mut self, field: Option<Bytes>, string: bool) -> Result<usize, String> {
-        let Some(field) = field else {
-            self.defined.push(0);
-            return Ok(0);
-        };
-        if let (Values::Text(values), true) = (&mut self.values, string) {
-            let size = field.len();
-            values.push(ByteArray::from(field));
-            self.defined.push(1);
-            return Ok(size);
-        }
-        let fast = match (&mut self.values, string) {
-            // A JSON string without escapes: its characters, between the quotes.
-            (Values::Text(values), false)
-                if field.len() >= 2
-                    && field[0] == b'"'
-                    && field[field.len() - 1] == b'"'
-                    && !field.contains(&b'\\') =>
-            {
-                let inner = field.slice(1..field.len() - 1);
-                let size = inner.len();
-                values.push(ByteArray::from(inner));
-                Some(size)
-            }
-            (Values::Int64(values), false) => std::str::from_utf8(&field)
-                .ok()
-                .filter(|text| text.bytes().all(|b| b.is_ascii_digit() || b == b'-'))
-                .and_then(|text| text.parse().ok())
-                .map(|n| {
-                    values.push(n);
-                    8
-                }),
-            (Values::Double(values), false) => std::str::from_utf8(&field)
-                .ok()
-                .filter(|text| {
-                    text.bytes()
-                        .all(|b| b.is_ascii_digit() || b"-+.eE".contains(&b))
-                })
-                .and_then(|text| text.parse::<f64>().ok())
-                .filter(|n| n.is_finite())
-                .map(|n| {
-                    values.push(n);
-                    8
-                }),
-            (Values::Boolean(values), false) if matches!(&field[..], b"true" | b"false") => {
-                values.push(&field[..] == b"true");
-                Some(1)
-            }
-            _ => None,
-        };
-        if let Some(size) = fast {
-            self.defined.push(1);
-            return Ok(size);
-        }
-        let value = if string {
-            Value::String(String::from_utf8_lossy(&field).into_owned())
-        } else {
-            serde_json::from_slice(&field)
-                .map_err(|e| format!("column {}: not JSON: {e}", self.name))?
-        };
-        self.push(Some(value))
-    }
-
     fn clear(&mut self) {
         self.defined.clear();
         match &mut self.values {
@@ -296,31 +228,17 @@ impl Writer {
         })
     }
 
-    /// One tuple of a binary COPY, its fields in the columns' order (`strings`: which are
-    /// strings, see [`Compiled::json_fields`]).
-    fn push_tuple(&mut self, tuple: &Tuple, strings: &[bool]) -> Result<(), io::Error> {
-        for (index, (column, string)) in self.columns.iter_mut().zip(strings).enumerate() {
+    /// One JSON object line.
+    fn push_line(&mut self, line: &[u8]) -> Result<(), io::Error> {
+        let mut row: serde_json::Map<String, Value> =
+            serde_json::from_slice(line).map_err(error)?;
+        for column in &mut self.columns {
             self.bytes += column
-                .push_field(tuple.field_bytes(index), *string)
+                .push(row.swap_remove(&column.name))
                 .map_err(io::Error::other)?;
         }
         self.rows += 1;
         Ok(())
-    }
-
-    /// Takes a batch of tuples; the bytes of the row groups it filled (often none).
-    fn write_batch(&mut self, batch: &[Tuple], strings: &[bool]) -> Result<Vec<u8>, io::Error> {
-        let mut out = Vec::new();
-        for tuple in batch {
-            if self.no_room_for(tuple.size()) {
-                out.extend_from_slice(&self.flush()?);
-            }
-            self.push_tuple(tuple, strings)?;
-            if self.full() {
-                out.extend_from_slice(&self.flush()?);
-            }
-        }
-        Ok(out)
     }
 
     fn full(&self) -> bool {
@@ -371,84 +289,68 @@ impl Writer {
     }
 }
 
-/// The tuples of a binary COPY of the view's fields (`fields`: name, and whether a string;
-/// see [`Compiled::json_fields`]) as one Parquet file, streamed a row group at a time. Each
-/// field goes into its column as it is (see [`Column::push_field`]): no JSON of the row is
-/// made and parsed back, which was most of a Parquet output's time on the one core PostgreSQL
-/// leaves.
-pub fn parquet_tuples(
-    batches: TupleStream,
-    fields: Vec<(String, bool)>,
+/// The rows of `body` (JSON lines) as one Parquet file, streamed a row group at a time.
+pub fn parquet(
+    body: ByteStream,
     columns: Vec<(String, Physical)>,
     limits: RowGroups,
 ) -> Result<ByteStream, io::Error> {
     let writer = Writer::new(&columns, limits)?;
-    let strings: Arc<[bool]> = fields.iter().map(|(_, string)| *string).collect();
-    // The COPY goes on while a batch is encoded (on a blocking thread: encoding a row group
-    // takes tens of milliseconds, too long for an async worker).
-    let batches = read_ahead(batches, BATCHES_AHEAD);
-    let state = (batches, Some(writer), strings);
+    // What is left of the last chunk: whole lines are read in place (a chunk is never copied
+    // unless a line spans two chunks), so a huge row is held once, not twice.
+    let state = (body, Some(writer), Bytes::new(), false);
     Ok(Box::pin(futures_util::stream::unfold(
         state,
-        |(mut batches, writer, strings)| async move {
+        |(mut body, writer, mut pending, mut ended)| async move {
             let mut writer = writer?;
             loop {
-                let Some(batch) = batches.recv().await else {
-                    let finished = blocking(move || writer.finish()).await;
-                    return Some((finished, (batches, None, strings)));
-                };
-                let batch = match batch {
-                    Ok(batch) => batch,
-                    Err(e) => return Some((Err(e), (batches, None, strings))),
-                };
-                let shared = strings.clone();
-                let written = blocking(move || {
-                    let out = writer.write_batch(&batch, &shared);
-                    out.map(|out| (writer, out))
-                })
-                .await;
-                match written {
-                    Ok((back, out)) if out.is_empty() => writer = back,
-                    Ok((back, out)) => {
-                        return Some((Ok(out.into()), (batches, Some(back), strings)))
+                // The whole lines already here, until the row group is full.
+                let mut used = 0;
+                let mut no_room = false;
+                while !writer.full() {
+                    let Some(end) = pending[used..].iter().position(|b| *b == b'\n') else {
+                        break;
+                    };
+                    if writer.no_room_for(end) {
+                        no_room = true;
+                        break;
                     }
-                    Err(e) => return Some((Err(e), (batches, None, strings))),
+                    let line = &pending[used..used + end];
+                    used += end + 1;
+                    if let Err(e) = (!line.is_empty())
+                        .then(|| writer.push_line(line))
+                        .transpose()
+                    {
+                        return Some((Err(e), (body, None, pending, ended)));
+                    }
+                }
+                pending = pending.slice(used..);
+                if writer.full() || no_room {
+                    let bytes = writer.flush();
+                    return Some((bytes, (body, Some(writer), pending, ended)));
+                }
+                if ended {
+                    return Some((writer.finish(), (body, None, pending, ended)));
+                }
+                match body.next().await {
+                    Some(Ok(chunk)) if pending.is_empty() => pending = chunk,
+                    Some(Ok(chunk)) => {
+                        let mut joined = Vec::with_capacity(pending.len() + chunk.len());
+                        joined.extend_from_slice(&pending);
+                        joined.extend_from_slice(&chunk);
+                        pending = joined.into();
+                    }
+                    Some(Err(e)) => return Some((Err(e), (body, None, pending, ended))),
+                    None => ended = true,
                 }
             }
         },
     )))
 }
 
-/// Batches of tuples read ahead of the encoding: 32 of about 256 KB, some 8 MB, what
-/// PostgreSQL produces while a row group of 32 Ki rows is encoded.
-const BATCHES_AHEAD: usize = 32;
-
-/// Runs `work` on a blocking thread.
-async fn blocking<T: Send + 'static>(
-    work: impl FnOnce() -> Result<T, io::Error> + Send + 'static,
-) -> Result<T, io::Error> {
-    tokio::task::spawn_blocking(work)
-        .await
-        .unwrap_or_else(|e| Err(io::Error::other(format!("writing Parquet: {e}"))))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::store::copy::{TupleReader, TupleWriter};
-
-    /// Tuples of (id text, n as JSON text), as a binary COPY would send them.
-    fn tuples(rows: &[(&str, &str)]) -> Vec<Tuple> {
-        let mut writer = TupleWriter::new();
-        for (id, n) in rows {
-            writer.start_tuple(2);
-            writer.text(id.as_bytes());
-            writer.text(n.as_bytes());
-        }
-        let mut reader = TupleReader::new(2);
-        reader.push(&writer.finish());
-        std::iter::from_fn(|| reader.next_tuple().unwrap()).collect()
-    }
 
     #[test]
     fn row_groups_are_bounded_and_sent_as_they_fill() {
@@ -456,17 +358,12 @@ mod tests {
             ("id".to_string(), Physical::Text),
             ("n".to_string(), Physical::Int64),
         ];
-        let strings = [true, false];
         let limits = RowGroups::default();
         let mut writer = Writer::new(&columns, limits).unwrap();
         let mut sent = Vec::new();
-        let rows: Vec<(String, String)> = (0..(limits.rows + 10))
-            .map(|i| (format!("r{i}"), i.to_string()))
-            .collect();
-        let borrowed: Vec<(&str, &str)> =
-            rows.iter().map(|(a, b)| (a.as_str(), b.as_str())).collect();
-        for tuple in tuples(&borrowed) {
-            writer.push_tuple(&tuple, &strings).unwrap();
+        for i in 0..(limits.rows + 10) {
+            let line = format!("{{\"id\":\"r{i}\",\"n\":{i}}}");
+            writer.push_line(line.as_bytes()).unwrap();
             if writer.full() {
                 sent.push(writer.flush().unwrap().len());
             }
@@ -476,43 +373,7 @@ mod tests {
         let last = writer.finish().unwrap();
         assert!(last.ends_with(b"PAR1"));
         let mut bad = Writer::new(&columns, limits).unwrap();
-        let error = bad
-            .push_tuple(&tuples(&[("x", "\"seven\"")])[0], &strings)
-            .unwrap_err();
+        let error = bad.push_line(br#"{"id":"x","n":"seven"}"#).unwrap_err();
         assert_eq!(error.to_string(), "column n: \"seven\" is not an integer");
-    }
-
-    #[test]
-    fn fields_go_in_as_they_are_or_through_json() {
-        let mut text = Column {
-            name: "t".into(),
-            values: Values::Text(Vec::new()),
-            defined: Vec::new(),
-        };
-        let mut number = Column {
-            name: "d".into(),
-            values: Values::Double(Vec::new()),
-            defined: Vec::new(),
-        };
-        let field = |s: &str| Some(Bytes::from(s.to_string()));
-        text.push_field(field("plain"), true).unwrap();
-        text.push_field(field("\"quoted\""), false).unwrap();
-        text.push_field(field("\"esc\\\"aped\""), false).unwrap();
-        text.push_field(field("[1, 2]"), false).unwrap();
-        text.push_field(None, true).unwrap();
-        let Values::Text(values) = &text.values else {
-            unreachable!()
-        };
-        let texts: Vec<&str> = values.iter().map(|v| v.as_utf8().unwrap()).collect();
-        assert_eq!(texts, ["plain", "quoted", "esc\"aped", "[1,2]"]);
-        assert_eq!(text.defined, [1, 1, 1, 1, 0]);
-        number.push_field(field("1.5e2"), false).unwrap();
-        number.push_field(field("-3"), false).unwrap();
-        let error = number.push_field(field("\"x\""), false).unwrap_err();
-        assert_eq!(error, "column d: \"x\" is not a number");
-        let Values::Double(values) = &number.values else {
-            unreachable!()
-        };
-        assert_eq!(values, &[150.0, -3.0]);
     }
 }

@@ -10,11 +10,9 @@ use futures_util::StreamExt;
 use serde_json::Value;
 
 use super::definition::View;
-use super::parquet::{parquet_tuples, Physical};
+use super::parquet::{parquet, Physical};
 use super::ViewError;
-use crate::bulk::dump_sql::{
-    dump_sql, dump_sql_tuples, SqlDumpError, SqlDumpRequest, SqlFormat, SqlLimits,
-};
+use crate::bulk::dump_sql::{dump_sql, SqlDumpError, SqlDumpRequest, SqlFormat, SqlLimits};
 use crate::bulk::report::Report;
 use crate::bulk::stream::ByteStream;
 use crate::format::Converter;
@@ -95,24 +93,6 @@ pub async fn run(
     }
     let physical = Physical::columns(&view, &compiled);
     let json_fields = compiled.json_fields();
-    if request.format == ViewFormat::Parquet {
-        let sql = SqlDumpRequest {
-            query: compiled.sql,
-            params: Vec::new(),
-            format: SqlFormat::Fields,
-            header: false,
-            json_fields: json_fields.clone(),
-            view: true,
-        };
-        let batches = dump_sql_tuples(reader, sql, limits, request.bounds, report)
-            .await
-            .map_err(|error| match error {
-                SqlDumpError::Query(query) => ViewError::Query(query),
-                other => ViewError::Limit(other.to_string()),
-            })?;
-        return parquet_tuples(batches, json_fields, physical, request.row_groups)
-            .map_err(|e| ViewError::Limit(e.to_string()));
-    }
     let format = match request.format {
         ViewFormat::Csv => SqlFormat::Csv {
             header: request.header,
@@ -142,6 +122,8 @@ pub async fn run(
     };
     Ok(match request.format {
         ViewFormat::Json => json_array(body),
+        ViewFormat::Parquet => parquet(body, physical, request.row_groups)
+            .map_err(|e| ViewError::Limit(e.to_string()))?,
         _ => body,
     })
 }

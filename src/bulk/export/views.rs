@@ -16,11 +16,11 @@ use super::task::{count, failed, TaskOutput};
 use super::Exports;
 use crate::bulk::jobs::{Progress, TaskFailure};
 use crate::bulk::report::Report;
-use crate::bulk::stream::{tuple_batches, ByteStream};
+use crate::bulk::stream::ByteStream;
 use crate::store::jobs::TaskRow;
 use crate::store::view_export;
 use crate::views::definition::View;
-use crate::views::parquet::{parquet_tuples, Physical};
+use crate::views::parquet::{parquet, Physical};
 use crate::views::sql::{self as view_sql, Columns, Rows};
 
 /// The name of the one task of a view export.
@@ -86,20 +86,17 @@ impl Exports {
                     seen.fetch_add(1, Ordering::Relaxed);
                     chunk.map_err(std::io::Error::other)
                 }))
-            } else if format == "parquet" {
-                let fields = compiled.json_fields();
-                let batches = tuple_batches(copy, fields.len(), 256 * 1024).map(move |batch| {
-                    let batch = batch?;
-                    seen.fetch_add(batch.len() as u64, Ordering::Relaxed);
-                    Ok(batch)
-                });
-                let columns = Physical::columns(&view, &compiled);
-                parquet_tuples(Box::pin(batches), fields, columns, self.settings.parquet)
-                    .map_err(|e| failed(&e))?
             } else {
-                crate::bulk::dump_sql::json_rows(copy, compiled.json_fields(), move |rows| {
-                    seen.fetch_add(rows, Ordering::Relaxed);
-                })
+                let lines =
+                    crate::bulk::dump_sql::json_rows(copy, compiled.json_fields(), move |rows| {
+                        seen.fetch_add(rows, Ordering::Relaxed);
+                    });
+                if format == "parquet" {
+                    let columns = Physical::columns(&view, &compiled);
+                    parquet(lines, columns, self.settings.parquet).map_err(|e| failed(&e))?
+                } else {
+                    lines
+                }
             };
             let name = format!("{}-{}-1.{format}", export.name, task.attempts);
             let mut file = self
