@@ -263,6 +263,26 @@ async fn imported(server: &TestServer, id: &str) -> Value {
     panic!("the import {id} did not end");
 }
 
+/// Every file an export's manifest lists in `output` and `deleted`: (list, type, content).
+async fn export_files(server: &TestServer, listed: &Value) -> Vec<(&'static str, String, Vec<u8>)> {
+    let mut files = Vec::new();
+    for list in ["output", "deleted"] {
+        for entry in listed[list].as_array().expect("files") {
+            let url = entry["url"].as_str().expect("url");
+            let bytes = as_root(server, Method::GET, url)
+                .send()
+                .await
+                .expect("download")
+                .bytes()
+                .await
+                .expect("bytes");
+            let type_name = entry["type"].as_str().expect("type").to_string();
+            files.push((list, type_name, bytes.to_vec()));
+        }
+    }
+    files
+}
+
 /// The round trip of issue 30: a store with updates and deletions, exported with
 /// `_includeHistory` and imported in migration mode into an empty store, has the same
 /// `_history` for every resource (every version, equal but for what a server sets for
@@ -278,23 +298,12 @@ async fn a_history_export_imported_in_migration_mode_makes_the_same_store() {
     // The export's files, served to the second store as an import's sources.
     let mut files = Vec::new();
     let mut inputs = Vec::new();
-    for list in ["output", "deleted"] {
-        for (index, entry) in listed[list].as_array().expect("files").iter().enumerate() {
-            let url = entry["url"].as_str().expect("url");
-            let bytes = as_root(&source, Method::GET, url)
-                .send()
-                .await
-                .expect("download")
-                .bytes()
-                .await
-                .expect("bytes");
-            let path = format!("/{list}-{index}.ndjson");
-            inputs.push((
-                entry["type"].as_str().expect("type").to_string(),
-                path.clone(),
-            ));
-            files.push((path, common::fixtures::Fixture::Bytes(bytes.to_vec())));
-        }
+    for (index, (list, type_name, bytes)) in
+        export_files(&source, &listed).await.into_iter().enumerate()
+    {
+        let path = format!("/{list}-{index}.ndjson");
+        inputs.push((type_name, path.clone()));
+        files.push((path, common::fixtures::Fixture::Bytes(bytes)));
     }
     let fixtures = common::fixtures::FixtureServer::start(
         files.iter().map(|(p, f)| (p.as_str(), f.clone())).collect(),
@@ -472,20 +481,10 @@ async fn a_history_export_loaded_in_migration_mode_makes_the_same_store() {
     let status_url = start(&source, "/fhir/$export?_includeHistory=true").await;
     let listed = manifest(&source, &status_url).await;
     let mut all = Vec::new();
-    for list in ["output", "deleted"] {
-        for entry in listed[list].as_array().expect("files") {
-            let url = entry["url"].as_str().expect("url");
-            let bytes = as_root(&source, Method::GET, url)
-                .send()
-                .await
-                .expect("download")
-                .bytes()
-                .await
-                .expect("bytes");
-            all.extend_from_slice(&bytes);
-            if !all.ends_with(b"\n") {
-                all.push(b'\n');
-            }
+    for (_, _, bytes) in export_files(&source, &listed).await {
+        all.extend_from_slice(&bytes);
+        if !all.ends_with(b"\n") {
+            all.push(b'\n');
         }
     }
     let fixtures = common::fixtures::FixtureServer::start(vec![(
