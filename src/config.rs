@@ -312,6 +312,16 @@ pub struct ServeArgs {
     #[arg(long, env = "FHIRBOX_JOB_PROGRESS_INTERVAL_MS", default_value_t = 1000)]
     pub job_progress_interval_ms: u64,
 
+    /// Most jobs `GET /$jobs` (the console's job list) shows: the newest.
+    #[arg(long, env = "FHIRBOX_JOB_LIST_MAX", default_value_t = 100)]
+    pub job_list_max: i64,
+
+    /// `GET /$counts` counts a table exactly when the statistics say it holds at most this
+    /// many rows; a larger one gets the statistics' live-row count, marked as an estimate
+    /// (a `count(*)` of millions of rows takes seconds).
+    #[arg(long, env = "FHIRBOX_COUNTS_MAX_EXACT", default_value_t = 100_000)]
+    pub counts_max_exact: i64,
+
     /// Where `$export` writes its files (default: `exports` in the data directory). Every
     /// fhirbox process serving the same database must see the same directory.
     #[arg(long, env = "FHIRBOX_EXPORT_DIR")]

@@ -289,6 +289,8 @@ async fn serve_with_database(
         http: Settings {
             limits: std::sync::Arc::new(limits),
             max_body_bytes: args.max_body_bytes,
+            job_list_max: args.job_list_max.max(1),
+            counts_max_exact: args.counts_max_exact.max(0),
             sql_limits: SqlLimits {
                 timeout: Duration::from_secs(args.sql_timeout),
                 max_rows: args.sql_max_rows,

@@ -8,7 +8,7 @@ use std::io::Write;
 use std::time::Duration;
 
 use common::browser::{Browser, Page};
-use common::export::{small_world, FHIR_JSON};
+use common::export::{manifest, small_world, start, FHIR_JSON};
 use common::fixtures::{Fixture, FixtureServer};
 use common::{TestServer, ROOT_PASSWORD};
 use reqwest::{Method, StatusCode};
@@ -134,6 +134,52 @@ async fn the_console_is_small_public_and_locked_down() {
             .expect("sent");
         assert_eq!(response.status(), StatusCode::UNAUTHORIZED, "{path}");
     }
+}
+
+/// The job list's and the exact counts' bounds are flags (`--job-list-max`,
+/// `--counts-max-exact`): the newest jobs only, and past the bound a table's count is the
+/// statistics' own, marked as an estimate.
+#[tokio::test]
+async fn the_job_list_and_the_exact_counts_stop_at_their_flags() {
+    let database = common::fresh_database().await;
+    let server = TestServer::start_custom(database, |settings| {
+        settings.http.job_list_max = 2;
+        settings.http.counts_max_exact = 2;
+    })
+    .await;
+    small_world(&server).await;
+    let mut status_urls = Vec::new();
+    for _ in 0..3 {
+        let status_url = start(&server, "/fhir/$export?_type=Patient").await;
+        manifest(&server, &status_url).await;
+        status_urls.push(status_url);
+    }
+    let (status, list) = server.get("/$jobs").await;
+    assert_eq!(status, StatusCode::OK, "{list}");
+    let listed: Vec<&str> = list["jobs"]
+        .as_array()
+        .expect("jobs")
+        .iter()
+        .filter_map(|job| job["statusUrl"].as_str())
+        .collect();
+    assert_eq!(listed, [&status_urls[2], &status_urls[1]], "{list}");
+
+    let db = server.db().await;
+    db.batch_execute("ANALYZE patient, observation")
+        .await
+        .expect("statistics");
+    let (_, counts) = server.get("/$counts").await;
+    let patients = counts["counts"]
+        .as_array()
+        .expect("counts")
+        .iter()
+        .find(|c| c["type"] == "Patient")
+        .cloned();
+    assert_eq!(
+        patients,
+        Some(json!({"type": "Patient", "count": 3, "estimate": true})),
+        "{counts}"
+    );
 }
 
 /// The attack: a Client reads the job list to learn of (and follow) another's export, or the

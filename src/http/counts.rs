@@ -31,7 +31,7 @@ pub async fn counts(
         }
     }
     let conn = state.store.connection().await?;
-    let counted = count_types(&conn, &allowed).await?;
+    let counted = count_types(&conn, &allowed, state.settings.counts_max_exact).await?;
     let counts: Vec<Value> = counted
         .iter()
         .map(|c| json!({"type": c.resource_type.name(), "count": c.count, "estimate": c.estimate}))

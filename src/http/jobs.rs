@@ -22,9 +22,6 @@ use crate::auth::Subject;
 use crate::bulk::job_list;
 use crate::store::jobs::JobKind;
 
-/// How many jobs the list shows at most (the newest).
-const LIST_LIMIT: i64 = 100;
-
 pub async fn list(
     State(state): State<AppState>,
     Extension(subject): Extension<Subject>,
@@ -38,7 +35,8 @@ pub async fn list(
     };
     let scopes = granted.as_ref().map(|Extension(Granted(scopes))| scopes);
     let mut jobs = Vec::new();
-    for job in job_list::newest(&state.store, owner.as_deref(), LIST_LIMIT).await? {
+    for job in job_list::newest(&state.store, owner.as_deref(), state.settings.job_list_max).await?
+    {
         let (route, path) = match job.kind {
             JobKind::Import => (super::IMPORT_STATUS, super::IMPORT_STATUS.to_string()),
             JobKind::Export => (

@@ -103,6 +103,11 @@ pub struct Settings {
     pub view_session: crate::store::session::SessionLimits,
     /// What one search may ask for (`--search-*`).
     pub search: crate::search::Limits,
+    /// Most jobs `GET /$jobs` lists (`--job-list-max`).
+    pub job_list_max: i64,
+    /// Tables of at most this many rows are counted exactly by `GET /$counts`
+    /// (`--counts-max-exact`).
+    pub counts_max_exact: i64,
     /// The search indexes in force (`--search-indexes`).
     pub search_indexes: std::sync::Arc<crate::search::index::Indexes>,
     /// Public base URL for links; `None`: from the request's `Host`.

@@ -4,9 +4,6 @@
 use super::{GenericClient, StoreError};
 use crate::resource_type::ResourceType;
 
-/// Below this many live rows (as the statistics say) a table is counted exactly.
-const EXACT_BELOW: i64 = 100_000;
-
 /// A type's count.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Count {
@@ -17,9 +14,11 @@ pub struct Count {
 }
 
 /// The counts of `types`, in their order; types whose table holds nothing are left out.
+/// Tables of at most `max_exact` live rows (as the statistics say) are counted exactly.
 pub async fn counts(
     client: &impl GenericClient,
     types: &[ResourceType],
+    max_exact: i64,
 ) -> Result<Vec<Count>, StoreError> {
     let names: Vec<&str> = types.iter().map(|rt| rt.table_name()).collect();
     let rows = client
@@ -35,7 +34,7 @@ pub async fn counts(
     let mut counts = Vec::new();
     for (rt, row) in types.iter().zip(&rows) {
         let live: i64 = row.get(1);
-        let count = if live >= EXACT_BELOW {
+        let count = if live > max_exact {
             Count {
                 resource_type: *rt,
                 count: live,

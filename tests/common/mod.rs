@@ -505,6 +505,8 @@ pub fn test_settings(database: &str) -> AppSettings {
         http: Settings {
             limits: std::sync::Arc::new(vec![("--max-body-bytes".into(), "1048576".into())]),
             max_body_bytes: 1024 * 1024,
+            job_list_max: 100,
+            counts_max_exact: 100_000,
             sql_limits: default_sql_limits(),
             parquet: Default::default(),
             views: Default::default(),
