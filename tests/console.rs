@@ -174,10 +174,13 @@ async fn the_job_list_and_the_exact_counts_stop_at_their_flags() {
         .expect("counts")
         .iter()
         .find(|c| c["type"] == "Patient")
-        .cloned();
-    assert_eq!(
-        patients,
-        Some(json!({"type": "Patient", "count": 3, "estimate": true})),
+        .cloned()
+        .unwrap_or_default();
+    // The statistics' own number: an estimate (the inserts' counters may still arrive after
+    // the ANALYZE, so it can say more than the 3 rows there are), never counted.
+    assert_eq!(patients["estimate"], true, "{counts}");
+    assert!(
+        patients["count"].as_i64().is_some_and(|n| n >= 3),
         "{counts}"
     );
 }
